@@ -1,0 +1,86 @@
+"""Choosing between the Triton kernels and the pure-PyTorch references.
+
+Every op in this package takes ``backend="auto" | "triton" | "reference"``. ``"auto"`` picks Triton for
+CUDA tensors, and for CPU tensors when ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, used by the
+tests); everything else runs the reference. The environment variable ``PEFTFAST_BACKEND`` replaces
+``"auto"`` (never an explicit choice), so a whole run can be forced onto one path without code changes.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether ``import triton`` works; cached, and it never touches CUDA."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the platform
+        return False
+    return True
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def requested_backend(backend: str = "auto") -> str:
+    """The backend asked for, after the ``PEFTFAST_BACKEND`` override of ``"auto"``."""
+    check_backend(backend)
+    if backend == "auto":
+        env = os.environ.get("PEFTFAST_BACKEND", "").strip().lower()
+        if env:
+            if env not in BACKENDS:
+                raise ValueError(f"PEFTFAST_BACKEND must be one of {BACKENDS}, got {env!r}; unset it or fix the value")
+            backend = env
+    return backend
+
+
+def device_supports_triton(device: torch.device) -> bool:
+    if not triton_available():
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and interpreting()
+
+
+def resolve_backend(backend: str, device: torch.device, supported: bool = True, why: str = "") -> str:
+    """Return ``"triton"`` or ``"reference"`` for one call.
+
+    Args:
+        backend: what the caller asked for (``"auto"``, ``"triton"`` or ``"reference"``).
+        device: where the operands live.
+        supported: whether the Triton kernel handles these operands (dtype, layout, options).
+        why: when ``supported`` is False, what the kernel lacks, for the error message.
+
+    Returns:
+        The backend to run. ``"auto"`` falls back to the reference quietly; an explicit ``"triton"``
+        that cannot run raises, naming the reason.
+    """
+    backend = requested_backend(backend)
+    if backend == "reference":
+        return "reference"
+    runnable = device_supports_triton(device)
+    if backend == "triton":
+        if not runnable:
+            raise RuntimeError(
+                f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got device "
+                f"{device}; use backend='auto' or 'reference'"
+            )
+        if not supported:
+            raise NotImplementedError(f"the Triton kernel does not support this call ({why}); use backend='auto'")
+        return "triton"
+    return "triton" if (runnable and supported) else "reference"

@@ -1,0 +1,492 @@
+"""Triton matmul building blocks for LoRA: a GEMM with a low-rank epilogue and the two skinny GEMMs.
+
+* :func:`matmul_lowrank`  ``Y = X @ Wt + mask * (scale * L @ R) + bias``: the base GEMM with the LoRA
+  term folded into its epilogue, so ``Y`` is written once. ``Wt`` [K, N] is read through strides, so
+  ``W.t()`` (forward) and ``W`` (backward, ``dY @ W``) are the same kernel with no copy.
+* :func:`lowrank_project` ``L = scale * mask(X) @ At``: ``x @ A^T`` ([M, r]) and ``dY @ B``.
+* :func:`lowrank_wgrad`   ``O = scale * L^T @ mask(X)`` (+ column sums of X): ``dA``, ``dB`` (and ``dbias``).
+
+``mask`` is inverted dropout regenerated from a seed: element (row, col) of the LoRA input [M, K] is
+kept when ``tl.rand(seed, row * K + col) >= p``. The offset is the *logical* index, so every kernel
+(whatever its blocks or strides) regenerates the same mask, and no mask tensor is ever stored.
+
+Operands are cast to the compute dtype (the activations' dtype) inside the kernels, so fp32 adapters on
+a bf16 base need no cast copies; accumulation is fp32. In Triton's CPU interpreter, ``tl.dot`` on bf16
+operands is wrong, so there (only) dot operands are widened to fp32 under the ``DOT_F32`` constexpr.
+
+Autotuning: CUDA launches of :func:`matmul_lowrank` are tuned over per-GPU-family config lists
+(``configs/lora_matmul.json``, keyed ``sm80``/``sm89``/``sm90``) pruned by shared memory and by M;
+the interpreter runs one fixed large-block config. Nothing here touches CUDA at import time.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+from typing import Dict, List, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .dispatch import interpreting
+
+_CONFIG_FILE = os.path.join(os.path.dirname(__file__), "configs", "lora_matmul.json")
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton helpers
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(b_a, b_b, b_acc, DOT_F32: tl.constexpr, IEEE: tl.constexpr):
+    """``b_acc + b_a @ b_b`` in fp32; ``IEEE`` keeps fp32 operands off TF32 (PyTorch's default too)."""
+    if DOT_F32:
+        b_a = b_a.to(tl.float32)
+        b_b = b_b.to(tl.float32)
+    if IEEE:
+        return tl.dot(b_a, b_b, b_acc, input_precision="ieee")
+    return tl.dot(b_a, b_b, b_acc)
+
+
+@triton.jit
+def _dropout_keep(p_seed, o_row, o_col, n_cols, dropout_p):
+    """Keep-mask of the dropout on the LoRA input for rows ``o_row`` x columns ``o_col``.
+
+    int64 offsets: ``row * n_cols`` overflows int32 past 2^31 elements, and for offsets below 2^32
+    Philox gives the same numbers for int32 and int64, so small and large calls agree.
+    """
+    seed = tl.load(p_seed)
+    o_rand = o_row.to(tl.int64)[:, None] * n_cols + o_col[None, :]
+    return tl.rand(seed, o_rand) >= dropout_p
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _matmul_lowrank_kernel(
+    p_x, p_w, p_l, p_r, p_bias, p_seed, p_y,
+    M, N, K, R, M_KEY,
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_lm, stride_lr, stride_rr, stride_rn, stride_ym, stride_yn,
+    scale, dropout_p,
+    HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Y[M, N] = X[M, K] @ Wt[K, N] + keep * (scale * L[M, R] @ R[R, N]) / (1 - p) + bias[N].
+
+    ``M_KEY`` (M rounded up to a power of two) is only an autotuning key: keying on M itself would
+    re-tune for every new sequence length.
+    """
+    i_pid = tl.program_id(0)
+    # Grouped launch order: GROUP_M row blocks sweep the columns together, so their X tiles and the
+    # W tiles they share stay in L2.
+    n_m = tl.cdiv(M, BLOCK_M)
+    n_n = tl.cdiv(N, BLOCK_N)
+    n_in_group = GROUP_M * n_n
+    i_group = i_pid // n_in_group
+    first_m = i_group * GROUP_M
+    group_size = min(n_m - first_m, GROUP_M)
+    i_m = first_m + ((i_pid % n_in_group) % group_size)
+    i_n = (i_pid % n_in_group) // group_size
+
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_m = o_m < M
+    m_n = o_n < N
+    # int64 row offsets: M * stride overflows int32 for long sequences times wide layers.
+    o_m64 = o_m.to(tl.int64)
+    dtype = p_y.dtype.element_ty
+
+    b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if HAS_W:
+        o_k = tl.arange(0, BLOCK_K)
+        p_xb = p_x + o_m64[:, None] * stride_xm + o_k[None, :] * stride_xk
+        p_wb = p_w + o_k[:, None] * stride_wk + o_n[None, :] * stride_wn
+        for k0 in range(0, K, BLOCK_K):
+            m_k = (k0 + o_k) < K
+            b_x = tl.load(p_xb, mask=m_m[:, None] & m_k[None, :], other=0.0)
+            # The base weight may be stored in another dtype (fp32 master copy, fp16 checkpoint).
+            b_w = tl.load(p_wb, mask=m_k[:, None] & m_n[None, :], other=0.0).to(dtype)
+            b_acc = _dot(b_x, b_w, b_acc, DOT_F32, IEEE)  # [BM, BK] @ [BK, BN] -> [BM, BN]
+            p_xb += BLOCK_K * stride_xk
+            p_wb += BLOCK_K * stride_wk
+
+    # Low-rank epilogue: while the tile is still in registers, so Y is written once.
+    b_lr = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        o_r = r0 + tl.arange(0, BLOCK_R)
+        m_r = o_r < R
+        b_l = tl.load(p_l + o_m64[:, None] * stride_lm + o_r[None, :] * stride_lr,
+                      mask=m_m[:, None] & m_r[None, :], other=0.0).to(dtype)
+        # Adapters may be fp32 while X is bf16/fp16: run the branch in X's dtype, as the GEMM does.
+        b_r = tl.load(p_r + o_r[:, None] * stride_rr + o_n[None, :] * stride_rn,
+                      mask=m_r[:, None] & m_n[None, :], other=0.0).to(dtype)
+        b_lr = _dot(b_l, b_r, b_lr, DOT_F32, IEEE)  # [BM, BR] @ [BR, BN] -> [BM, BN]
+    b_lr = b_lr * scale
+    if DROPOUT:
+        # Backward of dropout on the LoRA input: dX's LoRA part only passes where the input was kept.
+        b_keep = _dropout_keep(p_seed, o_m, o_n, N, dropout_p)
+        b_lr = tl.where(b_keep, b_lr / (1.0 - dropout_p), 0.0)
+    b_acc += b_lr
+    if HAS_BIAS:
+        b_acc += tl.load(p_bias + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+
+    tl.store(p_y + o_m64[:, None] * stride_ym + o_n[None, :] * stride_yn, b_acc.to(dtype),
+             mask=m_m[:, None] & m_n[None, :])
+
+
+@triton.jit
+def _lowrank_project_kernel(
+    p_x, p_a, p_seed, p_o,
+    M, K, R,
+    stride_xm, stride_xk, stride_ak, stride_ar, stride_om, stride_or,
+    scale, dropout_p,
+    DROPOUT: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """O[M, R] = scale * keep(X)[M, K] @ At[K, R] (with 1/(1-p) folded into ``scale``)."""
+    i_m, i_r = tl.program_id(0), tl.program_id(1)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    o_k = tl.arange(0, BLOCK_K)
+    m_m = o_m < M
+    m_r = o_r < R
+    o_m64 = o_m.to(tl.int64)
+    dtype = p_x.dtype.element_ty
+
+    b_acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        m_k = (k0 + o_k) < K
+        b_x = tl.load(p_x + o_m64[:, None] * stride_xm + (k0 + o_k)[None, :] * stride_xk,
+                      mask=m_m[:, None] & m_k[None, :], other=0.0)
+        if DROPOUT:
+            # Zeroing instead of scaling here: the 1/(1-p) goes into the fp32 ``scale`` at the end.
+            b_x = tl.where(_dropout_keep(p_seed, o_m, k0 + o_k, K, dropout_p), b_x, 0.0)
+        b_a = tl.load(p_a + (k0 + o_k)[:, None] * stride_ak + o_r[None, :] * stride_ar,
+                      mask=m_k[:, None] & m_r[None, :], other=0.0).to(dtype)
+        b_acc = _dot(b_x, b_a, b_acc, DOT_F32, IEEE)  # [BM, BK] @ [BK, BR] -> [BM, BR]
+
+    tl.store(p_o + o_m64[:, None] * stride_om + o_r[None, :] * stride_or,
+             (b_acc * scale).to(p_o.dtype.element_ty), mask=m_m[:, None] & m_r[None, :])
+
+
+@triton.jit
+def _lowrank_wgrad_kernel(
+    p_l, p_x, p_seed, p_o, p_colsum,
+    M, C, R, rows_per_split,
+    stride_lm, stride_lr, stride_xm, stride_xc, stride_os, stride_or, stride_oc, stride_cs,
+    scale, dropout_p,
+    DROPOUT: tl.constexpr, HAS_COLSUM: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """O[s, R, C] = scale * L[rows_s, R]^T @ keep(X)[rows_s, C] for the M-split s (grid axis 2).
+
+    The reduction runs over M (tokens), which is long while R x C is small, so M is split across
+    programs that write fp32 partials, summed afterwards: deterministic, unlike atomics. With
+    ``HAS_COLSUM`` the same pass sums X's columns (``dbias = dY.sum(0)``), so dY is read once for both.
+    """
+    i_c, i_r, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    o_mb = tl.arange(0, BLOCK_M)
+    m_c = o_c < C
+    m_r = o_r < R
+    dtype = p_x.dtype.element_ty
+    row_start = i_s * rows_per_split
+    row_end = min(row_start + rows_per_split, M)
+
+    b_acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    b_colsum = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        o_m = m0 + o_mb
+        m_m = o_m < row_end
+        o_m64 = o_m.to(tl.int64)
+        # L loaded transposed through its strides: no L^T copy.
+        b_lt = tl.load(p_l + o_r[:, None] * stride_lr + o_m64[None, :] * stride_lm,
+                       mask=m_r[:, None] & m_m[None, :], other=0.0).to(dtype)
+        b_x = tl.load(p_x + o_m64[:, None] * stride_xm + o_c[None, :] * stride_xc,
+                      mask=m_m[:, None] & m_c[None, :], other=0.0)
+        if HAS_COLSUM:
+            b_colsum += tl.sum(b_x.to(tl.float32), axis=0)
+        if DROPOUT:
+            b_x = tl.where(_dropout_keep(p_seed, o_m, o_c, C, dropout_p), b_x, 0.0)
+        b_acc = _dot(b_lt, b_x, b_acc, DOT_F32, IEEE)  # [BR, BM] @ [BM, BC] -> [BR, BC]
+
+    tl.store(p_o + i_s * stride_os + o_r[:, None] * stride_or + o_c[None, :] * stride_oc,
+             (b_acc * scale).to(p_o.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
+    if HAS_COLSUM:
+        if i_r == 0:
+            tl.store(p_colsum + i_s * stride_cs + o_c, b_colsum.to(p_colsum.dtype.element_ty), mask=m_c)
+
+
+# --------------------------------------------------------------------------------------------------
+# Configs and autotuning (CUDA only)
+# --------------------------------------------------------------------------------------------------
+
+# One fixed config in the interpreter: big blocks keep the Python-level loop short, and a sweep would
+# only time the interpreter.
+_INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
+
+
+@functools.lru_cache(maxsize=None)
+def _config_table() -> Dict[str, List[dict]]:
+    with open(_CONFIG_FILE) as f:
+        return json.load(f)
+
+
+def _family(capability: tuple) -> str:
+    """The config-table key for a CUDA capability.
+
+    sm86/sm87 share sm89's ~100 KB of shared memory per block, so they use its list; anything older
+    than sm80 gets sm80's, which the shared-memory pruning then trims.
+    """
+    major, minor = capability
+    if major >= 9:
+        return "sm90"
+    if major == 8 and minor != 0:
+        return "sm89"
+    return "sm80"
+
+
+def _max_shared_memory(device_index: int) -> int:
+    try:
+        props = triton.runtime.driver.active.utils.get_device_properties(device_index)
+        return int(props["max_shared_mem"])
+    except Exception:  # older Triton drivers: fall back to PyTorch's view of the device
+        props = torch.cuda.get_device_properties(device_index)
+        return int(getattr(props, "shared_memory_per_block_optin", 99 * 1024))
+
+
+def _smem_bytes(kw: dict, num_stages: int, elem_bytes: int, block_r: int) -> int:
+    """Shared memory a config needs: its pipelined X and W tiles plus the epilogue's L and R tiles."""
+    main = num_stages * (kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]) * elem_bytes
+    epilogue = (kw["BLOCK_M"] * block_r + block_r * kw["BLOCK_N"]) * elem_bytes
+    return max(main, epilogue)
+
+
+def _make_pruner(max_smem: int):
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        m = int(args["M"])
+        elem = args["p_y"].element_size()
+        block_r = int(args["BLOCK_R"])
+        fits = [c for c in configs if _smem_bytes(c.kwargs, c.num_stages, elem, block_r) <= max_smem]
+        fits = fits or [min(configs, key=lambda c: _smem_bytes(c.kwargs, c.num_stages, elem, block_r))]
+        # Row blocks far taller than M are wasted MMA work (decode, short prompts); keep the ones that
+        # fit M, or the shortest if none does.
+        m_cap = max(16, triton.next_power_of_2(m))
+        short = [c for c in fits if c.kwargs["BLOCK_M"] <= m_cap]
+        if short:
+            return short
+        lowest = min(c.kwargs["BLOCK_M"] for c in fits)
+        return [c for c in fits if c.kwargs["BLOCK_M"] == lowest]
+
+    return prune
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_matmul_lowrank(device_index: int):
+    """The autotuned kernel for one CUDA device, built on first use so that import never touches CUDA."""
+    capability = torch.cuda.get_device_capability(device_index)
+    entries = _config_table()[_family(capability)]
+    configs = [
+        triton.Config({k: e[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")},
+                      num_warps=e["num_warps"], num_stages=e["num_stages"])
+        for e in entries
+    ]
+    extra = {}
+    # Triton >= 3.2 can keep each winner in its on-disk cache (JSON, not pickle) across processes.
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        extra["cache_results"] = True
+    return triton.autotune(
+        configs=configs,
+        key=["M_KEY", "N", "K", "R"],
+        prune_configs_by={"early_config_prune": _make_pruner(_max_shared_memory(device_index))},
+        **extra,
+    )(_matmul_lowrank_kernel)
+
+
+def _dot_flags(dtype: torch.dtype) -> dict:
+    return {"DOT_F32": interpreting() and dtype == torch.bfloat16, "IEEE": dtype == torch.float32}
+
+
+def _block_r(r: int) -> int:
+    # tl.dot needs every dimension >= 16; ranks above 64 loop in chunks rather than grow registers.
+    return max(16, min(64, triton.next_power_of_2(max(r, 1))))
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+
+
+def matmul_lowrank(
+    x: Optional[torch.Tensor],
+    wt: Optional[torch.Tensor],
+    left: torch.Tensor,
+    right: torch.Tensor,
+    scale: float,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    seed: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """``x @ wt + keep * (scale * left @ right) / (1 - p) + bias`` in one kernel.
+
+    Args:
+        x: [M, K], any strides; None for the low-rank term alone (then ``wt`` must be None too).
+        wt: [K, N], any strides (pass ``W.t()`` for ``x @ W^T``), any float dtype; cast to x's in-kernel.
+        left: [M, R]. right: [R, N], any strides and float dtype.
+        scale: multiplies the low-rank product.
+        bias: optional [N].
+        dropout_p: when > 0, the low-rank term is masked with the dropout mask of an [M, N] input
+            regenerated from ``seed`` (this is dX's LoRA part under dropout) and divided by ``1 - p``.
+        seed: int64 tensor [1] on the device; required when ``dropout_p > 0``.
+        out_dtype: output (and compute) dtype; defaults to x's (or left's when x is None).
+
+    Returns:
+        [M, N] contiguous tensor in ``out_dtype``.
+    """
+    m, r = left.shape
+    n = right.shape[1]
+    has_w = wt is not None
+    k = wt.shape[0] if has_w else 0
+    dtype = out_dtype or (x.dtype if has_w else left.dtype)
+    y = torch.empty((m, n), device=left.device, dtype=dtype)
+    if m == 0 or n == 0:
+        return y
+    xx = x if has_w else left
+    ww = wt if has_w else right
+    args = (
+        xx, ww, left, right, bias if bias is not None else y, seed if dropout_p > 0 else y, y,
+        m, n, k, r, triton.next_power_of_2(m),
+        xx.stride(0), xx.stride(1) if has_w else 0, ww.stride(0) if has_w else 0, ww.stride(1) if has_w else 0,
+        left.stride(0), left.stride(1), right.stride(0), right.stride(1), y.stride(0), y.stride(1),
+        float(scale), float(dropout_p),
+    )
+    flags = dict(HAS_W=has_w, HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0, BLOCK_R=_block_r(r),
+                 **_dot_flags(dtype))
+    if y.device.type == "cuda":
+        kernel = _tuned_matmul_lowrank(y.device.index if y.device.index is not None else torch.cuda.current_device())
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        kernel[grid](*args, **flags)
+    else:
+        cfg = _INTERPRET_CONFIG
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+        _matmul_lowrank_kernel[grid](*args, **flags, **cfg)
+    return y
+
+
+def lowrank_project(
+    x: torch.Tensor,
+    at: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    dropout_p: float = 0.0,
+    seed: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """``scale * dropout(x) @ at``: [M, K] @ [K, R] -> [M, R] (``x @ A^T`` with ``at = A.t()``, ``dY @ B``).
+
+    Args:
+        x: [M, K], any strides. at: [K, R], any strides and float dtype (cast to x's in-kernel).
+        scale: output multiplier (fp32, applied before the final rounding).
+        dropout_p, seed: inverted dropout on x, mask regenerated from ``seed`` (see module docstring).
+        out_dtype: defaults to x's dtype.
+
+    Returns:
+        [M, R] contiguous.
+    """
+    m, k = x.shape
+    r = at.shape[1]
+    out = torch.empty((m, r), device=x.device, dtype=out_dtype or x.dtype)
+    if m == 0 or r == 0:
+        return out
+    if dropout_p > 0:
+        scale = scale / (1.0 - dropout_p)
+    block_r = _block_r(r)
+    if x.device.type == "cuda":
+        block_m, block_k, warps = (16 if m <= 16 else 64), 128, 4
+    else:
+        block_m, block_k, warps = 64, 64, 1
+    grid = (triton.cdiv(m, block_m), triton.cdiv(r, block_r))
+    _lowrank_project_kernel[grid](
+        x, at, seed if dropout_p > 0 else out, out, m, k, r,
+        x.stride(0), x.stride(1), at.stride(0), at.stride(1), out.stride(0), out.stride(1),
+        float(scale), float(dropout_p),
+        DROPOUT=dropout_p > 0, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps,
+        **_dot_flags(x.dtype),
+    )
+    return out
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def lowrank_wgrad(
+    left: torch.Tensor,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    dropout_p: float = 0.0,
+    seed: Optional[torch.Tensor] = None,
+    colsum: Optional[torch.Tensor] = None,
+    splits: Optional[int] = None,
+) -> None:
+    """``out[R, C] = scale * left[M, R]^T @ dropout(x)[M, C]``; optionally ``colsum[C] = x.sum(0)``.
+
+    Args:
+        left: [M, R]. x: [M, C]; both any strides. ``left`` is cast to x's dtype in-kernel.
+        out: [R, C] destination, any strides and dtype (pass ``dB.t()`` to write dB [C, R] directly).
+        scale: fp32 output multiplier (``1/(1-p)`` is folded in when ``dropout_p > 0``).
+        dropout_p, seed: dropout mask on x, regenerated from ``seed``.
+        colsum: optional [C] destination for the column sums of x (before dropout).
+        splits: how many programs share the M reduction; default: enough to fill the GPU.
+    """
+    m, r = left.shape
+    c = x.shape[1]
+    if dropout_p > 0:
+        scale = scale / (1.0 - dropout_p)
+    block_r = _block_r(r)
+    if x.device.type == "cuda":
+        block_m, block_c, warps = 64, 128, 4
+    else:
+        block_m, block_c, warps = 64, 64, 1
+    n_tiles = triton.cdiv(c, block_c) * triton.cdiv(r, block_r)
+    if splits is None:
+        splits = max(1, min(triton.cdiv(m, 4 * block_m), triton.cdiv(2 * _num_sms(x.device), n_tiles)))
+    splits = max(1, min(splits, triton.cdiv(max(m, 1), block_m)))
+    rows_per_split = triton.cdiv(triton.cdiv(max(m, 1), splits), block_m) * block_m
+    if splits == 1:
+        # One program per tile owns the whole reduction: write the final dtype and layout directly.
+        dst, dst_strides = out, (0, out.stride(0), out.stride(1))
+        cs, cs_stride = colsum, 0
+    else:
+        dst = torch.empty((splits, r, c), device=x.device, dtype=torch.float32)
+        dst_strides = dst.stride()
+        cs = torch.empty((splits, c), device=x.device, dtype=torch.float32) if colsum is not None else None
+        cs_stride = c
+    grid = (triton.cdiv(c, block_c), triton.cdiv(r, block_r), splits)
+    _lowrank_wgrad_kernel[grid](
+        left, x, seed if dropout_p > 0 else dst, dst, cs if cs is not None else dst,
+        m, c, r, rows_per_split,
+        left.stride(0), left.stride(1), x.stride(0), x.stride(1), *dst_strides, cs_stride,
+        float(scale), float(dropout_p),
+        DROPOUT=dropout_p > 0, HAS_COLSUM=colsum is not None, BLOCK_M=block_m, BLOCK_C=block_c,
+        BLOCK_R=block_r, num_warps=warps, **_dot_flags(x.dtype),
+    )
+    if splits > 1:
+        out.copy_(dst.sum(0))
+        if colsum is not None:
+            colsum.copy_(cs.sum(0))

@@ -1,0 +1,236 @@
+"""Adapters on disk in Hugging Face PEFT's format, both ways.
+
+A directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (metadata
+``{"format": "pt"}``); keys are the model's parameter names under ``base_model.model.`` with the adapter
+name removed: ``...q_proj.lora_A.weight``, ``...q_proj.lora_magnitude_vector``, ``...k_proj.ia3_l``, and a
+``modules_to_save`` copy under its plain module path (``base_model.model.score.weight``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .config import CONFIG_NAME, as_config, load_config_file
+from .layers import AdapterLayer, ModulesToSave
+from .patching import _patch, _require_state, patch_state
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+
+class AdapterLoadError(ValueError):
+    """An adapter directory that does not fit the model; the message names the key and the fix."""
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict:
+    """The adapter's tensors under PEFT's checkpoint keys.
+
+    Example:
+        >>> sd = adapter_state_dict(model)  # doctest: +SKIP
+    """
+    state = _require_state(model)
+    if adapter_name not in state.configs:
+        raise ValueError(f"no adapter named {adapter_name!r}; this model has {sorted(state.configs)}")
+    cfg = state.configs[adapter_name]
+    out = {}
+    tag = f".{adapter_name}."
+    for key, value in model.state_dict(keep_vars=True).items():
+        saved = None
+        if (".lora_A" + tag) in key or (".lora_B" + tag) in key:
+            saved = key.replace(tag, ".")
+        elif key.endswith(f".lora_magnitude_vector{tag}weight"):
+            saved = key[: -len(f"{tag}weight")]
+        elif key.endswith(f".ia3_l.{adapter_name}"):
+            saved = key[: -len(f".{adapter_name}")]
+        elif f".modules_to_save{tag}" in key or key.startswith(f"modules_to_save{tag}"):
+            saved = key.replace(f"modules_to_save{tag}", "")
+        elif getattr(cfg, "bias", "none") != "none" and key.endswith("bias") and _bias_is_saved(model, key, cfg):
+            saved = key
+        if saved is not None:
+            out[PREFIX + saved] = value.detach()
+    return out
+
+
+def _bias_is_saved(model: nn.Module, key: str, cfg) -> bool:
+    if ".modules_to_save." in key or ".original_module." in key:
+        return False
+    if cfg.bias == "all":
+        return True
+    owner = key.rsplit(".", 2)[0] if key.count(".") >= 2 else ""
+    return key.endswith("base_layer.bias") and isinstance(model.get_submodule(owner), AdapterLayer)
+
+
+def _config_for_save(model: nn.Module, adapter_name: str) -> dict:
+    state = patch_state(model)
+    cfg = state.configs[adapter_name]
+    data = cfg.to_dict()
+    if isinstance(data.get("target_modules"), str) and data["target_modules"].lower() == "all-linear":
+        data["target_modules"] = list(state.target_names[adapter_name])  # PEFT saves the expansion too
+    data["inference_mode"] = True
+    if not data.get("base_model_name_or_path"):
+        name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+        data["base_model_name_or_path"] = name or None
+    return data
+
+
+def _model_card(config: dict) -> str:
+    base = config.get("base_model_name_or_path") or ""
+    method = str(config.get("peft_type", "")).lower()
+    return (
+        f"---\nbase_model: '{base}'\nlibrary_name: peft\ntags:\n- {method}\n- peftfast\n---\n\n"
+        f"# {method.upper()} adapter\n\nSaved by peftfast in Hugging Face PEFT's format: load it with "
+        "`peft.PeftModel.from_pretrained(base, path)` or `peftfast.load_adapter(base, path)`.\n"
+    )
+
+
+def save_adapter(model: nn.Module, path: str, *, adapter_name: str = "default") -> None:
+    """Write the adapter in PEFT's format, atomically.
+
+    A new directory appears complete or not at all (written beside it, then renamed); into an
+    existing directory each file is replaced atomically, weights before config.
+
+    Args:
+        model: a patched model.
+        path: the adapter directory.
+        adapter_name: which adapter to save.
+
+    Example:
+        >>> peftfast.save_adapter(model, "out/adapter")  # doctest: +SKIP
+    """
+    from safetensors.torch import save_file
+
+    tensors = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model, adapter_name).items()}
+    config = _config_for_save(model, adapter_name)
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".peftfast-save-", dir=parent)
+    try:
+        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+            f.write(_model_card(config))
+        if not os.path.exists(path):
+            os.rename(tmp, path)
+            return
+        if not os.path.isdir(path):
+            raise FileExistsError(f"{path} exists and is not a directory; choose another path")
+        for name in (WEIGHTS_NAME, "README.md", CONFIG_NAME):
+            os.replace(os.path.join(tmp, name), os.path.join(path, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_adapter_weights(path: str) -> dict:
+    """Load an adapter's tensors: safetensors, or a legacy ``.bin`` (weights only) when no safetensors exists."""
+    from safetensors.torch import load_file
+
+    st = os.path.join(path, WEIGHTS_NAME)
+    if os.path.isfile(st):
+        return load_file(st)
+    legacy = os.path.join(path, LEGACY_WEIGHTS_NAME)
+    if os.path.isfile(legacy):
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(
+        f"{path} has no {WEIGHTS_NAME} (nor {LEGACY_WEIGHTS_NAME}); an adapter directory holds {CONFIG_NAME} "
+        f"and {WEIGHTS_NAME}. Found: {sorted(os.listdir(path)) if os.path.isdir(path) else 'no such directory'}"
+    )
+
+
+def _model_key(saved_key: str, adapter_name: str, save_wrappers: list) -> str:
+    key = saved_key[len(PREFIX):] if saved_key.startswith(PREFIX) else saved_key
+    for part in (".lora_A.", ".lora_B."):
+        if part in key:
+            return key.replace(part, f"{part}{adapter_name}.", 1)
+    if key.endswith(".lora_magnitude_vector"):
+        return f"{key}.{adapter_name}.weight"
+    if key.endswith(".ia3_l"):
+        return f"{key}.{adapter_name}"
+    for wrapper in save_wrappers:
+        if key.startswith(wrapper + "."):
+            return f"{wrapper}.modules_to_save.{adapter_name}.{key[len(wrapper) + 1:]}"
+    return key
+
+
+def load_adapter(
+    model: nn.Module,
+    path: str,
+    *,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    backend: str = "auto",
+) -> nn.Module:
+    """Load a PEFT-format adapter (saved by peft or peftfast) into ``model`` in place.
+
+    Args:
+        model: the base model (or one already carrying other adapters of the same method).
+        path: the adapter directory.
+        adapter_name: the name to give it.
+        is_trainable: keep its parameters trainable; otherwise they are frozen (inference).
+        backend: as for :func:`patch`.
+
+    Returns:
+        The same model. The adapter becomes active if it is the model's first; otherwise use
+        :func:`set_adapter`. On any error the model is left exactly as it was.
+
+    Example:
+        >>> peftfast.load_adapter(base, "hf-peft-adapter/")  # doctest: +SKIP
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"adapter directory {path} does not exist")
+    config = as_config(load_config_file(path))
+    weights = read_adapter_weights(path)
+    config.inference_mode = not is_trainable
+    rollback = _patch(model, config, adapter_name, backend)
+    try:
+        save_wrappers = [n for n, m in model.named_modules() if isinstance(m, ModulesToSave)]
+        params = model.state_dict(keep_vars=True)
+        expected = set(k for k in params if f".{adapter_name}." in k + "." and _is_adapter_key(k, adapter_name))
+        mapped = {}
+        for saved_key, tensor in weights.items():
+            key = _model_key(saved_key, adapter_name, save_wrappers)
+            if key not in params:
+                raise AdapterLoadError(
+                    f"{path}: key {saved_key!r} does not match any parameter of this model (looked for {key!r}); "
+                    "was the adapter trained on another architecture or with other target_modules?"
+                )
+            if tuple(params[key].shape) != tuple(tensor.shape):
+                raise AdapterLoadError(
+                    f"{path}: {saved_key!r} has shape {tuple(tensor.shape)} but the model's {key!r} is "
+                    f"{tuple(params[key].shape)}; the adapter was made for a different base model or rank"
+                )
+            mapped[key] = tensor
+        missing = sorted(expected - set(mapped))
+        if missing:
+            raise AdapterLoadError(
+                f"{path}: {len(missing)} adapter tensors are missing from {WEIGHTS_NAME}, e.g. {missing[:3]}; "
+                "the file is incomplete or belongs to another config"
+            )
+        with torch.no_grad():
+            for key, tensor in mapped.items():
+                params[key].copy_(tensor.to(params[key].dtype))
+        if not is_trainable:
+            for key in expected:
+                params[key].requires_grad_(False)
+    except BaseException:
+        rollback()
+        raise
+    return model
+
+
+def _is_adapter_key(key: str, adapter_name: str) -> bool:
+    return any(
+        part in key
+        for part in (f".lora_A.{adapter_name}.", f".lora_B.{adapter_name}.", f".lora_magnitude_vector.{adapter_name}.",
+                     f"modules_to_save.{adapter_name}.")
+    ) or key.endswith(f".ia3_l.{adapter_name}")

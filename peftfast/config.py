@@ -1,0 +1,301 @@
+"""Adapter configurations with Hugging Face PEFT's field names, defaults and JSON.
+
+``patch`` accepts these, the same-named ``peft`` config objects, a plain dict, or a path to an
+``adapter_config.json`` (or the directory holding it); :func:`as_config` turns any of them into one of
+the classes below. Fields PEFT writes that peftfast does not implement are accepted while they hold
+their inert default, and refused with a clear error otherwise: a silently ignored option would train a
+different model than the user asked for.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+CONFIG_NAME = "adapter_config.json"
+SEQ_CLS_HEADS = ["classifier", "score"]
+TASK_HEADS = {"SEQ_CLS": SEQ_CLS_HEADS, "TOKEN_CLS": SEQ_CLS_HEADS, "QUESTION_ANS": ["qa_outputs"]}
+TASK_TYPES = (None, "SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+# Fields PEFT writes for features peftfast does not implement, with the value meaning "not used".
+_INERT_FIELDS = {
+    "alora_invocation_tokens": (None,), "arrow_config": (None,), "corda_config": (None,),
+    "eva_config": (None,), "kasa_config": (None,), "layer_replication": (None,), "loftq_config": ({}, None),
+    "lora_ga_config": (None,), "megatron_config": (None,), "megatron_core": ("megatron.core", None),
+    "monteclora_config": (None,), "target_parameters": (None, []), "trainable_token_indices": (None,),
+    "use_bdlora": (None, False), "use_qalora": (False,), "qalora_group_size": None, "velora_config": (None,),
+    "ensure_weight_tying": (False,), "auto_mapping": None, "peft_version": None, "runtime_config": None,
+    "inference_mode": None, "lora_bias": (False,), "use_dora_for_embedding": None,
+}
+
+
+class ConfigError(ValueError):
+    """A configuration that peftfast cannot honour, with the reason and the fix in its message."""
+
+
+@dataclass
+class _BaseConfig:
+    peft_type: str = ""
+    task_type: Optional[str] = None
+    inference_mode: bool = False
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    modules_to_save: Optional[list] = None
+
+    def validate(self) -> None:
+        if self.task_type not in TASK_TYPES:
+            raise ConfigError(f"task_type must be one of {TASK_TYPES}, got {self.task_type!r}")
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+
+    def effective_modules_to_save(self) -> list:
+        """``modules_to_save`` plus the heads PEFT adds for classification tasks."""
+        names = list(self.modules_to_save or [])
+        for head in TASK_HEADS.get(self.task_type or "", []):
+            if head not in names:
+                names.append(head)
+        return names
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        for k, v in out.items():
+            if isinstance(v, set):
+                out[k] = sorted(v)
+        return out
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "_BaseConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs, refused = {}, []
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = value
+            elif key in _INERT_FIELDS:
+                allowed = _INERT_FIELDS[key]
+                if allowed is not None and value not in allowed:
+                    refused.append(f"{key}={value!r}")
+            elif value not in (None, False, {}, []):
+                refused.append(f"{key}={value!r}")
+        if refused:
+            raise ConfigError(
+                f"{cls.__name__}: peftfast does not implement {', '.join(refused)}; remove these fields or "
+                "use Hugging Face PEFT for this adapter"
+            )
+        peft_type = kwargs.pop("peft_type", cls.peft_type_name)
+        if peft_type != cls.peft_type_name:
+            raise ConfigError(f"{cls.__name__} got peft_type={peft_type!r}")
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    peft_type_name = ""
+
+
+@dataclass
+class LoraConfig(_BaseConfig):
+    """LoRA (and rsLoRA, DoRA). Same fields and defaults as ``peft.LoraConfig``.
+
+    Args:
+        r: rank. lora_alpha: scaling numerator (scaling = alpha / r, or alpha / sqrt(r) with rsLoRA).
+        target_modules: list of module names or suffixes, a regex (full match), or "all-linear"
+            (every linear layer but the output head). None: the family's default (q/v projections).
+        exclude_modules: same forms; wins over target_modules.
+        lora_dropout: dropout on the LoRA branch's input.
+        fan_in_fan_out: the base stores [in, out] (GPT-2's Conv1D); set automatically for Conv1D.
+        bias: "none", "all" or "lora_only": which biases train.
+        use_rslora, use_dora: the variants.
+        init_lora_weights: True (PEFT: A Kaiming-uniform, B zero), "gaussian" (A normal(1/r)), or False
+            (random non-zero B, for tests).
+        layers_to_transform / layers_pattern: restrict to these layer indices.
+        rank_pattern / alpha_pattern: per-module overrides, keys are regexes matched at a name's end.
+        modules_to_save: extra modules trained in full and saved (classification heads for SEQ_CLS).
+
+    Example:
+        >>> cfg = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
+    """
+
+    peft_type: str = "LORA"
+    r: int = 8
+    lora_alpha: int = 8
+    target_modules: Optional[Union[list, str]] = None
+    exclude_modules: Optional[Union[list, str]] = None
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    init_lora_weights: Union[bool, str] = True
+    layers_to_transform: Optional[Union[list, int]] = None
+    layers_pattern: Optional[Union[list, str]] = None
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    use_dora: bool = False
+    peft_type_name = "LORA"
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ConfigError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        for key, rank in (self.rank_pattern or {}).items():
+            if not isinstance(rank, int) or rank <= 0:
+                raise ConfigError(f"rank_pattern[{key!r}] must be a positive integer, got {rank!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ConfigError(
+                f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r} "
+                "(PiSSA/OLoRA/LoftQ initialisations are not implemented in peftfast)"
+            )
+        _check_targets("target_modules", self.target_modules)
+        _check_targets("exclude_modules", self.exclude_modules)
+
+
+@dataclass
+class IA3Config(_BaseConfig):
+    """IA3: learned vectors scaling the outputs of target layers (inputs of ``feedforward_modules``).
+
+    Example:
+        >>> cfg = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    """
+
+    peft_type: str = "IA3"
+    target_modules: Optional[Union[list, str]] = None
+    exclude_modules: Optional[Union[list, str]] = None
+    feedforward_modules: Optional[Union[list, str]] = None
+    fan_in_fan_out: bool = False
+    init_ia3_weights: bool = True
+    peft_type_name = "IA3"
+
+    def validate(self) -> None:
+        super().validate()
+        _check_targets("target_modules", self.target_modules)
+        _check_targets("feedforward_modules", self.feedforward_modules)
+        if (
+            isinstance(self.target_modules, (list, tuple, set))
+            and isinstance(self.feedforward_modules, (list, tuple, set))
+        ):
+            outside = sorted(set(self.feedforward_modules) - set(self.target_modules))
+            if outside:
+                raise ConfigError(
+                    f"feedforward_modules {outside} are not in target_modules {sorted(self.target_modules)}; "
+                    "every feed-forward module must also be a target"
+                )
+
+
+@dataclass
+class _PromptLearningConfig(_BaseConfig):
+    num_virtual_tokens: Optional[int] = None
+    token_dim: Optional[int] = None
+    num_transformer_submodules: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_layers: Optional[int] = None
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
+            raise ConfigError(f"num_virtual_tokens must be set to a positive integer, got {self.num_virtual_tokens!r}")
+
+
+@dataclass
+class PrefixTuningConfig(_PromptLearningConfig):
+    """Prefix tuning: learned key/value vectors prepended in every attention layer.
+
+    Example:
+        >>> cfg = PrefixTuningConfig(num_virtual_tokens=16, task_type="CAUSAL_LM")
+    """
+
+    peft_type: str = "PREFIX_TUNING"
+    encoder_hidden_size: Optional[int] = None
+    prefix_projection: bool = False
+    peft_type_name = "PREFIX_TUNING"
+
+
+@dataclass
+class PromptTuningConfig(_PromptLearningConfig):
+    """Prompt tuning: learned virtual-token embeddings placed before the input.
+
+    Example:
+        >>> cfg = PromptTuningConfig(num_virtual_tokens=8, task_type="CAUSAL_LM")
+    """
+
+    peft_type: str = "PROMPT_TUNING"
+    prompt_tuning_init: str = "RANDOM"
+    prompt_tuning_init_text: Optional[str] = None
+    tokenizer_name_or_path: Optional[str] = None
+    tokenizer_kwargs: Optional[dict] = None
+    peft_type_name = "PROMPT_TUNING"
+
+
+CONFIG_CLASSES = {c.peft_type_name: c for c in (LoraConfig, IA3Config, PrefixTuningConfig, PromptTuningConfig)}
+AnyConfig = Union[LoraConfig, IA3Config, PrefixTuningConfig, PromptTuningConfig]
+
+
+def _check_targets(name: str, value) -> None:
+    if value is None or isinstance(value, str):
+        return
+    if not isinstance(value, (list, tuple, set)) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{name} must be a list of module names, a regex string or None, got {value!r}")
+
+
+def load_config_file(path: Union[str, os.PathLike]) -> dict:
+    """Read adapter_config.json from a file or from the directory holding it."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no adapter config at {path}; an adapter directory holds {CONFIG_NAME}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from e
+
+
+def as_config(config: Any) -> AnyConfig:
+    """Turn a peftfast config, a ``peft`` config, a dict or an adapter_config.json path into a peftfast config.
+
+    Args:
+        config: any of the accepted forms.
+
+    Returns:
+        A validated :class:`LoraConfig`, :class:`IA3Config`, :class:`PrefixTuningConfig` or
+        :class:`PromptTuningConfig` (a fresh object: the caller's config is never modified).
+
+    Example:
+        >>> as_config({"peft_type": "LORA", "r": 4}).r
+        4
+    """
+    if isinstance(config, tuple(CONFIG_CLASSES.values())):
+        data = config.to_dict()
+    elif isinstance(config, (str, os.PathLike)):
+        data = load_config_file(config)
+    elif isinstance(config, dict):
+        data = dict(config)
+    elif hasattr(config, "to_dict") and hasattr(config, "peft_type"):  # a peft config object
+        data = config.to_dict()
+    else:
+        raise ConfigError(
+            f"cannot use a {type(config).__name__} as an adapter config; pass a peftfast/peft LoraConfig, "
+            "IA3Config, PrefixTuningConfig, PromptTuningConfig, a dict or a path to adapter_config.json"
+        )
+    peft_type = data.get("peft_type")
+    peft_type = getattr(peft_type, "value", peft_type)
+    if isinstance(peft_type, str):
+        peft_type = peft_type.upper()
+    task_type = data.get("task_type")
+    data["task_type"] = getattr(task_type, "value", task_type)
+    if peft_type is None:
+        peft_type = "LORA"
+    if peft_type not in CONFIG_CLASSES:
+        raise ConfigError(f"peft_type {peft_type!r} is not supported by peftfast; supported: {sorted(CONFIG_CLASSES)}")
+    data["peft_type"] = peft_type
+    for key in ("target_modules", "exclude_modules", "feedforward_modules", "modules_to_save"):
+        if isinstance(data.get(key), (set, tuple)):
+            data[key] = sorted(data[key])
+    return CONFIG_CLASSES[peft_type].from_dict(data)

@@ -1,0 +1,425 @@
+"""Thin nn.Module wrappers that replace target layers and call one ``peftfast.kernels`` op each.
+
+Each wrapper keeps the original module as ``base_layer`` (``unpatch`` puts it back untouched) and holds
+its adapters in dicts keyed by adapter name, with the attribute names Hugging Face PEFT uses
+(``lora_A.<name>.weight``, ``lora_B.<name>.weight``, ``lora_magnitude_vector.<name>.weight``,
+``ia3_l.<name>``), so state-dict keys map one to one onto PEFT's checkpoints.
+
+Base weights are read from ``base_layer`` at every call, never cached: FSDP and ZeRO swap storage.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import kernels
+from .kernels.nf4 import is_4bit_weight
+
+try:  # transformers' GPT-2-style Conv1D stores its weight as [in, out]
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # pragma: no cover
+    Conv1D = ()
+
+
+def _bnb_classes():
+    try:
+        import bitsandbytes as bnb
+    except Exception:  # pragma: no cover - bitsandbytes missing or broken on this platform
+        return (), ()
+    return (bnb.nn.Linear4bit,), (bnb.nn.Linear8bitLt,)
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """Layers the wrappers support: nn.Linear (incl. bitsandbytes 4/8-bit) and transformers' Conv1D."""
+    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
+
+
+def layer_features(module: nn.Module) -> tuple:
+    """(in_features, out_features) of a supported base layer."""
+    if bool(Conv1D) and isinstance(module, Conv1D):
+        k, n = module.weight.shape
+        return int(k), int(n)
+    return int(module.in_features), int(module.out_features)
+
+
+def is_8bit(module: nn.Module) -> bool:
+    return isinstance(module, _bnb_classes()[1])
+
+
+def stores_transposed(module: nn.Module) -> bool:
+    return bool(Conv1D) and isinstance(module, Conv1D)
+
+
+def kernel_weight(module: nn.Module):
+    """The base weight in the form the kernels read: [N, K] dense view or a 4-bit Params4bit.
+
+    None for bases the kernels cannot read (bitsandbytes 8-bit); the wrapper then calls the base module.
+    """
+    if is_8bit(module):
+        return None
+    w = module.weight
+    if is_4bit_weight(w):
+        return w
+    return w.t() if stores_transposed(module) else w
+
+
+def dense_base_weight(module: nn.Module, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The base weight as a dense [N, K] tensor (dequantized for bitsandbytes bases)."""
+    w = module.weight
+    if is_8bit(module):
+        cb = w.CB if getattr(w, "CB", None) is not None else w.data
+        scb = w.SCB if getattr(w, "SCB", None) is not None else module.state.SCB
+        dense = cb.float() * scb.float().view(-1, 1) / 127.0
+        return dense.to(dtype or torch.float32)
+    if is_4bit_weight(w):
+        return kernels.dequantize_4bit(w, dtype=dtype or w.quant_state.dtype)
+    dense = w.t() if stores_transposed(module) else w
+    return dense if dtype is None else dense.to(dtype)
+
+
+def write_dense_base_weight(module: nn.Module, dense: torch.Tensor) -> None:
+    """Store a dense [N, K] weight back into the base module, requantizing bitsandbytes weights."""
+    w = module.weight
+    if is_4bit_weight(w):
+        import bitsandbytes as bnb
+
+        state = w.quant_state
+        new = bnb.nn.Params4bit(
+            dense.to("cpu", state.dtype), requires_grad=False, quant_type=state.quant_type,
+            blocksize=state.blocksize, compress_statistics=state.nested, quant_storage=w.dtype,
+        )
+        module.weight = new._quantize(w.device) if w.device.type != "meta" else new
+        return
+    if is_8bit(module):
+        import bitsandbytes as bnb
+
+        new = bnb.nn.Int8Params(dense.to("cpu", torch.float16), requires_grad=False, has_fp16_weights=False)
+        module.weight = new.to(w.device) if w.device.type != "cpu" else new._quantize(w.device) if hasattr(new, "_quantize") else new
+        return
+    data = dense.t() if stores_transposed(module) else dense
+    w.data.copy_(data.to(w.dtype))
+
+
+def adapter_dtype(base: nn.Module) -> torch.dtype:
+    """fp32 for half-precision and quantized bases (PEFT's autocast_adapter_dtype), else the base dtype."""
+    w = base.weight
+    if w.dtype in (torch.float32, torch.float64):
+        return w.dtype
+    return torch.float32
+
+
+class AdapterLayer(nn.Module):
+    """Common state of the wrappers: the base layer, active adapters, merged adapters, the on/off switch."""
+
+    adapter_param_names: tuple = ()
+
+    def __init__(self, base_layer: nn.Module, backend: str = "auto"):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = layer_features(base_layer)
+        self.backend = backend
+        self.active_adapters: list = []
+        self.merged_adapters: list = []
+        self.disabled = False
+
+    @property
+    def adapter_names(self) -> list:
+        return list(getattr(self, self.adapter_param_names[0]).keys())
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def set_active(self, names: list, trainable: bool = True) -> None:
+        """Activate the adapters in ``names`` present here; active ones train, the others are frozen."""
+        self.active_adapters = [n for n in names if n in self.adapter_names]
+        for attr in self.adapter_param_names:
+            for name, holder in getattr(self, attr).items():
+                for p in ([holder] if isinstance(holder, nn.Parameter) else holder.parameters()):
+                    p.requires_grad_(trainable and name in self.active_adapters)
+
+    def delete_adapter(self, name: str) -> None:
+        for attr in self.adapter_param_names:
+            holder = getattr(self, attr)
+            if name in holder:
+                del holder[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def _use_base_only(self) -> bool:
+        return self.disabled or not self.active_adapters or self.merged
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled and self.merged:
+            self.unmerge()
+        return self.base_layer(x)
+
+
+class LoraLayer(AdapterLayer):
+    """LoRA / rsLoRA / DoRA over a linear-like base layer; several adapters, the active ones summed."""
+
+    adapter_param_names = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+    def __init__(self, base_layer: nn.Module, backend: str = "auto"):
+        super().__init__(base_layer, backend)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self.r: dict = {}
+        self.lora_alpha: dict = {}
+        self.scaling: dict = {}
+        self.lora_dropout_p: dict = {}
+        self._dora_norm_cache: dict = {}
+
+    @property
+    def adapter_names(self) -> list:
+        return list(self.lora_A.keys())
+
+    def add_adapter(
+        self, name: str, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
+        use_dora: bool = False, init: object = True,
+    ) -> None:
+        if r <= 0:
+            raise ValueError(f"LoRA rank must be positive, got r={r}")
+        base_w = self.base_layer.weight
+        device = base_w.device
+        dtype = adapter_dtype(self.base_layer)
+        a = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        b = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        with torch.no_grad():
+            if init is True:
+                nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+                nn.init.zeros_(b.weight)
+            elif init == "gaussian":
+                nn.init.normal_(a.weight, std=1.0 / r)
+                nn.init.zeros_(b.weight)
+            # init False keeps nn.Linear's random init for both: B non-zero, the adapter is not a no-op
+        self.lora_A[name] = a
+        self.lora_B[name] = b
+        self.r[name] = r
+        self.lora_alpha[name] = alpha
+        self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_dropout_p[name] = float(dropout)
+        if use_dora:
+            mag = _Magnitude(self.out_features, device=device, dtype=dtype)
+            with torch.no_grad():
+                w = dense_base_weight(self.base_layer, torch.float32)
+                mag.weight.copy_(kernels.dora_weight_norm(w, a.weight.float(), b.weight.float(), self.scaling[name]))
+            self.lora_magnitude_vector[name] = mag
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        for d in (self.r, self.lora_alpha, self.scaling, self.lora_dropout_p, self._dora_norm_cache):
+            d.pop(name, None)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self._use_base_only():
+            return self._base_forward(x)
+        base = self.base_layer
+        weight = kernel_weight(base)
+        bias = base.bias
+        result = None
+        if weight is None:  # the kernels cannot read this base (8-bit): let it compute its own output
+            result = base(x)
+        compute_dtype = getattr(base, "compute_dtype", None) if is_4bit_weight(base.weight) else None
+        x_in = x.to(compute_dtype) if compute_dtype is not None and x.is_floating_point() else x
+        for name in self.active_adapters:
+            a, b = self.lora_A[name].weight, self.lora_B[name].weight
+            s, p = self.scaling[name], self.lora_dropout_p[name]
+            if name in self.lora_magnitude_vector:
+                if weight is None:
+                    w_dense = dense_base_weight(base, x.dtype)
+                else:
+                    w_dense = weight
+                result = kernels.dora_linear(
+                    x_in, w_dense, a, b, s, self.lora_magnitude_vector[name].weight, bias=bias,
+                    base_output=result, dropout_p=p, training=self.training, backend=self.backend,
+                )
+            elif result is None:
+                result = kernels.lora_linear(
+                    x_in, weight, a, b, s, bias=bias, dropout_p=p, training=self.training, backend=self.backend
+                )
+            else:
+                result = result + kernels.lora_linear(
+                    x_in, None, a, b, s, dropout_p=p, training=self.training, backend=self.backend
+                ).to(result.dtype)
+        return result.to(x.dtype)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``scaling * B @ A`` as a dense [N, K] fp32 tensor."""
+        a = self.lora_A[name].weight.float()
+        b = self.lora_B[name].weight.float()
+        return (b @ a) * self.scaling[name]
+
+    def merge(self, names: Optional[list] = None) -> None:
+        names = [n for n in (names or self.active_adapters) if n not in self.merged_adapters and n in self.lora_A]
+        if not names:
+            return
+        with torch.no_grad():
+            w = dense_base_weight(self.base_layer, torch.float32)
+            orig_dtype = w.dtype
+            for name in names:
+                delta = self.delta_weight(name)
+                if name in self.lora_magnitude_vector:
+                    norm = torch.linalg.norm(w + delta, dim=1)
+                    factor = self.lora_magnitude_vector[name].weight.float() / norm
+                    self._dora_norm_cache[name] = norm
+                    w = factor.view(-1, 1) * (w + delta)
+                else:
+                    w = w + delta
+                self.merged_adapters.append(name)
+            write_dense_base_weight(self.base_layer, w.to(orig_dtype))
+
+    def unmerge(self) -> None:
+        if not self.merged_adapters:
+            return
+        with torch.no_grad():
+            w = dense_base_weight(self.base_layer, torch.float32)
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                delta = self.delta_weight(name)
+                if name in self.lora_magnitude_vector:
+                    norm = self._dora_norm_cache.pop(name)
+                    factor = self.lora_magnitude_vector[name].weight.float() / norm
+                    w = w / factor.view(-1, 1) - delta
+                else:
+                    w = w - delta
+            write_dense_base_weight(self.base_layer, w)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, adapters={self.adapter_names}, r={self.r}"
+
+
+class _Magnitude(nn.Module):
+    """DoRA's per-output-row magnitude; a module so the state-dict key ends in ``.weight`` like PEFT's."""
+
+    def __init__(self, n: int, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n, device=device, dtype=dtype))
+
+
+class IA3Layer(AdapterLayer):
+    """IA3 over a linear-like base: output scaling, or input scaling for feed-forward layers."""
+
+    adapter_param_names = ("ia3_l",)
+
+    def __init__(self, base_layer: nn.Module, feedforward: bool, backend: str = "auto"):
+        super().__init__(base_layer, backend)
+        self.is_feedforward = feedforward
+        self.ia3_l = nn.ParameterDict()
+
+    @property
+    def adapter_names(self) -> list:
+        return list(self.ia3_l.keys())
+
+    def add_adapter(self, name: str, init: bool = True) -> None:
+        shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
+        device = self.base_layer.weight.device
+        value = torch.ones(shape) if init else torch.randn(shape)
+        self.ia3_l[name] = nn.Parameter(value.to(device=device, dtype=adapter_dtype(self.base_layer)))
+
+    def _scale(self) -> torch.Tensor:
+        scale = None
+        for name in self.active_adapters:
+            scale = self.ia3_l[name] if scale is None else scale * self.ia3_l[name]
+        return scale
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self._use_base_only():
+            return self._base_forward(x)
+        base = self.base_layer
+        scale = self._scale()
+        weight = kernel_weight(base)
+        if weight is None:  # 8-bit base: scale around the base module's own matmul
+            if self.is_feedforward:
+                return base((x * scale.flatten()).to(x.dtype))
+            out = base(x)
+            return (out * scale.flatten()).to(out.dtype)
+        return kernels.ia3_linear(
+            x, weight, scale, feedforward=self.is_feedforward, bias=base.bias, backend=self.backend
+        ).to(x.dtype)
+
+    def merge(self, names: Optional[list] = None) -> None:
+        names = [n for n in (names or self.active_adapters) if n not in self.merged_adapters and n in self.ia3_l]
+        if not names:
+            return
+        with torch.no_grad():
+            w = dense_base_weight(self.base_layer, torch.float32)
+            bias = self.base_layer.bias
+            for name in names:
+                l = self.ia3_l[name].float()
+                w = w * (l.view(1, -1) if self.is_feedforward else l.view(-1, 1))
+                if bias is not None and not self.is_feedforward:
+                    bias.data.copy_((bias.float() * l.flatten()).to(bias.dtype))
+                self.merged_adapters.append(name)
+            write_dense_base_weight(self.base_layer, w)
+
+    def unmerge(self) -> None:
+        if not self.merged_adapters:
+            return
+        with torch.no_grad():
+            w = dense_base_weight(self.base_layer, torch.float32)
+            bias = self.base_layer.bias
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                l = self.ia3_l[name].float() + 1e-8  # PEFT divides by l + 1e-8
+                w = w / (l.view(1, -1) if self.is_feedforward else l.view(-1, 1))
+                if bias is not None and not self.is_feedforward:
+                    bias.data.copy_((bias.float() / l.flatten()).to(bias.dtype))
+            write_dense_base_weight(self.base_layer, w)
+
+
+class ModulesToSave(nn.Module):
+    """A trainable copy of a whole module (e.g. a classification head), per adapter, as PEFT keeps it."""
+
+    def __init__(self, original_module: nn.Module):
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list = []
+        self.disabled = False
+
+    @property
+    def adapter_names(self) -> list:
+        return list(self.modules_to_save.keys())
+
+    def add_adapter(self, name: str) -> None:
+        import copy
+
+        clone = copy.deepcopy(self.original_module)
+        for p in clone.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[name] = clone
+
+    def set_active(self, names: list, trainable: bool = True) -> None:
+        present = [n for n in names if n in self.modules_to_save]
+        self.active_adapters = present[:1]
+        for name, mod in self.modules_to_save.items():
+            for p in mod.parameters():
+                p.requires_grad_(trainable and name in self.active_adapters)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def forward(self, *args, **kwargs):
+        if self.disabled or not self.active_adapters:
+            return self.original_module(*args, **kwargs)
+        return self.modules_to_save[self.active_adapters[0]](*args, **kwargs)
+
+    def __getattr__(self, name):
+        # Code outside the model (generation utils, heads' users) reads attributes such as .weight or
+        # .out_features of the module it knows; answer from the module in use.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self._modules
+            if "original_module" not in modules:
+                raise
+            if modules["modules_to_save"] is not None and self.__dict__.get("active_adapters"):
+                return getattr(modules["modules_to_save"][self.__dict__["active_adapters"][0]], name)
+            return getattr(modules["original_module"], name)

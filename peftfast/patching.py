@@ -1,0 +1,407 @@
+"""Putting adapters into a model in place, and the operations on a patched model.
+
+``patch`` is a transaction: every wrapper is built and checked before the first one is installed, and
+any failure undoes what was done, so a failed call leaves the model exactly as it was (same module
+objects, same state dict, same ``requires_grad`` flags).
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Callable, Iterator, Optional, Union
+
+import torch.nn as nn
+
+from .config import AnyConfig, ConfigError, IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, as_config
+from .kernels.dispatch import check_backend
+from .layers import AdapterLayer, IA3Layer, LoraLayer, ModulesToSave, is_linear_like
+from .targets import DEFAULT_IA3_TARGETS, model_type, name_matches, resolve_targets
+
+
+
+class PatchState:
+    """What peftfast knows about a patched model, kept on it as ``model.peftfast_state``."""
+
+    def __init__(self) -> None:
+        self.configs: dict = {}
+        self.active: list = []
+        self.target_names: dict = {}  # adapter -> names of wrapped modules
+        self.original_requires_grad: dict = {}  # parameter name -> flag before the first patch
+
+
+def patch_state(model: nn.Module) -> Optional[PatchState]:
+    return model.__dict__.get("peftfast_state")
+
+
+def _require_state(model: nn.Module) -> PatchState:
+    state = patch_state(model)
+    if state is None or not state.configs:
+        raise ValueError("this model has no peftfast adapters; call peftfast.patch(model, config) first")
+    return state
+
+
+def _parent(model: nn.Module, name: str):
+    parent_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    if not patterns:
+        return default
+    if name in patterns:
+        return patterns[name]
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _modules_to_save_names(model: nn.Module, config) -> list:
+    wanted = config.effective_modules_to_save()
+    names = []
+    for name, module in model.named_modules():
+        if not name or isinstance(module, AdapterLayer):
+            continue
+        if any(name == w or name.endswith("." + w) for w in wanted):
+            if any(name.startswith(n + ".") for n in names):
+                continue
+            names.append(name)
+    explicit = set(config.modules_to_save or [])
+    for w in explicit:
+        if not any(n == w or n.endswith("." + w) for n in names) and not _already_saved(model, w):
+            raise ConfigError(f"modules_to_save names {w!r}, but the model has no module of that name")
+    return names
+
+
+def _already_saved(model: nn.Module, short: str) -> bool:
+    return any(isinstance(m, ModulesToSave) and (n == short or n.endswith("." + short)) for n, m in model.named_modules())
+
+
+def patch(
+    model: nn.Module,
+    config: Union[AnyConfig, dict, str, object],
+    *,
+    adapter_name: str = "default",
+    backend: str = "auto",
+) -> nn.Module:
+    """Add an adapter to ``model`` in place.
+
+    Args:
+        model: a transformers (or any torch) model; bitsandbytes 4-/8-bit bases are supported.
+        config: a peftfast or ``peft`` LoraConfig / IA3Config, a dict, or a path to adapter_config.json.
+        adapter_name: name of the new adapter; several can live side by side.
+        backend: "auto" (Triton on CUDA, reference elsewhere), "triton" or "reference".
+
+    Returns:
+        The same model object. The first adapter becomes active and only its parameters (plus
+        ``modules_to_save``) require grad; a later adapter is added inactive, as in PEFT: use
+        :func:`set_adapter` to switch.
+
+    Example:
+        >>> peftfast.patch(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))  # doctest: +SKIP
+    """
+    _patch(model, config, adapter_name, backend)
+    return model
+
+
+def _patch(model: nn.Module, config, adapter_name: str, backend: str) -> Callable[[], None]:
+    """Do the patch and return a function that undoes it exactly."""
+    check_backend(backend)
+    cfg = as_config(config)
+    if isinstance(cfg, (PrefixTuningConfig, PromptTuningConfig)):
+        raise NotImplementedError(
+            f"{type(cfg).__name__} is not available in this version of peftfast (LoRA, DoRA and IA3 are); "
+            "use Hugging Face PEFT's get_peft_model for prompt-learning adapters for now"
+        )
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}")
+    state = patch_state(model)
+    if state is not None and adapter_name in state.configs:
+        raise ValueError(
+            f"adapter {adapter_name!r} is already patched into this model; choose another adapter_name, "
+            "or remove it first with peftfast.unpatch(model)"
+        )
+    if state is not None and state.configs:
+        kinds = {type(c) for c in state.configs.values()}
+        if type(cfg) not in kinds:
+            raise ConfigError(
+                f"this model already carries {sorted(k.__name__ for k in kinds)} adapters; mixing them with a "
+                f"{type(cfg).__name__} in one model is not supported"
+            )
+    if isinstance(cfg, IA3Config) and cfg.target_modules is None:
+        family = model_type(model)
+        if family in DEFAULT_IA3_TARGETS:
+            cfg.target_modules, ff = DEFAULT_IA3_TARGETS[family]
+            if cfg.feedforward_modules is None:
+                cfg.feedforward_modules = ff
+    targets = resolve_targets(model, cfg, is_linear_like)
+    if isinstance(cfg, IA3Config) and cfg.feedforward_modules:
+        stray = [
+            n for n, _ in model.named_modules()
+            if n and name_matches(cfg.feedforward_modules, n) and is_linear_like(model.get_submodule(n)) and n not in targets
+        ]
+        if stray:
+            raise ConfigError(
+                f"feedforward_modules matches {stray[:5]}, which target_modules does not; every feed-forward "
+                "module must also be a target"
+            )
+    save_names = _modules_to_save_names(model, cfg)
+
+    undo: list = []
+    grad_flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
+    created_state = state is None
+    try:
+        if created_state:
+            state = PatchState()
+            state.original_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+            model.__dict__["peftfast_state"] = state
+            undo.append(lambda: model.__dict__.pop("peftfast_state", None))
+        installs = []
+        for name in targets:
+            module = model.get_submodule(name)
+            if isinstance(module, AdapterLayer):
+                wrapper, fresh = module, False
+                if isinstance(cfg, LoraConfig) != isinstance(module, LoraLayer):
+                    raise ConfigError(f"{name} already has a {type(module).__name__}; methods cannot be stacked")
+            else:
+                if isinstance(cfg, LoraConfig):
+                    wrapper = LoraLayer(module, backend=backend)
+                else:
+                    wrapper = IA3Layer(module, feedforward=name_matches(cfg.feedforward_modules, name), backend=backend)
+                fresh = True
+            _add_adapter(wrapper, name, cfg, adapter_name)
+            if fresh:
+                installs.append((name, module, wrapper))
+            else:
+                undo.append(lambda w=wrapper: w.delete_adapter(adapter_name))
+        for name in save_names:
+            module = model.get_submodule(name)
+            wrapper, fresh = (module, False) if isinstance(module, ModulesToSave) else (ModulesToSave(module), True)
+            wrapper.add_adapter(adapter_name)
+            if fresh:
+                installs.append((name, module, wrapper))
+            else:
+                undo.append(lambda w=wrapper: w.delete_adapter(adapter_name))
+        for name, module, wrapper in installs:  # nothing below can fail: install everything at once
+            parent, attr = _parent(model, name)
+            setattr(parent, attr, wrapper)
+            undo.append(lambda p=parent, a=attr, m=module: setattr(p, a, m))
+        state.configs[adapter_name] = cfg
+        state.target_names[adapter_name] = list(targets)
+        undo.append(lambda: (state.configs.pop(adapter_name, None), state.target_names.pop(adapter_name, None)))
+        previous_active = list(state.active)
+        undo.append(lambda: setattr(state, "active", previous_active))
+        if not state.active:
+            state.active = [adapter_name]
+        _apply_trainable(model, state)
+    except BaseException:
+        for step in reversed(undo):
+            step()
+        for p, flag in grad_flags.values():
+            p.requires_grad_(flag)
+        raise
+
+    def rollback() -> None:
+        for step in reversed(undo):
+            step()
+        if patch_state(model) is not None:
+            _set_layers_active(model, patch_state(model).active)
+        for p, flag in grad_flags.values():
+            p.requires_grad_(flag)
+
+    return rollback
+
+
+def _add_adapter(wrapper: AdapterLayer, name: str, cfg, adapter_name: str) -> None:
+    if isinstance(cfg, LoraConfig):
+        r = _pattern_value(cfg.rank_pattern, name, cfg.r)
+        alpha = _pattern_value(cfg.alpha_pattern, name, cfg.lora_alpha)
+        if not isinstance(r, int) or r <= 0:
+            raise ConfigError(f"LoRA rank for {name} must be a positive integer, got {r!r}")
+        wrapper.add_adapter(
+            adapter_name, r, alpha, dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
+            init=cfg.init_lora_weights,
+        )
+    else:
+        wrapper.add_adapter(adapter_name, init=cfg.init_ia3_weights)
+
+
+def _adapter_wrappers(model: nn.Module) -> Iterator[tuple]:
+    for name, module in model.named_modules():
+        if isinstance(module, (AdapterLayer, ModulesToSave)):
+            yield name, module
+
+
+def _set_layers_active(model: nn.Module, active: list, trainable: bool = True) -> None:
+    for _, module in _adapter_wrappers(model):
+        module.set_active(active, trainable)
+
+
+def _apply_trainable(model: nn.Module, state: PatchState) -> None:
+    """Freeze the base; the active adapters (and their modules_to_save and biases per config) train."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _set_layers_active(model, state.active)
+    for name in state.active:
+        cfg = state.configs[name]
+        bias = getattr(cfg, "bias", "none")
+        if bias == "all":
+            for pname, p in model.named_parameters():
+                if pname.endswith("bias") and ".modules_to_save." not in pname:
+                    p.requires_grad_(True)
+        elif bias == "lora_only":
+            for _, module in _adapter_wrappers(model):
+                if isinstance(module, LoraLayer) and module.base_layer.bias is not None:
+                    module.base_layer.bias.requires_grad_(True)
+
+
+def set_adapter(model: nn.Module, adapter_name: Union[str, list]) -> None:
+    """Make the named adapter(s) active (and trainable); the others stay loaded but inactive and frozen.
+
+    Args:
+        model: a patched model.
+        adapter_name: one name, or a list of names whose outputs are summed (LoRA) or multiplied (IA3).
+
+    Example:
+        >>> peftfast.set_adapter(model, "task_b")  # doctest: +SKIP
+    """
+    state = _require_state(model)
+    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    unknown = [n for n in names if n not in state.configs]
+    if unknown or not names:
+        raise ValueError(f"unknown adapter(s) {unknown}; this model has {sorted(state.configs)}")
+    state.active = names
+    _apply_trainable(model, state)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: inside it the model computes with its base weights only.
+
+    Example:
+        >>> with peftfast.disable_adapters(model):  # doctest: +SKIP
+        ...     base_logits = model(ids).logits
+    """
+    _require_state(model)
+    wrappers = [m for _, m in _adapter_wrappers(model)]
+    before = [m.disabled for m in wrappers]
+    for m in wrappers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, flag in zip(wrappers, before):
+            m.disabled = flag
+
+
+def merge(model: nn.Module, adapter_names: Optional[list] = None) -> None:
+    """Fold the active (or the named) adapters into the base weights; forward then skips the adapter math.
+
+    4-bit and 8-bit bases are dequantized, merged and requantized (lossy, as in PEFT).
+
+    Example:
+        >>> peftfast.merge(model)  # doctest: +SKIP
+    """
+    state = _require_state(model)
+    names = adapter_names or state.active
+    for _, module in _adapter_wrappers(model):
+        if isinstance(module, AdapterLayer):
+            module.merge(list(names))
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo :func:`merge` (exact up to float rounding).
+
+    Example:
+        >>> peftfast.unmerge(model)  # doctest: +SKIP
+    """
+    _require_state(model)
+    for _, module in _adapter_wrappers(model):
+        if isinstance(module, AdapterLayer):
+            module.unmerge()
+
+
+def unpatch(model: nn.Module, *, merge_adapters: bool = False) -> nn.Module:
+    """Remove every adapter and put the original modules back.
+
+    Args:
+        model: a patched model.
+        merge_adapters: fold the active adapters into the base weights first (PEFT's
+            ``merge_and_unload``); otherwise merged adapters are unmerged and the original modules and
+            ``requires_grad`` flags come back as they were.
+
+    Returns:
+        The same model object.
+
+    Example:
+        >>> peftfast.unpatch(model)  # doctest: +SKIP
+    """
+    state = _require_state(model)
+    if merge_adapters:
+        merge(model)
+    for name, module in list(_adapter_wrappers(model)):
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(module, AdapterLayer):
+            if not merge_adapters:
+                module.unmerge()
+            original = module.base_layer
+        else:
+            original = module.original_module
+            if merge_adapters and module.active_adapters:
+                original = module.modules_to_save[module.active_adapters[0]]
+        parent, attr = _parent(model, name)
+        setattr(parent, attr, original)
+    flags = state.original_requires_grad
+    for pname, p in model.named_parameters():
+        if pname in flags:
+            p.requires_grad_(flags[pname])
+    model.__dict__.pop("peftfast_state", None)
+    return model
+
+
+def adapter_config(model: nn.Module, adapter_name: str = "default"):
+    """The config an adapter was patched with."""
+    state = _require_state(model)
+    if adapter_name not in state.configs:
+        raise ValueError(f"no adapter named {adapter_name!r}; this model has {sorted(state.configs)}")
+    return state.configs[adapter_name]
+
+
+def _param_count(p) -> int:
+    n = p.numel()
+    if p.__class__.__name__ == "Params4bit":  # two 4-bit values per byte of storage (PEFT counts it so)
+        n = n * 2 * p.element_size()
+    return n
+
+
+def trainable_parameters(model: nn.Module) -> tuple:
+    """Count parameters as PEFT does (a 4-bit weight counts its unpacked values).
+
+    Returns:
+        ``(trainable, total)``.
+
+    Example:
+        >>> trainable, total = peftfast.trainable_parameters(model)  # doctest: +SKIP
+    """
+    trainable = total = 0
+    for p in model.parameters():
+        n = _param_count(p)
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print ``trainable params: X || all params: Y || trainable%: Z`` (PEFT's wording).
+
+    Example:
+        >>> peftfast.print_trainable_parameters(model)  # doctest: +SKIP
+        trainable params: 8,192 || all params: 1,032,192 || trainable%: 0.7937
+    """
+    trainable, total = trainable_parameters(model)
+    pct = 100 * trainable / total if total else 0.0
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}")

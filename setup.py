@@ -1,0 +1,11 @@
+# kernels/ lives at the repository root (the project's layout) but is installed only as the
+# subpackage peftfast.kernels: a top-level `kernels` module would shadow the Hugging Face package
+# of that name, which transformers and bitsandbytes probe for.
+from setuptools import setup
+
+setup(
+    packages=["peftfast", "peftfast.kernels", "peftfast.kernels.configs"],
+    package_dir={"peftfast": "peftfast", "peftfast.kernels": "kernels", "peftfast.kernels.configs": "kernels/configs"},
+    package_data={"peftfast.kernels.configs": ["*.json"], "peftfast": ["data/*"]},
+    include_package_data=True,
+)
