@@ -13,7 +13,21 @@ def main(argv: Optional[list] = None) -> int:
     demo.add_argument("--steps", type=int, default=200)
     demo.add_argument("--output", default="out/demo-adapter")
     demo.add_argument("--seed", type=int, default=0)
+    from .train import add_arguments as add_train_arguments
+
+    train = sub.add_parser("train", help="fine-tune a causal LM with LoRA/QLoRA/DoRA/IA3 on a .txt or .jsonl file")
+    add_train_arguments(train)
     args = parser.parse_args(argv)
+    if args.command == "train":
+        from .data import DataError
+        from .train import TrainError, run_train
+
+        try:
+            run_train(args)
+        except (TrainError, DataError) as e:
+            print(f"peftfast train: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "demo":
         from .demo import run_demo
 

@@ -1,0 +1,180 @@
+"""Datasets for ``peftfast train``: loading, tokenization, packing, held-out split and batching.
+
+Formats:
+    * ``.txt`` (or anything not ``.jsonl``): the whole text is tokenized once and packed into
+      non-overlapping ``seq_len`` windows; the loss is on every token.
+    * ``.jsonl``: one JSON object per line, either ``{"text": ...}`` (loss on every token) or
+      ``{"prompt": ..., "completion": ...}`` (labels are -100 on the prompt tokens, so the loss is on the
+      completion only). Examples are truncated to ``seq_len`` and padded per batch.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    """A data file that cannot be used (malformed line, empty dataset, ...)."""
+
+
+@dataclass
+class Tokenizer:
+    """What the trainer needs from a tokenizer.
+
+    ``encode(text, add_bos)`` returns token ids; ``eos_id``/``pad_id`` may be None.
+    """
+
+    encode: Callable[[str, bool], list]
+    eos_id: Optional[int]
+    pad_id: int
+
+
+def byte_tokenizer() -> Tokenizer:
+    """The UTF-8 byte tokenizer of the embedded demo model (BOS = EOS = PAD = 256)."""
+    from .demo import BOS
+
+    def encode(text: str, add_bos: bool = True) -> list:
+        ids = list(text.encode("utf-8"))
+        return [BOS] + ids if add_bos else ids
+
+    return Tokenizer(encode=encode, eos_id=BOS, pad_id=BOS)
+
+
+def hf_tokenizer(tok) -> Tokenizer:
+    """Wrap a transformers tokenizer."""
+
+    def encode(text: str, add_bos: bool = True) -> list:
+        return list(tok(text, add_special_tokens=add_bos)["input_ids"])
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return Tokenizer(encode=encode, eos_id=tok.eos_token_id, pad_id=pad if pad is not None else 0)
+
+
+def prompt_completion_example(tokenizer: Tokenizer, prompt: str, completion: str, seq_len: int) -> dict:
+    """Tokenize a prompt/completion pair; the prompt tokens get label -100.
+
+    Example:
+        >>> ex = prompt_completion_example(byte_tokenizer(), "Q: ", "A", 16)
+        >>> ex["labels"]
+        [-100, -100, -100, -100, 65, 256]
+    """
+    p = tokenizer.encode(prompt, True)
+    c = tokenizer.encode(completion, False)
+    if tokenizer.eos_id is not None:
+        c = c + [tokenizer.eos_id]
+    ids = (p + c)[:seq_len]
+    labels = ([IGNORE_INDEX] * len(p) + c)[:seq_len]
+    return {"input_ids": ids, "labels": labels}
+
+
+def text_example(tokenizer: Tokenizer, text: str, seq_len: int) -> dict:
+    ids = tokenizer.encode(text, True)
+    if tokenizer.eos_id is not None:
+        ids = ids + [tokenizer.eos_id]
+    ids = ids[:seq_len]
+    return {"input_ids": ids, "labels": list(ids)}
+
+
+def pack_text(tokenizer: Tokenizer, text: str, seq_len: int) -> list:
+    """Tokenize ``text`` once and cut it into non-overlapping ``seq_len`` windows (a short tail is kept
+    only when it is the only window)."""
+    ids = tokenizer.encode(text, True)
+    windows = [ids[i: i + seq_len] for i in range(0, len(ids), seq_len)]
+    if len(windows) > 1 and len(windows[-1]) < seq_len:
+        windows.pop()
+    return [{"input_ids": w, "labels": list(w)} for w in windows if len(w) >= 2]
+
+
+def load_jsonl(tokenizer: Tokenizer, path: Path, seq_len: int) -> list:
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            if "prompt" in obj or "completion" in obj:
+                p, c = obj.get("prompt"), obj.get("completion")
+                if not isinstance(p, str) or not isinstance(c, str):
+                    raise DataError(f"{path}:{lineno}: 'prompt' and 'completion' must both be strings")
+                ex = prompt_completion_example(tokenizer, p, c, seq_len)
+            elif "text" in obj:
+                if not isinstance(obj["text"], str):
+                    raise DataError(f"{path}:{lineno}: 'text' must be a string")
+                ex = text_example(tokenizer, obj["text"], seq_len)
+            else:
+                raise DataError(f"{path}:{lineno}: expected a 'text' field or 'prompt' and 'completion' fields, "
+                                f"got keys {sorted(obj)}")
+            if len(ex["input_ids"]) < 2 or all(x == IGNORE_INDEX for x in ex["labels"][1:]):
+                continue  # nothing to learn from (e.g. the prompt fills seq_len)
+            examples.append(ex)
+    return examples
+
+
+def load_dataset(path, tokenizer: Tokenizer, seq_len: int) -> list:
+    """Load ``path`` (.txt or .jsonl) into a list of ``{"input_ids", "labels"}`` examples.
+
+    Raises:
+        DataError: missing file, malformed jsonl (with the line number), or no usable example.
+    """
+    path = Path(path)
+    if seq_len < 2:
+        raise DataError(f"--seq-len must be at least 2, got {seq_len}")
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    if path.suffix.lower() == ".jsonl":
+        examples = load_jsonl(tokenizer, path, seq_len)
+    else:
+        text = path.read_text(encoding="utf-8")
+        examples = pack_text(tokenizer, text, seq_len) if text.strip() else []
+    if not examples:
+        raise DataError(f"dataset {path} is empty: no training example could be made from it")
+    return examples
+
+
+def split(examples: list, eval_fraction: float, seed: int) -> tuple:
+    """Shuffle and hold out ``eval_fraction`` (at least one example). With a single example, it is used
+    for both training and evaluation."""
+    if len(examples) == 1:
+        return list(examples), list(examples)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(examples), generator=g).tolist()
+    n_eval = min(len(examples) - 1, max(1, math.ceil(len(examples) * eval_fraction)))
+    return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
+
+
+def collate(examples: list, pad_id: int) -> dict:
+    """Right-pad to the longest example; padded labels are -100 and masked in ``attention_mask``."""
+    n = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), n), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    for i, e in enumerate(examples):
+        k = len(e["input_ids"])
+        ids[i, :k] = torch.tensor(e["input_ids"])
+        labels[i, :k] = torch.tensor(e["labels"])
+        mask[i, :k] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def iterate_batches(examples: list, batch_size: int, pad_id: int, seed: int, shuffle: bool = True):
+    """Endless iterator of (epoch, batch): reshuffled every epoch."""
+    epoch = 0
+    while True:
+        order = list(range(len(examples)))
+        if shuffle:
+            order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        for i in range(0, len(order), batch_size):
+            yield epoch, collate([examples[j] for j in order[i: i + batch_size]], pad_id)
+        epoch += 1
