@@ -125,6 +125,18 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list = []
         self.merged_adapters: list = []
         self.disabled = False
+        # Follow the base layer's train/eval mode: a wrapper put into an eval model (load_adapter for
+        # inference) must not apply dropout.
+        self.training = bool(base_layer.training)
+
+    @property
+    def weight(self):
+        """The base layer's weight, as PEFT's tuner layers expose it (T5 reads ``self.wo.weight.dtype``)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
 
     @property
     def adapter_names(self) -> list:

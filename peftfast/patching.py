@@ -66,10 +66,12 @@ def _modules_to_save_names(model: nn.Module, config) -> list:
             if any(name.startswith(n + ".") for n in names):
                 continue
             names.append(name)
-    explicit = set(config.modules_to_save or [])
-    for w in explicit:
-        if not any(n == w or n.endswith("." + w) for n in names) and not _already_saved(model, w):
-            raise ConfigError(f"modules_to_save names {w!r}, but the model has no module of that name")
+    # PEFT writes both common head names ("classifier", "score") into every classification adapter and
+    # ignores the one a model lacks; only a list of which nothing matches is surely a mistake.
+    explicit = list(config.modules_to_save or [])
+    missing = [w for w in explicit if not any(n == w or n.endswith("." + w) for n in names) and not _already_saved(model, w)]
+    if explicit and len(missing) == len(explicit):
+        raise ConfigError(f"modules_to_save names {missing}, but the model has no module of those names")
     return names
 
 
