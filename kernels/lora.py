@@ -146,7 +146,10 @@ def _quant_args(weight):
         return weight, None, None, None, None, None, [], ""
     q = weight if isinstance(weight, Quant4bit) else quant4bit_view(weight)
     n, k = q.shape
-    return (q.packed, q.absmax, q.code, q.code2, q.absmax2, q.offset,
+    offset = q.offset
+    if q.nested and not torch.is_tensor(offset):  # some bitsandbytes versions keep a Python float
+        offset = torch.tensor(float(offset), device=q.packed.device, dtype=torch.float32)
+    return (q.packed, q.absmax, q.code, q.code2, q.absmax2, offset,
             [q.blocksize, q.blocksize2, int(n), int(k)], q.quant_type)
 
 
@@ -212,102 +215,121 @@ def _lora_backward_impl(dy, x, xa, weight, lora_A, lora_B, seed, absmax, code, c
     return dx, da, db, dbias
 
 
-@torch.library.custom_op("peftfast::lora_linear", mutates_args=())
-def _lora_linear_op(
-    x: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor],
-    absmax: Optional[torch.Tensor],
-    code: Optional[torch.Tensor],
-    code2: Optional[torch.Tensor],
-    absmax2: Optional[torch.Tensor],
-    offset: Optional[torch.Tensor],
-    meta: List[int],
-    quant_type: str,
-    scaling: float,
-    dropout_p: float,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Triton LoRA linear forward; returns ``(y, xa)``. ``xa`` is an internal output kept for dB.
+def _define_ops():
+    """Register ``peftfast::lora_linear`` (+ fake, autograd) and its backward op; returns both."""
 
-    ``weight`` is the dense [N, K] base, the packed uint8 codes of a 4-bit one (then ``meta`` is
-    ``[blocksize, blocksize2, N, K]`` and ``absmax``..``offset`` describe the scales), or None.
-    ``seed`` (int64 [1]) drives the dropout mask; None when ``dropout_p == 0``.
+    @torch.library.custom_op("peftfast::lora_linear", mutates_args=())
+    def _lora_linear_op(
+        x: torch.Tensor,
+        weight: Optional[torch.Tensor],
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        seed: Optional[torch.Tensor],
+        absmax: Optional[torch.Tensor],
+        code: Optional[torch.Tensor],
+        code2: Optional[torch.Tensor],
+        absmax2: Optional[torch.Tensor],
+        offset: Optional[torch.Tensor],
+        meta: List[int],
+        quant_type: str,
+        scaling: float,
+        dropout_p: float,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Triton LoRA linear forward; returns ``(y, xa)``. ``xa`` is an internal output kept for dB.
+
+        ``weight`` is the dense [N, K] base, the packed uint8 codes of a 4-bit one (then ``meta`` is
+        ``[blocksize, blocksize2, N, K]`` and ``absmax``..``offset`` describe the scales), or None.
+        ``seed`` (int64 [1]) drives the dropout mask; None when ``dropout_p == 0``.
+        """
+        return _lora_forward_impl(x, weight, lora_A, lora_B, bias, seed, absmax, code, code2, absmax2, offset,
+                                  meta, quant_type, scaling, dropout_p)
+
+    @_lora_linear_op.register_fake
+    def _(x, weight, lora_A, lora_B, bias, seed, absmax, code, code2, absmax2, offset, meta, quant_type,
+          scaling, dropout_p):
+        lead = x.shape[:-1]
+        return x.new_empty((*lead, lora_B.shape[0])), x.new_empty((*lead, lora_A.shape[0]))
+
+    @torch.library.custom_op("peftfast::lora_linear_backward", mutates_args=())
+    def _lora_linear_backward_op(
+        dy: torch.Tensor,
+        x: torch.Tensor,
+        xa: torch.Tensor,
+        weight: Optional[torch.Tensor],
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        seed: Optional[torch.Tensor],
+        absmax: Optional[torch.Tensor],
+        code: Optional[torch.Tensor],
+        code2: Optional[torch.Tensor],
+        absmax2: Optional[torch.Tensor],
+        offset: Optional[torch.Tensor],
+        meta: List[int],
+        quant_type: str,
+        scaling: float,
+        dropout_p: float,
+        needs: List[bool],
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(dx, dA, dB, dbias_fp32)``; an entry whose ``needs`` flag is False is an empty tensor."""
+        return _lora_backward_impl(dy, x, xa, weight, lora_A, lora_B, seed, absmax, code, code2, absmax2, offset,
+                                   meta, quant_type, scaling, dropout_p, needs)
+
+    @_lora_linear_backward_op.register_fake
+    def _(dy, x, xa, weight, lora_A, lora_B, seed, absmax, code, code2, absmax2, offset, meta, quant_type,
+          scaling, dropout_p, needs):
+        return (
+            x.new_empty(x.shape) if needs[0] else x.new_empty(0),
+            lora_A.new_empty(lora_A.shape) if needs[1] else x.new_empty(0),
+            lora_B.new_empty(lora_B.shape) if needs[2] else x.new_empty(0),
+            x.new_empty((lora_B.shape[0],), dtype=torch.float32) if needs[3] else x.new_empty(0),
+        )
+
+    def _setup_context(ctx, inputs, output):
+        (x, weight, lora_A, lora_B, bias, seed, absmax, code, code2, absmax2, offset, meta, quant_type,
+         scaling, dropout_p) = inputs
+        ctx.save_for_backward(x, output[1], weight, lora_A, lora_B, seed, absmax, code, code2, absmax2, offset)
+        ctx.meta, ctx.quant_type, ctx.scaling, ctx.dropout_p = list(meta), quant_type, scaling, dropout_p
+        ctx.bias_dtype = None if bias is None else bias.dtype
+
+    def _backward(ctx, dy, dxa):
+        # dxa is ignored: xa is an internal product, only returned so that the backward can reuse it.
+        x, xa, weight, lora_A, lora_B, seed, absmax, code, code2, absmax2, offset = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        needs = [bool(need[0]), bool(need[2]), bool(need[3]), bool(need[4]) and ctx.bias_dtype is not None]
+        dx, da, db, dbias = _lora_linear_backward_op(
+            dy, x, xa, weight, lora_A, lora_B, seed, absmax, code, code2, absmax2, offset,
+            ctx.meta, ctx.quant_type, ctx.scaling, ctx.dropout_p, needs,
+        )
+        return (
+            dx if needs[0] else None, None, da if needs[1] else None, db if needs[2] else None,
+            dbias.to(ctx.bias_dtype) if needs[3] else None,
+            None, None, None, None, None, None, None, None, None, None,
+        )
+
+    torch.library.register_autograd("peftfast::lora_linear", _backward, setup_context=_setup_context)
+
+    return _lora_linear_op, _lora_linear_backward_op
+
+
+def _registered_ops():
+    """The custom ops, registered once per process by ``peftfast.kernels.lora``.
+
+    With the repository root on ``sys.path`` this file can also be imported as the top-level
+    ``kernels.lora`` (transformers probes for a ``kernels`` package). A second registration would
+    replace the first with this copy's functions and globals, so that copy reuses the canonical ops.
     """
-    return _lora_forward_impl(x, weight, lora_A, lora_B, bias, seed, absmax, code, code2, absmax2, offset,
-                              meta, quant_type, scaling, dropout_p)
+    if __name__ != "peftfast.kernels.lora":
+        try:
+            from peftfast.kernels import lora as canonical
+
+            return canonical._lora_linear_op, canonical._lora_linear_backward_op
+        except ImportError:  # the directory used on its own, without the peftfast package
+            pass
+    return _define_ops()
 
 
-@_lora_linear_op.register_fake
-def _(x, weight, lora_A, lora_B, bias, seed, absmax, code, code2, absmax2, offset, meta, quant_type,
-      scaling, dropout_p):
-    lead = x.shape[:-1]
-    return x.new_empty((*lead, lora_B.shape[0])), x.new_empty((*lead, lora_A.shape[0]))
-
-
-@torch.library.custom_op("peftfast::lora_linear_backward", mutates_args=())
-def _lora_linear_backward_op(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    xa: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    seed: Optional[torch.Tensor],
-    absmax: Optional[torch.Tensor],
-    code: Optional[torch.Tensor],
-    code2: Optional[torch.Tensor],
-    absmax2: Optional[torch.Tensor],
-    offset: Optional[torch.Tensor],
-    meta: List[int],
-    quant_type: str,
-    scaling: float,
-    dropout_p: float,
-    needs: List[bool],
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dx, dA, dB, dbias_fp32)``; an entry whose ``needs`` flag is False is an empty tensor."""
-    return _lora_backward_impl(dy, x, xa, weight, lora_A, lora_B, seed, absmax, code, code2, absmax2, offset,
-                               meta, quant_type, scaling, dropout_p, needs)
-
-
-@_lora_linear_backward_op.register_fake
-def _(dy, x, xa, weight, lora_A, lora_B, seed, absmax, code, code2, absmax2, offset, meta, quant_type,
-      scaling, dropout_p, needs):
-    return (
-        x.new_empty(x.shape) if needs[0] else x.new_empty(0),
-        lora_A.new_empty(lora_A.shape) if needs[1] else x.new_empty(0),
-        lora_B.new_empty(lora_B.shape) if needs[2] else x.new_empty(0),
-        x.new_empty((lora_B.shape[0],), dtype=torch.float32) if needs[3] else x.new_empty(0),
-    )
-
-
-def _setup_context(ctx, inputs, output):
-    (x, weight, lora_A, lora_B, bias, seed, absmax, code, code2, absmax2, offset, meta, quant_type,
-     scaling, dropout_p) = inputs
-    ctx.save_for_backward(x, output[1], weight, lora_A, lora_B, seed, absmax, code, code2, absmax2, offset)
-    ctx.meta, ctx.quant_type, ctx.scaling, ctx.dropout_p = list(meta), quant_type, scaling, dropout_p
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def _backward(ctx, dy, dxa):
-    # dxa is ignored: xa is an internal product, only returned so that the backward can reuse it.
-    x, xa, weight, lora_A, lora_B, seed, absmax, code, code2, absmax2, offset = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    needs = [bool(need[0]), bool(need[2]), bool(need[3]), bool(need[4]) and ctx.bias_dtype is not None]
-    dx, da, db, dbias = _lora_linear_backward_op(
-        dy, x, xa, weight, lora_A, lora_B, seed, absmax, code, code2, absmax2, offset,
-        ctx.meta, ctx.quant_type, ctx.scaling, ctx.dropout_p, needs,
-    )
-    return (
-        dx if needs[0] else None, None, da if needs[1] else None, db if needs[2] else None,
-        dbias.to(ctx.bias_dtype) if needs[3] else None,
-        None, None, None, None, None, None, None, None, None, None,
-    )
-
-
-torch.library.register_autograd("peftfast::lora_linear", _backward, setup_context=_setup_context)
+_lora_linear_op, _lora_linear_backward_op = _registered_ops()
 
 
 def _triton_lora_linear_impl(

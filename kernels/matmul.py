@@ -274,7 +274,8 @@ def _make_pruner(max_smem: int):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         m = int(args["M"])
-        elem = args["p_y"].element_size()
+        # A wider base weight (fp32 master copy) is staged at its own width before the in-kernel cast.
+        elem = max(args["p_y"].element_size(), args["p_w"].element_size())
         block_r = int(args["BLOCK_R"])
         fits = [c for c in configs if _smem_bytes(c.kwargs, c.num_stages, elem, block_r) <= max_smem]
         fits = fits or [min(configs, key=lambda c: _smem_bytes(c.kwargs, c.num_stages, elem, block_r))]

@@ -249,6 +249,31 @@ def test_wgrad_split_reduction():
         assert_rel_close(colsum, x.double().sum(0), 1e-6, f"colsum splits={splits}")
 
 
+def test_autotune_config_tables_and_pruning():
+    """CUDA config lists (data, per GPU family) load, and pruning keeps what fits shared memory and M."""
+    import triton
+
+    from peftfast.kernels import matmul as mm
+
+    assert mm._family((9, 0)) == "sm90" and mm._family((8, 9)) == "sm89" and mm._family((8, 6)) == "sm89"
+    assert mm._family((8, 0)) == "sm80"
+    y = torch.empty(1, 1, dtype=torch.bfloat16)
+    for family in ("sm80", "sm89", "sm90"):
+        configs = [triton.Config({k: e[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")},
+                                 num_warps=e["num_warps"], num_stages=e["num_stages"])
+                   for e in mm._config_table()[family]]
+        for smem in (99 * 1024, 227 * 1024):
+            for m in (1, 40, 8192):
+                kept = mm._make_pruner(smem)(configs, {"M": m, "p_y": y, "p_w": y}, BLOCK_R=16)
+                assert kept
+                assert all(mm._smem_bytes(c.kwargs, c.num_stages, 2, 16) <= smem for c in kept) or len(kept) == 1
+                fitting = [c for c in configs if mm._smem_bytes(c.kwargs, c.num_stages, 2, 16) <= smem]
+                if m <= 16 and fitting:
+                    # decode-sized M: only the shortest row blocks that fit are tried
+                    shortest = max(16, min(c.kwargs["BLOCK_M"] for c in fitting))
+                    assert all(c.kwargs["BLOCK_M"] <= shortest for c in kept)
+
+
 # --------------------------------------------------------------------------------------------------
 # dispatch
 # --------------------------------------------------------------------------------------------------
