@@ -28,8 +28,8 @@ from safetensors.torch import load_file  # noqa: E402
 import peftfast  # noqa: E402
 from peftfast.layers import AdapterLayer, ModulesToSave  # noqa: E402
 
-from tests.helpers import assert_rel_close, rel_err  # noqa: E402
-from tests.models import make_inputs, make_model, quantize_4bit, task_kind, without_labels  # noqa: E402
+from helpers import assert_rel_close, rel_err  # noqa: E402
+from models import make_inputs, make_model, quantize_4bit, task_kind, without_labels  # noqa: E402
 
 TOL = 1e-5
 TASK = {"causal": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}

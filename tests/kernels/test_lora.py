@@ -13,7 +13,7 @@ import torch
 from peftfast.kernels import lora as lora_mod
 from peftfast.kernels.lora import lora_linear, lora_linear_reference
 from peftfast.kernels.weights import dense_weight
-from tests.helpers import assert_rel_close, dtype_error_bound
+from helpers import assert_rel_close, dtype_error_bound
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SCALING = 1.75
