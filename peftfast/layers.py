@@ -98,7 +98,7 @@ def write_dense_base_weight(module: nn.Module, dense: torch.Tensor) -> None:
         import bitsandbytes as bnb
 
         new = bnb.nn.Int8Params(dense.to("cpu", torch.float16), requires_grad=False, has_fp16_weights=False)
-        module.weight = new.to(w.device) if w.device.type != "cpu" else new._quantize(w.device) if hasattr(new, "_quantize") else new
+        module.weight = new.to(w.device)  # Int8Params quantizes when moved to a device, CPU included
         return
     data = dense.t() if stores_transposed(module) else dense
     w.data.copy_(data.to(w.dtype))
