@@ -94,7 +94,8 @@ def dora_linear(
     if magnitude.numel() != n:
         raise ValueError(f"DoRA magnitude has {magnitude.numel()} values, the weight has {n} output rows")
     resolve_backend(backend, x.device, supported=False, why="no Triton DoRA kernel is built yet")
+    # No Triton DoRA kernel yet: dequantize a 4-bit base with the best backend, then the reference math.
     return dora_linear_reference(
-        x, weight, lora_A, lora_B, scaling, magnitude, bias=bias, base_output=base_output,
+        x, dense_weight(weight, x.dtype, backend), lora_A, lora_B, scaling, magnitude, bias=bias, base_output=base_output,
         dropout_p=dropout_p, training=training,
     )

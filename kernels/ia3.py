@@ -63,7 +63,8 @@ def ia3_linear(
     supported = _triton_ia3_linear is not None
     if resolve_backend(backend, x.device, supported, "no Triton IA3 kernel is built yet") == "triton":
         return _triton_ia3_linear(x, weight, ia3_l, feedforward=feedforward, bias=bias)
-    return ia3_linear_reference(x, weight, ia3_l, feedforward=feedforward, bias=bias)
+    # No Triton IA3 kernel yet: dequantize a 4-bit base with the best backend, then the reference math.
+    return ia3_linear_reference(x, dense_weight(weight, x.dtype, backend), ia3_l, feedforward=feedforward, bias=bias)
 
 
 _triton_ia3_linear = None

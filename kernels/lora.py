@@ -104,7 +104,10 @@ def lora_linear(
     supported, why = _triton_supports(x, weight, lora_A, lora_B, dropout_p if training else 0.0)
     if resolve_backend(backend, x.device, supported, why) == "triton":
         return _triton_lora_linear(x, weight, lora_A, lora_B, scaling, bias=bias, dropout_p=dropout_p if training else 0.0)
-    return lora_linear_reference(x, weight, lora_A, lora_B, scaling, bias=bias, dropout_p=dropout_p, training=training)
+    # The fallback still dequantizes a 4-bit base with the fastest backend available: the pure-PyTorch
+    # dequantization materializes int64 indices, several times the weight's size, on every call.
+    w = dense_weight(weight, x.dtype, backend)
+    return lora_linear_reference(x, w, lora_A, lora_B, scaling, bias=bias, dropout_p=dropout_p, training=training)
 
 
 # ==================================================================================================

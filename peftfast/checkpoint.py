@@ -195,7 +195,7 @@ def load_adapter(
     try:
         save_wrappers = [n for n, m in model.named_modules() if isinstance(m, ModulesToSave)]
         params = model.state_dict(keep_vars=True)
-        expected = set(k for k in params if f".{adapter_name}." in k + "." and _is_adapter_key(k, adapter_name))
+        expected = {k for k in params if _is_adapter_key(k, adapter_name)}
         mapped = {}
         for saved_key, tensor in weights.items():
             key = _model_key(saved_key, adapter_name, save_wrappers)
