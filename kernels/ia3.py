@@ -3,15 +3,31 @@
 ``feedforward=False``: ``y = (x W^T + bias) * l`` with ``l`` [N, 1] (PEFT scales after the bias).
 ``feedforward=True``:  ``y = (x * l) W^T + bias`` with ``l`` [1, K].
 Several active adapters multiply their vectors first, as PEFT does.
+
+The Triton path (``backend="triton"``, and ``"auto"`` on CUDA or under ``TRITON_INTERPRET=1``) is one
+GEMM kernel, :func:`_ia3_matmul_kernel`, with the IA3 scaling fused: a per-column scale of the A
+operand applied as its tiles are loaded (``SCALE_A``) and a per-column scale of the result in the
+epilogue, after the bias (``SCALE_OUT``); the output is written once. The same kernel serves every
+GEMM of the forward and backward passes (see the table above :func:`_ia3_forward_impl`). It is
+registered as the ``torch.library`` custom ops ``peftfast::ia3_linear`` / ``peftfast::ia3_linear_backward``
+with fake implementations and an autograd formula, so ``torch.compile`` traces it without graph breaks.
+A bitsandbytes 4-bit base is dequantized into a temporary (one launch) for each GEMM call and never
+saved for the backward. Gradients flow to ``x`` and ``ia3_l`` only: the base weight and bias are frozen.
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+import inspect
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .dispatch import resolve_backend
+# The base-weight plumbing is shared with LoRA: 4-bit weights travel through the custom ops as their
+# storage tensors (_quant_args) and are dequantized in one launch where a GEMM needs them (_dense_base).
+from .lora import _dense_base, _quant_args
+from .nf4 import Quant4bit, is_4bit_weight
 from .weights import dense_weight, weight_shape
 
 
@@ -40,15 +56,17 @@ def ia3_linear(
     """IA3-scaled linear layer, dense or 4-bit base.
 
     Args:
-        x: input [..., K].
-        weight: dense [N, K] tensor or bitsandbytes ``Params4bit``.
-        ia3_l: the learned vector, [N, 1] (output scaling) or [1, K] (``feedforward=True``).
+        x: input [..., K], any leading shape, fp32/fp16/bf16; need not be contiguous.
+        weight: dense [N, K] tensor (any float dtype; cast to x's) or bitsandbytes ``Params4bit``.
+        ia3_l: the learned vector, [N, 1] (output scaling) or [1, K] (``feedforward=True``); may be
+            in another dtype than x (fp32 adapters on a half-precision base).
         feedforward: scale the input instead of the output.
         bias: optional [N].
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
 
     Returns:
-        [..., N] in x's dtype.
+        [..., N] in x's dtype. Differentiable in x and ia3_l (the base weight and bias are frozen on
+        the Triton path; a base that requires grad makes ``"auto"`` use the reference).
 
     Example:
         >>> y = ia3_linear(x, layer.weight, l, feedforward=False, bias=layer.bias)  # doctest: +SKIP
@@ -60,11 +78,430 @@ def ia3_linear(
             f"ia3_l has {ia3_l.numel()} values; a {'feed-forward (input)' if feedforward else 'output'} "
             f"scaling of a [{n}, {k}] weight needs {expected}"
         )
-    supported = _triton_ia3_linear is not None
-    if resolve_backend(backend, x.device, supported, "no Triton IA3 kernel is built yet") == "triton":
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features but the [{n}, {k}] base weight expects {k}")
+    supported, why = _triton_supports(x, weight, ia3_l, bias)
+    if resolve_backend(backend, x.device, supported, why) == "triton":
         return _triton_ia3_linear(x, weight, ia3_l, feedforward=feedforward, bias=bias)
-    # No Triton IA3 kernel yet: dequantize a 4-bit base with the best backend, then the reference math.
+    # The fallback still dequantizes a 4-bit base with the best backend available, then the reference math.
     return ia3_linear_reference(x, dense_weight(weight, x.dtype, backend), ia3_l, feedforward=feedforward, bias=bias)
 
 
-_triton_ia3_linear = None
+# ==================================================================================================
+# Triton path
+# ==================================================================================================
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Row granularity of the dl partial sums: every config's BLOCK_M is a multiple of it, so the partials
+# buffer ([cdiv(M, 16), N] fp32) is fully written whichever config the autotuner picks.
+_SUB_M = 16
+
+try:
+    from .dispatch import triton_available as _triton_available
+
+    if _triton_available():
+        from . import matmul as _mm
+    else:  # pragma: no cover - platforms without Triton
+        _mm = None
+except ImportError:  # pragma: no cover
+    _mm = None
+
+
+if _mm is not None:
+    import triton
+    import triton.language as tl
+
+    from .matmul import _dot
+
+    @triton.jit
+    def _ia3_matmul_kernel(
+        p_a, p_b, p_s, p_bias, p_g, p_y, p_part,
+        M, N, K, M_KEY,
+        stride_am, stride_ak, stride_bk, stride_bn, stride_s, stride_gm, stride_gn, stride_ym, stride_yn,
+        stride_pp,
+        SCALE_A: tl.constexpr, SCALE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_Y: tl.constexpr,
+        COLDOT: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr, SUB_M: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        """C = (A[M, K] * s[K]) @ B[K, N] + bias[N]; then optionally
+
+        * ``COLDOT``: ``part[r, n] = sum_{m in sub-block r} C[m, n] * G[m, n]`` (fp32, before the
+          output scale): the per-column reductions of dl, without ever writing C;
+        * ``SCALE_OUT``: ``C *= s[N]``;
+        * ``STORE_Y``: ``Y = C`` in Y's dtype.
+
+        ``s`` scales A's columns when ``SCALE_A`` and C's columns when ``SCALE_OUT`` (never both). The
+        compute dtype is A's: B (the base weight, any float dtype) is cast to it in-kernel, and a scaled
+        A tile is rounded back to it before the dot, as PyTorch's ``(x * l).to(x.dtype)`` does.
+        ``M_KEY`` (M rounded up to a power of two) is only an autotuning key.
+        """
+        i_pid = tl.program_id(0)
+        # Grouped launch order: GROUP_M row blocks sweep the columns together, so their A tiles and the
+        # B tiles they share stay in L2.
+        n_m = tl.cdiv(M, BLOCK_M)
+        n_n = tl.cdiv(N, BLOCK_N)
+        n_in_group = GROUP_M * n_n
+        i_group = i_pid // n_in_group
+        first_m = i_group * GROUP_M
+        group_size = min(n_m - first_m, GROUP_M)
+        i_m = first_m + ((i_pid % n_in_group) % group_size)
+        i_n = (i_pid % n_in_group) // group_size
+
+        o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        o_k = tl.arange(0, BLOCK_K)
+        m_m = o_m < M
+        m_n = o_n < N
+        # int64 row offsets: M * stride overflows int32 for long sequences times wide layers.
+        o_m64 = o_m.to(tl.int64)
+        dtype = p_a.dtype.element_ty
+
+        b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        p_ab = p_a + o_m64[:, None] * stride_am + o_k[None, :] * stride_ak
+        p_bb = p_b + o_k[:, None] * stride_bk + o_n[None, :] * stride_bn
+        for k0 in range(0, K, BLOCK_K):
+            m_k = (k0 + o_k) < K
+            b_a = tl.load(p_ab, mask=m_m[:, None] & m_k[None, :], other=0.0)
+            if SCALE_A:
+                # Input scaling at the operand load: the scaled A is never written to memory.
+                b_s = tl.load(p_s + (k0 + o_k) * stride_s, mask=m_k, other=0.0).to(tl.float32)
+                b_a = (b_a.to(tl.float32) * b_s[None, :]).to(dtype)
+            b_b = tl.load(p_bb, mask=m_k[:, None] & m_n[None, :], other=0.0).to(dtype)
+            b_acc = _dot(b_a, b_b, b_acc, DOT_F32, IEEE)  # [BM, BK] @ [BK, BN] -> [BM, BN]
+            p_ab += BLOCK_K * stride_ak
+            p_bb += BLOCK_K * stride_bk
+
+        if HAS_BIAS:
+            b_acc += tl.load(p_bias + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+        if COLDOT:
+            # Rows past M hold the bias, but their G is loaded as 0, so they add nothing.
+            b_g = tl.load(p_g + o_m64[:, None] * stride_gm + o_n[None, :] * stride_gn,
+                          mask=m_m[:, None] & m_n[None, :], other=0.0).to(tl.float32)
+            b_prod = tl.reshape(b_acc * b_g, [BLOCK_M // SUB_M, SUB_M, BLOCK_N])
+            b_part = tl.sum(b_prod, axis=1)  # [BM // SUB_M, BN]
+            o_p = i_m * (BLOCK_M // SUB_M) + tl.arange(0, BLOCK_M // SUB_M)
+            n_p = tl.cdiv(M, SUB_M)
+            tl.store(p_part + o_p.to(tl.int64)[:, None] * stride_pp + o_n[None, :], b_part,
+                     mask=(o_p < n_p)[:, None] & m_n[None, :])
+        if SCALE_OUT:
+            # Output scaling in the epilogue, after the bias (PEFT's order).
+            b_acc *= tl.load(p_s + o_n * stride_s, mask=m_n, other=0.0).to(tl.float32)[None, :]
+        if STORE_Y:
+            tl.store(p_y + o_m64[:, None] * stride_ym + o_n[None, :] * stride_yn, b_acc.to(p_y.dtype.element_ty),
+                     mask=m_m[:, None] & m_n[None, :])
+
+    def _make_pruner(max_smem: int):
+        """matmul.py's pruning (shared memory, then row blocks that fit M) with this kernel's names.
+
+        The epilogue's extra tile (G) lives in registers, not shared memory, so it is counted as none.
+        """
+        base = _mm._make_pruner(max_smem)
+
+        def prune(configs, named_args, **kwargs):
+            args = {**named_args, **kwargs}
+            return base(configs, {"M": args["M"], "p_y": args["p_a"], "p_w": args["p_b"]}, BLOCK_R=0)
+
+        return prune
+
+    @functools.lru_cache(maxsize=None)
+    def _tuned_ia3_matmul(device_index: int):
+        """The autotuned kernel for one CUDA device, built on first use so import never touches CUDA.
+
+        Configs: the per-GPU-family table of the LoRA GEMM (``configs/lora_matmul.json``): the main
+        loop is the same X-by-W tile loop, only the epilogue differs. The flags are part of the key, so
+        forward, dX and dl GEMMs of one shape are tuned separately.
+        """
+        capability = torch.cuda.get_device_capability(device_index)
+        entries = _mm._config_table()[_mm._family(capability)]
+        configs = [
+            triton.Config({k: e[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")},
+                          num_warps=e["num_warps"], num_stages=e["num_stages"])
+            for e in entries
+        ]
+        extra = {}
+        if "cache_results" in inspect.signature(triton.autotune).parameters:
+            extra["cache_results"] = True
+        return triton.autotune(
+            configs=configs,
+            key=["M_KEY", "N", "K", "SCALE_A", "SCALE_OUT", "HAS_BIAS", "STORE_Y", "COLDOT"],
+            prune_configs_by={"early_config_prune": _make_pruner(_mm._max_shared_memory(device_index))},
+            **extra,
+        )(_ia3_matmul_kernel)
+
+
+def ia3_matmul(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    scale_a: bool = False,
+    scale_out: bool = False,
+    bias: Optional[torch.Tensor] = None,
+    coldot: Optional[torch.Tensor] = None,
+    store: bool = True,
+    out_dtype: Optional[torch.dtype] = None,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``C = (a * scale[K] if scale_a) @ b + bias``; returns ``(C * scale[N] if scale_out, colsum)``.
+
+    Args:
+        a: [M, K], any strides, fp32/fp16/bf16: the compute dtype.
+        b: [K, N], any strides and float dtype (pass ``W.t()`` for ``a @ W^T``, ``W`` for ``a @ W``).
+        scale: 1-D (any stride), [K] with ``scale_a`` or [N] with ``scale_out``; any float dtype.
+        bias: optional [N], added before the output scale.
+        coldot: optional [M, N]; then ``colsum[n] = sum_m C[m, n] * coldot[m, n]`` (fp32, before the
+            output scale) is returned as well.
+        store: write C (False when only ``colsum`` is wanted: C is then never materialized).
+        out_dtype: C's dtype; defaults to a's.
+
+    Returns:
+        ``(y, colsum)``: y [M, N] contiguous or None; colsum [N] fp32 or None.
+    """
+    m, k = a.shape
+    n = b.shape[1]
+    dev = a.device
+    y = torch.empty((m, n), device=dev, dtype=out_dtype or a.dtype) if store else None
+    want_colsum = coldot is not None
+    n_part = triton.cdiv(m, _SUB_M)
+    part = torch.empty((n_part, n), device=dev, dtype=torch.float32) if want_colsum else None
+    if m == 0 or n == 0:
+        colsum = torch.zeros(n, device=dev, dtype=torch.float32) if want_colsum else None
+        return y, colsum
+    dummy = y if y is not None else part
+    args = (
+        a, b, scale, bias if bias is not None else dummy, coldot if want_colsum else dummy, dummy,
+        part if want_colsum else dummy,
+        m, n, k, triton.next_power_of_2(m),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), scale.stride(0),
+        coldot.stride(0) if want_colsum else 0, coldot.stride(1) if want_colsum else 0,
+        y.stride(0) if store else 0, y.stride(1) if store else 0, part.stride(0) if want_colsum else 0,
+    )
+    flags = dict(SCALE_A=bool(scale_a), SCALE_OUT=bool(scale_out), HAS_BIAS=bias is not None, STORE_Y=bool(store),
+                 COLDOT=want_colsum, SUB_M=_SUB_M, **_mm._dot_flags(a.dtype))
+    if dev.type == "cuda":
+        kernel = _tuned_ia3_matmul(dev.index if dev.index is not None else torch.cuda.current_device())
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        kernel[grid](*args, **flags)
+    else:
+        cfg = _mm._INTERPRET_CONFIG
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+        _ia3_matmul_kernel[grid](*args, **flags, **cfg)
+    # Deterministic: fixed-order partials summed by PyTorch (no atomics).
+    return y, (part.sum(0) if want_colsum else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward / backward bodies. With g = dY [M, N], s = ia3_l flattened, all through ia3_matmul:
+#
+#   output scaling (feedforward=False)            input scaling (feedforward=True)
+#   fwd: y  = (x @ W^T + bias) * s[n]   SCALE_OUT  y  = (x * s[k]) @ W^T + bias    SCALE_A
+#   dX:  dx = (g * s[n]) @ W            SCALE_A    gW = g @ W; dx = gW * s[k]       SCALE_OUT
+#   dl:  dl = colsum((x @ W^T + bias) * g) COLDOT  dl = colsum(gW * x)  (same launch COLDOT)
+#
+# W is read as [N, K] or [K, N] purely through strides: no transposed copy. Saved for the backward:
+# x, ia3_l and the base weight *as stored* (and bias). Nothing of size M x N is kept:
+# * dl (output scaling) needs the pre-scale output y_pre = x W^T + bias. Saving it would hold an
+#   M x N activation per layer for the whole step (for Llama's gate/up at 8K tokens, 235 MB in bf16
+#   per layer): IA3 exists to make training light, so it is recomputed instead, one extra GEMM that
+#   writes only [cdiv(M, 16), N] fp32 partials (8x less than y_pre in bf16, and freed at once).
+#   Recovering y_pre as y / l from the saved output would be cheaper but wrong where l is 0 or tiny
+#   (and y is rounded), so it is not done.
+# * a 4-bit base is dequantized again in the backward (once, for both GEMMs): keeping the dense copy
+#   would cost 4x the 4-bit storage for the whole step.
+# --------------------------------------------------------------------------------------------------
+
+
+def _ia3_forward_impl(x, weight, ia3_l, bias, absmax, code, code2, absmax2, offset, meta, quant_type, feedforward):
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)  # a view whenever the leading dims merge; the kernel takes any 2-D strides
+    w = _dense_base(weight, absmax, code, code2, absmax2, offset, meta, quant_type, x.dtype)
+    n = w.shape[0]
+    s = ia3_l.reshape(-1)
+    if bias is not None:
+        bias = bias.contiguous()  # the kernel reads bias with unit stride; [N], so a copy is negligible
+    y, _ = ia3_matmul(x2, w.t(), s, scale_a=feedforward, scale_out=not feedforward, bias=bias)
+    return y.view(*lead, n)
+
+
+def _ia3_backward_impl(dy, x, weight, ia3_l, bias, absmax, code, code2, absmax2, offset, meta, quant_type,
+                       feedforward, needs):
+    k = x.shape[-1]
+    dtype = x.dtype
+    need_dx, need_dl = needs
+    # Outputs that are not needed are distinct empty tensors: a custom op's outputs may not alias.
+    dx, dl = x.new_empty(0), x.new_empty(0)
+    if not (need_dx or need_dl):
+        return dx, dl
+    x2 = x.reshape(-1, k)
+    w = _dense_base(weight, absmax, code, code2, absmax2, offset, meta, quant_type, dtype)
+    n = w.shape[0]
+    dy2 = dy.reshape(-1, n)
+    if dy2.dtype != dtype:
+        dy2 = dy2.to(dtype)
+    s = ia3_l.reshape(-1)
+    if feedforward:
+        # One GEMM gives both: gW = dY @ W stays in registers; dx = gW * s in the epilogue and
+        # dl = colsum(gW * x) from the same tiles.
+        dx2, colsum = ia3_matmul(dy2, w, s, scale_out=True, coldot=x2 if need_dl else None, store=need_dx)
+    else:
+        dx2 = colsum = None
+        if need_dx:
+            dx2, _ = ia3_matmul(dy2, w, s, scale_a=True)
+        if need_dl:
+            if bias is not None:
+                bias = bias.contiguous()
+            # Recompute y_pre = x W^T + bias tile by tile and reduce it against dY; y_pre is never written.
+            _, colsum = ia3_matmul(x2, w.t(), s, bias=bias, coldot=dy2, store=False)
+    if need_dx:
+        dx = dx2.view(x.shape)
+    if need_dl:
+        dl = colsum.to(ia3_l.dtype).view(ia3_l.shape)
+    return dx, dl
+
+
+def _define_ops():
+    """Register ``peftfast::ia3_linear`` (+ fake, autograd) and its backward op; returns both."""
+
+    @torch.library.custom_op("peftfast::ia3_linear", mutates_args=())
+    def _ia3_linear_op(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        ia3_l: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        absmax: Optional[torch.Tensor],
+        code: Optional[torch.Tensor],
+        code2: Optional[torch.Tensor],
+        absmax2: Optional[torch.Tensor],
+        offset: Optional[torch.Tensor],
+        meta: List[int],
+        quant_type: str,
+        feedforward: bool,
+    ) -> torch.Tensor:
+        """Triton IA3 linear forward.
+
+        ``weight`` is the dense [N, K] base or the packed uint8 codes of a 4-bit one (then ``meta`` is
+        ``[blocksize, blocksize2, N, K]`` and ``absmax``..``offset`` describe the scales).
+        """
+        return _ia3_forward_impl(x, weight, ia3_l, bias, absmax, code, code2, absmax2, offset, meta, quant_type,
+                                 feedforward)
+
+    @_ia3_linear_op.register_fake
+    def _(x, weight, ia3_l, bias, absmax, code, code2, absmax2, offset, meta, quant_type, feedforward):
+        n = meta[2] if meta else weight.shape[0]
+        return x.new_empty((*x.shape[:-1], n))
+
+    @torch.library.custom_op("peftfast::ia3_linear_backward", mutates_args=())
+    def _ia3_linear_backward_op(
+        dy: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        ia3_l: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        absmax: Optional[torch.Tensor],
+        code: Optional[torch.Tensor],
+        code2: Optional[torch.Tensor],
+        absmax2: Optional[torch.Tensor],
+        offset: Optional[torch.Tensor],
+        meta: List[int],
+        quant_type: str,
+        feedforward: bool,
+        needs: List[bool],
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(dx, dl)``; an entry whose ``needs`` flag is False is an empty tensor."""
+        return _ia3_backward_impl(dy, x, weight, ia3_l, bias, absmax, code, code2, absmax2, offset, meta,
+                                  quant_type, feedforward, needs)
+
+    @_ia3_linear_backward_op.register_fake
+    def _(dy, x, weight, ia3_l, bias, absmax, code, code2, absmax2, offset, meta, quant_type, feedforward, needs):
+        return (
+            x.new_empty(x.shape) if needs[0] else x.new_empty(0),
+            ia3_l.new_empty(ia3_l.shape) if needs[1] else x.new_empty(0),
+        )
+
+    def _setup_context(ctx, inputs, output):
+        x, weight, ia3_l, bias, absmax, code, code2, absmax2, offset, meta, quant_type, feedforward = inputs
+        ctx.save_for_backward(x, weight, ia3_l, bias, absmax, code, code2, absmax2, offset)
+        ctx.meta, ctx.quant_type, ctx.feedforward = list(meta), quant_type, feedforward
+
+    def _backward(ctx, dy):
+        x, weight, ia3_l, bias, absmax, code, code2, absmax2, offset = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        needs = [bool(need[0]), bool(need[2])]
+        dx, dl = _ia3_linear_backward_op(dy, x, weight, ia3_l, bias, absmax, code, code2, absmax2, offset,
+                                         ctx.meta, ctx.quant_type, ctx.feedforward, needs)
+        return (dx if needs[0] else None, None, dl if needs[1] else None,
+                None, None, None, None, None, None, None, None, None)
+
+    torch.library.register_autograd("peftfast::ia3_linear", _backward, setup_context=_setup_context)
+
+    return _ia3_linear_op, _ia3_linear_backward_op
+
+
+def _registered_ops():
+    """The custom ops, registered once per process by ``peftfast.kernels.ia3``.
+
+    With the repository root on ``sys.path`` this file can also be imported as the top-level
+    ``kernels.ia3`` (transformers probes for a ``kernels`` package); that copy reuses the canonical ops
+    rather than re-registering them with its own functions and globals.
+    """
+    if __name__ != "peftfast.kernels.ia3":
+        try:
+            from peftfast.kernels import ia3 as canonical
+
+            return canonical._ia3_linear_op, canonical._ia3_linear_backward_op
+        except ImportError:  # the directory used on its own, without the peftfast package
+            pass
+    return _define_ops()
+
+
+if _mm is not None:
+    _ia3_linear_op, _ia3_linear_backward_op = _registered_ops()
+
+
+def _triton_ia3_linear_impl(
+    x: torch.Tensor, weight, ia3_l: torch.Tensor, *, feedforward: bool, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """The Triton IA3 linear (the body of ``ia3_linear(..., backend="triton")``)."""
+    w, absmax, code, code2, absmax2, offset, meta, quant_type = _quant_args(weight)
+    return _ia3_linear_op(x, w, ia3_l, bias, absmax, code, code2, absmax2, offset, meta, quant_type,
+                          bool(feedforward))
+
+
+def _triton_supports(x, weight, ia3_l, bias):
+    """``(True, "")`` when the Triton path handles this call, else ``(False, why)``."""
+    if _triton_ia3_linear is None:
+        return False, "Triton is not importable on this platform"
+    for name, t in (("x", x), ("ia3_l", ia3_l)):
+        if t.dtype not in _FLOAT_DTYPES:
+            return False, f"{name} is {t.dtype}; the kernel takes float32, float16 or bfloat16"
+        if t.device != x.device:
+            return False, f"{name} is on {t.device} but x is on {x.device}"
+    if x.shape[-1] == 0:
+        return False, "zero input features"
+    if isinstance(weight, Quant4bit) or is_4bit_weight(weight):
+        dev = weight.device if isinstance(weight, Quant4bit) else weight.data.device
+        if dev != x.device:
+            return False, f"the 4-bit weight is on {dev} but x is on {x.device}"
+    elif not torch.is_tensor(weight):
+        return False, f"the base weight is a {type(weight).__name__}, not a tensor or a 4-bit weight"
+    else:
+        if weight.dtype not in _FLOAT_DTYPES:
+            what = "8-bit weights are not supported" if weight.dtype in (torch.int8, torch.uint8) else (
+                "the kernel takes float32, float16 or bfloat16")
+            return False, f"the base weight is {weight.dtype}; {what}"
+        if weight.device != x.device:
+            return False, f"the base weight is on {weight.device} but x is on {x.device}"
+        if weight.requires_grad and torch.is_grad_enabled():
+            return False, "the base weight requires grad and the Triton path computes no dW (freeze it)"
+    if bias is not None:
+        if bias.dtype not in _FLOAT_DTYPES:
+            return False, f"bias is {bias.dtype}; the kernel takes float32, float16 or bfloat16"
+        if bias.device != x.device:
+            return False, f"bias is on {bias.device} but x is on {x.device}"
+        if bias.requires_grad and torch.is_grad_enabled():
+            return False, "the bias requires grad and the Triton path computes no dbias (freeze it)"
+    return True, ""
+
+
+# The entry ia3_linear dispatches to; None where Triton cannot be imported.
+_triton_ia3_linear = _triton_ia3_linear_impl if _mm is not None else None
