@@ -16,13 +16,15 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .config import CONFIG_NAME, as_config, load_config_file
+from .config import CONFIG_NAME, PrefixTuningConfig, PromptTuningConfig, as_config, load_config_file
 from .layers import AdapterLayer, ModulesToSave
-from .patching import _patch, _require_state, patch_state
+from .patching import _apply_trainable, _patch, _require_state, patch_state
+from .prompt_learning import prompt_learning_of
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
+PROMPT_KEY = "prompt_embeddings"
 
 
 class AdapterLoadError(ValueError):
@@ -39,6 +41,10 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict:
     if adapter_name not in state.configs:
         raise ValueError(f"no adapter named {adapter_name!r}; this model has {sorted(state.configs)}")
     cfg = state.configs[adapter_name]
+    holder = prompt_learning_of(model)
+    if holder is not None and adapter_name in holder.encoders:
+        # PEFT saves the virtual tokens' final values (after any prefix MLP) under one plain key.
+        return {PROMPT_KEY: holder.encoders[adapter_name].prompt_embeddings().detach()}
     out = {}
     tag = f".{adapter_name}."
     for key, value in model.state_dict(keep_vars=True).items():
@@ -190,6 +196,8 @@ def load_adapter(
         raise FileNotFoundError(f"adapter directory {path} does not exist")
     config = as_config(load_config_file(path))
     weights = read_adapter_weights(path)
+    if isinstance(config, (PrefixTuningConfig, PromptTuningConfig)):
+        return _load_prompt_learning(model, path, config, weights, adapter_name, is_trainable, backend)
     config.inference_mode = not is_trainable
     rollback = _patch(model, config, adapter_name, backend)
     try:
@@ -222,6 +230,39 @@ def load_adapter(
         if not is_trainable:
             for key in expected:
                 params[key].requires_grad_(False)
+    except BaseException:
+        rollback()
+        raise
+    return model
+
+
+def _load_prompt_learning(model, path, config, weights, adapter_name, is_trainable, backend):
+    # Built in inference mode: the saved tensor *is* the prefix/prompt (any prefix MLP already applied),
+    # so it loads into a plain embedding, which stays trainable when asked (PEFT cannot train it then).
+    config.inference_mode = True
+    rollback = _patch(model, config, adapter_name, backend)
+    try:
+        extra = sorted(set(weights) - {PROMPT_KEY})
+        if PROMPT_KEY not in weights or extra:
+            raise AdapterLoadError(
+                f"{path}: a {config.peft_type} adapter holds exactly one tensor, {PROMPT_KEY!r}; found "
+                f"{sorted(weights)}. The file belongs to another kind of adapter"
+            )
+        embedding = prompt_learning_of(model).encoders[adapter_name].embedding.weight
+        tensor = weights[PROMPT_KEY]
+        if tuple(tensor.shape) != tuple(embedding.shape):
+            raise AdapterLoadError(
+                f"{path}: {PROMPT_KEY!r} has shape {tuple(tensor.shape)} but this model needs {tuple(embedding.shape)} "
+                f"(num_virtual_tokens x layers x 2 x kv_heads x head_dim for prefix tuning); the adapter was made for "
+                "a different base model"
+            )
+        with torch.no_grad():
+            embedding.copy_(tensor.to(embedding.dtype))
+        if is_trainable:
+            config.inference_mode = False
+        _apply_trainable(model, patch_state(model))
+        if not is_trainable:
+            embedding.requires_grad_(False)
     except BaseException:
         rollback()
         raise

@@ -211,6 +211,7 @@ class PrefixTuningConfig(_PromptLearningConfig):
     """
 
     peft_type: str = "PREFIX_TUNING"
+    init_weights: Optional[str] = None
     encoder_hidden_size: Optional[int] = None
     prefix_projection: bool = False
     peft_type_name = "PREFIX_TUNING"

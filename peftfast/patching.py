@@ -15,6 +15,7 @@ import torch.nn as nn
 from .config import AnyConfig, ConfigError, IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, as_config
 from .kernels.dispatch import check_backend
 from .layers import AdapterLayer, IA3Layer, LoraLayer, ModulesToSave, is_linear_like
+from .prompt_learning import PromptLearning, add_prompt_learning, remove_prompt_learning
 from .targets import DEFAULT_IA3_TARGETS, model_type, name_matches, resolve_targets
 
 
@@ -110,11 +111,6 @@ def _patch(model: nn.Module, config, adapter_name: str, backend: str) -> Callabl
     """Do the patch and return a function that undoes it exactly."""
     check_backend(backend)
     cfg = as_config(config)
-    if isinstance(cfg, (PrefixTuningConfig, PromptTuningConfig)):
-        raise NotImplementedError(
-            f"{type(cfg).__name__} is not available in this version of peftfast (LoRA, DoRA and IA3 are); "
-            "use Hugging Face PEFT's get_peft_model for prompt-learning adapters for now"
-        )
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}")
     state = patch_state(model)
@@ -130,6 +126,8 @@ def _patch(model: nn.Module, config, adapter_name: str, backend: str) -> Callabl
                 f"this model already carries {sorted(k.__name__ for k in kinds)} adapters; mixing them with a "
                 f"{type(cfg).__name__} in one model is not supported"
             )
+    if isinstance(cfg, (PrefixTuningConfig, PromptTuningConfig)):
+        return _patch_prompt_learning(model, cfg, adapter_name, backend, state)
     if isinstance(cfg, IA3Config) and cfg.target_modules is None:
         family = model_type(model)
         if family in DEFAULT_IA3_TARGETS:
@@ -214,6 +212,41 @@ def _patch(model: nn.Module, config, adapter_name: str, backend: str) -> Callabl
     return rollback
 
 
+def _patch_prompt_learning(model: nn.Module, cfg, adapter_name: str, backend: str, state) -> Callable[[], None]:
+    """Prefix / prompt tuning: an encoder module on the model plus a forward hook (see prompt_learning)."""
+    undo: list = []
+    grad_flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
+    try:
+        if state is None:
+            state = PatchState()
+            state.original_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+            model.__dict__["peftfast_state"] = state
+            undo.append(lambda: model.__dict__.pop("peftfast_state", None))
+        undo.extend(add_prompt_learning(model, cfg, adapter_name, backend))
+        state.configs[adapter_name] = cfg
+        state.target_names[adapter_name] = []
+        undo.append(lambda: (state.configs.pop(adapter_name, None), state.target_names.pop(adapter_name, None)))
+        previous_active = list(state.active)
+        undo.append(lambda: setattr(state, "active", previous_active))
+        if not state.active:
+            state.active = [adapter_name]
+        _apply_trainable(model, state)
+    except BaseException:
+        for step in reversed(undo):
+            step()
+        for p, flag in grad_flags.values():
+            p.requires_grad_(flag)
+        raise
+
+    def rollback() -> None:
+        for step in reversed(undo):
+            step()
+        for p, flag in grad_flags.values():
+            p.requires_grad_(flag)
+
+    return rollback
+
+
 def _add_adapter(wrapper: AdapterLayer, name: str, cfg, adapter_name: str) -> None:
     if isinstance(cfg, LoraConfig):
         r = _pattern_value(cfg.rank_pattern, name, cfg.r)
@@ -230,7 +263,7 @@ def _add_adapter(wrapper: AdapterLayer, name: str, cfg, adapter_name: str) -> No
 
 def _adapter_wrappers(model: nn.Module) -> Iterator[tuple]:
     for name, module in model.named_modules():
-        if isinstance(module, (AdapterLayer, ModulesToSave)):
+        if isinstance(module, (AdapterLayer, ModulesToSave, PromptLearning)):
             yield name, module
 
 
@@ -341,6 +374,7 @@ def unpatch(model: nn.Module, *, merge_adapters: bool = False) -> nn.Module:
     state = _require_state(model)
     if merge_adapters:
         merge(model)
+    remove_prompt_learning(model)
     for name, module in list(_adapter_wrappers(model)):
         try:
             model.get_submodule(name)

@@ -161,6 +161,7 @@ def test_default_targets_by_family():
     assert wrapped == ["q_proj", "v_proj"]
 
 
-def test_prompt_learning_not_yet_available_is_clear():
-    with pytest.raises(NotImplementedError, match="PrefixTuningConfig"):
-        peftfast.patch(tiny_llama(), PrefixTuningConfig(num_virtual_tokens=4))
+def test_prefix_tuning_patches_a_model():
+    model = peftfast.patch(tiny_llama(), PrefixTuningConfig(num_virtual_tokens=4))
+    trainable, _ = peftfast.trainable_parameters(model)
+    assert trainable == 4 * 2 * 2 * 2 * 8  # P x layers x (k, v) x kv_heads x head_dim

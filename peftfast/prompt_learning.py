@@ -1,0 +1,593 @@
+"""Prefix tuning and prompt tuning: virtual tokens in front of the real ones.
+
+Both methods keep Hugging Face PEFT's semantics exactly, so adapters trained with either library give
+the same logits in the other:
+
+* **Prompt tuning** prepends ``P`` learned embeddings to ``inputs_embeds`` (attention mask extended
+  with ones, labels with -100).
+* **Prefix tuning** prepends ``P`` learned key/value vectors in every attention layer. Every query sees
+  the whole prefix, padding is masked, and the real tokens sit at positions ``P..P+N-1`` as if the
+  prefix were a KV cache of length ``P`` (which is how PEFT feeds it).
+
+How prefix tuning is wired, by one mechanism for every family using transformers' attention
+interface (Llama, Qwen2, Mistral, GPT-2, OPT, ...):
+
+1. A forward pre-hook on the top-level model computes the prefix *once per forward* from the
+   encoder (``[layers][Hkv, P, D]``, no batch dimension), and passes it down as a keyword argument:
+   transformers forwards extra keyword arguments to the attention function, also under gradient
+   checkpointing, so nothing is cached on modules between steps (FSDP/ZeRO swap storage freely).
+2. It gives the model a :class:`PrefixCache` that *reports* ``P`` extra past tokens, so the model
+   itself computes positions (RoPE, learned or OPT's mask-based ones) and the ``[B, 1, N, P+N]`` mask
+   exactly as with PEFT's cache; the cache stores only real tokens (generation).
+3. The model's attention implementation is switched to ``peftfast_prefix_sdpa``, which sees the real
+   K/V plus the prefix: on CUDA it calls the fused ``kernels.prefix_attention`` (the prefix is never
+   concatenated or expanded over the batch); elsewhere it concatenates and runs SDPA, like PEFT.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .config import ConfigError, PrefixTuningConfig, PromptTuningConfig
+
+ATTN_PREFIX = "peftfast_prefix_"
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+PREFIX_KWARG = "peftfast_prefix"
+ENCODER_ATTR = "peftfast_prompt_learning"
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoders (parameters), with PEFT's shapes
+# --------------------------------------------------------------------------------------------------
+
+
+class PrefixEncoder(nn.Module):
+    """The prefix parameters: ``embedding`` [P, 2 * layers * Hkv * D], or with ``prefix_projection`` a
+    [P, token_dim] embedding fed through a two-layer tanh MLP (PEFT's reparametrization)."""
+
+    def __init__(self, cfg: PrefixTuningConfig, projection: bool):
+        super().__init__()
+        p, width = cfg.num_virtual_tokens, cfg.num_layers * 2 * cfg.token_dim
+        self.projection = projection
+        if projection:
+            self.embedding = nn.Embedding(p, cfg.token_dim)
+            self.transform = nn.Sequential(
+                nn.Linear(cfg.token_dim, cfg.encoder_hidden_size), nn.Tanh(), nn.Linear(cfg.encoder_hidden_size, width)
+            )
+            if cfg.init_weights == "zero":
+                nn.init.zeros_(self.transform[-1].weight)
+                nn.init.zeros_(self.transform[-1].bias)
+        else:
+            self.embedding = nn.Embedding(p, width)
+            if cfg.init_weights == "zero":
+                nn.init.zeros_(self.embedding.weight)
+
+    def prompt_embeddings(self) -> torch.Tensor:
+        """[P, 2 * layers * Hkv * D]: what PEFT saves as ``prompt_embeddings``."""
+        w = self.embedding.weight
+        return self.transform(w) if self.projection else w
+
+
+class PromptEmbedding(nn.Module):
+    """Virtual-token embeddings [P, hidden] placed before the input embeddings."""
+
+    def __init__(self, cfg: PromptTuningConfig, word_embeddings: nn.Module):
+        super().__init__()
+        total = cfg.num_virtual_tokens * cfg.num_transformer_submodules
+        self.embedding = nn.Embedding(total, cfg.token_dim)
+        init = str(getattr(cfg.prompt_tuning_init, "value", cfg.prompt_tuning_init)).upper()
+        if cfg.inference_mode or init == "RANDOM":
+            return
+        with torch.no_grad():
+            if init == "SAMPLE_VOCAB":
+                ids = torch.randint(0, word_embeddings.num_embeddings, (total,), device=word_embeddings.weight.device)
+            elif init == "TEXT":
+                ids = _init_text_ids(cfg, total).to(word_embeddings.weight.device)
+            else:
+                raise ConfigError(f"prompt_tuning_init must be RANDOM, SAMPLE_VOCAB or TEXT, got {init!r}")
+            self.embedding.weight.copy_(word_embeddings(ids).float().to(self.embedding.weight.device))
+
+    def prompt_embeddings(self) -> torch.Tensor:
+        return self.embedding.weight
+
+
+def _init_text_ids(cfg: PromptTuningConfig, total: int) -> torch.Tensor:
+    if not cfg.prompt_tuning_init_text or not cfg.tokenizer_name_or_path:
+        raise ConfigError(
+            "prompt_tuning_init='TEXT' needs prompt_tuning_init_text and tokenizer_name_or_path; set both, or use "
+            "prompt_tuning_init='RANDOM'"
+        )
+    from transformers import AutoTokenizer
+
+    kwargs = dict(cfg.tokenizer_kwargs or {})
+    kwargs.pop("trust_remote_code", None)  # a config file must never run code
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path, **kwargs)
+    ids = tokenizer(cfg.prompt_tuning_init_text)["input_ids"]
+    # Repeat or cut the text's tokens to the number of virtual tokens, as PEFT does.
+    ids = (ids * math.ceil(total / max(len(ids), 1)))[:total]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+class PromptLearning(nn.Module):
+    """All prompt-learning adapters of one model, attached as ``model.peftfast_prompt_learning``.
+
+    Holds one encoder per adapter name, the active one, the on/off switch, and the hook handles.
+    """
+
+    def __init__(self, kind: type, backend: str):
+        super().__init__()
+        self.kind = kind
+        self.backend = backend
+        self.encoders = nn.ModuleDict()
+        self.configs: dict = {}
+        self.active_adapters: list = []
+        self.disabled = False
+        self.handles: list = []
+        self.original_attention: Optional[str] = None
+
+    @property
+    def adapter_names(self) -> list:
+        return list(self.encoders.keys())
+
+    def set_active(self, names: list, trainable: bool = True) -> None:
+        names = [n for n in names if n in self.encoders]
+        if len(names) > 1:
+            raise ValueError(f"prompt-learning adapters are used one at a time; got {names}. Pass a single name")
+        self.active_adapters = names
+        for name, enc in self.encoders.items():
+            for p in enc.parameters():
+                p.requires_grad_(trainable and name in names)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.encoders:
+            del self.encoders[name]
+            self.configs.pop(name, None)
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def active(self):
+        """(config, encoder) of the active adapter, or None when disabled or nothing is active."""
+        if self.disabled or not self.active_adapters:
+            return None
+        name = self.active_adapters[0]
+        return self.configs[name], self.encoders[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# The cache that stands in for the prefix
+# --------------------------------------------------------------------------------------------------
+
+
+def _prefix_cache_class():
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    class PrefixLayer(DynamicLayer):
+        """One layer's real-token K/V; reports ``P`` more tokens than it stores (the prefix)."""
+
+        def __init__(self, prefix_len: int):
+            super().__init__()
+            self.prefix_len = prefix_len
+
+        def real_length(self) -> int:
+            return DynamicLayer.get_seq_length(self)
+
+        def get_seq_length(self) -> int:
+            return self.prefix_len + self.real_length()
+
+        def get_mask_sizes(self, *args, **kwargs):
+            kv_length, kv_offset = super().get_mask_sizes(*args, **kwargs)
+            return kv_length, kv_offset
+
+        # The inherited batch operations test get_seq_length() > 0, which is always true here.
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            if self.real_length() > 0:
+                super().batch_repeat_interleave(repeats)
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            if self.real_length() > 0:
+                super().batch_select_indices(indices)
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            if self.real_length() > 0:
+                super().reorder_cache(beam_idx)
+
+        def crop(self, max_length: int) -> None:
+            if max_length < 0:
+                super().crop(max_length)
+            else:  # absolute length counted with the prefix
+                super().crop(max_length - self.prefix_len) if max_length > self.prefix_len else self.reset()
+
+    class PrefixCache(DynamicCache):
+        """A DynamicCache whose every layer starts ``prefix_len`` tokens long without storing them."""
+
+        def __init__(self, prefix_len: int, num_layers: int):
+            super().__init__()
+            self.layers = [PrefixLayer(prefix_len) for _ in range(num_layers)]
+            self.layer_class_to_replicate = None
+            self.prefix_len = prefix_len
+
+        def real_length(self) -> int:
+            return self.layers[0].real_length() if self.layers else 0
+
+    return PrefixCache
+
+
+_PREFIX_CACHE = None
+
+
+def prefix_cache_class():
+    global _PREFIX_CACHE
+    if _PREFIX_CACHE is None:
+        _PREFIX_CACHE = _prefix_cache_class()
+    return _PREFIX_CACHE
+
+
+# --------------------------------------------------------------------------------------------------
+# The attention function
+# --------------------------------------------------------------------------------------------------
+
+
+class PrefixKV:
+    """The prefix of one forward: per layer ``(k, v)``, each [Hkv, P, D], views of one tensor."""
+
+    def __init__(self, embeddings: torch.Tensor, num_layers: int, kv_heads: int, backend: str, mask_is_2d: bool):
+        p = embeddings.shape[0]
+        # [P, 2L * Hkv * D] -> [2L, Hkv, P, D]; layer i is rows 2i (keys) and 2i + 1 (values), as in PEFT.
+        kv = embeddings.view(p, 2 * num_layers, kv_heads, -1).permute(1, 2, 0, 3)
+        self.kv = kv
+        self.prefix_len = p
+        self.backend = backend
+        self.mask_is_2d = mask_is_2d
+
+    def layer(self, idx: int) -> tuple:
+        return self.kv[2 * idx], self.kv[2 * idx + 1]
+
+    def __repr__(self) -> str:  # shows up in transformers' kwargs logging; keep it short
+        return f"PrefixKV(P={self.prefix_len}, layers={self.kv.shape[0] // 2})"
+
+
+def _wrapped_attention(module):
+    """The implementation the prefix wraps: transformers' SDPA, or the model file's own eager function."""
+    name = module.config._attn_implementation
+    if name == ATTN_PREFIX + "eager":
+        import sys
+
+        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if fn is None:
+            from transformers.models.llama.modeling_llama import eager_attention_forward as fn
+        return fn, "eager"
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward, "sdpa"
+
+
+def prefix_attention_forward(module, query, key, value, attention_mask, *args, **kwargs):
+    """transformers attention function: the wrapped implementation plus the per-layer prefix.
+
+    query [B, Hq, Nq, D]; key/value [B, Hkv, Nk, D] (real tokens only); attention_mask [B, 1, Nq, P+Nk]
+    (built by the model for a cache that reports P past tokens) or None. Returns ([B, Nq, Hq, D], weights).
+    """
+    wrapped, kind = _wrapped_attention(module)
+    prefix = kwargs.pop(PREFIX_KWARG, None)
+    if prefix is None:  # adapters disabled, or a forward that did not come through the model's hook
+        return wrapped(module, query, key, value, attention_mask, *args, **kwargs)
+    pk, pv = prefix.layer(module.layer_idx)
+    pk, pv = pk.to(key.dtype), pv.to(value.dtype)
+    if not kwargs.get("output_attentions"):
+        out = _fused_prefix_attention(module, query, key, value, pk, pv, attention_mask, prefix, kwargs)
+        if out is not None:
+            return out, None
+    b, nq, nk = query.shape[0], query.shape[2], key.shape[2]
+    k_all = torch.cat([pk.unsqueeze(0).expand(b, -1, -1, -1), key], dim=2)
+    v_all = torch.cat([pv.unsqueeze(0).expand(b, -1, -1, -1), value], dim=2)
+    if attention_mask is None and nq > 1 and getattr(module, "is_causal", True):
+        # SDPA's is_causal aligns top-left; with the prefix the diagonal sits P + Nk - Nq to the right.
+        i = torch.arange(nq, device=query.device).view(-1, 1)
+        j = torch.arange(prefix.prefix_len + nk, device=query.device).view(1, -1)
+        visible = (j <= i + prefix.prefix_len + nk - nq).view(1, 1, nq, -1).expand(b, 1, nq, -1)
+        if kind == "eager":
+            zero = torch.zeros((), dtype=query.dtype, device=query.device)
+            attention_mask = torch.where(visible, zero, torch.finfo(query.dtype).min)
+        else:
+            attention_mask = visible
+    return wrapped(module, query, k_all, v_all, attention_mask, *args, **kwargs)
+
+
+def _fused_prefix_attention(module, query, key, value, pk, pv, mask, prefix: PrefixKV, kwargs):
+    """The Triton kernel when it applies (else None): a plain causal+padding mask, no attention dropout,
+    no sliding window, no soft-capping."""
+    from .kernels.dispatch import resolve_backend
+
+    if resolve_backend(prefix.backend, query.device) != "triton" or not prefix.mask_is_2d:
+        return None
+    try:
+        from .kernels import prefix_attention
+    except ImportError:
+        return None
+    if (module.training and kwargs.get("dropout", 0.0)) or kwargs.get("sliding_window") or kwargs.get("softcap"):
+        return None
+    p = prefix.prefix_len
+    nk = key.shape[2]
+    padding = None
+    if mask is not None:
+        if mask.dim() != 4 or mask.shape[-1] != p + nk:
+            return None
+        last = mask[:, 0, -1, p:]  # the last query sees every real key that is not padding
+        padding = last if last.dtype == torch.bool else last == 0
+    causal = bool(getattr(module, "is_causal", True))
+    out = prefix_attention(query, key, value, pk, pv, causal=causal, attention_mask=padding,
+                           scale=kwargs.get("scaling"), backend=prefix.backend)
+    return out.transpose(1, 2).contiguous()
+
+
+def _register_attention(original: str) -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    name = ATTN_PREFIX + original
+    AttentionInterface.register(name, prefix_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
+    return name
+
+
+def _set_attention(model: nn.Module, name: str) -> list:
+    """Point every config of the model at ``name``; returns the undo steps."""
+    undo = []
+    seen = set()
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if cfg is None or id(cfg) in seen or not hasattr(cfg, "_attn_implementation_internal"):
+            continue
+        seen.add(id(cfg))
+        before = cfg._attn_implementation_internal
+        cfg._attn_implementation_internal = name
+        undo.append(lambda c=cfg, b=before: setattr(c, "_attn_implementation_internal", b))
+    return undo
+
+
+# --------------------------------------------------------------------------------------------------
+# Config completion (PEFT's _prepare_prompt_learning_config, in our words)
+# --------------------------------------------------------------------------------------------------
+
+
+def _text_config(model: nn.Module):
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise ConfigError("prompt learning needs a transformers model (one with a .config)")
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _first(cfg, names: tuple):
+    for n in names:
+        value = getattr(cfg, n, None)
+        if value is not None:
+            return value
+    return None
+
+
+def complete_config(cfg, model: nn.Module) -> None:
+    """Fill num_layers, token_dim, num_attention_heads (KV heads for prefix tuning, as PEFT does for
+    grouped-query attention) and num_transformer_submodules from the model's config."""
+    mc = _text_config(model)
+    if getattr(mc, "is_encoder_decoder", False):
+        raise ConfigError(
+            f"{type(cfg).__name__} on encoder-decoder models is not supported by peftfast yet; use a decoder-only "
+            "model (Llama, Qwen2, Mistral, GPT-2, OPT, ...) or Hugging Face PEFT"
+        )
+    if cfg.task_type not in (None, "CAUSAL_LM"):
+        raise ConfigError(
+            f"{type(cfg).__name__} with task_type={cfg.task_type!r} is not supported by peftfast yet; "
+            "use task_type='CAUSAL_LM'"
+        )
+    layers = _first(mc, ("num_hidden_layers", "num_layers", "n_layer"))
+    hidden = _first(mc, ("hidden_size", "n_embd", "d_model"))
+    heads = _first(mc, ("num_attention_heads", "n_head", "num_heads"))
+    if None in (layers, hidden, heads):
+        raise ConfigError("could not read the layer count, hidden size and head count from the model config")
+    token_dim = hidden
+    if isinstance(cfg, PrefixTuningConfig):
+        # Grouped-query attention: the prefix is sized by the KV heads (as PEFT does since #1901).
+        kv_heads = getattr(mc, "num_key_value_heads", None)
+        if kv_heads is not None:
+            head_dim = getattr(mc, "head_dim", None) or hidden // heads
+            token_dim, heads = head_dim * kv_heads, kv_heads
+    wanted = {"num_layers": layers, "token_dim": token_dim, "num_attention_heads": heads}
+    if isinstance(cfg, PromptTuningConfig):
+        wanted.pop("num_attention_heads")  # unused by prompt tuning
+    wrong = [f"{k}={getattr(cfg, k)} (the model needs {v})" for k, v in wanted.items()
+             if getattr(cfg, k) is not None and getattr(cfg, k) != v]
+    if wrong:
+        raise ConfigError(
+            f"{type(cfg).__name__} was made for another model: {', '.join(wrong)}; use an adapter trained on this "
+            "base model, or leave these fields unset to size a new adapter from the model"
+        )
+    cfg.num_layers, cfg.token_dim = layers, token_dim
+    if cfg.num_attention_heads is None:
+        cfg.num_attention_heads = heads
+    if cfg.num_transformer_submodules is None:
+        cfg.num_transformer_submodules = 1
+    if isinstance(cfg, PrefixTuningConfig) and cfg.encoder_hidden_size is None:
+        cfg.encoder_hidden_size = cfg.token_dim
+
+
+# --------------------------------------------------------------------------------------------------
+# Patching
+# --------------------------------------------------------------------------------------------------
+
+
+def prompt_learning_of(model: nn.Module) -> Optional[PromptLearning]:
+    m = getattr(model, ENCODER_ATTR, None)
+    return m if isinstance(m, PromptLearning) else None
+
+
+def add_prompt_learning(model: nn.Module, cfg, adapter_name: str, backend: str) -> list:
+    """Add a prefix/prompt adapter; returns undo steps (in order of doing). Raises before changing
+    anything when the model cannot take it."""
+    complete_config(cfg, model)
+    holder = prompt_learning_of(model)
+    undo: list = []
+    if holder is not None and holder.kind is not type(cfg):
+        raise ConfigError(f"this model already carries {holder.kind.__name__} adapters; cannot add a {type(cfg).__name__}")
+    if isinstance(cfg, PrefixTuningConfig):
+        original = getattr(_text_config(model), "_attn_implementation", None)
+        if holder is None and original not in SUPPORTED_ATTENTION:
+            raise ConfigError(
+                f"prefix tuning runs on the model's attention interface with attn_implementation='sdpa'; this model "
+                f"uses {original!r}. Load it with attn_implementation='sdpa' (or call model.set_attn_implementation"
+                "('sdpa')) before patching"
+            )
+        encoder = PrefixEncoder(cfg, projection=cfg.prefix_projection and not cfg.inference_mode)
+    else:
+        embeddings = model.get_input_embeddings()
+        if cfg.token_dim != embeddings.weight.shape[-1]:
+            raise ConfigError(f"token_dim={cfg.token_dim} but the model's input embeddings are {embeddings.weight.shape[-1]} wide")
+        encoder = PromptEmbedding(cfg, embeddings)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    encoder.to(device)
+    if holder is None:
+        holder = PromptLearning(type(cfg), backend)
+        model.add_module(ENCODER_ATTR, holder)
+        undo.append(lambda: delattr(model, ENCODER_ATTR))
+        if isinstance(cfg, PrefixTuningConfig):
+            holder.original_attention = getattr(_text_config(model), "_attn_implementation", None)
+            name = _register_attention(holder.original_attention)
+            undo.extend(_set_attention(model, name))
+        hook = _prefix_hook if isinstance(cfg, PrefixTuningConfig) else _prompt_hook
+        handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+        holder.handles.append(handle)
+        undo.append(handle.remove)
+    holder.encoders[adapter_name] = encoder
+    holder.configs[adapter_name] = cfg
+    undo.append(lambda: holder.delete_adapter(adapter_name))
+    return undo
+
+
+def remove_prompt_learning(model: nn.Module) -> None:
+    """Take every prompt-learning adapter out and restore the attention implementation."""
+    holder = prompt_learning_of(model)
+    if holder is None:
+        return
+    for handle in holder.handles:
+        handle.remove()
+    if holder.original_attention is not None:
+        _set_attention(model, holder.original_attention)
+    delattr(model, ENCODER_ATTR)
+
+
+# --------------------------------------------------------------------------------------------------
+# The forward hooks
+# --------------------------------------------------------------------------------------------------
+
+
+def _as_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    if not args:
+        return dict(kwargs)
+    names = [
+        n for n, p in inspect.signature(model.forward).parameters.items()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    out = dict(zip(names, args))
+    out.update(kwargs)
+    return out
+
+
+def _batch_and_length(kw: dict) -> tuple:
+    x = kw.get("input_ids")
+    if x is None:
+        x = kw.get("inputs_embeds")
+    if x is None:
+        raise ValueError("the model was called with neither input_ids nor inputs_embeds")
+    return x.shape[0], x.shape[1]
+
+
+def _ones_before(mask: torch.Tensor, p: int) -> torch.Tensor:
+    return torch.cat([torch.ones(mask.shape[0], p, dtype=mask.dtype, device=mask.device), mask], dim=1)
+
+
+def _prefix_hook(model: nn.Module, args: tuple, kwargs: dict):
+    holder = prompt_learning_of(model)
+    active = holder.active() if holder is not None else None
+    if active is None:
+        return None
+    cfg, encoder = active
+    kw = _as_kwargs(model, args, kwargs)
+    batch, n = _batch_and_length(kw)
+    p = cfg.num_virtual_tokens
+    cache_cls = prefix_cache_class()
+    cache = kw.get("past_key_values")
+    if cache is None or (not isinstance(cache, cache_cls) and _is_empty_cache(cache)):
+        cache = cache_cls(p, cfg.num_layers)
+    elif not isinstance(cache, cache_cls):
+        raise ValueError(
+            "past_key_values holds tokens computed without the prefix; with prefix tuning pass no cache (or an empty "
+            "one) and let the model build its own"
+        )
+    real = cache.real_length()
+    kw["past_key_values"] = cache
+    mask = kw.get("attention_mask")
+    mask_is_2d = mask is None or mask.dim() == 2
+    if mask is not None and mask.dim() == 2 and mask.shape[1] == real + n:
+        kw["attention_mask"] = _ones_before(mask, p)
+    position = kw.get("cache_position")
+    if position is not None and position.numel() and int(position[0]) < p + real:
+        kw["cache_position"] = position + p  # a caller counting real tokens only (generate)
+    if kw.get("position_ids") is not None:
+        kw["position_ids"] = kw["position_ids"] + p  # PEFT shifts explicit positions past the prefix
+    embeddings = encoder.prompt_embeddings()
+    dtype = _model_dtype(model)
+    if dtype is not None:
+        embeddings = embeddings.to(dtype)
+    kw[PREFIX_KWARG] = PrefixKV(embeddings, cfg.num_layers, cfg.num_attention_heads, holder.backend, mask_is_2d)
+    return (), kw
+
+
+def _is_empty_cache(cache) -> bool:
+    try:
+        return cache.get_seq_length() == 0
+    except Exception:  # pragma: no cover - an unknown cache type
+        return False
+
+
+def _model_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    dtype = getattr(model, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
+def _prompt_hook(model: nn.Module, args: tuple, kwargs: dict):
+    holder = prompt_learning_of(model)
+    active = holder.active() if holder is not None else None
+    if active is None:
+        return None
+    cfg, encoder = active
+    kw = _as_kwargs(model, args, kwargs)
+    batch, n = _batch_and_length(kw)
+    p = cfg.num_virtual_tokens * cfg.num_transformer_submodules
+    cache = kw.get("past_key_values")
+    prefill = cache is None or _is_empty_cache(cache)
+    if kw.get("position_ids") is not None:
+        warnings.warn("position ids are ignored with prompt tuning (as in PEFT); the model numbers the virtual tokens too")
+        kw["position_ids"] = None
+    if kw.get("token_type_ids") is not None:
+        warnings.warn("token type ids are ignored with prompt tuning (as in PEFT)")
+        kw["token_type_ids"] = None
+    kw.pop("cache_position", None)  # the model recounts from its cache, which includes the virtual tokens
+    mask = kw.get("attention_mask")
+    past = 0 if prefill else cache.get_seq_length() - p
+    if mask is not None and mask.dim() == 2 and mask.shape[1] == past + n:
+        kw["attention_mask"] = _ones_before(mask, p)
+    if not prefill:
+        return (), kw
+    embeds = kw.get("inputs_embeds")
+    if embeds is None:
+        embeds = model.get_input_embeddings()(kw["input_ids"])
+    prompts = encoder.prompt_embeddings().to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+    kw["inputs_embeds"] = torch.cat([prompts, embeds], dim=1)
+    kw["input_ids"] = None
+    labels = kw.get("labels")
+    if labels is not None:
+        kw["labels"] = torch.cat([torch.full((batch, p), -100, dtype=labels.dtype, device=labels.device), labels], dim=1)
+    return (), kw

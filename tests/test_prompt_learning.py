@@ -1,0 +1,212 @@
+"""Prefix tuning and prompt tuning against Hugging Face PEFT.
+
+Same base weights + same prefix/prompt parameters => same logits (left-padded batches), same greedy
+generations (KV cache), same training losses and final parameters, and checkpoints that load both ways.
+Float32 on the reference backend: both sides run the same attention on the same concatenated K/V, so
+1e-5 relative is ~100x their possible float32 reordering and far below any semantic slip (a shifted
+position, a masked prefix or a dropped pad mask moves logits by 1e-2 or more).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+from peft.utils import set_peft_model_state_dict  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+import peftfast  # noqa: E402
+from peftfast.config import ConfigError  # noqa: E402
+
+from helpers import assert_rel_close  # noqa: E402
+from models import make_inputs, make_model, without_labels  # noqa: E402
+from tiny import assert_unchanged, snapshot  # noqa: E402
+
+TOL = 1e-5
+FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "opt"]
+P = 5
+
+
+def peft_config(method: str, **kw):
+    if method == "prefix":
+        return peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, **kw)
+    return peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, **kw)
+
+
+def twins(family: str, method: str, **kw):
+    """(PEFT model, peftfast model) on identical bases, with identical random (non-zero) prompt params."""
+    base = make_model(family)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft_config(method, **kw))
+    with torch.no_grad():
+        for p in pm.prompt_encoder["default"].parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    ours = copy.deepcopy(base)
+    peftfast.patch(ours, peft_config(method, **kw))
+    encoder = ours.peftfast_prompt_learning.encoders["default"]
+    encoder.load_state_dict(pm.prompt_encoder["default"].state_dict())
+    return pm, ours
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_and_generation_match_peft(family, method):
+    pm, ours = twins(family, method)
+    inputs = without_labels(make_inputs(family, batch=3, seq=9))
+    with torch.no_grad():
+        expected, got = pm(**inputs).logits, ours(**inputs).logits
+        base_logits = make_model(family)(**inputs).logits
+    assert got.shape == expected.shape
+    assert_rel_close(got, expected, TOL, f"{family}/{method} logits")
+    real = got[:, -base_logits.shape[1]:]  # prompt tuning also returns logits for the virtual tokens
+    assert (real - base_logits).abs().max() > 1e-2, "the prefix/prompt changed nothing: the test would be vacuous"
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(ours.generate(**inputs, **gen), pm.generate(**inputs, **gen))
+
+
+@pytest.mark.parametrize("method,kw", [("prefix", {}), ("prefix", {"prefix_projection": True, "encoder_hidden_size": 12}),
+                                       ("prompt", {})])
+def test_training_matches_peft(method, kw):
+    pm, ours = twins("llama", method, **kw)
+    inputs = make_inputs("llama", batch=2, seq=8)
+    opt_p = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    opt_o = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+    assert peftfast.trainable_parameters(ours)[0] == sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    for _ in range(3):
+        lp, lo = pm(**inputs).loss, ours(**inputs).loss
+        assert_rel_close(lo.detach(), lp.detach(), TOL, "loss")
+        for o in (opt_p, opt_o):
+            o.zero_grad()
+        lp.backward()
+        lo.backward()
+        opt_p.step()
+        opt_o.step()
+    theirs = dict(pm.prompt_encoder["default"].named_parameters())
+    for name, p in ours.peftfast_prompt_learning.encoders["default"].named_parameters():
+        assert_rel_close(p.detach(), theirs[name].detach(), TOL, name)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_prefix_with_gradient_checkpointing(reentrant):
+    """PEFT refuses gradient checkpointing with prefix tuning; here the prefix travels as an argument,
+    so checkpointed layers recompute with it and gradients are unchanged."""
+    _, plain = twins("llama", "prefix")
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant:  # reentrant checkpointing needs an input that requires grad to build the graph
+        checkpointed.enable_input_require_grads()
+    plain.train()
+    checkpointed.train()
+    inputs = make_inputs("llama", batch=2, seq=8)
+    losses = []
+    for model in (plain, checkpointed):
+        loss = model(**inputs).loss
+        loss.backward()
+        losses.append(loss.detach())
+    assert_rel_close(losses[1], losses[0], TOL, "loss")
+    g0 = plain.peftfast_prompt_learning.encoders["default"].embedding.weight.grad
+    g1 = checkpointed.peftfast_prompt_learning.encoders["default"].embedding.weight.grad
+    assert g0 is not None and g0.abs().sum() > 0
+    assert_rel_close(g1, g0, TOL, "prefix gradient")
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_saved_adapter_loads_in_peft_and_back(tmp_path, method):
+    kw = {"prefix_projection": True, "encoder_hidden_size": 12} if method == "prefix" else {}
+    pm, ours = twins("gpt2", method, **kw)
+    inputs = without_labels(make_inputs("gpt2"))
+    peftfast.save_adapter(ours, tmp_path / "ours")
+    tensors = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    pm.save_pretrained(tmp_path / "peft")
+    theirs = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert tensors.keys() == theirs.keys() == {"prompt_embeddings"}
+    assert_rel_close(tensors["prompt_embeddings"], theirs["prompt_embeddings"], TOL, "saved prompt_embeddings")
+    ours_cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    peft_cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    for key in ("num_virtual_tokens", "num_layers", "token_dim", "num_attention_heads", "num_transformer_submodules",
+                "peft_type", "task_type"):
+        assert ours_cfg[key] == peft_cfg[key], key
+    with torch.no_grad():
+        expected = pm(**inputs).logits
+        from_ours = peft.PeftModel.from_pretrained(make_model("gpt2"), tmp_path / "ours")(**inputs).logits
+        from_peft = peftfast.load_adapter(make_model("gpt2"), tmp_path / "peft")(**inputs).logits
+    assert_rel_close(from_ours, expected, TOL, "PEFT loading peftfast's adapter")
+    assert_rel_close(from_peft, expected, TOL, "peftfast loading PEFT's adapter")
+
+
+def test_loaded_prefix_trains_when_asked(tmp_path):
+    pm, _ = twins("llama", "prefix", prefix_projection=True, encoder_hidden_size=12)
+    pm.save_pretrained(tmp_path)
+    frozen = peftfast.load_adapter(make_model("llama"), tmp_path)
+    assert peftfast.trainable_parameters(frozen)[0] == 0
+    model = peftfast.load_adapter(make_model("llama"), tmp_path, is_trainable=True)
+    weight = model.peftfast_prompt_learning.encoders["default"].embedding.weight
+    assert weight.requires_grad
+    model(**make_inputs("llama")).loss.backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
+def test_disable_and_unpatch_restore_the_base():
+    base = make_model("llama")
+    snap = snapshot(base)
+    inputs = without_labels(make_inputs("llama"))
+    with torch.no_grad():
+        expected = base(**inputs).logits
+    _, model = twins("llama", "prefix")
+    model.load_state_dict(base.state_dict(), strict=False)
+    with peftfast.disable_adapters(model), torch.no_grad():
+        assert_rel_close(model(**inputs).logits, expected, TOL, "disabled")
+    peftfast.unpatch(model)
+    assert_unchanged(model, snap)
+    assert model.config._attn_implementation == base.config._attn_implementation
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, expected)
+
+
+def test_bad_prompt_learning_input_leaves_model_unchanged():
+    model = make_model("t5")
+    snap = snapshot(model)
+    with pytest.raises(ConfigError, match="encoder-decoder"):
+        peftfast.patch(model, peft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4))
+    assert_unchanged(model, snap)
+    model = make_model("llama")
+    model.config._attn_implementation_internal = "flex_attention"
+    snap = snapshot(model)
+    with pytest.raises(ConfigError, match="attn_implementation='sdpa'"):
+        peftfast.patch(model, peft_config("prefix"))
+    assert_unchanged(model, snap)
+    assert model.config._attn_implementation == "flex_attention"
+    model = make_model("llama")
+    peftfast.patch(model, peft_config("prompt"))
+    with pytest.raises(ConfigError, match="PromptTuningConfig"):
+        peftfast.patch(model, peft_config("prefix"), adapter_name="other")
+    assert sorted(model.peftfast_prompt_learning.encoders) == ["default"]
+
+
+def test_wrong_prefix_shape_is_refused(tmp_path):
+    pm, _ = twins("llama", "prefix")
+    pm.save_pretrained(tmp_path)
+    other = make_model("gpt2")
+    snap = snapshot(other)
+    with pytest.raises(ConfigError, match=r"made for another model: token_dim=16 \(the model needs 32\)"):
+        peftfast.load_adapter(other, tmp_path)
+    assert_unchanged(other, snap)
+
+
+def test_two_prompt_adapters_switch(tmp_path):
+    pm, ours = twins("llama", "prompt")
+    pm.save_pretrained(tmp_path)
+    peftfast.patch(ours, peft_config("prompt"), adapter_name="second")
+    inputs = without_labels(make_inputs("llama"))
+    with torch.no_grad():
+        first = ours(**inputs).logits
+        assert_rel_close(first, pm(**inputs).logits, TOL, "first adapter active")
+        peftfast.set_adapter(ours, "second")
+        second = ours(**inputs).logits
+    assert (first - second).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="one at a time"):
+        peftfast.set_adapter(ours, ["default", "second"])
