@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Optional
@@ -53,7 +54,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict:
             saved = key.replace(tag, ".")
         elif key.endswith(f".lora_magnitude_vector{tag}weight"):
             saved = key[: -len(f"{tag}weight")]
-        elif key.endswith(f".ia3_l.{adapter_name}"):
+        elif key.endswith((f".ia3_l.{adapter_name}", f".lora_embedding_A.{adapter_name}",
+                           f".lora_embedding_B.{adapter_name}")):
             saved = key[: -len(f".{adapter_name}")]
         elif f".modules_to_save{tag}" in key or key.startswith(f"modules_to_save{tag}"):
             saved = key.replace(f"modules_to_save{tag}", "")
@@ -61,7 +63,23 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict:
             saved = key
         if saved is not None:
             out[PREFIX + saved] = value.detach()
+    out.update(_embedding_base_weights(model, state.target_names.get(adapter_name, [])))
     return out
+
+
+def _embedding_base_weights(model: nn.Module, targets: list) -> dict:
+    """PEFT also saves the *base* weights of a targeted embed_tokens / lm_head (for resized vocabularies);
+    we write the same keys so the files match."""
+    if not any(re.match(r"(.*\.)?(embed_tokens|lm_head)$", n) for n in targets):
+        return {}
+    wanted = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        layer = getattr(model, getter, lambda: None)()
+        base = getattr(layer, "base_layer", None)
+        if isinstance(layer, AdapterLayer) and isinstance(base, (nn.Linear, nn.Embedding)):
+            wanted.append(base)
+    prefixes = [f"{name}." for name, module in model.named_modules() if any(module is b for b in wanted)]
+    return {PREFIX + k: v.detach() for k, v in model.state_dict(keep_vars=True).items() if k.startswith(tuple(prefixes))}
 
 
 def _bias_is_saved(model: nn.Module, key: str, cfg) -> bool:
@@ -159,7 +177,7 @@ def _model_key(saved_key: str, adapter_name: str, save_wrappers: list) -> str:
             return key.replace(part, f"{part}{adapter_name}.", 1)
     if key.endswith(".lora_magnitude_vector"):
         return f"{key}.{adapter_name}.weight"
-    if key.endswith(".ia3_l"):
+    if key.endswith((".ia3_l", ".lora_embedding_A", ".lora_embedding_B")):
         return f"{key}.{adapter_name}"
     for wrapper in save_wrappers:
         if key.startswith(wrapper + "."):
@@ -274,4 +292,5 @@ def _is_adapter_key(key: str, adapter_name: str) -> bool:
         part in key
         for part in (f".lora_A.{adapter_name}.", f".lora_B.{adapter_name}.", f".lora_magnitude_vector.{adapter_name}.",
                      f"modules_to_save.{adapter_name}.")
-    ) or key.endswith(f".ia3_l.{adapter_name}")
+    ) or key.endswith((f".ia3_l.{adapter_name}", f".lora_embedding_A.{adapter_name}",
+                       f".lora_embedding_B.{adapter_name}"))

@@ -43,6 +43,10 @@ def layer_features(module: nn.Module) -> tuple:
     if bool(Conv1D) and isinstance(module, Conv1D):
         k, n = module.weight.shape
         return int(k), int(n)
+    if isinstance(module, nn.Embedding):
+        return int(module.num_embeddings), int(module.embedding_dim)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return int(module.in_channels), int(module.out_channels)
     return int(module.in_features), int(module.out_features)
 
 

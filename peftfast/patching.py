@@ -15,6 +15,7 @@ import torch.nn as nn
 from .config import AnyConfig, ConfigError, IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, as_config
 from .kernels.dispatch import check_backend
 from .layers import AdapterLayer, IA3Layer, LoraLayer, ModulesToSave, is_linear_like
+from .lora_conv_embedding import LoraConv, LoraEmbedding, is_lora_extra
 from .prompt_learning import PromptLearning, add_prompt_learning, remove_prompt_learning
 from .targets import DEFAULT_IA3_TARGETS, model_type, name_matches, resolve_targets
 
@@ -134,7 +135,8 @@ def _patch(model: nn.Module, config, adapter_name: str, backend: str) -> Callabl
             cfg.target_modules, ff = DEFAULT_IA3_TARGETS[family]
             if cfg.feedforward_modules is None:
                 cfg.feedforward_modules = ff
-    targets = resolve_targets(model, cfg, is_linear_like)
+    supported = (lambda m: is_linear_like(m) or is_lora_extra(m)) if isinstance(cfg, LoraConfig) else is_linear_like
+    targets = resolve_targets(model, cfg, supported)
     if isinstance(cfg, IA3Config) and cfg.feedforward_modules:
         stray = [
             n for n, _ in model.named_modules()
@@ -161,11 +163,11 @@ def _patch(model: nn.Module, config, adapter_name: str, backend: str) -> Callabl
             module = model.get_submodule(name)
             if isinstance(module, AdapterLayer):
                 wrapper, fresh = module, False
-                if isinstance(cfg, LoraConfig) != isinstance(module, LoraLayer):
+                if isinstance(cfg, LoraConfig) != isinstance(module, LORA_WRAPPERS):
                     raise ConfigError(f"{name} already has a {type(module).__name__}; methods cannot be stacked")
             else:
                 if isinstance(cfg, LoraConfig):
-                    wrapper = LoraLayer(module, backend=backend)
+                    wrapper = _lora_wrapper(module)(module, backend=backend)
                 else:
                     wrapper = IA3Layer(module, feedforward=name_matches(cfg.feedforward_modules, name), backend=backend)
                 fresh = True
@@ -210,6 +212,17 @@ def _patch(model: nn.Module, config, adapter_name: str, backend: str) -> Callabl
             p.requires_grad_(flag)
 
     return rollback
+
+
+LORA_WRAPPERS = (LoraLayer, LoraEmbedding, LoraConv)
+
+
+def _lora_wrapper(module: nn.Module) -> type:
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return LoraConv
+    return LoraLayer
 
 
 def _patch_prompt_learning(model: nn.Module, cfg, adapter_name: str, backend: str, state) -> Callable[[], None]:

@@ -143,7 +143,8 @@ def resolve_targets(model: nn.Module, config, is_supported) -> list:
             if not (is_supported(module) or isinstance(module, AdapterLayer)):
                 raise ConfigError(
                     f"module {name!r} matches target_modules but is a {type(module).__name__}; peftfast "
-                    "wraps nn.Linear, transformers Conv1D and bitsandbytes Linear4bit/Linear8bitLt. "
+                    "wraps nn.Linear, transformers Conv1D and bitsandbytes Linear4bit/Linear8bitLt (LoRA also nn.Embedding "
+                    "and nn.Conv1d/Conv2d). "
                     "Narrow target_modules (or add it to exclude_modules)"
                 )
             chosen.append(name)

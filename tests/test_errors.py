@@ -24,8 +24,8 @@ def test_targets_matching_nothing_lists_existing_names():
 def test_unsupported_layer_type_is_named():
     model = tiny_llama()
     snap = snapshot(model)
-    with pytest.raises(ConfigError, match="embed_tokens.*Embedding"):
-        peftfast.patch(model, LoraConfig(target_modules=["embed_tokens", "q_proj"]))
+    with pytest.raises(ConfigError, match="input_layernorm.*LlamaRMSNorm"):
+        peftfast.patch(model, LoraConfig(target_modules=["input_layernorm", "q_proj"]))
     assert_unchanged(model, snap)
 
 
