@@ -24,3 +24,7 @@ __all__ += [
     "dora_linear", "dora_linear_reference", "dora_weight_norm", "ia3_linear", "ia3_linear_reference",
     "lora_linear", "lora_linear_reference",
 ]
+
+from .prefix_attention import prefix_attention, prefix_attention_reference  # noqa: E402
+
+__all__ += ["prefix_attention", "prefix_attention_reference"]

@@ -1,0 +1,853 @@
+"""Prefix-tuning attention: every query attends to P learned prefix keys, then to the real keys.
+
+Hugging Face PEFT's prefix tuning feeds the prefix as a KV cache: per layer ``prefix_k``/``prefix_v``
+([H_kv, P, D], the same for every sequence) are expanded over the batch, concatenated in front of the
+real keys/values, and the attention mask is extended with P ones. So, for query ``i`` (0-based among
+``Nq``) the visible keys are
+
+* all P prefix keys, always (never masked by causality nor by the padding mask);
+* real key ``j`` iff ``j <= i + (Nk - Nq)`` (causal, bottom-right aligned: with a KV cache the last
+  query is the newest token) and ``attention_mask[b, j] != 0`` (left or right padding).
+
+:func:`prefix_attention_reference` builds exactly that (expand + cat + boolean mask + SDPA); it
+defines the semantics and is the fallback. The Triton path (``backend="triton"``) never materializes
+the concatenation, the expanded prefix nor the [Nq, P+Nk] mask:
+
+* forward: flash-attention's online softmax, one program per (query block, batch, query head). It first
+  sweeps the prefix (batch stride 0, no mask except the ragged last block), then the real keys with the
+  causal and padding masks; key blocks entirely above the causal diagonal are skipped. Since the prefix
+  is seen first and never masked, the running max is finite before any masked score arrives, so no
+  row ever needs the all-masked special case (P >= 1; P == 0 runs the reference). It saves the
+  log-sum-exp per row for the backward.
+* backward: ``delta = rowsum(dO * O)``; one kernel over key blocks (prefix blocks first in the grid,
+  they are the longest: every query sees them) computes dK/dV, and one over query blocks computes dQ.
+  Grouped-query attention (``kv_head = q_head // G``) is reduced inside the key-block program, in a fixed
+  order. The prefix gradients are also reduced over the batch: each (batch, kv head, prefix block)
+  program writes its fp32 partial into a [B, H_kv, P, D] workspace that one ``torch.sum`` folds, so the
+  result is bitwise reproducible (atomics would not be) while B * H_kv * P/BLOCK_N programs keep the GPU
+  busy (one program per prefix block looping over the batch would leave H_kv * P/BLOCK_N, e.g. 8).
+
+Both Triton steps are the ``torch.library`` custom ops ``peftfast::prefix_attention`` and
+``peftfast::prefix_attention_backward`` with fake implementations and an autograd formula, so
+``torch.compile`` traces them without graph breaks. Scores use ``exp2`` with ``scale * log2(e)`` folded
+into one multiplier; accumulation is fp32; in Triton's CPU interpreter the dot operands of bf16 inputs
+are widened to fp32 (its bf16 ``tl.dot`` is wrong). Nothing here touches CUDA at import time.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import interpreting, resolve_backend
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_HEAD_DIM = 256
+# CUDA grids put batch x heads on axis 1, which CUDA caps at 65535 programs.
+_MAX_GRID_Y = 65535
+
+
+# ==================================================================================================
+# Shapes and the reference
+# ==================================================================================================
+
+
+def _check_shapes(q, k, v, prefix_k, prefix_v, attention_mask) -> None:
+    """Raise ValueError naming the tensor, the shape seen and the shape expected."""
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, Hq, Nq, D], got shape {tuple(q.shape)}")
+    b, hq, nq, d = q.shape
+    if k.dim() != 4 or k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"k must be [B={b}, Hkv, Nk, D={d}] (from q {tuple(q.shape)}), got shape {tuple(k.shape)}")
+    hkv, nk = k.shape[1], k.shape[2]
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape [B, Hkv, Nk, D] = {tuple(k.shape)}, got shape {tuple(v.shape)}")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(
+            f"q's head count Hq={hq} must be a multiple of k's Hkv={hkv} (grouped-query attention); "
+            f"q is {tuple(q.shape)}, k is {tuple(k.shape)}"
+        )
+    if prefix_k.dim() != 3 or prefix_k.shape[0] != hkv or prefix_k.shape[2] != d:
+        raise ValueError(f"prefix_k must be [Hkv={hkv}, P, D={d}], got shape {tuple(prefix_k.shape)}")
+    if prefix_v.shape != prefix_k.shape:
+        raise ValueError(
+            f"prefix_v must have prefix_k's shape [Hkv, P, D] = {tuple(prefix_k.shape)}, "
+            f"got shape {tuple(prefix_v.shape)}"
+        )
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != (b, nk):
+            raise ValueError(
+                f"attention_mask must be [B={b}, Nk={nk}] (padding of the real keys; the prefix is never masked), "
+                f"got shape {tuple(attention_mask.shape)}"
+            )
+        if attention_mask.is_floating_point() or attention_mask.is_complex():
+            raise ValueError(
+                f"attention_mask must be bool or integer (nonzero = attend), got {attention_mask.dtype}"
+            )
+
+
+def prefix_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    *,
+    causal: bool = True,
+    attention_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Pure-PyTorch prefix attention, as PEFT runs it: expand + concatenate + masked SDPA.
+
+    Differentiable in q, k, v, prefix_k and prefix_v. Arguments and result as in
+    :func:`prefix_attention`.
+
+    Example:
+        >>> out = prefix_attention_reference(q, k, v, pk, pv, attention_mask=mask)  # doctest: +SKIP
+    """
+    _check_shapes(q, k, v, prefix_k, prefix_v, attention_mask)
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    p = prefix_k.shape[1]
+    # PEFT casts the prefix to the model's dtype before it becomes the cache.
+    pk = prefix_k.to(k.dtype).unsqueeze(0).expand(b, hkv, p, d)
+    pv = prefix_v.to(v.dtype).unsqueeze(0).expand(b, hkv, p, d)
+    kk = torch.cat([pk, k], dim=2)
+    vv = torch.cat([pv, v], dim=2)
+    if hq != hkv:
+        kk = kk.repeat_interleave(hq // hkv, dim=1)
+        vv = vv.repeat_interleave(hq // hkv, dim=1)
+    o_q = torch.arange(nq, device=q.device)
+    o_k = torch.arange(nk, device=q.device)
+    keep = torch.ones(b, nq, nk, dtype=torch.bool, device=q.device)
+    if causal:
+        keep = keep & (o_k[None, :] <= o_q[:, None] + (nk - nq))[None]
+    if attention_mask is not None:
+        keep = keep & (attention_mask != 0)[:, None, :].to(q.device)
+    mask = torch.cat([torch.ones(b, nq, p, dtype=torch.bool, device=q.device), keep], dim=2)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask[:, None], scale=scale)
+
+
+def prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    *,
+    causal: bool = True,
+    attention_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention over a learned prefix followed by the real keys (PEFT prefix tuning's semantics).
+
+    Args:
+        q: [B, Hq, Nq, D] queries, any strides; fp32/fp16/bf16.
+        k, v: [B, Hkv, Nk, D] real keys and values (the KV cache included), any strides, q's dtype.
+            ``Hq`` must be a multiple of ``Hkv`` (grouped-query attention, ``kv_head = q_head // G``).
+            ``Nq < Nk`` is decode / chunked prefill: queries are the last ``Nq`` positions.
+        prefix_k, prefix_v: [Hkv, P, D], one copy for the whole batch (never expanded on the Triton
+            path); cast to k's dtype as PEFT does, gradients come back in their own dtype.
+        causal: query ``i`` sees real key ``j`` iff ``j <= i + Nk - Nq``; the prefix is always seen.
+        attention_mask: optional [B, Nk] bool or integer, nonzero = real token; zeros mask those real
+            keys (padding) for every query. It never masks the prefix.
+        scale: score multiplier, default ``1 / sqrt(D)``.
+        backend: ``"auto"``, ``"triton"`` or ``"reference"``.
+
+    Returns:
+        [B, Hq, Nq, D] in q's dtype (contiguous on the Triton path).
+
+    Example:
+        >>> q = torch.randn(2, 8, 16, 64, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
+        >>> k = v = torch.randn(2, 2, 16, 64, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
+        >>> pk = torch.randn(2, 10, 64, device="cuda", requires_grad=True)  # doctest: +SKIP
+        >>> pv = torch.randn(2, 10, 64, device="cuda", requires_grad=True)  # doctest: +SKIP
+        >>> out = prefix_attention(q, k, v, pk, pv)  # [2, 8, 16, 64]  # doctest: +SKIP
+        >>> out.sum().backward()  # pk.grad: fp32 [2, 10, 64], summed over batch and head groups  # doctest: +SKIP
+    """
+    _check_shapes(q, k, v, prefix_k, prefix_v, attention_mask)
+    supported, why = _triton_supports(q, k, v, prefix_k, prefix_v, attention_mask)
+    if resolve_backend(backend, q.device, supported, why) == "triton":
+        return _triton_prefix_attention(q, k, v, prefix_k, prefix_v, causal=causal,
+                                        attention_mask=attention_mask, scale=scale)
+    return prefix_attention_reference(q, k, v, prefix_k, prefix_v, causal=causal, attention_mask=attention_mask,
+                                      scale=scale)
+
+
+# ==================================================================================================
+# Triton path
+#
+# Forward, per (query block, b, query head h), kv head h // G, scores in log2 units (s2 = qk * scale * log2 e):
+#     prefix blocks (batch stride 0):  online softmax, no mask but the ragged last block
+#     real blocks [0, causal end):     online softmax with causal + padding masks
+#     O = acc / l,  LSE2 = m + log2(l)  (saved)
+# Backward:  delta = rowsum(dO * O)
+#     per (key block, b, kv head):  P^T = exp2(K Q^T s2 - LSE2), dV = sum_g P^T dO,
+#                                   dK = scale * sum_g (P^T * (V dO^T - delta)) Q
+#         prefix blocks -> fp32 workspace [B, Hkv, P, D] (summed over B afterwards), real -> dK, dV
+#     per (query block, b, query head): dQ = scale * sum_keys (P * (dO V^T - delta)) K
+# ==================================================================================================
+
+_LOG2E = 1.4426950408889634
+
+try:
+    from .dispatch import triton_available as _triton_available
+
+    if _triton_available():
+        from . import matmul as _mm
+    else:  # pragma: no cover - platforms without Triton
+        _mm = None
+except ImportError:  # pragma: no cover
+    _mm = None
+
+
+if _mm is not None:
+    import triton
+    import triton.language as tl
+
+    # Modes of the key loops: the prefix's whole blocks need no mask at all, its last block only the
+    # column bound; real keys get the column bound, the causal diagonal and the padding mask.
+    _PREFIX_FULL = tl.constexpr(0)
+    _PREFIX_TAIL = tl.constexpr(1)
+    _REAL = tl.constexpr(2)
+
+    # Dots: ``tl.dot(a, b, acc, input_precision=PRECISION)``, "ieee" for fp32 inputs (no TF32, as
+    # PyTorch), "tf32" (Triton's CUDA default, ignored for fp16/bf16) otherwise. Under ``DOT_F32``
+    # (interpreter + bf16) q is widened to fp32 right after its load and every other dot operand is
+    # cast to q's register dtype, a no-op on the GPU; P and dS are first rounded to the inputs' dtype, as
+    # the GPU kernel does. No helper function is called inside the loops: in the interpreter each device
+    # function call re-patches triton.language (~3 ms), which would dominate the CPU tests.
+
+    @triton.jit
+    def _fwd_inner(
+        b_acc, b_l, b_m, b_q, p_kb, p_vb, p_pad,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+        o_m, o_d, m_d, n_lo, n_hi, n_keys, causal_off, qk_scale,
+        MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """Online-softmax sweep over key blocks ``[n_lo, n_hi)`` of one key/value sequence."""
+        dtype = p_vb.dtype.element_ty
+        o_nb = tl.arange(0, BLOCK_N)
+        for n0 in range(n_lo, n_hi, BLOCK_N):
+            o_n = n0 + o_nb
+            m_n = o_n < n_keys
+            if MODE == _PREFIX_FULL:
+                b_kt = tl.load(p_kb + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd, mask=m_d[:, None], other=0.0)
+                b_v = tl.load(p_vb + o_n[:, None] * stride_vn + o_d[None, :] * stride_vd, mask=m_d[None, :], other=0.0)
+            else:
+                b_kt = tl.load(p_kb + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd,
+                               mask=m_d[:, None] & m_n[None, :], other=0.0)
+                b_v = tl.load(p_vb + o_n[:, None] * stride_vn + o_d[None, :] * stride_vd,
+                              mask=m_n[:, None] & m_d[None, :], other=0.0)
+            b_kt = b_kt.to(b_q.dtype)
+            b_v = b_v.to(b_q.dtype)
+            b_s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            b_s = tl.dot(b_q, b_kt, b_s, input_precision=PRECISION) * qk_scale  # [BM, BD] @ [BD, BN] -> [BM, BN]
+            if MODE != _PREFIX_FULL:
+                m_s = m_n[None, :] & (o_m[:, None] >= 0)
+                if MODE == _REAL:
+                    if CAUSAL:
+                        m_s = m_s & (o_n[None, :] <= o_m[:, None] + causal_off)
+                    if HAS_PAD:
+                        m_s = m_s & (tl.load(p_pad + o_n * stride_pn, mask=m_n, other=0) != 0)[None, :]
+                b_s = tl.where(m_s, b_s, float("-inf"))
+            # b_m is finite after the first prefix block (it always holds a visible key), so fully
+            # masked later blocks give exp2(-inf) = 0, never -inf - -inf.
+            b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+            b_alpha = tl.exp2(b_m - b_m_new)
+            b_p = tl.exp2(b_s - b_m_new[:, None])
+            b_l = b_l * b_alpha + tl.sum(b_p, 1)
+            b_acc = b_acc * b_alpha[:, None]
+            b_pd = b_p.to(dtype).to(b_v.dtype)
+            b_acc = tl.dot(b_pd, b_v, b_acc, input_precision=PRECISION)  # [BM, BN] @ [BN, BD] -> [BM, BD]
+            b_m = b_m_new
+        return b_acc, b_l, b_m
+
+    @triton.jit
+    def _prefix_attn_fwd_kernel(
+        p_q, p_k, p_v, p_pk, p_pv, p_pad, p_o, p_lse,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_pkh, stride_pkn, stride_pkd, stride_pvh, stride_pvn, stride_pvd,
+        stride_padb, stride_padn,
+        stride_ob, stride_oh, stride_om, stride_od,
+        HQ, G, NQ, NK, P, D, NQ_KEY, qk_scale,
+        CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """O[b, h, rows] and LSE2[b, h, rows] for one block of query rows.
+
+        ``NQ_KEY`` (Nq bucketed) is only an autotuning key. Query blocks are launched last row block
+        first: under causality they see the most keys, so the long programs start early.
+        """
+        n_mb = tl.cdiv(NQ, BLOCK_M)
+        i_m = n_mb - 1 - tl.program_id(0)
+        i_bh = tl.program_id(1)
+        i_b = (i_bh // HQ).to(tl.int64)
+        i_h = (i_bh % HQ).to(tl.int64)
+        i_kvh = i_h // G
+        o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        o_d = tl.arange(0, BLOCK_D)
+        m_m = o_m < NQ
+        m_d = o_d < D
+        causal_off = NK - NQ
+
+        b_q = tl.load(p_q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd,
+                      mask=m_m[:, None] & m_d[None, :], other=0.0)
+        if DOT_F32:
+            b_q = b_q.to(tl.float32)
+        b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+        b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+
+        # The prefix: batch stride 0, never masked; its whole blocks first, then the ragged tail.
+        p_pkb = p_pk + i_kvh * stride_pkh
+        p_pvb = p_pv + i_kvh * stride_pvh
+        p_full = (P // BLOCK_N) * BLOCK_N
+        b_acc, b_l, b_m = _fwd_inner(b_acc, b_l, b_m, b_q, p_pkb, p_pvb, p_pad,
+                                     stride_pkn, stride_pkd, stride_pvn, stride_pvd, 0,
+                                     o_m, o_d, m_d, 0, p_full, P, causal_off, qk_scale,
+                                     _PREFIX_FULL, CAUSAL, False, PRECISION, BLOCK_M, BLOCK_N)
+        b_acc, b_l, b_m = _fwd_inner(b_acc, b_l, b_m, b_q, p_pkb, p_pvb, p_pad,
+                                     stride_pkn, stride_pkd, stride_pvn, stride_pvd, 0,
+                                     o_m, o_d, m_d, p_full, P, P, causal_off, qk_scale,
+                                     _PREFIX_TAIL, CAUSAL, False, PRECISION, BLOCK_M, BLOCK_N)
+
+        # The real keys, up to the last one the block's last row can see.
+        n_hi = NK
+        if CAUSAL:
+            n_hi = tl.minimum(NK, (i_m + 1) * BLOCK_M + causal_off)
+        b_acc, b_l, b_m = _fwd_inner(b_acc, b_l, b_m, b_q, p_k + i_b * stride_kb + i_kvh * stride_kh,
+                                     p_v + i_b * stride_vb + i_kvh * stride_vh, p_pad + i_b * stride_padb,
+                                     stride_kn, stride_kd, stride_vn, stride_vd, stride_padn,
+                                     o_m, o_d, m_d, 0, n_hi, NK, causal_off, qk_scale,
+                                     _REAL, CAUSAL, HAS_PAD, PRECISION, BLOCK_M, BLOCK_N)
+
+        b_o = b_acc / b_l[:, None]
+        tl.store(p_o + i_b * stride_ob + i_h * stride_oh + o_m[:, None] * stride_om + o_d[None, :] * stride_od,
+                 b_o.to(p_o.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
+        tl.store(p_lse + i_bh.to(tl.int64) * NQ + o_m, b_m + tl.log2(b_l), mask=m_m)
+
+    @triton.jit
+    def _bwd_delta_kernel(
+        p_o, p_do, p_delta,
+        stride_ob, stride_oh, stride_om, stride_od,
+        stride_dob, stride_doh, stride_dom, stride_dod,
+        HQ, NQ, D,
+        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """delta[b, h, m] = sum_d dO * O, in fp32 (the softmax backward's row term)."""
+        i_m, i_bh = tl.program_id(0), tl.program_id(1)
+        i_b = (i_bh // HQ).to(tl.int64)
+        i_h = (i_bh % HQ).to(tl.int64)
+        o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        o_d = tl.arange(0, BLOCK_D)
+        m_md = (o_m < NQ)[:, None] & (o_d < D)[None, :]
+        b_o = tl.load(p_o + i_b * stride_ob + i_h * stride_oh + o_m[:, None] * stride_om + o_d[None, :] * stride_od,
+                      mask=m_md, other=0.0).to(tl.float32)
+        b_do = tl.load(p_do + i_b * stride_dob + i_h * stride_doh + o_m[:, None] * stride_dom
+                       + o_d[None, :] * stride_dod, mask=m_md, other=0.0).to(tl.float32)
+        tl.store(p_delta + i_bh.to(tl.int64) * NQ + o_m, tl.sum(b_o * b_do, 1), mask=o_m < NQ)
+
+    @triton.jit
+    def _bwd_dkdv_inner(
+        b_dk, b_dv, b_k, b_v, p_qg, p_dog, p_lseg, p_deltag, p_pad,
+        stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_pn,
+        o_n, o_d, m_d, m_lo, n_keys, NQ, G, causal_off, qk_scale,
+        MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """dK/dV of one key block, summed over the G query heads of its group and rows [m_lo, NQ).
+
+        Works on transposed scores ([BN, BM]) so that the key block is the left operand throughout.
+        Rows past NQ load LSE2 = +inf, hence P = 0 there; for the prefix nothing else is masked (a key
+        column never mixes with another, so a ragged tail only produces rows that are not stored).
+        """
+        dtype = p_qg.dtype.element_ty
+        o_mb = tl.arange(0, BLOCK_M)
+        if MODE == _REAL:
+            m_n = o_n < n_keys
+            m_pad = m_n
+            if HAS_PAD:
+                m_pad = m_n & (tl.load(p_pad + o_n * stride_pn, mask=m_n, other=0) != 0)
+        for i_g in range(G):
+            for m0 in range(m_lo, NQ, BLOCK_M):
+                o_m = m0 + o_mb
+                m_m = o_m < NQ
+                b_qt = tl.load(p_qg + i_g * stride_qh + o_m[None, :] * stride_qm + o_d[:, None] * stride_qd,
+                               mask=m_d[:, None] & m_m[None, :], other=0.0).to(b_k.dtype)
+                b_do = tl.load(p_dog + i_g * stride_doh + o_m[:, None] * stride_dom + o_d[None, :] * stride_dod,
+                               mask=m_m[:, None] & m_d[None, :], other=0.0).to(b_k.dtype)
+                b_lse = tl.load(p_lseg + i_g * NQ + o_m, mask=m_m, other=float("inf"))
+                b_delta = tl.load(p_deltag + i_g * NQ + o_m, mask=m_m, other=0.0)
+                b_st = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                b_st = tl.dot(b_k, b_qt, b_st, input_precision=PRECISION) * qk_scale  # [BN, BD] @ [BD, BM] -> [BN, BM]
+                b_pt = tl.exp2(b_st - b_lse[None, :])
+                if MODE == _REAL:
+                    m_st = m_pad[:, None] & (o_m[None, :] >= 0)
+                    if CAUSAL:
+                        m_st = m_st & (o_n[:, None] <= o_m[None, :] + causal_off)
+                    b_pt = tl.where(m_st, b_pt, 0.0)
+                b_ptd = b_pt.to(dtype).to(b_k.dtype)
+                b_dv = tl.dot(b_ptd, b_do, b_dv, input_precision=PRECISION)  # [BN, BM] @ [BM, BD] -> [BN, BD]
+                b_dpt = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                b_dpt = tl.dot(b_v, tl.trans(b_do), b_dpt, input_precision=PRECISION)  # [BN, BD] @ [BD, BM] -> [BN, BM]
+                b_dst = (b_pt * (b_dpt - b_delta[None, :])).to(dtype).to(b_k.dtype)
+                b_dk = tl.dot(b_dst, tl.trans(b_qt), b_dk, input_precision=PRECISION)  # [BN, BM] @ [BM, BD] -> [BN, BD]
+        return b_dk, b_dv
+
+    @triton.jit
+    def _prefix_attn_bwd_dkdv_kernel(
+        p_q, p_k, p_v, p_pk, p_pv, p_pad, p_do, p_lse, p_delta,
+        p_dk, p_dv, p_wk, p_wv,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_pkh, stride_pkn, stride_pkd, stride_pvh, stride_pvn, stride_pvd,
+        stride_padb, stride_padn,
+        stride_dob, stride_doh, stride_dom, stride_dod,
+        stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+        stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+        HKV, G, NQ, NK, P, D, scale, qk_scale,
+        CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """dK/dV for one key block of (b, kv head); grid axis 0 = prefix blocks, then real blocks.
+
+        Prefix blocks write fp32 partials to the workspace ``W[b, kv_head, P, D]`` (contiguous); the
+        launcher sums them over b. Real blocks write dK/dV directly.
+        """
+        i_n, i_bh = tl.program_id(0), tl.program_id(1)
+        i_b = (i_bh // HKV).to(tl.int64)
+        i_kvh = (i_bh % HKV).to(tl.int64)
+        o_d = tl.arange(0, BLOCK_D)
+        m_d = o_d < D
+        o_nb = tl.arange(0, BLOCK_N)
+        causal_off = NK - NQ
+        # The G query heads of this kv head are consecutive: q head i_kvh * G + g.
+        i_h0 = i_kvh * G
+        p_qg = p_q + i_b * stride_qb + i_h0 * stride_qh
+        p_dog = p_do + i_b * stride_dob + i_h0 * stride_doh
+        p_lseg = p_lse + (i_b * HKV * G + i_h0) * NQ
+        p_deltag = p_delta + (i_b * HKV * G + i_h0) * NQ
+        b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        n_pb = tl.cdiv(P, BLOCK_N)
+        if i_n < n_pb:
+            o_n = i_n * BLOCK_N + o_nb
+            m_nd = (o_n < P)[:, None] & m_d[None, :]
+            b_k = tl.load(p_pk + i_kvh * stride_pkh + o_n[:, None] * stride_pkn + o_d[None, :] * stride_pkd,
+                          mask=m_nd, other=0.0)
+            b_v = tl.load(p_pv + i_kvh * stride_pvh + o_n[:, None] * stride_pvn + o_d[None, :] * stride_pvd,
+                          mask=m_nd, other=0.0)
+            if DOT_F32:
+                b_k = b_k.to(tl.float32)
+                b_v = b_v.to(tl.float32)
+            b_dk, b_dv = _bwd_dkdv_inner(b_dk, b_dv, b_k, b_v, p_qg, p_dog, p_lseg, p_deltag, p_pad,
+                                         stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, 0,
+                                         o_n, o_d, m_d, 0, P, NQ, G, causal_off, qk_scale,
+                                         _PREFIX_FULL, CAUSAL, False, PRECISION, BLOCK_M, BLOCK_N)
+            o_w = (i_bh.to(tl.int64) * P + o_n)[:, None] * D + o_d[None, :]
+            tl.store(p_wk + o_w, b_dk * scale, mask=m_nd)
+            tl.store(p_wv + o_w, b_dv, mask=m_nd)
+        else:
+            o_n = (i_n - n_pb) * BLOCK_N + o_nb
+            m_nd = (o_n < NK)[:, None] & m_d[None, :]
+            b_k = tl.load(p_k + i_b * stride_kb + i_kvh * stride_kh + o_n[:, None] * stride_kn
+                          + o_d[None, :] * stride_kd, mask=m_nd, other=0.0)
+            b_v = tl.load(p_v + i_b * stride_vb + i_kvh * stride_vh + o_n[:, None] * stride_vn
+                          + o_d[None, :] * stride_vd, mask=m_nd, other=0.0)
+            if DOT_F32:
+                b_k = b_k.to(tl.float32)
+                b_v = b_v.to(tl.float32)
+            # Causal: rows before the first one that sees this block's first key contribute nothing.
+            m_lo = 0
+            if CAUSAL:
+                m_lo = (tl.maximum(0, (i_n - n_pb) * BLOCK_N - causal_off) // BLOCK_M) * BLOCK_M
+            b_dk, b_dv = _bwd_dkdv_inner(b_dk, b_dv, b_k, b_v, p_qg, p_dog, p_lseg, p_deltag,
+                                         p_pad + i_b * stride_padb,
+                                         stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
+                                         stride_padn, o_n, o_d, m_d, m_lo, NK, NQ, G, causal_off, qk_scale,
+                                         _REAL, CAUSAL, HAS_PAD, PRECISION, BLOCK_M, BLOCK_N)
+            tl.store(p_dk + i_b * stride_dkb + i_kvh * stride_dkh + o_n[:, None] * stride_dkn
+                     + o_d[None, :] * stride_dkd, (b_dk * scale).to(p_dk.dtype.element_ty), mask=m_nd)
+            tl.store(p_dv + i_b * stride_dvb + i_kvh * stride_dvh + o_n[:, None] * stride_dvn
+                     + o_d[None, :] * stride_dvd, b_dv.to(p_dv.dtype.element_ty), mask=m_nd)
+
+    @triton.jit
+    def _bwd_dq_inner(
+        b_dq, b_q, b_do, b_lse, b_delta, p_kb, p_vb, p_pad,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+        o_m, o_d, m_d, n_lo, n_hi, n_keys, causal_off, qk_scale,
+        MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """dQ (unscaled) of one row block from key blocks ``[n_lo, n_hi)``."""
+        dtype = p_kb.dtype.element_ty
+        o_nb = tl.arange(0, BLOCK_N)
+        for n0 in range(n_lo, n_hi, BLOCK_N):
+            o_n = n0 + o_nb
+            m_n = o_n < n_keys
+            if MODE == _PREFIX_FULL:
+                b_kt = tl.load(p_kb + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd, mask=m_d[:, None], other=0.0)
+                b_vt = tl.load(p_vb + o_n[None, :] * stride_vn + o_d[:, None] * stride_vd, mask=m_d[:, None], other=0.0)
+            else:
+                m_dn = m_d[:, None] & m_n[None, :]
+                b_kt = tl.load(p_kb + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd, mask=m_dn, other=0.0)
+                b_vt = tl.load(p_vb + o_n[None, :] * stride_vn + o_d[:, None] * stride_vd, mask=m_dn, other=0.0)
+            b_kt = b_kt.to(b_q.dtype)
+            b_vt = b_vt.to(b_q.dtype)
+            b_s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            b_s = tl.dot(b_q, b_kt, b_s, input_precision=PRECISION) * qk_scale  # [BM, BD] @ [BD, BN] -> [BM, BN]
+            b_p = tl.exp2(b_s - b_lse[:, None])
+            if MODE != _PREFIX_FULL:
+                m_s = m_n[None, :] & (o_m[:, None] >= 0)
+                if MODE == _REAL:
+                    if CAUSAL:
+                        m_s = m_s & (o_n[None, :] <= o_m[:, None] + causal_off)
+                    if HAS_PAD:
+                        m_s = m_s & (tl.load(p_pad + o_n * stride_pn, mask=m_n, other=0) != 0)[None, :]
+                b_p = tl.where(m_s, b_p, 0.0)
+            b_dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            b_dp = tl.dot(b_do, b_vt, b_dp, input_precision=PRECISION)  # [BM, BD] @ [BD, BN] -> [BM, BN]
+            b_ds = (b_p * (b_dp - b_delta[:, None])).to(dtype).to(b_q.dtype)
+            b_dq = tl.dot(b_ds, tl.trans(b_kt), b_dq, input_precision=PRECISION)  # [BM, BN] @ [BN, BD] -> [BM, BD]
+        return b_dq
+
+    @triton.jit
+    def _prefix_attn_bwd_dq_kernel(
+        p_q, p_k, p_v, p_pk, p_pv, p_pad, p_do, p_lse, p_delta, p_dq,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_pkh, stride_pkn, stride_pkd, stride_pvh, stride_pvn, stride_pvd,
+        stride_padb, stride_padn,
+        stride_dob, stride_doh, stride_dom, stride_dod,
+        stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+        HQ, G, NQ, NK, P, D, scale, qk_scale,
+        CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """dQ for one block of query rows of (b, query head): prefix keys, then visible real keys."""
+        n_mb = tl.cdiv(NQ, BLOCK_M)
+        i_m = n_mb - 1 - tl.program_id(0)
+        i_bh = tl.program_id(1)
+        i_b = (i_bh // HQ).to(tl.int64)
+        i_h = (i_bh % HQ).to(tl.int64)
+        i_kvh = i_h // G
+        o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        o_d = tl.arange(0, BLOCK_D)
+        m_m = o_m < NQ
+        m_d = o_d < D
+        m_md = m_m[:, None] & m_d[None, :]
+        causal_off = NK - NQ
+
+        b_q = tl.load(p_q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd,
+                      mask=m_md, other=0.0)
+        b_do = tl.load(p_do + i_b * stride_dob + i_h * stride_doh + o_m[:, None] * stride_dom
+                       + o_d[None, :] * stride_dod, mask=m_md, other=0.0)
+        if DOT_F32:
+            b_q = b_q.to(tl.float32)
+            b_do = b_do.to(tl.float32)
+        b_lse = tl.load(p_lse + i_bh.to(tl.int64) * NQ + o_m, mask=m_m, other=float("inf"))
+        b_delta = tl.load(p_delta + i_bh.to(tl.int64) * NQ + o_m, mask=m_m, other=0.0)
+        b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+        p_pkb = p_pk + i_kvh * stride_pkh
+        p_pvb = p_pv + i_kvh * stride_pvh
+        p_full = (P // BLOCK_N) * BLOCK_N
+        b_dq = _bwd_dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_pkb, p_pvb, p_pad,
+                             stride_pkn, stride_pkd, stride_pvn, stride_pvd, 0,
+                             o_m, o_d, m_d, 0, p_full, P, causal_off, qk_scale,
+                             _PREFIX_FULL, CAUSAL, False, PRECISION, BLOCK_M, BLOCK_N)
+        b_dq = _bwd_dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_pkb, p_pvb, p_pad,
+                             stride_pkn, stride_pkd, stride_pvn, stride_pvd, 0,
+                             o_m, o_d, m_d, p_full, P, P, causal_off, qk_scale,
+                             _PREFIX_TAIL, CAUSAL, False, PRECISION, BLOCK_M, BLOCK_N)
+        n_hi = NK
+        if CAUSAL:
+            n_hi = tl.minimum(NK, (i_m + 1) * BLOCK_M + causal_off)
+        b_dq = _bwd_dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_k + i_b * stride_kb + i_kvh * stride_kh,
+                             p_v + i_b * stride_vb + i_kvh * stride_vh, p_pad + i_b * stride_padb,
+                             stride_kn, stride_kd, stride_vn, stride_vd, stride_padn,
+                             o_m, o_d, m_d, 0, n_hi, NK, causal_off, qk_scale,
+                             _REAL, CAUSAL, HAS_PAD, PRECISION, BLOCK_M, BLOCK_N)
+        tl.store(p_dq + i_b * stride_dqb + i_h * stride_dqh + o_m[:, None] * stride_dqm + o_d[None, :] * stride_dqd,
+                 (b_dq * scale).to(p_dq.dtype.element_ty), mask=m_md)
+
+
+# --------------------------------------------------------------------------------------------------
+# Configs (CUDA: forward autotuned over a few configs, backward fixed by head_dim; interpreter: fixed)
+# --------------------------------------------------------------------------------------------------
+
+# Large blocks keep the interpreter's Python-level loops short; 32 still leaves ragged tails and
+# several causal blocks at test sizes.
+_INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Wider heads hold larger tiles, so they get smaller
+# blocks and fewer pipeline stages (D=256 at 128x64x3 stages would not fit shared memory). The 16-row
+# configs are for decode (Nq = 1) and short chunks, where taller blocks would only compute padding.
+_FWD_CONFIGS = {
+    64: [(128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (16, 64, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (16, 64, 4, 3)],
+    256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
+}
+# Backward (BLOCK_M, BLOCK_N, num_warps, num_stages): the dK/dV kernel runs BLOCK_M query rows against
+# BLOCK_N keys, the dQ kernel the transpose (BLOCK_N rows, BLOCK_M keys), so the side that carries the
+# fp32 accumulators (dK and dV: [BN, D] each; dQ: [BN, D]) is the 64-wide one. Fixed per head-dim
+# bucket, from flash-attention's Triton tutorial proportions; not yet measured or tuned on a GPU.
+_BWD_CONFIGS = {64: (32, 64, 4, 3), 128: (32, 64, 4, 2), 256: (32, 32, 8, 1)}
+
+
+def _dot_flags(dtype: torch.dtype) -> dict:
+    """``DOT_F32``: widen dot operands (interpreter + bf16 only); ``PRECISION``: no TF32 for fp32 inputs."""
+    return {"DOT_F32": interpreting() and dtype == torch.bfloat16,
+            "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+
+
+def _d_bucket(block_d: int) -> int:
+    return 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
+
+
+def _prune_by_rows(configs, named_args, **kwargs):
+    """Row blocks far taller than Nq are wasted work; keep those that fit (or the shortest)."""
+    cap = max(16, int({**named_args, **kwargs}["NQ_KEY"]))
+    short = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
+    if short:
+        return short
+    lowest = min(c.kwargs["BLOCK_M"] for c in configs)
+    return [c for c in configs if c.kwargs["BLOCK_M"] == lowest]
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_fwd(d_bucket: int):
+    """The autotuned forward for one head-dim bucket, built on first CUDA use (import stays CUDA-free)."""
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+               for m, n, w, s in _FWD_CONFIGS[d_bucket]]
+    extra = {}
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        extra["cache_results"] = True
+    return triton.autotune(configs=configs, key=["BLOCK_D", "CAUSAL", "NQ_KEY"],
+                           prune_configs_by={"early_config_prune": _prune_by_rows}, **extra)(_prefix_attn_fwd_kernel)
+
+
+def _pad_args(attention_mask, like):
+    """(pointer tensor, batch stride, key stride) of the padding mask; bool is read as uint8, no copy."""
+    if attention_mask is None:
+        return like, 0, 0
+    m = attention_mask.view(torch.uint8) if attention_mask.dtype == torch.bool else attention_mask
+    return m, m.stride(0), m.stride(1)
+
+
+def _strides4(t):
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _prefix_attn_forward_impl(q, k, v, prefix_k, prefix_v, attention_mask, causal, scale):
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    p = prefix_k.shape[1]
+    out = torch.empty((b, hq, nq, d), device=q.device, dtype=q.dtype)
+    lse = torch.empty((b, hq, nq), device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse
+    pad, stride_padb, stride_padn = _pad_args(attention_mask, q)
+    block_d = max(16, triton.next_power_of_2(d))
+    args = (
+        q, k, v, prefix_k, prefix_v, pad, out, lse,
+        *_strides4(q), *_strides4(k), *_strides4(v),
+        *prefix_k.stride(), *prefix_v.stride(), stride_padb, stride_padn, *_strides4(out),
+        hq, hq // hkv, nq, nk, p, d, min(128, triton.next_power_of_2(nq)), float(scale) * _LOG2E,
+    )
+    flags = dict(CAUSAL=bool(causal), HAS_PAD=attention_mask is not None, BLOCK_D=block_d, **_dot_flags(q.dtype))
+    if q.device.type == "cuda":
+        grid = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * hq)  # noqa: E731
+        _tuned_fwd(_d_bucket(block_d))[grid](*args, **flags)
+    else:
+        blocks = _INTERPRET_BLOCKS
+        _prefix_attn_fwd_kernel[(triton.cdiv(nq, blocks["BLOCK_M"]), b * hq)](*args, **flags, **blocks)
+    return out, lse
+
+
+def _prefix_attn_backward_impl(do, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, scale):
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    p = prefix_k.shape[1]
+    g = hq // hkv
+    dq = torch.empty((b, hq, nq, d), device=q.device, dtype=q.dtype)
+    dk = torch.empty((b, hkv, nk, d), device=q.device, dtype=k.dtype)
+    dv = torch.empty((b, hkv, nk, d), device=q.device, dtype=v.dtype)
+    if nq == 0 or b == 0:
+        return dq, dk.zero_(), dv.zero_(), torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
+    if do.dtype != q.dtype:
+        do = do.to(q.dtype)
+    block_d = max(16, triton.next_power_of_2(d))
+    if q.device.type == "cuda":
+        block_m, block_n, warps, stages = _BWD_CONFIGS[_d_bucket(block_d)]
+    else:
+        block_m, block_n, warps, stages = _INTERPRET_BLOCKS["BLOCK_M"], _INTERPRET_BLOCKS["BLOCK_N"], 1, 1
+    launch = dict(num_warps=warps, num_stages=stages)
+    dots = _dot_flags(q.dtype)
+    pad, stride_padb, stride_padn = _pad_args(attention_mask, q)
+    has_pad = attention_mask is not None
+
+    delta = torch.empty((b, hq, nq), device=q.device, dtype=torch.float32)
+    _bwd_delta_kernel[(triton.cdiv(nq, block_m), b * hq)](
+        out, do, delta, *_strides4(out), *_strides4(do), hq, nq, d,
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
+    )
+
+    # Per-batch partials of the prefix gradients (reduced over the G heads in-kernel), summed below.
+    wk = torch.empty((b, hkv, p, d), device=q.device, dtype=torch.float32)
+    wv = torch.empty((b, hkv, p, d), device=q.device, dtype=torch.float32)
+    common = (*_strides4(q), *_strides4(k), *_strides4(v), *prefix_k.stride(), *prefix_v.stride(),
+              stride_padb, stride_padn, *_strides4(do))
+    n_blocks = triton.cdiv(p, block_n) + triton.cdiv(nk, block_n)
+    _prefix_attn_bwd_dkdv_kernel[(n_blocks, b * hkv)](
+        q, k, v, prefix_k, prefix_v, pad, do, lse, delta, dk, dv, wk, wv,
+        *common, *_strides4(dk), *_strides4(dv),
+        hkv, g, nq, nk, p, d, float(scale), float(scale) * _LOG2E,
+        CAUSAL=bool(causal), HAS_PAD=has_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **dots, **launch,
+    )
+    # dQ uses the transposed block shape: its rows are the long side there.
+    _prefix_attn_bwd_dq_kernel[(triton.cdiv(nq, block_n), b * hq)](
+        q, k, v, prefix_k, prefix_v, pad, do, lse, delta, dq,
+        *common, *_strides4(dq),
+        hq, g, nq, nk, p, d, float(scale), float(scale) * _LOG2E,
+        CAUSAL=bool(causal), HAS_PAD=has_pad, BLOCK_M=block_n, BLOCK_N=block_m, BLOCK_D=block_d, **dots, **launch,
+    )
+    dpk = wk.sum(0).to(prefix_k.dtype)
+    dpv = wv.sum(0).to(prefix_v.dtype)
+    return dq, dk, dv, dpk, dpv
+
+
+def _define_ops():
+    """Register ``peftfast::prefix_attention`` (+ fake, autograd) and its backward op; returns both."""
+
+    @torch.library.custom_op("peftfast::prefix_attention", mutates_args=())
+    def _prefix_attention_op(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        prefix_k: torch.Tensor,
+        prefix_v: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        causal: bool,
+        scale: float,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Triton forward; returns ``(out, lse2)``, ``lse2`` [B, Hq, Nq] fp32 in log2 units (kept for backward).
+
+        ``prefix_k``/``prefix_v`` are already in k's dtype (the public function casts them).
+        """
+        return _prefix_attn_forward_impl(q, k, v, prefix_k, prefix_v, attention_mask, causal, scale)
+
+    @_prefix_attention_op.register_fake
+    def _(q, k, v, prefix_k, prefix_v, attention_mask, causal, scale):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    @torch.library.custom_op("peftfast::prefix_attention_backward", mutates_args=())
+    def _prefix_attention_backward_op(
+        do: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        prefix_k: torch.Tensor,
+        prefix_v: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        causal: bool,
+        scale: float,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(dq, dk, dv, dprefix_k, dprefix_v)``; the prefix grads are summed over batch and head groups."""
+        return _prefix_attn_backward_impl(do, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, scale)
+
+    @_prefix_attention_backward_op.register_fake
+    def _(do, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, scale):
+        return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+                prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape))
+
+    def _setup_context(ctx, inputs, output):
+        q, k, v, prefix_k, prefix_v, attention_mask, causal, scale = inputs
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, attention_mask, output[0], output[1])
+        ctx.causal, ctx.scale = causal, scale
+
+    def _backward(ctx, do, dlse):
+        # dlse is ignored: lse is an internal output, only returned so that the backward can reuse it.
+        q, k, v, prefix_k, prefix_v, attention_mask, out, lse = ctx.saved_tensors
+        dq, dk, dv, dpk, dpv = _prefix_attention_backward_op(do, q, k, v, prefix_k, prefix_v, attention_mask,
+                                                             out, lse, ctx.causal, ctx.scale)
+        return dq, dk, dv, dpk, dpv, None, None, None
+
+    torch.library.register_autograd("peftfast::prefix_attention", _backward, setup_context=_setup_context)
+
+    return _prefix_attention_op, _prefix_attention_backward_op
+
+
+def _registered_ops():
+    """The custom ops, registered once per process by ``peftfast.kernels.prefix_attention``.
+
+    As in ``lora.py``: a second copy of this file imported as the top-level ``kernels`` package reuses
+    the canonical registration instead of replacing it. The module is fetched by name: the package
+    attribute ``peftfast.kernels.prefix_attention`` is the function of the same name.
+    """
+    if __name__ != "peftfast.kernels.prefix_attention":
+        try:
+            canonical = importlib.import_module("peftfast.kernels.prefix_attention")
+
+            return canonical._prefix_attention_op, canonical._prefix_attention_backward_op
+        except ImportError:  # the directory used on its own, without the peftfast package
+            pass
+    return _define_ops()
+
+
+if _mm is not None:
+    _prefix_attention_op, _prefix_attention_backward_op = _registered_ops()
+
+
+def _triton_prefix_attention_impl(q, k, v, prefix_k, prefix_v, *, causal=True, attention_mask=None, scale=None):
+    """The body of ``prefix_attention(..., backend="triton")`` (shapes already checked)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    # PEFT casts the prefix to the model's dtype; autograd brings its gradient back to the parameter's.
+    pk = prefix_k if prefix_k.dtype == k.dtype else prefix_k.to(k.dtype)
+    pv = prefix_v if prefix_v.dtype == k.dtype else prefix_v.to(k.dtype)
+    out, _ = _prefix_attention_op(q, k, v, pk, pv, attention_mask, bool(causal), scale)
+    return out
+
+
+def _triton_supports(q, k, v, prefix_k, prefix_v, attention_mask):
+    """``(True, "")`` when the Triton path handles this call, else ``(False, why)``."""
+    if _triton_prefix_attention is None:
+        return False, "Triton is not importable on this platform"
+    if q.dtype not in _FLOAT_DTYPES:
+        return False, f"q is {q.dtype}; the kernel takes float32, float16 or bfloat16"
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            return False, f"{name} is {t.dtype} but q is {q.dtype} (q, k and v must share a dtype)"
+    for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        if t.dtype not in _FLOAT_DTYPES:
+            return False, f"{name} is {t.dtype}; the kernel takes float32, float16 or bfloat16"
+    others = (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v), ("attention_mask", attention_mask))
+    for name, t in others:
+        if t is not None and t.device != q.device:
+            return False, f"{name} is on {t.device} but q is on {q.device}"
+    if prefix_k.shape[1] == 0:
+        return False, "the prefix is empty (P=0): plain attention, which the reference runs"
+    if q.shape[-1] > _MAX_HEAD_DIM:
+        return False, f"head_dim {q.shape[-1]} > {_MAX_HEAD_DIM}"
+    if q.shape[0] * q.shape[1] > _MAX_GRID_Y:
+        return False, f"batch x heads = {q.shape[0] * q.shape[1]} exceeds the launch grid's {_MAX_GRID_Y}"
+    return True, ""
+
+
+# The entry prefix_attention dispatches to; None where Triton cannot be imported.
+_triton_prefix_attention = _triton_prefix_attention_impl if _mm is not None else None
