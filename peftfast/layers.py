@@ -58,6 +58,22 @@ def stores_transposed(module: nn.Module) -> bool:
     return bool(Conv1D) and isinstance(module, Conv1D)
 
 
+def base_weight(module: nn.Module):
+    """``module.weight``, with a bitsandbytes 4-bit layer's quant state put back when a sharding engine
+    (FSDP) has swapped the ``Params4bit`` for a plain tensor of the packed bytes: bnb keeps a copy of the
+    state on the module for this case, and its own forward recovers it the same way. The module is not
+    modified (the engine owns its parameters); the returned ``Params4bit`` shares the tensor's storage."""
+    w = module.weight
+    state = getattr(module, "quant_state", None)
+    if state is None or is_4bit_weight(w) or w.dim() != 2 or w.shape[1] != 1:
+        return w
+    import bitsandbytes as bnb
+
+    view = bnb.nn.Params4bit(w.data, requires_grad=False, quant_storage=w.dtype, bnb_quantized=True)
+    view.quant_state = state
+    return view
+
+
 def kernel_weight(module: nn.Module):
     """The base weight in the form the kernels read: [N, K] dense view or a 4-bit Params4bit.
 
@@ -65,7 +81,7 @@ def kernel_weight(module: nn.Module):
     """
     if is_8bit(module):
         return None
-    w = module.weight
+    w = base_weight(module)
     if is_4bit_weight(w):
         return w
     return w.t() if stores_transposed(module) else w
@@ -73,7 +89,7 @@ def kernel_weight(module: nn.Module):
 
 def dense_base_weight(module: nn.Module, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The base weight as a dense [N, K] tensor (dequantized for bitsandbytes bases)."""
-    w = module.weight
+    w = base_weight(module)
     if is_8bit(module):
         cb = w.CB if getattr(w, "CB", None) is not None else w.data
         scb = w.SCB if getattr(w, "SCB", None) is not None else module.state.SCB
@@ -240,7 +256,7 @@ class LoraLayer(AdapterLayer):
         result = None
         if weight is None:  # the kernels cannot read this base (8-bit): let it compute its own output
             result = base(x)
-        compute_dtype = getattr(base, "compute_dtype", None) if is_4bit_weight(base.weight) else None
+        compute_dtype = getattr(base, "compute_dtype", None) if is_4bit_weight(weight) else None
         x_in = x.to(compute_dtype) if compute_dtype is not None and x.is_floating_point() else x
         for name in self.active_adapters:
             a, b = self.lora_A[name].weight, self.lora_B[name].weight

@@ -122,7 +122,7 @@ def quantize_4bit(
         )
         q.weight = bnb.nn.Params4bit(
             lin.weight.data.clone(), requires_grad=False, quant_type=quant_type, compress_statistics=nested,
-            quant_storage=quant_storage,
+            quant_storage=quant_storage, module=q,  # bnb keeps the quant state on the module too (FSDP)
         )._quantize("cpu")
         if lin.bias is not None:
             q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=lin.bias.requires_grad)

@@ -26,13 +26,8 @@ TIMEOUT_S = 50
 
 def _build(quant: bool):
     import peftfast
-    from tiny import tiny_llama
 
-    model = tiny_llama(seed=0)
-    if quant:
-        from models import quantize_4bit
-
-        quantize_4bit(model, quant_type="nf4", nested=True, skip=("lm_head",))
+    model = _build_base(quant)
     torch.manual_seed(1)
     peftfast.patch(model, peftfast.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                               init_lora_weights=False))
@@ -79,9 +74,9 @@ def _worker(rank: int, port: int, mode: str, outdir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
     try:
-        quant = mode == "ddp4bit"
+        quant = {"ddp4bit": True, "fsdp4bit": "bf16"}.get(mode, False)
         model = _build(quant)
-        if mode == "fsdp":
+        if mode.startswith("fsdp"):
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
@@ -109,7 +104,10 @@ def _worker(rank: int, port: int, mode: str, outdir: str) -> None:
             losses.append(g.item() / WORLD)
         lora = _lora_state(model)
         result = {"losses": losses, "lora": lora}
-        if mode != "fsdp":
+        if quant == "bf16":  # evidence that FSDP really sharded the packed 4-bit weights
+            w = model.model.layers[0].self_attn.k_proj.weight
+            result["k_proj_weight"] = (type(w).__name__, str(w.dtype), hasattr(w, "full_tensor"))
+        if not mode.startswith("fsdp"):
             with torch.no_grad():
                 trained_logits = model(input_ids=eval_ids).logits
             adapter_dir = os.path.join(outdir, "adapter")
@@ -127,14 +125,17 @@ def _worker(rank: int, port: int, mode: str, outdir: str) -> None:
         dist.destroy_process_group()
 
 
-def _build_base(quant: bool):
+def _build_base(quant):
+    """quant: False (dense), True (NF4, uint8 storage) or "bf16" (NF4 packed into bfloat16 storage, the
+    FSDP-QLoRA layout: the 4-bit weights shard with the rest of a wrap unit)."""
     from tiny import tiny_llama
 
     model = tiny_llama(seed=0)
     if quant:
         from models import quantize_4bit
 
-        quantize_4bit(model, quant_type="nf4", nested=True, skip=("lm_head",))
+        storage = torch.bfloat16 if quant == "bf16" else torch.uint8
+        quantize_4bit(model, quant_type="nf4", nested=True, quant_storage=storage, skip=("lm_head",))
     return model
 
 
@@ -174,6 +175,8 @@ def _check(mode: str, tmp_path: Path, quant: bool) -> None:
     from helpers import rel_err
 
     results = _launch(mode, tmp_path)
+    if quant == "bf16":
+        assert results[0]["k_proj_weight"] == ("DTensor", "torch.bfloat16", True), results[0]["k_proj_weight"]
     ref_model, ref_lora, ref_losses = _reference(quant)
     assert len(ref_lora) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
     for r, res in enumerate(results):
@@ -215,6 +218,13 @@ def test_ddp_lora_4bit_nf4_base_matches_single_process(tmp_path):
 
 def test_fsdp2_lora_matches_single_process(tmp_path):
     _check("fsdp", tmp_path, quant=False)
+
+
+def test_fsdp2_qlora_bf16_storage_matches_single_process(tmp_path):
+    """FSDP-QLoRA: NF4 weights packed in bfloat16 storage are sharded by fully_shard like any parameter;
+    the quant state comes back from the module after the all-gather, and nothing is cast."""
+    pytest.importorskip("bitsandbytes")
+    _check("fsdp4bit", tmp_path, quant="bf16")
 
 
 if __name__ == "__main__":
