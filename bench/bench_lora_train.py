@@ -1,0 +1,165 @@
+"""Suite ``lora_train``: forward + backward of one LoRA linear at training batch sizes.
+
+Shapes: Llama-3-8B's linear layers (4096->4096, 4096->1024, 4096->14336, 14336->4096), r=16,
+M in {2048, 8192} rows, bf16, a bf16 dense base and an NF4 (nested) base; the base weight is frozen
+(no dW), x, A and B get gradients. Compute-bound:
+
+    FLOPs = forward 2MNK + 2Mr(K+N)  +  backward: dX 2MNK + 2MrK, g = dY B 2MNr, dA 2MrK, dB 2MrN
+          = 4MNK + 6Mr(K+N)
+    TFLOP/s and % of the measured bf16 matmul ceiling; peak memory = what one step allocates above
+    what was allocated before it (saved activations and temporaries).
+
+Implementations:
+    peftfast            peftfast.kernels.lora_linear (LoRA folded into the base GEMM's epilogue; dY B once)
+    peft                Hugging Face PEFT's LoRA layer on nn.Linear (bf16 base) / bitsandbytes Linear4bit (NF4)
+    dequant_cublas      (NF4) bnb dequantize_4bit, F.linear, LoRA added by torch.addmm; autograd backward
+    plain_addmm         (bf16) F.linear, LoRA added by torch.addmm; autograd backward
+    bf16_dense_floor    F.linear on a pre-dequantized bf16 weight, no LoRA (forward + dX)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from bench_common import (LLAMA3_8B_SHAPES, LORA_ALPHA, LORA_R, Context, derive, free_memory, geomean, headline,
+                          import_bnb, import_peft, make_context, measure_ceilings, n_buffers,
+                          nf4_bytes, peft_lora_layer, quantize_nf4, safe_measure, smoke_threads, speedups,
+                          suite_result, unavailable)
+
+NAME = "lora_train"
+FULL_MS = (2048, 8192)
+SMOKE_SHAPES = ((128, 128), (128, 256))
+SMOKE_MS = (32,)
+BASES = ("bf16", "nf4")
+
+
+def _params(ctx: Context, k: int, n: int):
+    dt, dev = ctx.dtype, ctx.device
+    a = (torch.randn(LORA_R, k, device=dev) / k**0.5).to(dt).requires_grad_(True)
+    b = (torch.randn(n, LORA_R, device=dev) * 0.02).to(dt).requires_grad_(True)
+    return a, b
+
+
+def _weight_set(ctx: Context, k: int, n: int, base: str, bnb, peft_why: str):
+    w = (torch.randn(n, k, device=ctx.device) / k**0.5).to(ctx.dtype)
+    a, b = _params(ctx, k, n)
+    s = {"w": w, "A": a, "B": b}
+    if base == "nf4":
+        s["lin"] = quantize_nf4(w, ctx.dtype, nested=True)
+        s["weight"] = s["lin"].weight
+        base_layer = s["lin"]
+    else:
+        s["weight"] = w
+        base_layer = torch.nn.Linear(k, n, bias=False, device=ctx.device, dtype=ctx.dtype)
+        with torch.no_grad():
+            base_layer.weight.copy_(w)
+        base_layer.weight.requires_grad_(False)
+    if not peft_why:
+        try:
+            s["peft"] = peft_lora_layer(base_layer, a, b, r=LORA_R, alpha=LORA_ALPHA, four_bit=(base == "nf4"))
+        except Exception as e:  # noqa: BLE001
+            s["peft_error"] = f"error building PEFT's layer: {type(e).__name__}: {e}"
+    else:
+        s["peft_error"] = peft_why
+    return s
+
+
+def _peft_params(s):
+    layer = s.get("peft")
+    if layer is None:
+        return []
+    return [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+
+
+@smoke_threads
+def run(smoke: Optional[bool] = None, ctx: Optional[Context] = None) -> dict:
+    ctx = ctx or make_context(smoke)
+    ceilings = ctx.ceilings or measure_ceilings(ctx)
+    shapes = SMOKE_SHAPES if ctx.smoke else LLAMA3_8B_SHAPES
+    ms = SMOKE_MS if ctx.smoke else FULL_MS
+    bnb, bnb_why = import_bnb()
+    peft, peft_why = import_peft()
+    from peftfast.kernels import lora_linear
+
+    scaling = LORA_ALPHA / LORA_R
+    ctx.begin(NAME, len(shapes) * len(ms) * len(BASES))
+    cases = []
+    for base in BASES:
+        for k, n in shapes:
+            if base == "nf4" and bnb is None:
+                for m in ms:
+                    impls = {name: unavailable(bnb_why) for name in ("peftfast", "peft", "dequant_cublas",
+                                                                     "bf16_dense_floor")}
+                    cases.append(_case(base, k, n, m, impls, ceilings))
+                    ctx.tick(f"{base} {k}->{n} M={m} (unavailable)")
+                continue
+            torch.manual_seed(0)
+            wbytes = nf4_bytes(n, k) if base == "nf4" else 2 * n * k
+            n_sets = n_buffers(ctx, wbytes + 2 * min(ms) * (k + n) * 2)
+            sets = [_weight_set(ctx, k, n, base, bnb, peft_why) for _ in range(n_sets)]
+            for m in ms:
+                per_set = 2 * m * (k + n) * 2 + wbytes
+                used = sets[:n_buffers(ctx, per_set)]
+                xs = [torch.randn(m, k, device=ctx.device).to(ctx.dtype).requires_grad_(True) for _ in used]
+                dys = [torch.randn(m, n, device=ctx.device).to(ctx.dtype) for _ in used]
+                args = list(zip(used, xs, dys))
+                grads = xs + [t for s in used for t in (s["A"], s["B"], *_peft_params(s))]
+
+                def ours(s, x, dy):
+                    lora_linear(x, s["weight"], s["A"], s["B"], scaling, backend=ctx.backend).backward(dy)
+
+                def peft_step(s, x, dy):
+                    s["peft"](x).backward(dy)
+
+                def plain(s, x, dy):
+                    if base == "nf4":
+                        wq = s["lin"].weight
+                        w = bnb.functional.dequantize_4bit(wq.data, wq.quant_state).to(x.dtype)
+                    else:
+                        w = s["w"]
+                    y = F.linear(x, w)
+                    y = torch.addmm(y, x @ s["A"].t(), s["B"].t(), alpha=scaling)
+                    y.backward(dy)
+
+                def floor(s, x, dy):
+                    F.linear(x, s["w"]).backward(dy)
+
+                impls = {"peftfast": safe_measure(ctx, ours, args, grad_to_none=grads)}
+                if "peft" in sets[0]:
+                    impls["peft"] = safe_measure(ctx, peft_step, args, grad_to_none=grads)
+                else:
+                    impls["peft"] = unavailable(sets[0].get("peft_error", peft_why))
+                impls["dequant_cublas" if base == "nf4" else "plain_addmm"] = safe_measure(ctx, plain, args,
+                                                                                            grad_to_none=grads)
+                dense_args = args[:n_buffers(ctx, 2 * m * (k + n) * 2 + 2 * n * k)]
+                impls["bf16_dense_floor"] = safe_measure(ctx, floor, dense_args, grad_to_none=grads)
+                cases.append(_case(base, k, n, m, impls, ceilings))
+                ctx.tick(f"{base} {k}->{n} M={m}")
+                del xs, dys, args, grads
+            del sets
+            free_memory(ctx)
+
+    heads = []
+    for base, other in (("nf4", "dequant_cublas"), ("bf16", "plain_addmm")):
+        sel = [c for c in cases if c["shape"]["base"] == base]
+        heads.append(headline(f"{base} base: speedup vs PEFT (geomean)",
+                              geomean([c["speedup"].get("peft") for c in sel])))
+        heads.append(headline(f"{base} base: speedup vs {other} (geomean)",
+                              geomean([c["speedup"].get(other) for c in sel])))
+    config = {"shapes_K_N": [list(s) for s in shapes], "M": list(ms), "r": LORA_R, "lora_alpha": LORA_ALPHA,
+              "bases": list(BASES), "dtype": str(ctx.dtype), "step": "y = f(x); y.backward(dy); x, A, B get grads",
+              "peft_adapter_dtype": "same as peftfast's (bf16): autocast_adapter_dtype=False"}
+    return suite_result(NAME, ctx, cases, config=config, headline=heads,
+                        notes=["speedup = baseline median / peftfast median (> 1: peftfast faster)"])
+
+
+def _case(base, k, n, m, impls, ceilings):
+    flops = 4 * m * n * k + 6 * m * LORA_R * (k + n)
+    floor_flops = 4 * m * n * k
+    for name, res in impls.items():
+        derive(res, flops=floor_flops if name == "bf16_dense_floor" else flops, ceilings=ceilings)
+    return {"name": f"{base} {k}->{n} M={m}",
+            "shape": {"M": m, "K": k, "N": n, "r": LORA_R, "base": base, "dtype": "torch.bfloat16"},
+            "flops": flops, "impls": impls, "speedup": speedups(impls)}

@@ -1,0 +1,189 @@
+"""CI for the benchmark suites: every suite in smoke mode (CPU, tiny sizes, reference kernels).
+
+The numbers are not figures; these tests check that the code runs and that its results are well formed:
+every case has its shapes, finite positive times (p20 <= median <= p80), speedups wherever both sides
+ran, and unavailable implementations labelled with the reason. Each suite runs under pytest-benchmark
+(one round: the point is the structure, not the time) when the plugin is installed.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+import bench_common
+import bench_report
+
+SUITES = bench_common.SUITES
+
+
+def _run_suite(request, name: str, **options):
+    import importlib
+
+    module = importlib.import_module(f"bench_{name}")
+    ctx = bench_common.make_context(smoke=True, **options)
+
+    def go():
+        return module.run(ctx=ctx)
+
+    try:
+        benchmark = request.getfixturevalue("benchmark")
+    except pytest.FixtureLookupError:  # pytest-benchmark not installed
+        return go()
+    return benchmark.pedantic(go, rounds=1, iterations=1)
+
+
+def _check_timing(res: dict, where: str) -> None:
+    if "tokens_per_s" in res:
+        assert res["tokens_per_s"] > 0 and math.isfinite(res["tokens_per_s"]), where
+        return
+    for key in ("median_ms", "p20_ms", "p80_ms"):
+        assert key in res, f"{where}: no {key}"
+        assert res[key] > 0 and math.isfinite(res[key]), f"{where}: {key}={res[key]}"
+    assert res["p20_ms"] <= res["median_ms"] * (1 + 1e-9) and res["median_ms"] <= res["p80_ms"] * (1 + 1e-9), where
+    assert res["buffers"] >= 1
+
+
+def check_structure(result: dict, name: str) -> None:
+    assert result["suite"] == name
+    assert result["smoke"] is True
+    assert result["status"] == "ok" or result["status"].startswith("unavailable"), result["status"]
+    assert result["ceilings"] and result["ceilings"]["copy_gbps"] > 0 and result["ceilings"]["matmul_bf16_tflops"] > 0
+    json.dumps(result, allow_nan=False)  # serializable, no NaN/inf anywhere
+    assert result["cases"], "no cases"
+    assert result["headline"], "no headline"
+    for case in result["cases"]:
+        where = f"{name}: {case.get('name')}"
+        assert case.get("name") and isinstance(case.get("shape"), dict) and case["shape"], where
+        impls = case["impls"]
+        assert impls, where
+        for impl, res in impls.items():
+            if "unavailable" in res:
+                assert isinstance(res["unavailable"], str) and res["unavailable"].strip(), f"{where}/{impl}: no reason"
+                assert not res["unavailable"].startswith("error"), f"{where}/{impl} failed: {res['unavailable']}"
+            else:
+                _check_timing(res, f"{where}/{impl}")
+        if name == "ceilings":
+            continue
+        assert "peftfast" in impls, where
+        speed = case["speedup"]
+        for impl, res in impls.items():
+            if impl == "peftfast":
+                continue
+            both = "unavailable" not in res and "unavailable" not in impls["peftfast"]
+            if both:
+                assert speed[impl] is not None and speed[impl] > 0 and math.isfinite(speed[impl]), f"{where}/{impl}"
+            else:
+                assert speed[impl] is None, f"{where}/{impl}: a ratio to an unavailable side"
+
+
+@pytest.mark.parametrize("name", SUITES)
+def test_suite_smoke(request, name):
+    result = _run_suite(request, name)
+    check_structure(result, name)
+    if name == "lora_decode":
+        for case in result["cases"]:
+            res = case["impls"]["peftfast"]
+            if "unavailable" not in res:
+                assert res["pct_of_hbm_roofline"] > 0 and res["gbps"] > 0 and res["tflops"] > 0
+                assert case["check"]["rel_err_peftfast_vs_dequant_cublas"] < 2e-2
+    if name == "lora_train":
+        assert {c["shape"]["base"] for c in result["cases"]} == {"bf16", "nf4"}
+    if name == "e2e_qlora" and result["status"] == "ok":
+        curves = result["loss_curves"]
+        assert set(curves) == {"peftfast", "peft_bnb"}
+        steps = result["config"]["loss_steps"]
+        assert all(len(v) == steps and all(math.isfinite(x) for x in v) for v in curves.values())
+        # Same base, same adapter init, same batches: the two curves agree to float rounding.
+        assert result["loss_agreement"]["max_abs_diff"] < 1e-2
+        assert {c["shape"]["gradient_checkpointing"] for c in result["cases"]} == {False, True}
+
+
+def test_unavailable_baseline_is_labelled(request, monkeypatch):
+    import bench_lora_decode
+
+    monkeypatch.setattr(bench_lora_decode, "import_peft", lambda: (None, "peft not importable (test)"))
+    monkeypatch.setattr(bench_lora_decode, "SMOKE_SHAPES", ((128, 128),))
+    monkeypatch.setattr(bench_lora_decode, "SMOKE_MS", (1,))
+    result = _run_suite(request, "lora_decode")
+    check_structure(result, "lora_decode")
+    for case in result["cases"]:
+        assert case["impls"]["peft_bnb"] == {"unavailable": "peft not importable (test)"}
+        assert case["speedup"]["peft_bnb"] is None
+        assert case["speedup"]["dequant_cublas"] is not None
+
+
+def test_prefix_suite_without_kernel(monkeypatch):
+    import bench_prefix_attention as bp
+
+    monkeypatch.setattr(bp, "load_kernel", lambda: (None, "unavailable: kernel not present (test)"))
+    result = bp.run(ctx=bench_common.make_context(smoke=True))
+    assert result["status"] == "unavailable: kernel not present (test)"
+    for case in result["cases"]:
+        assert case["impls"]["peftfast"]["unavailable"].startswith("unavailable: kernel not present")
+        assert all(v is None for v in case["speedup"].values())
+        _check_timing(case["impls"]["sdpa_flash"], case["name"])  # the baselines still run
+
+
+def test_gpu_slug():
+    assert bench_common.gpu_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert bench_common.gpu_slug("NVIDIA H200") == "nvidia-h200"
+    assert bench_common.gpu_slug("  ") == "unknown-gpu"
+
+
+def test_write_json_atomic(tmp_path):
+    path = tmp_path / "a" / "x.json"
+    bench_common.write_json_atomic(path, {"v": 1})
+    assert json.loads(path.read_text()) == {"v": 1}
+    with pytest.raises(ValueError):
+        bench_common.write_json_atomic(path, {"v": float("nan")})  # refused, and the old file survives
+    assert json.loads(path.read_text()) == {"v": 1}
+    assert [p.name for p in path.parent.iterdir()] == ["x.json"]  # no temporary left behind
+
+
+def test_cli_list_and_table(tmp_path, capsys):
+    from peftfast.bench import main
+
+    assert main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for name in SUITES:
+        assert name in out
+    assert main(["--table", "--out", str(tmp_path)]) == 0
+    assert "No benchmark results committed yet" in capsys.readouterr().out
+
+
+def test_cli_smoke_writes_only_where_told(tmp_path, capsys, monkeypatch):
+    from peftfast.bench import main
+
+    results = bench_common.RESULTS_DIR
+    smoke_dir = results / "cpu-smoke"
+    assert main(["--smoke", "--out", str(results), "ia3"]) == 2  # smoke numbers never go to bench/results
+    assert not smoke_dir.exists()
+    assert main(["--smoke", "ia3"]) == 0  # no --out: nothing written
+    assert not smoke_dir.exists()
+    out = capsys.readouterr().out
+    assert "SMOKE MODE" in out and "ia3" in out.strip().splitlines()[-1]  # the headline table comes last
+    assert main(["--smoke", "--out", str(tmp_path), "--no-plots", "ia3"]) == 0
+    data = json.loads((tmp_path / "cpu-smoke" / "ia3.json").read_text())
+    check_structure(data, "ia3")
+    env = data["env"]
+    assert env["command"] == f"peftfast bench ia3 --smoke --out {tmp_path} --no-plots"
+    assert env["versions"]["torch"] and env["date"] and "git_commit" in env
+    capsys.readouterr()
+    # The table skips smoke results unless asked; asked, it renders them, flagged as not figures.
+    assert main(["--table", "--out", str(tmp_path)]) == 0
+    assert "No benchmark results committed yet" in capsys.readouterr().out
+    table = bench_report.markdown_report(tmp_path, include_smoke=True)
+    assert "not figures" in table and "| case |" in table and "overhead vs base" in table
+
+
+def test_plots_when_matplotlib_is_installed(tmp_path):
+    pytest.importorskip("matplotlib")
+    fake = {"suite": "lora_decode", "smoke": True, "cases": [
+        {"name": "a", "shape": {"M": 1}, "impls": {}, "speedup": {"peft_bnb": 1.5, "dequant_cublas": None}}]}
+    written = bench_report.plot_suite(fake, tmp_path)
+    assert written and all(p.endswith(".png") for p in written)
+    e2e = {"suite": "e2e_qlora", "cases": [], "loss_curves": {"peftfast": [3.0, 2.0], "peft_bnb": [3.0, 2.1]},
+           "loss_agreement": {"max_abs_diff": 0.1}}
+    assert bench_report.plot_suite(e2e, tmp_path)
