@@ -7,15 +7,34 @@ gets no gradient), the layer computes
 
 where ``base = x W^T + bias`` and ``x_d`` is the LoRA input after dropout. Without dropout ``x_d W^T``
 is ``base - bias`` and is not recomputed; with dropout PEFT recomputes it from ``x_d``, and so do we.
+
+The Triton path (``backend="triton"``, and ``"auto"`` on CUDA or under ``TRITON_INTERPRET=1``) is
+registered as the ``torch.library`` custom ops ``peftfast::dora_linear`` / ``peftfast::dora_linear_backward``
+(fakes + autograd formula, so ``torch.compile`` traces it without graph breaks). With ``c = m / n``:
+
+* the row norms come from one small kernel (:func:`_dora_norm_kernel`) that forms ``W + s B A`` tile by
+  tile in registers: the [N, K] ``B A`` product and the sum are never written (the reference writes both);
+* without dropout the output is ``y = c * (x W^T + s (x A^T) B^T) + bias``: ONE GEMM with the LoRA term
+  and the per-output-column factor ``c`` in its epilogue (:func:`_dora_matmul_kernel`, mode ``_FWD``);
+* with dropout the same launch reads W once for two accumulators, ``x W^T`` and ``x_d W^T``, because
+  the base output and the DoRA correction see different inputs (PEFT runs two GEMMs for this).
+
+``x_d`` and the pre-scale output are never saved: see the table above :func:`_dora_forward_impl`.
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+import inspect
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .dispatch import resolve_backend
+# The base-weight plumbing is shared with LoRA: 4-bit weights travel through the custom ops as their
+# storage tensors (_quant_args) and are dequantized in one launch where a GEMM needs them (_dense_base).
+from .lora import _check_shapes, _dense_base, _quant_args
+from .nf4 import Quant4bit, is_4bit_weight
 from .weights import dense_weight, weight_shape
 
 
@@ -75,17 +94,19 @@ def dora_linear(
     """DoRA linear layer, dense or 4-bit base.
 
     Args:
-        x: input [..., K].
-        weight: dense [N, K] tensor or bitsandbytes ``Params4bit``.
-        lora_A: [r, K]. lora_B: [N, r]. scaling: LoRA scaling. magnitude: [N].
+        x: input [..., K], fp32/fp16/bf16; need not be contiguous.
+        weight: dense [N, K] tensor (any float dtype, any strides) or bitsandbytes ``Params4bit``.
+        lora_A: [r, K]. lora_B: [N, r]. scaling: LoRA scaling. magnitude: [N]. The adapters may be in
+            another dtype than x (fp32 adapters on a half-precision base).
         bias: optional [N].
         base_output: the output already computed for this input (base plus earlier adapters), if any.
+            Such calls (8-bit bases, a second active adapter) run the reference.
         dropout_p, training: dropout on the adapter input.
-        backend: ``"auto"``, ``"triton"`` or ``"reference"`` (only the reference exists so far; "auto"
-            uses it everywhere).
+        backend: ``"auto"``, ``"triton"`` or ``"reference"``.
 
     Returns:
-        [..., N] in x's dtype.
+        [..., N] in x's dtype. Differentiable in x, lora_A, lora_B, magnitude (and bias); the base
+        weight is frozen on the Triton path (a base that requires grad makes ``"auto"`` use the reference).
 
     Example:
         >>> y = dora_linear(x, layer.weight, A, B, 2.0, m, bias=layer.bias)  # doctest: +SKIP
@@ -93,9 +114,673 @@ def dora_linear(
     n, _ = weight_shape(weight)
     if magnitude.numel() != n:
         raise ValueError(f"DoRA magnitude has {magnitude.numel()} values, the weight has {n} output rows")
-    resolve_backend(backend, x.device, supported=False, why="no Triton DoRA kernel is built yet")
-    # No Triton DoRA kernel yet: dequantize a 4-bit base with the best backend, then the reference math.
+    _check_shapes(x, weight, lora_A, lora_B)
+    p = dropout_p if training else 0.0
+    supported, why = _triton_supports(x, weight, lora_A, lora_B, magnitude, bias, base_output, p)
+    if resolve_backend(backend, x.device, supported, why) == "triton":
+        return _triton_dora_linear(x, weight, lora_A, lora_B, scaling, magnitude, bias=bias, dropout_p=p)
+    # The fallback still dequantizes a 4-bit base with the best backend available, then the reference math.
     return dora_linear_reference(
         x, dense_weight(weight, x.dtype, backend), lora_A, lora_B, scaling, magnitude, bias=bias, base_output=base_output,
         dropout_p=dropout_p, training=training,
     )
+
+
+# ==================================================================================================
+# Triton path
+# ==================================================================================================
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Row granularity of the dm partial sums: every config's BLOCK_M is a multiple of it, so the partials
+# buffer ([cdiv(M, 16), N] fp32) is fully written whichever config the autotuner picks.
+_SUB_M = 16
+# _dora_matmul_kernel's modes (the MODE constexpr; the kernel compares against these literal values).
+_FWD, _DX, _DM = 0, 1, 2
+
+try:
+    from .dispatch import triton_available as _triton_available
+
+    if _triton_available():
+        from . import matmul as _mm
+    else:  # pragma: no cover - platforms without Triton
+        _mm = None
+except ImportError:  # pragma: no cover
+    _mm = None
+
+
+if _mm is not None:
+    import triton
+    import triton.language as tl
+
+    from .matmul import _dot, _dropout_keep
+
+    @triton.jit
+    def _dora_norm_kernel(
+        p_w, p_a, p_b, p_out,
+        N, K, R,
+        stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+        scale,
+        DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        """out[N] = ||W[n, :] + scale * (B[n, :] @ A)||_2, rounded to out's dtype (the compute dtype).
+
+        W, A and B are rounded to the compute dtype on load, as the reference's ``.to(w.dtype)`` does;
+        the product, sum and squares accumulate in fp32. Each program owns BLOCK_N whole rows, so the
+        row sums need no cross-program reduction.
+        """
+        i_n = tl.program_id(0)
+        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_n = o_n < N
+        o_n64 = o_n.to(tl.int64)
+        dtype = p_out.dtype.element_ty
+
+        b_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            o_k = k0 + tl.arange(0, BLOCK_K)
+            m_k = o_k < K
+            b_w = tl.load(p_w + o_n64[:, None] * stride_wn + o_k[None, :] * stride_wk,
+                          mask=m_n[:, None] & m_k[None, :], other=0.0).to(dtype).to(tl.float32)
+            b_d = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            for r0 in range(0, R, BLOCK_R):
+                o_r = r0 + tl.arange(0, BLOCK_R)
+                m_r = o_r < R
+                b_b = tl.load(p_b + o_n64[:, None] * stride_bn + o_r[None, :] * stride_br,
+                              mask=m_n[:, None] & m_r[None, :], other=0.0).to(dtype)
+                b_a = tl.load(p_a + o_r[:, None] * stride_ar + o_k[None, :] * stride_ak,
+                              mask=m_r[:, None] & m_k[None, :], other=0.0).to(dtype)
+                b_d = _dot(b_b, b_a, b_d, DOT_F32, IEEE)  # [BN, BR] @ [BR, BK] -> [BN, BK]
+            b_v = b_w + scale * b_d
+            b_sq += tl.sum(b_v * b_v, axis=1)
+        tl.store(p_out + o_n, tl.sqrt(b_sq).to(dtype), mask=m_n)
+
+    @triton.jit
+    def _dropout_kernel(
+        p_x, p_seed, p_o,
+        M, K,
+        stride_xm, stride_xk, stride_om, stride_ok,
+        dropout_p,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """O[M, K] = keep * X / (1 - p), keep regenerated from the seed (matmul.py's mask convention)."""
+        i_m, i_k = tl.program_id(0), tl.program_id(1)
+        o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        m = (o_m < M)[:, None] & (o_k < K)[None, :]
+        o_m64 = o_m.to(tl.int64)
+        b_x = tl.load(p_x + o_m64[:, None] * stride_xm + o_k[None, :] * stride_xk, mask=m, other=0.0)
+        b_keep = _dropout_keep(p_seed, o_m, o_k, K, dropout_p)
+        b_o = tl.where(b_keep, b_x.to(tl.float32) / (1.0 - dropout_p), 0.0)
+        tl.store(p_o + o_m64[:, None] * stride_om + o_k[None, :] * stride_ok, b_o.to(p_o.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _dora_matmul_kernel(
+        p_x, p_xd, p_w, p_c, p_l, p_r, p_bias, p_seed, p_g, p_y, p_part,
+        M, N, K, R, M_KEY,
+        stride_xm, stride_xk, stride_xdm, stride_xdk, stride_wk, stride_wn, stride_lm, stride_lr,
+        stride_rr, stride_rn, stride_gm, stride_gn, stride_ym, stride_yn, stride_pp,
+        lr_scale, dropout_p,
+        MODE: tl.constexpr, DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
+        IEEE: tl.constexpr, SUB_M: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        """One GEMM ``X[M, K] @ Wt[K, N]`` with DoRA's epilogues; ``LR = lr_scale * L[M, R] @ R[R, N]``.
+
+        MODE 0 (_FWD), ``c`` over N:   no dropout: ``Y = c * (X Wt + LR) + bias``
+                                       dropout:    ``Y = X Wt + (c - 1) * (Xd Wt) + c * LR + bias``
+        MODE 1 (_DX),  ``c`` over K:   no dropout: ``Y = (X * c) Wt + LR``
+                                       dropout:    ``Y = X Wt + keep * ((X * (c - 1)) Wt + LR) / (1 - p)``
+        MODE 2 (_DM):                  ``part[s, n] = sum over the 16 rows of sub-block s of (X Wt + LR) * G``
+                                       (fp32, Y never written)
+
+        The two-accumulator variants read each W tile once for both products. The compute dtype is
+        X's; W, c-scaled X tiles and L/R are cast to it in-kernel, accumulation is fp32.
+        ``M_KEY`` (M rounded up to a power of two) is only an autotuning key.
+        """
+        i_pid = tl.program_id(0)
+        # Grouped launch order (as in matmul.py): GROUP_M row blocks sweep the columns together.
+        n_m = tl.cdiv(M, BLOCK_M)
+        n_n = tl.cdiv(N, BLOCK_N)
+        n_in_group = GROUP_M * n_n
+        i_group = i_pid // n_in_group
+        first_m = i_group * GROUP_M
+        group_size = min(n_m - first_m, GROUP_M)
+        i_m = first_m + ((i_pid % n_in_group) % group_size)
+        i_n = (i_pid % n_in_group) // group_size
+
+        o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        o_k = tl.arange(0, BLOCK_K)
+        m_m = o_m < M
+        m_n = o_n < N
+        o_m64 = o_m.to(tl.int64)
+        dtype = p_x.dtype.element_ty
+
+        b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        b_acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        p_xb = p_x + o_m64[:, None] * stride_xm + o_k[None, :] * stride_xk
+        p_wb = p_w + o_k[:, None] * stride_wk + o_n[None, :] * stride_wn
+        for k0 in range(0, K, BLOCK_K):
+            m_k = (k0 + o_k) < K
+            b_x = tl.load(p_xb, mask=m_m[:, None] & m_k[None, :], other=0.0)
+            # The base weight may be stored in another dtype (fp32 master copy, fp16 checkpoint).
+            b_w = tl.load(p_wb, mask=m_k[:, None] & m_n[None, :], other=0.0).to(dtype)
+            if MODE == 1:
+                # dX: dY's columns (the reduction dim here) carry the per-output-feature factor.
+                b_c = tl.load(p_c + k0 + o_k, mask=m_k, other=0.0)
+                if DROPOUT:
+                    b_acc = _dot(b_x, b_w, b_acc, DOT_F32, IEEE)  # [BM, BK] @ [BK, BN] -> [BM, BN]
+                    b_xc = (b_x.to(tl.float32) * (b_c - 1.0)[None, :]).to(dtype)
+                    b_acc2 = _dot(b_xc, b_w, b_acc2, DOT_F32, IEEE)  # [BM, BK] @ [BK, BN] -> [BM, BN]
+                else:
+                    b_xc = (b_x.to(tl.float32) * b_c[None, :]).to(dtype)
+                    b_acc = _dot(b_xc, b_w, b_acc, DOT_F32, IEEE)  # [BM, BK] @ [BK, BN] -> [BM, BN]
+            else:
+                b_acc = _dot(b_x, b_w, b_acc, DOT_F32, IEEE)  # [BM, BK] @ [BK, BN] -> [BM, BN]
+                if DROPOUT:  # _FWD only: the launcher never sets DROPOUT for _DM
+                    b_xd = tl.load(p_xd + o_m64[:, None] * stride_xdm + (k0 + o_k)[None, :] * stride_xdk,
+                                   mask=m_m[:, None] & m_k[None, :], other=0.0)
+                    b_acc2 = _dot(b_xd, b_w, b_acc2, DOT_F32, IEEE)  # [BM, BK] @ [BK, BN] -> [BM, BN]
+            p_xb += BLOCK_K * stride_xk
+            p_wb += BLOCK_K * stride_wk
+
+        # Low-rank term while the tile is still in registers, so the output is written once.
+        b_lr = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            o_r = r0 + tl.arange(0, BLOCK_R)
+            m_r = o_r < R
+            b_l = tl.load(p_l + o_m64[:, None] * stride_lm + o_r[None, :] * stride_lr,
+                          mask=m_m[:, None] & m_r[None, :], other=0.0).to(dtype)
+            b_r = tl.load(p_r + o_r[:, None] * stride_rr + o_n[None, :] * stride_rn,
+                          mask=m_r[:, None] & m_n[None, :], other=0.0).to(dtype)
+            b_lr = _dot(b_l, b_r, b_lr, DOT_F32, IEEE)  # [BM, BR] @ [BR, BN] -> [BM, BN]
+        b_lr = b_lr * lr_scale
+
+        if MODE == 2:
+            # Rows past M are 0 in X and L, and their G is loaded as 0: they add nothing.
+            b_g = tl.load(p_g + o_m64[:, None] * stride_gm + o_n[None, :] * stride_gn,
+                          mask=m_m[:, None] & m_n[None, :], other=0.0).to(tl.float32)
+            b_prod = tl.reshape((b_acc + b_lr) * b_g, [BLOCK_M // SUB_M, SUB_M, BLOCK_N])
+            b_part = tl.sum(b_prod, axis=1)  # [BM // SUB_M, BN]
+            o_p = i_m * (BLOCK_M // SUB_M) + tl.arange(0, BLOCK_M // SUB_M)
+            tl.store(p_part + o_p.to(tl.int64)[:, None] * stride_pp + o_n[None, :], b_part,
+                     mask=(o_p < tl.cdiv(M, SUB_M))[:, None] & m_n[None, :])
+        else:
+            if MODE == 0:
+                b_c = tl.load(p_c + o_n, mask=m_n, other=0.0)[None, :]
+                if DROPOUT:
+                    b_acc = b_acc + (b_c - 1.0) * b_acc2 + b_c * b_lr
+                else:
+                    b_acc = b_c * (b_acc + b_lr)
+                if HAS_BIAS:
+                    b_acc += tl.load(p_bias + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+            else:
+                if DROPOUT:
+                    # Only the LoRA input was dropped: its gradient passes where the input was kept.
+                    b_keep = _dropout_keep(p_seed, o_m, o_n, N, dropout_p)
+                    b_acc += tl.where(b_keep, (b_acc2 + b_lr) / (1.0 - dropout_p), 0.0)
+                else:
+                    b_acc += b_lr
+            tl.store(p_y + o_m64[:, None] * stride_ym + o_n[None, :] * stride_yn, b_acc.to(p_y.dtype.element_ty),
+                     mask=m_m[:, None] & m_n[None, :])
+
+    def _make_pruner(max_smem: int):
+        """matmul.py's pruning (shared memory, then row blocks that fit M), counting DoRA's extra operands.
+
+        The dropout forward stages two X tiles (x and x_d) per W tile; the two-accumulator variants
+        hold 2 x BLOCK_M x BLOCK_N fp32 in registers, so tiles that would need more than ~128 registers
+        per thread for them (and spill) are dropped.
+        """
+
+        def prune(configs, named_args, **kwargs):
+            args = {**named_args, **kwargs}
+            m, block_r = int(args["M"]), int(args["BLOCK_R"])
+            mode, dropout = int(args["MODE"]), bool(args["DROPOUT"])
+            elem = max(args["p_x"].element_size(), args["p_w"].element_size())
+            n_x = 2 if (mode == _FWD and dropout) else 1
+            two_acc = dropout and mode != _DM
+
+            def smem(c):
+                kw = c.kwargs
+                main = c.num_stages * (n_x * kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]) * elem
+                epilogue = (kw["BLOCK_M"] * block_r + block_r * kw["BLOCK_N"]) * elem
+                return max(main, epilogue)
+
+            def regs_ok(c):
+                return not two_acc or 2 * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 32 * c.num_warps
+
+            fits = [c for c in configs if smem(c) <= max_smem and regs_ok(c)]
+            fits = fits or [min(configs, key=lambda c: (smem(c), c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]))]
+            m_cap = max(16, triton.next_power_of_2(m))
+            short = [c for c in fits if c.kwargs["BLOCK_M"] <= m_cap]
+            if short:
+                return short
+            lowest = min(c.kwargs["BLOCK_M"] for c in fits)
+            return [c for c in fits if c.kwargs["BLOCK_M"] == lowest]
+
+        return prune
+
+    @functools.lru_cache(maxsize=None)
+    def _tuned_dora_matmul(device_index: int):
+        """The autotuned kernel for one CUDA device, built on first use so import never touches CUDA.
+
+        Configs: the LoRA GEMM's per-GPU-family table (``configs/lora_matmul.json``): the main loop is
+        the same X-by-W tile loop. MODE and DROPOUT are in the key: forward, dX and dm launches of one
+        shape have different operand counts and epilogues, so they are tuned separately.
+        """
+        capability = torch.cuda.get_device_capability(device_index)
+        entries = _mm._config_table()[_mm._family(capability)]
+        configs = [
+            triton.Config({k: e[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")},
+                          num_warps=e["num_warps"], num_stages=e["num_stages"])
+            for e in entries
+        ]
+        extra = {}
+        if "cache_results" in inspect.signature(triton.autotune).parameters:
+            extra["cache_results"] = True
+        return triton.autotune(
+            configs=configs,
+            key=["M_KEY", "N", "K", "R", "MODE", "DROPOUT", "HAS_BIAS"],
+            prune_configs_by={"early_config_prune": _make_pruner(_mm._max_shared_memory(device_index))},
+            **extra,
+        )(_dora_matmul_kernel)
+
+
+def dora_weight_norm_triton(w: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                            dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """:func:`dora_weight_norm` as one Triton launch: row norms of ``W + scaling * B A``, [N] in ``dtype``.
+
+    ``dtype`` (default: W's) is the compute dtype: W, A and B are rounded to it as the reference's casts
+    do; everything after that accumulates in fp32, and the norms are rounded to it at the end.
+    """
+    n, k = w.shape
+    r = lora_A.shape[0]
+    dtype = dtype or w.dtype
+    out = torch.empty(n, device=w.device, dtype=dtype)
+    if n == 0:
+        return out
+    block_r = _mm._block_r(r)
+    # On GPUs: 16-row programs so that even N = 1024 gives 64 programs reading W (memory-bound); the
+    # interpreter prefers few, large blocks.
+    block_n, block_k = (16, 256) if w.device.type == "cuda" else (64, 64)
+    _dora_norm_kernel[(triton.cdiv(n, block_n),)](
+        w, lora_A, lora_B, out, n, k, r,
+        w.stride(0), w.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
+        float(scaling),
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4, **_mm._dot_flags(dtype),
+    )
+    return out
+
+
+def _dropout(x2: torch.Tensor, seed: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """``keep * x / (1 - p)`` [M, K] contiguous, with the mask matmul.py's kernels regenerate from ``seed``."""
+    m, k = x2.shape
+    out = torch.empty((m, k), device=x2.device, dtype=x2.dtype)
+    if m == 0 or k == 0:
+        return out
+    block_m, block_k = 32, 128
+    _dropout_kernel[(triton.cdiv(m, block_m), triton.cdiv(k, block_k))](
+        x2, seed, out, m, k, x2.stride(0), x2.stride(1), out.stride(0), out.stride(1), float(dropout_p),
+        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
+    )
+    return out
+
+
+def dora_matmul(
+    x: torch.Tensor,
+    wt: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    c: torch.Tensor,
+    *,
+    mode: int,
+    lr_scale: float = 1.0,
+    xd: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    g: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    seed: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """Launch :func:`_dora_matmul_kernel` (formulas in its docstring).
+
+    Args:
+        x: [M, K], any strides: the compute dtype. wt: [K, N], any strides and float dtype.
+        left: [M, R]. right: [R, N]. lr_scale: multiplies ``left @ right``.
+        c: fp32 per-feature factor, contiguous: [N] for ``_FWD``, [K] for ``_DX``; unused by ``_DM``.
+        xd: [M, K] dropped-out x (``_FWD`` with ``dropout_p > 0``).
+        bias: [N], unit stride (``_FWD`` only).
+        g: [M, N] (``_DM``): the tensor the pre-scale output is reduced against.
+        dropout_p, seed: ``_FWD`` uses only whether ``dropout_p > 0``; ``_DX`` regenerates the keep-mask
+            of its [M, N] output from ``seed``.
+        out_dtype: Y's dtype; defaults to x's.
+
+    Returns:
+        ``_FWD``/``_DX``: Y [M, N] contiguous. ``_DM``: [N] fp32, ``sum_m (x Wt + LR)[m, n] * g[m, n]``.
+    """
+    m, k = x.shape
+    n = wt.shape[1]
+    r = left.shape[1]
+    dev = x.device
+    dropping = dropout_p > 0
+    if mode == _DM:
+        n_part = triton.cdiv(m, _SUB_M)
+        part = torch.empty((n_part, n), device=dev, dtype=torch.float32)
+        y = None
+        if m == 0 or n == 0:
+            return torch.zeros(n, device=dev, dtype=torch.float32)
+    else:
+        part = None
+        y = torch.empty((m, n), device=dev, dtype=out_dtype or x.dtype)
+        if m == 0 or n == 0:
+            return y
+    dummy = y if y is not None else part
+    xd_ = xd if (mode == _FWD and dropping) else x
+    args = (
+        x, xd_, wt, c if mode != _DM else dummy, left, right, bias if bias is not None else dummy,
+        seed if (mode == _DX and dropping) else dummy, g if mode == _DM else dummy, dummy,
+        dummy if part is None else part,
+        m, n, k, r, triton.next_power_of_2(m),
+        x.stride(0), x.stride(1), xd_.stride(0), xd_.stride(1), wt.stride(0), wt.stride(1),
+        left.stride(0), left.stride(1), right.stride(0), right.stride(1),
+        g.stride(0) if mode == _DM else 0, g.stride(1) if mode == _DM else 0,
+        y.stride(0) if y is not None else 0, y.stride(1) if y is not None else 0,
+        part.stride(0) if part is not None else 0,
+        float(lr_scale), float(dropout_p),
+    )
+    flags = dict(MODE=mode, DROPOUT=dropping and mode != _DM, HAS_BIAS=bias is not None and mode == _FWD,
+                 SUB_M=_SUB_M, BLOCK_R=_mm._block_r(r), **_mm._dot_flags(x.dtype))
+    if dev.type == "cuda":
+        kernel = _tuned_dora_matmul(dev.index if dev.index is not None else torch.cuda.current_device())
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        kernel[grid](*args, **flags)
+    else:
+        cfg = _mm._INTERPRET_CONFIG
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+        _dora_matmul_kernel[grid](*args, **flags, **cfg)
+    if mode == _DM:
+        # Deterministic: fixed-order partials summed by PyTorch (no atomics).
+        return part.sum(0)
+    return y
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward / backward bodies. With c = m / n (fp32, n the detached row norm), s the scaling, g = dY,
+# x_d = dropout(x) (x itself when p = 0) and xa = x_d A^T:
+#
+#   fwd   p = 0: y  = c * (x W^T + s xa B^T) + bias                  one _FWD GEMM
+#         p > 0: y  = x W^T + (c - 1) * (x_d W^T) + c * s xa B^T + bias   one _FWD GEMM, two accumulators
+#   gl  = s * (g * c) B = s * g (c B)                                [M, r], c folded into B's rows
+#   dX    p = 0: dx = (g * c) W + gl A                               one _DX GEMM
+#         p > 0: dx = g W + keep * ((g * (c - 1)) W + gl A) / (1-p)  one _DX GEMM, two accumulators
+#   dA  = gl^T x_d          dB = c[n] * s * (g^T xa)    (+ dbias = colsum(g), same pass over g)
+#   dm  = colsum(g * (x_d W^T + s xa B^T)) / n                       one _DM GEMM (recompute)
+#
+# Saved for the backward: x, xa [M, r], the norms n [N], the dropout seed, the adapters and magnitude,
+# and the base weight *as stored*. Nothing of size M x N, and no x_d:
+# * dm needs the pre-scale output P = x_d W^T + s xa B^T. Saving it would hold an M x N activation per
+#   DoRA layer for the whole step (235 MB in bf16 for one Llama-8B gate_proj at 8K tokens), on top of
+#   the x that LoRA keeps anyway; it is recomputed instead, one extra GEMM that writes only
+#   [cdiv(M, 16), N] fp32 partials. Recovering P as (y - bias) / c from the output would be cheaper but
+#   is wrong where the magnitude is 0 or tiny (and y is rounded; with dropout y - bias is not c * P at all).
+# * x_d is regenerated from the seed (one elementwise pass) rather than kept: M x K per layer.
+# * the norms are kept (N values): recomputing them would re-read W and redo the [N, r] x [r, K] product.
+# * a 4-bit base is dequantized again in the backward (once, for both GEMMs), as LoRA does.
+# --------------------------------------------------------------------------------------------------
+
+
+def _dora_forward_impl(x, weight, lora_A, lora_B, magnitude, bias, seed, absmax, code, code2, absmax2, offset,
+                       meta, quant_type, scaling, dropout_p):
+    k = x.shape[-1]
+    r, n = lora_A.shape[0], lora_B.shape[0]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)  # a view whenever the leading dims merge; the kernels take any 2-D strides
+    w = _dense_base(weight, absmax, code, code2, absmax2, offset, meta, quant_type, x.dtype)
+    norm = dora_weight_norm_triton(w, lora_A, lora_B, scaling, x.dtype)
+    c = magnitude.reshape(-1).float() / norm.float()
+    xd = _dropout(x2, seed, dropout_p) if dropout_p > 0 else None
+    xa = _mm.lowrank_project(x2 if xd is None else xd, lora_A.t())
+    if bias is not None:
+        bias = bias.contiguous()  # [N] read with unit stride; a copy, if any, is negligible
+    y = dora_matmul(x2, w.t(), xa, lora_B.t(), c, mode=_FWD, lr_scale=scaling, xd=xd, bias=bias,
+                    dropout_p=dropout_p)
+    return y.view(*lead, n), xa.view(*lead, r), norm
+
+
+def _dora_backward_impl(dy, x, xa, norm, weight, lora_A, lora_B, magnitude, seed, absmax, code, code2, absmax2,
+                        offset, meta, quant_type, scaling, dropout_p, needs):
+    k = x.shape[-1]
+    r, n = lora_A.shape[0], lora_B.shape[0]
+    dtype = x.dtype
+    x2 = x.reshape(-1, k)
+    xa2 = xa.reshape(-1, r)
+    dy2 = dy.reshape(-1, n)
+    if dy2.dtype != dtype:
+        dy2 = dy2.to(dtype)
+    need_dx, need_da, need_db, need_dm, need_dbias = needs
+    # Outputs that are not needed are distinct empty tensors: a custom op's outputs may not alias.
+    dx, da, db, dm, dbias = (x.new_empty(0) for _ in range(5))
+    c = magnitude.reshape(-1).float() / norm.float()
+    w = None
+    if need_dx or need_dm:
+        w = _dense_base(weight, absmax, code, code2, absmax2, offset, meta, quant_type, dtype)
+    xd = x2
+    if dropout_p > 0 and (need_da or need_dm):
+        xd = _dropout(x2, seed, dropout_p)
+    if need_dx or need_da:
+        # gl = s * (dY * c) @ B, with c folded into B's rows ([N, r]: negligible) so dY is read as is.
+        gl = _mm.lowrank_project(dy2, c[:, None] * lora_B.float(), scale=scaling)
+        if need_dx:
+            dx = dora_matmul(dy2, w, gl, lora_A, c, mode=_DX, dropout_p=dropout_p, seed=seed, out_dtype=dtype)
+            dx = dx.view(x.shape)
+        if need_da:
+            da = torch.empty(lora_A.shape, device=x.device, dtype=lora_A.dtype)
+            _mm.lowrank_wgrad(gl, xd, da)
+    if need_db or need_dbias:
+        # s * g^T xa in fp32 (written through the transposed view), then the per-row factor c and one
+        # rounding to B's dtype; dbias rides on the same read of dY.
+        db32 = torch.empty((n, r), device=x.device, dtype=torch.float32)
+        if need_dbias:
+            dbias = torch.empty(n, device=x.device, dtype=torch.float32)
+        _mm.lowrank_wgrad(xa2, dy2, db32.t(), scale=scaling, colsum=dbias if need_dbias else None)
+        if need_db:
+            db = (db32 * c[:, None]).to(lora_B.dtype)
+    if need_dm:
+        colsum = dora_matmul(xd, w.t(), xa2, lora_B.t(), c, mode=_DM, lr_scale=scaling, g=dy2)
+        dm = (colsum / norm.float()).to(magnitude.dtype).view(magnitude.shape)
+    return dx, da, db, dm, dbias
+
+
+def _define_ops():
+    """Register ``peftfast::dora_linear`` (+ fake, autograd) and its backward op; returns both."""
+
+    @torch.library.custom_op("peftfast::dora_linear", mutates_args=())
+    def _dora_linear_op(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        magnitude: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        seed: Optional[torch.Tensor],
+        absmax: Optional[torch.Tensor],
+        code: Optional[torch.Tensor],
+        code2: Optional[torch.Tensor],
+        absmax2: Optional[torch.Tensor],
+        offset: Optional[torch.Tensor],
+        meta: List[int],
+        quant_type: str,
+        scaling: float,
+        dropout_p: float,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Triton DoRA linear forward; returns ``(y, xa, norm)``: ``xa`` [..., r] and the row norms [N]
+        (x's dtype) are internal outputs kept for the backward.
+
+        ``weight`` is the dense [N, K] base or the packed uint8 codes of a 4-bit one (then ``meta`` is
+        ``[blocksize, blocksize2, N, K]`` and ``absmax``..``offset`` describe the scales).
+        ``seed`` (int64 [1]) drives the dropout mask; None when ``dropout_p == 0``.
+        """
+        return _dora_forward_impl(x, weight, lora_A, lora_B, magnitude, bias, seed, absmax, code, code2, absmax2,
+                                  offset, meta, quant_type, scaling, dropout_p)
+
+    @_dora_linear_op.register_fake
+    def _(x, weight, lora_A, lora_B, magnitude, bias, seed, absmax, code, code2, absmax2, offset, meta, quant_type,
+          scaling, dropout_p):
+        lead = x.shape[:-1]
+        n = lora_B.shape[0]
+        return x.new_empty((*lead, n)), x.new_empty((*lead, lora_A.shape[0])), x.new_empty((n,))
+
+    @torch.library.custom_op("peftfast::dora_linear_backward", mutates_args=())
+    def _dora_linear_backward_op(
+        dy: torch.Tensor,
+        x: torch.Tensor,
+        xa: torch.Tensor,
+        norm: torch.Tensor,
+        weight: torch.Tensor,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        magnitude: torch.Tensor,
+        seed: Optional[torch.Tensor],
+        absmax: Optional[torch.Tensor],
+        code: Optional[torch.Tensor],
+        code2: Optional[torch.Tensor],
+        absmax2: Optional[torch.Tensor],
+        offset: Optional[torch.Tensor],
+        meta: List[int],
+        quant_type: str,
+        scaling: float,
+        dropout_p: float,
+        needs: List[bool],
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(dx, dA, dB, dmagnitude, dbias_fp32)``; an entry whose ``needs`` flag is False is empty."""
+        return _dora_backward_impl(dy, x, xa, norm, weight, lora_A, lora_B, magnitude, seed, absmax, code, code2,
+                                   absmax2, offset, meta, quant_type, scaling, dropout_p, needs)
+
+    @_dora_linear_backward_op.register_fake
+    def _(dy, x, xa, norm, weight, lora_A, lora_B, magnitude, seed, absmax, code, code2, absmax2, offset, meta,
+          quant_type, scaling, dropout_p, needs):
+        return (
+            x.new_empty(x.shape) if needs[0] else x.new_empty(0),
+            lora_A.new_empty(lora_A.shape) if needs[1] else x.new_empty(0),
+            lora_B.new_empty(lora_B.shape) if needs[2] else x.new_empty(0),
+            magnitude.new_empty(magnitude.shape) if needs[3] else x.new_empty(0),
+            x.new_empty((lora_B.shape[0],), dtype=torch.float32) if needs[4] else x.new_empty(0),
+        )
+
+    def _setup_context(ctx, inputs, output):
+        (x, weight, lora_A, lora_B, magnitude, bias, seed, absmax, code, code2, absmax2, offset, meta, quant_type,
+         scaling, dropout_p) = inputs
+        ctx.save_for_backward(x, output[1], output[2], weight, lora_A, lora_B, magnitude, seed, absmax, code, code2,
+                              absmax2, offset)
+        ctx.meta, ctx.quant_type, ctx.scaling, ctx.dropout_p = list(meta), quant_type, scaling, dropout_p
+        ctx.bias_dtype = None if bias is None else bias.dtype
+
+    def _backward(ctx, dy, dxa, dnorm):
+        # dxa and dnorm are ignored: xa and the norms are internal products (the norm is detached, as in PEFT).
+        x, xa, norm, weight, lora_A, lora_B, magnitude, seed, absmax, code, code2, absmax2, offset = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        needs = [bool(need[0]), bool(need[2]), bool(need[3]), bool(need[4]),
+                 bool(need[5]) and ctx.bias_dtype is not None]
+        dx, da, db, dm, dbias = _dora_linear_backward_op(
+            dy, x, xa, norm, weight, lora_A, lora_B, magnitude, seed, absmax, code, code2, absmax2, offset,
+            ctx.meta, ctx.quant_type, ctx.scaling, ctx.dropout_p, needs,
+        )
+        return (
+            dx if needs[0] else None, None, da if needs[1] else None, db if needs[2] else None,
+            dm if needs[3] else None, dbias.to(ctx.bias_dtype) if needs[4] else None,
+            None, None, None, None, None, None, None, None, None, None,
+        )
+
+    torch.library.register_autograd("peftfast::dora_linear", _backward, setup_context=_setup_context)
+
+    return _dora_linear_op, _dora_linear_backward_op
+
+
+def _registered_ops():
+    """The custom ops, registered once per process by ``peftfast.kernels.dora``.
+
+    With the repository root on ``sys.path`` this file can also be imported as the top-level
+    ``kernels.dora`` (transformers probes for a ``kernels`` package); that copy reuses the canonical ops
+    rather than re-registering them with its own functions and globals.
+    """
+    if __name__ != "peftfast.kernels.dora":
+        try:
+            from peftfast.kernels import dora as canonical
+
+            return canonical._dora_linear_op, canonical._dora_linear_backward_op
+        except ImportError:  # the directory used on its own, without the peftfast package
+            pass
+    return _define_ops()
+
+
+if _mm is not None:
+    _dora_linear_op, _dora_linear_backward_op = _registered_ops()
+
+
+def _triton_dora_linear_impl(
+    x: torch.Tensor,
+    weight,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    magnitude: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """The Triton DoRA linear (the body of ``dora_linear(..., backend="triton")``).
+
+    ``dropout_p`` is the effective probability (0 outside training). The dropout seed is drawn from
+    PyTorch's generator of x's device, so ``torch.manual_seed`` makes the mask reproducible; p == 0
+    draws nothing and compiles no dropout code.
+    """
+    w, absmax, code, code2, absmax2, offset, meta, quant_type = _quant_args(weight)
+    seed = None
+    if dropout_p > 0:
+        seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
+    y, _, _ = _dora_linear_op(x, w, lora_A, lora_B, magnitude, bias, seed, absmax, code, code2, absmax2, offset,
+                              meta, quant_type, float(scaling), float(dropout_p))
+    return y
+
+
+def _triton_supports(x, weight, lora_A, lora_B, magnitude, bias, base_output, dropout_p):
+    """``(True, "")`` when the Triton path handles this call, else ``(False, why)``."""
+    if _triton_dora_linear is None:
+        return False, "Triton is not importable on this platform"
+    if base_output is not None:
+        return False, ("base_output was given (8-bit base or a second active adapter): the DoRA correction is "
+                       "combined with an output computed elsewhere, which only the reference does")
+    for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B), ("magnitude", magnitude)):
+        if t.dtype not in _FLOAT_DTYPES:
+            return False, f"{name} is {t.dtype}; the kernel takes float32, float16 or bfloat16"
+        if t.device != x.device:
+            return False, f"{name} is on {t.device} but x is on {x.device}"
+    if not 0.0 <= dropout_p < 1.0:
+        return False, f"dropout_p={dropout_p} (the kernel handles 0 <= p < 1)"
+    if lora_A.shape[0] == 0 or x.shape[-1] == 0:
+        return False, "rank 0 or zero input features"
+    if isinstance(weight, Quant4bit) or is_4bit_weight(weight):
+        dev = weight.device if isinstance(weight, Quant4bit) else weight.data.device
+        if dev != x.device:
+            return False, f"the 4-bit weight is on {dev} but x is on {x.device}"
+    elif not torch.is_tensor(weight):
+        return False, f"the base weight is a {type(weight).__name__}, not a tensor or a 4-bit weight"
+    else:
+        if weight.dtype not in _FLOAT_DTYPES:
+            what = "8-bit weights are not supported" if weight.dtype in (torch.int8, torch.uint8) else (
+                "the kernel takes float32, float16 or bfloat16")
+            return False, f"the base weight is {weight.dtype}; {what}"
+        if weight.device != x.device:
+            return False, f"the base weight is on {weight.device} but x is on {x.device}"
+        if weight.requires_grad and torch.is_grad_enabled():
+            return False, "the base weight requires grad and the Triton path computes no dW (freeze it)"
+    if bias is not None:
+        if bias.dtype not in _FLOAT_DTYPES:
+            return False, f"bias is {bias.dtype}; the kernel takes float32, float16 or bfloat16"
+        if bias.device != x.device:
+            return False, f"bias is on {bias.device} but x is on {x.device}"
+    return True, ""
+
+
+# The entry dora_linear dispatches to; None where Triton cannot be imported.
+_triton_dora_linear = _triton_dora_linear_impl if _mm is not None else None
