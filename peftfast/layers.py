@@ -58,6 +58,11 @@ def stores_transposed(module: nn.Module) -> bool:
     return bool(Conv1D) and isinstance(module, Conv1D)
 
 
+def is_zero3_partitioned(weight) -> bool:
+    """A DeepSpeed ZeRO-3 parameter (it carries a ``ds_id``); no deepspeed import needed."""
+    return hasattr(weight, "ds_id")
+
+
 def base_weight(module: nn.Module):
     """``module.weight``, with a bitsandbytes 4-bit layer's quant state put back when a sharding engine
     (FSDP) has swapped the ``Params4bit`` for a plain tensor of the packed bytes: bnb keeps a copy of the
@@ -77,9 +82,11 @@ def base_weight(module: nn.Module):
 def kernel_weight(module: nn.Module):
     """The base weight in the form the kernels read: [N, K] dense view or a 4-bit Params4bit.
 
-    None for bases the kernels cannot read (bitsandbytes 8-bit); the wrapper then calls the base module.
+    None for bases the kernels cannot read (bitsandbytes 8-bit), and for DeepSpeed ZeRO-3 parameters:
+    ZeRO-3 keeps each weight as a shard and gathers it only inside the owning module's own forward and
+    backward hooks, so the wrapper then calls the base module (unfused) and adds the adapter term.
     """
-    if is_8bit(module):
+    if is_8bit(module) or is_zero3_partitioned(module.weight):
         return None
     w = base_weight(module)
     if is_4bit_weight(w):
@@ -263,6 +270,11 @@ class LoraLayer(AdapterLayer):
             s, p = self.scaling[name], self.lora_dropout_p[name]
             if name in self.lora_magnitude_vector:
                 if weight is None:
+                    if is_zero3_partitioned(base.weight):
+                        raise NotImplementedError(
+                            "DoRA under DeepSpeed ZeRO-3 is not supported by peftfast (the weight norm needs the "
+                            "whole base weight); use ZeRO-2, FSDP2, or LoRA without use_dora"
+                        )
                     w_dense = dense_base_weight(base, x.dtype)
                 else:
                     w_dense = weight

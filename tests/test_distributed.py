@@ -76,6 +76,8 @@ def _worker(rank: int, port: int, mode: str, outdir: str) -> None:
     try:
         quant = {"ddp4bit": True, "fsdp4bit": "bf16"}.get(mode, False)
         model = _build(quant)
+        if mode == "zero3":
+            return _zero3_worker(rank, model, outdir)
         if mode.startswith("fsdp"):
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
@@ -123,6 +125,48 @@ def _worker(rank: int, port: int, mode: str, outdir: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _zero3_worker(rank: int, model, outdir: str) -> None:
+    """DeepSpeed ZeRO-3 on its CPU accelerator: every parameter partitioned across the 2 ranks."""
+    import deepspeed
+    import deepspeed.comm.torch  # noqa: F401  (the package's `torch` attribute is torch itself)
+    import torch.distributed as dist
+
+    ds_torch_comm = sys.modules["deepspeed.comm.torch"]
+    # The CPU accelerator JIT-compiles a shared-memory all-reduce (a C++ build of a minute or more);
+    # gloo, already initialized here, does the same job for a test.
+    ds_torch_comm.build_shm_op = lambda: None
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(WORLD))  # what torchrun would set
+    config = {
+        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // WORLD,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                   "weight_decay": 0.01, "torch_adam": True}},
+    }
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=config)
+    base_weight = model.model.layers[0].self_attn.q_proj.base_layer.weight
+    partitioned = hasattr(base_weight, "ds_id") and base_weight.numel() == 0
+    batch, _ = _data()
+    half = GLOBAL_BATCH // WORLD
+    local = batch[rank * half:(rank + 1) * half]
+    losses = []
+    for _ in range(STEPS):
+        loss = engine(input_ids=local, labels=local).loss
+        engine.backward(loss)
+        engine.step()
+        g = loss.detach().clone()
+        dist.all_reduce(g)
+        losses.append(g.item() / WORLD)
+    lora = {}
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            with deepspeed.zero.GatheredParameters([p]):
+                lora[n] = p.detach().clone()
+    torch.save({"losses": losses, "lora": lora, "partitioned": partitioned}, os.path.join(outdir, f"rank{rank}.pt"))
+    dist.barrier()
 
 
 def _build_base(quant):
@@ -218,6 +262,26 @@ def test_ddp_lora_4bit_nf4_base_matches_single_process(tmp_path):
 
 def test_fsdp2_lora_matches_single_process(tmp_path):
     _check("fsdp", tmp_path, quant=False)
+
+
+def test_deepspeed_zero3_lora_matches_single_process(tmp_path):
+    """Runs where deepspeed imports (it is not a project dependency; CI skips this test)."""
+    pytest.importorskip("deepspeed")
+    results = _launch("zero3", tmp_path)
+    assert all(r["partitioned"] for r in results), "ZeRO-3 did not partition the base weights"
+    _, ref_lora, ref_losses = _reference(False)
+    for r, res in enumerate(results):
+        assert res["lora"].keys() == ref_lora.keys()
+        for k in ref_lora:
+            assert rel_err_(res["lora"][k], ref_lora[k]) < 1e-5, f"rank {r} {k}"
+        for a, b in zip(res["losses"], ref_losses):
+            assert abs(a - b) <= 1e-5 * abs(b), (res["losses"], ref_losses)
+
+
+def rel_err_(a, b) -> float:
+    from helpers import rel_err
+
+    return rel_err(a, b)
 
 
 def test_fsdp2_qlora_bf16_storage_matches_single_process(tmp_path):
