@@ -15,17 +15,46 @@ def main(argv: Optional[list] = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     from .train import add_arguments as add_train_arguments
 
-    train = sub.add_parser("train", help="fine-tune a causal LM with LoRA/QLoRA/DoRA/IA3 on a .txt or .jsonl file")
+    train = sub.add_parser("train", help="fine-tune a causal LM with LoRA/QLoRA/DoRA/IA3/prefix/prompt tuning on a "
+                           ".txt or .jsonl file (resumable: --resume)")
     add_train_arguments(train)
+    from . import generate as generate_mod, inspect_adapter, merging as merge_mod
+
+    generate_mod.add_arguments(sub.add_parser("generate", help="generate text with a base model plus an adapter"))
+    merge_mod.add_arguments(sub.add_parser("merge", help="merge an adapter into its base and save_pretrained it "
+                                           "(4-bit bases are dequantized, saved in bf16)"))
+    inspect_adapter.add_arguments(sub.add_parser("inspect", help="describe an adapter directory (--json)"))
+    from .bench import add_arguments as add_bench_arguments
+
+    bench = sub.add_parser("bench", help="run the benchmark suites in bench/ (smoke mode on CPU; --list, --table)")
+    add_bench_arguments(bench)
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        from .bench import run_bench
+
+        return run_bench(args)
     if args.command == "train":
         from .data import DataError
-        from .train import TrainError, run_train
+        from .train import TrainError, TrainInterrupted, run_train
 
         try:
             run_train(args)
         except (TrainError, DataError) as e:
             print(f"peftfast train: error: {e}", file=sys.stderr)
+            return 2
+        except TrainInterrupted:
+            return 130
+        return 0
+    if args.command in ("generate", "merge", "inspect"):
+        from .checkpoint import AdapterLoadError
+
+        run = {"generate": generate_mod.run_generate, "merge": merge_mod.run_merge,
+               "inspect": inspect_adapter.run_inspect}[args.command]
+        try:
+            run(args)
+        except (generate_mod.GenerateError, merge_mod.MergeError, inspect_adapter.InspectError, AdapterLoadError,
+                FileNotFoundError) as e:
+            print(f"peftfast {args.command}: error: {e}", file=sys.stderr)
             return 2
         return 0
     if args.command == "demo":

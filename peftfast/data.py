@@ -3,9 +3,21 @@
 Formats:
     * ``.txt`` (or anything not ``.jsonl``): the whole text is tokenized once and packed into
       non-overlapping ``seq_len`` windows; the loss is on every token.
-    * ``.jsonl``: one JSON object per line, either ``{"text": ...}`` (loss on every token) or
+    * ``.jsonl``: one JSON object per line, either ``{"text": ...}`` (loss on every token),
       ``{"prompt": ..., "completion": ...}`` (labels are -100 on the prompt tokens, so the loss is on the
-      completion only). Examples are truncated to ``seq_len`` and padded per batch.
+      completion only), or ``{"messages": [{"role": ..., "content": ...}, ...]}`` (a chat, rendered with
+      the tokenizer's chat template; the loss is on the assistant turns only). Examples are truncated to
+      ``seq_len`` and padded per batch.
+
+Chat without a chat template (the built-in byte tokenizer, or a transformers tokenizer that has none)
+uses peftfast's own template, every turn being::
+
+    <|system|>\n{content}\n        <|user|>\n{content}\n        <|assistant|>\n{content}\n<EOS>
+
+after one BOS; the loss covers each assistant turn's ``{content}\n<EOS>`` (EOS is the tokenizer's
+end-of-sequence *token*, id 256 for the byte tokenizer). With a chat template, turn ``i``'s trained span
+is ``render(messages[:i + 1])`` minus ``render(messages[:i], add_generation_prompt=True)``, so the
+template's own end-of-turn marker is learned too.
 """
 from __future__ import annotations
 
@@ -34,6 +46,7 @@ class Tokenizer:
     encode: Callable[[str, bool], list]
     eos_id: Optional[int]
     pad_id: int
+    render_chat: Optional[Callable[[list, bool], str]] = None  # (messages, add_generation_prompt) -> text
 
 
 def byte_tokenizer() -> Tokenizer:
@@ -53,8 +66,13 @@ def hf_tokenizer(tok) -> Tokenizer:
     def encode(text: str, add_bos: bool = True) -> list:
         return list(tok(text, add_special_tokens=add_bos)["input_ids"])
 
+    render = None
+    if getattr(tok, "chat_template", None):
+        def render(messages: list, add_generation_prompt: bool) -> str:
+            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return Tokenizer(encode=encode, eos_id=tok.eos_token_id, pad_id=pad if pad is not None else 0)
+    return Tokenizer(encode=encode, eos_id=tok.eos_token_id, pad_id=pad if pad is not None else 0, render_chat=render)
 
 
 def prompt_completion_example(tokenizer: Tokenizer, prompt: str, completion: str, seq_len: int) -> dict:
@@ -82,6 +100,87 @@ def text_example(tokenizer: Tokenizer, text: str, seq_len: int) -> dict:
     return {"input_ids": ids, "labels": list(ids)}
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def builtin_chat_text(messages: list, add_generation_prompt: bool = False) -> str:
+    """peftfast's chat template as text (the EOS token after each assistant turn is not text: see
+    :func:`chat_example`).
+
+    Example:
+        >>> builtin_chat_text([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+        '<|user|>\\nhi\\n<|assistant|>\\n'
+    """
+    text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
+    return text + ("<|assistant|>\n" if add_generation_prompt else "")
+
+
+def check_messages(messages) -> Optional[str]:
+    """What is wrong with a ``messages`` value, or None."""
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty list of {\"role\", \"content\"} objects"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return f"messages[{i}] must be an object with string 'role' and 'content', got {json.dumps(m)[:80]}"
+        if m["role"] not in CHAT_ROLES:
+            return f"messages[{i}] has role {m['role']!r}; expected one of {', '.join(CHAT_ROLES)}"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no assistant message: nothing to train on"
+    return None
+
+
+def _chat_segments(tokenizer: Tokenizer, messages: list) -> list:
+    """[(ids, trained)] pieces whose concatenation is the whole conversation."""
+    if tokenizer.render_chat is None:
+        segs = []
+        first = True
+        for m in messages:
+            header = tokenizer.encode(f"<|{m['role']}|>\n", first)
+            first = False
+            if m["role"] == "assistant":
+                body = tokenizer.encode(m["content"] + "\n", False)
+                if tokenizer.eos_id is not None:
+                    body = body + [tokenizer.eos_id]
+                segs += [(header, False), (body, True)]
+            else:
+                segs.append((header + tokenizer.encode(m["content"] + "\n", False), False))
+        return segs
+    render = tokenizer.render_chat
+    pieces, done = [], ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = render(messages[:i], True) if i else ""
+        full = render(messages[: i + 1], False)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise ValueError(
+                "the tokenizer's chat template does not render a conversation as the extension of its beginning "
+                "(e.g. it rewrites earlier turns), so assistant turns cannot be located; use prompt/completion lines"
+            )
+        pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
+        done = full
+    final = render(messages, False)
+    if not final.startswith(done):
+        raise ValueError("the tokenizer's chat template renders the whole conversation differently from its turns")
+    pieces.append((final[len(done):], False))
+    return [(tokenizer.encode(text, False) if text else [], trained) for text, trained in pieces]
+
+
+def chat_example(tokenizer: Tokenizer, messages: list, seq_len: int) -> dict:
+    """Tokenize a conversation; labels are -100 everywhere but on the assistant turns.
+
+    Example:
+        >>> ex = chat_example(byte_tokenizer(), [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], 64)
+        >>> [t for t in ex["labels"] if t != -100]
+        [98, 10, 256]
+    """
+    ids, labels = [], []
+    for seg, trained in _chat_segments(tokenizer, messages):
+        ids += seg
+        labels += seg if trained else [IGNORE_INDEX] * len(seg)
+    return {"input_ids": ids[:seq_len], "labels": labels[:seq_len]}
+
+
 def pack_text(tokenizer: Tokenizer, text: str, seq_len: int) -> list:
     """Tokenize ``text`` once and cut it into non-overlapping ``seq_len`` windows (a short tail is kept
     only when it is the only window)."""
@@ -93,7 +192,7 @@ def pack_text(tokenizer: Tokenizer, text: str, seq_len: int) -> list:
 
 
 def load_jsonl(tokenizer: Tokenizer, path: Path, seq_len: int) -> list:
-    examples = []
+    examples, skipped = [], 0
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -104,7 +203,17 @@ def load_jsonl(tokenizer: Tokenizer, path: Path, seq_len: int) -> list:
                 raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            if "prompt" in obj or "completion" in obj:
+            if "messages" in obj:
+                problem = check_messages(obj["messages"])
+                if problem:
+                    raise DataError(f"{path}:{lineno}: {problem}")
+                try:
+                    ex = chat_example(tokenizer, obj["messages"], seq_len)
+                except DataError:
+                    raise
+                except Exception as e:  # a chat template that fails on this conversation
+                    raise DataError(f"{path}:{lineno}: cannot render the chat: {e}") from None
+            elif "prompt" in obj or "completion" in obj:
                 p, c = obj.get("prompt"), obj.get("completion")
                 if not isinstance(p, str) or not isinstance(c, str):
                     raise DataError(f"{path}:{lineno}: 'prompt' and 'completion' must both be strings")
@@ -114,11 +223,14 @@ def load_jsonl(tokenizer: Tokenizer, path: Path, seq_len: int) -> list:
                     raise DataError(f"{path}:{lineno}: 'text' must be a string")
                 ex = text_example(tokenizer, obj["text"], seq_len)
             else:
-                raise DataError(f"{path}:{lineno}: expected a 'text' field or 'prompt' and 'completion' fields, "
-                                f"got keys {sorted(obj)}")
+                raise DataError(f"{path}:{lineno}: expected a 'text' field, 'prompt' and 'completion' fields, or "
+                                f"'messages', got keys {sorted(obj)}")
             if len(ex["input_ids"]) < 2 or all(x == IGNORE_INDEX for x in ex["labels"][1:]):
-                continue  # nothing to learn from (e.g. the prompt fills seq_len)
+                skipped += 1  # nothing to learn from (e.g. the prompt fills seq_len)
+                continue
             examples.append(ex)
+    if skipped:
+        print(f"note: {skipped} example(s) of {path} have no trained token within --seq-len {seq_len}; skipped")
     return examples
 
 
@@ -155,7 +267,13 @@ def split(examples: list, eval_fraction: float, seed: int) -> tuple:
 
 
 def collate(examples: list, pad_id: int) -> dict:
-    """Right-pad to the longest example; padded labels are -100 and masked in ``attention_mask``."""
+    """Right-pad to the longest example; padded labels are -100 and masked in ``attention_mask``.
+
+    The first label of every row is -100 too: causal LMs never predict the first token (labels are
+    shifted by one), except under prompt tuning, where the model puts virtual tokens in front and the
+    last one would be trained to predict the first real token (PEFT's behaviour); masking it keeps the
+    loss on the same tokens for every method.
+    """
     n = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), n), IGNORE_INDEX, dtype=torch.long)
@@ -165,16 +283,19 @@ def collate(examples: list, pad_id: int) -> dict:
         ids[i, :k] = torch.tensor(e["input_ids"])
         labels[i, :k] = torch.tensor(e["labels"])
         mask[i, :k] = 1
+    labels[:, 0] = IGNORE_INDEX
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def iterate_batches(examples: list, batch_size: int, pad_id: int, seed: int, shuffle: bool = True):
-    """Endless iterator of (epoch, batch): reshuffled every epoch."""
-    epoch = 0
+def iterate_batches(examples: list, batch_size: int, pad_id: int, seed: int, shuffle: bool = True, skip: int = 0):
+    """Endless iterator of (epoch, batch): reshuffled every epoch (the order depends only on ``seed`` and
+    the epoch). ``skip`` batches are passed over without being built (resuming a run)."""
+    per_epoch = math.ceil(len(examples) / batch_size)
+    epoch, start = divmod(skip, per_epoch)
     while True:
         order = list(range(len(examples)))
         if shuffle:
             order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        for i in range(0, len(order), batch_size):
+        for i in range(start * batch_size, len(order), batch_size):
             yield epoch, collate([examples[j] for j in order[i: i + batch_size]], pad_id)
-        epoch += 1
+        epoch, start = epoch + 1, 0

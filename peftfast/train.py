@@ -1,8 +1,13 @@
-"""``peftfast train``: a command-line fine-tuning job (LoRA, QLoRA, DoRA, IA3) on a text or jsonl file.
+"""``peftfast train``: a command-line fine-tuning job (LoRA, QLoRA, DoRA, IA3, prefix and prompt tuning)
+on a text or jsonl file.
 
-Without ``--model`` it trains the embedded tiny Llama of :mod:`peftfast.demo` (built from a config, UTF-8
-byte tokenizer), so it runs anywhere with nothing downloaded. With ``--model DIR`` it loads
-``AutoTokenizer``/``AutoModelForCausalLM`` from that local directory (no network).
+Without ``--model`` it trains the embedded tiny Llama of :mod:`peftfast.basemodel` (built from a config
+with a fixed seed, UTF-8 byte tokenizer), so it runs anywhere with nothing downloaded. With ``--model DIR``
+it loads ``AutoTokenizer``/``AutoModelForCausalLM`` from that local directory (no network).
+
+Every ``--save-steps`` steps, at the end, and on Ctrl-C, a resumable checkpoint is written to
+``<output>/checkpoint-<step>`` (see :mod:`peftfast.resume`); ``--resume`` continues from the newest one
+and gives the same adapter and losses as an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -10,36 +15,57 @@ import argparse
 import json
 import math
 import os
-import tempfile
+import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .data import DataError, byte_tokenizer, hf_tokenizer, iterate_batches, load_dataset, split
+from . import resume as ckpt
+from .data import DataError, iterate_batches, load_dataset, split
 
 DEFAULT_DATA = Path(__file__).parent / "data" / "corpus.txt"
-METHODS = ("lora", "qlora", "dora", "ia3")
+METHODS = ("lora", "qlora", "dora", "ia3", "prefix", "prompt")
+PROMPT_METHODS = ("prefix", "prompt")
+DEFAULT_LR = {"ia3": 3e-3, "prefix": 1e-2, "prompt": 1e-2}  # others: 2e-4
+# Flags that may differ between a run and its resumption (everything else must match the checkpoint).
+RESUME_FREE = ("output", "overwrite", "resume", "logging_steps", "save_steps", "command", "func")
 
 
 class TrainError(ValueError):
     """A training job that cannot start (bad flags, output directory in the way, ...)."""
 
 
+class TrainInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: a resumable checkpoint was written to ``checkpoint``."""
+
+    def __init__(self, checkpoint: Path, step: int, output: str):
+        super().__init__(f"interrupted after step {step}; checkpoint {checkpoint}")
+        self.checkpoint, self.step, self.output = checkpoint, step, output
+
+
+def _before_step(step: int) -> None:
+    """Called before every optimizer step (a seam for tests that simulate Ctrl-C)."""
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local directory of a transformers causal LM "
                    "(default: the embedded tiny Llama with a byte tokenizer)")
-    p.add_argument("--data", default=str(DEFAULT_DATA), help=".txt (packed) or .jsonl with 'text' or "
-                   "'prompt'+'completion' (default: the shipped corpus)")
+    p.add_argument("--data", default=str(DEFAULT_DATA), help=".txt (packed) or .jsonl with 'text', "
+                   "'prompt'+'completion' or chat 'messages' (default: the shipped corpus)")
     p.add_argument("--method", choices=METHODS, default="qlora")
+    p.add_argument("--num-virtual-tokens", type=int, default=16, help="virtual tokens for --method prefix/prompt")
     p.add_argument("--target-modules", default="all-linear", help="comma list or all-linear")
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (overrides --epochs when > 0)")
     p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: 2e-4; 3e-3 for ia3; 1e-2 for prefix/prompt)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=128)
@@ -47,18 +73,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (and bf16 compute for the 4-bit base)")
     p.add_argument("--eval-fraction", type=float, default=0.05)
     p.add_argument("--logging-steps", type=int, default=10)
+    p.add_argument("--save-steps", type=int, default=100, help="write a resumable checkpoint every N steps "
+                   "(and at the end, and on Ctrl-C) to OUTPUT/checkpoint-STEP; only the newest is kept")
     p.add_argument("--output", default="out/train")
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty --output directory")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
+                   help="continue from the newest checkpoint in --output (or in DIR, or the checkpoint DIR itself) "
+                   "with the settings saved in it")
+    p.add_argument("--seed", type=int, default=0, help="adapter init, data order and dropout (the embedded "
+                   "base model is always the same)")
 
 
 def _check_args(a) -> None:
-    for name in ("r", "batch_size", "grad_accum", "seq_len", "logging_steps"):
+    for name in ("r", "batch_size", "grad_accum", "seq_len", "logging_steps", "save_steps", "num_virtual_tokens"):
         if getattr(a, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
     if a.max_steps <= 0 and a.epochs <= 0:
         raise TrainError("give --max-steps > 0 or --epochs > 0")
-    if a.lr <= 0:
+    if a.lr is not None and a.lr <= 0:
         raise TrainError(f"--lr must be positive, got {a.lr}")
     if not 0 <= a.dropout < 1:
         raise TrainError(f"--dropout must be in [0, 1), got {a.dropout}")
@@ -67,10 +99,58 @@ def _check_args(a) -> None:
     out = Path(a.output)
     if out.exists() and not out.is_dir():
         raise TrainError(f"--output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not a.overwrite:
-        raise TrainError(f"--output {out} exists and is not empty; pass --overwrite to write into it")
+    if out.is_dir() and any(out.iterdir()) and not a.overwrite and a.resume is None:
+        raise TrainError(f"--output {out} exists and is not empty; pass --overwrite to write into it, "
+                         "or --resume to continue the run saved there")
     if a.model is not None and not Path(a.model).is_dir():
         raise TrainError(f"--model {a.model}: not a local directory with a transformers model")
+
+
+def _max_positions(a) -> Optional[int]:
+    if a.model is None:
+        from .demo import tiny_llama_config
+
+        return tiny_llama_config().max_position_embeddings
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(a.model, local_files_only=True)
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if getattr(cfg, name, None):
+            return int(getattr(cfg, name))
+    return None
+
+
+def _check_seq_len(a) -> None:
+    limit = _max_positions(a)
+    extra = a.num_virtual_tokens if a.method in PROMPT_METHODS else 0
+    if limit is not None and a.seq_len + extra > limit:
+        what = f"--seq-len {a.seq_len}" + (f" + {extra} virtual tokens" if extra else "")
+        raise TrainError(f"{what} exceeds the model's {limit} positions (max_position_embeddings); "
+                         f"use --seq-len {limit - extra} or less")
+
+
+def _parser_defaults() -> dict:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return vars(p.parse_args([]))
+
+
+def _resume_args(a, saved: dict, where: Path):
+    """The run's saved settings; a flag set on this command line to something else is an error."""
+    defaults = _parser_defaults()
+    clash = []
+    for key, value in saved.items():
+        if key in RESUME_FREE or not hasattr(a, key):
+            continue
+        mine = getattr(a, key)
+        if mine != value and mine != defaults.get(key):
+            clash.append(f"--{key.replace('_', '-')} {mine} (the run used {value})")
+        setattr(a, key, value)
+    if clash:
+        raise TrainError(f"cannot resume {where} with other settings: {', '.join(clash)}; drop these flags, or "
+                         "start a new run in another --output")
+    return a
 
 
 def _targets(spec: str):
@@ -86,6 +166,10 @@ def _targets(spec: str):
 def _adapter_config(a):
     import peftfast
 
+    if a.method == "prefix":
+        return peftfast.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=a.num_virtual_tokens)
+    if a.method == "prompt":
+        return peftfast.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=a.num_virtual_tokens)
     targets = _targets(a.target_modules)
     if a.method == "ia3":
         if targets == "all-linear":
@@ -96,36 +180,12 @@ def _adapter_config(a):
                                use_dora=a.method == "dora", task_type="CAUSAL_LM")
 
 
-def _load_model(a, device: str, tmp: str):
-    """Return (model, tokenizer, base description)."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def _load_model(a, device: str) -> dict:
+    """The base model and tokenizer (see :func:`peftfast.basemodel.load_base`)."""
+    from .basemodel import load_base
 
     compute = torch.bfloat16 if a.bf16 else torch.float32
-    if a.model is None:
-        from transformers import LlamaForCausalLM
-
-        from .demo import tiny_llama_config
-
-        LlamaForCausalLM(tiny_llama_config()).save_pretrained(tmp)
-        model_dir, tok, desc = tmp, byte_tokenizer(), "embedded tiny Llama (byte tokenizer)"
-    else:
-        from transformers import AutoTokenizer
-
-        model_dir, desc = a.model, a.model
-        tok = hf_tokenizer(AutoTokenizer.from_pretrained(a.model, local_files_only=True))
-    kwargs = {"local_files_only": True}
-    if a.method == "qlora":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute)
-        kwargs["device_map"] = device
-        desc += ", base in NF4 (bitsandbytes)"
-    else:
-        kwargs["dtype"] = torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    if a.method != "qlora":
-        model.to(device)
-    return model, tok, desc
+    return load_base(a.model, load_in_4bit=a.method == "qlora", device=device, compute_dtype=compute)
 
 
 @torch.no_grad()
@@ -168,14 +228,43 @@ def _plot(losses: list, path: Path) -> Optional[Path]:
     return path
 
 
+class _DeferSigint:
+    """Hold Ctrl-C back while the optimizer updates the weights (a half-applied step cannot be
+    checkpointed); the interrupt is raised right after. A no-op outside the main thread."""
+
+    def __enter__(self):
+        self.pending, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            def hold(signum, frame):
+                self.pending = True
+            try:
+                self.previous = signal.signal(signal.SIGINT, hold)
+            except (ValueError, OSError):  # pragma: no cover - embedded interpreters
+                self.previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        if self.pending and exc[0] is None:
+            raise KeyboardInterrupt
+        return False
+
+
+def _saved_args(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("func", "command", "resume", "overwrite")}
+
+
 def run_train(args) -> dict:
     """Run a training job from parsed arguments (see :func:`add_arguments`).
 
     Returns:
-        A dict with ``losses`` (one per optimizer step), ``eval_loss``, ``output`` and ``steps``.
+        A dict with ``losses`` (one per optimizer step), ``eval_loss``, ``output``, ``steps`` and
+        ``checkpoint`` (the last resumable checkpoint).
 
     Raises:
         TrainError / DataError: on bad flags, an output directory in the way, or unusable data.
+        TrainInterrupted: on Ctrl-C, after writing a resumable checkpoint (a KeyboardInterrupt).
     """
     import peftfast
     from transformers.utils import logging as hf_logging
@@ -183,39 +272,77 @@ def run_train(args) -> dict:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     _check_args(args)
+    state_tensors, meta = None, None
+    if args.resume is not None:
+        where = Path(args.resume or args.output)
+        found = ckpt.find_checkpoint(where)
+        if found is None:
+            raise TrainError(f"--resume: no checkpoint-* with a training state in {where}; nothing to resume")
+        try:
+            state_tensors, meta = ckpt.read_checkpoint(found)
+        except (OSError, ValueError) as e:
+            raise TrainError(f"--resume: cannot read {found}: {e}") from None
+        args = _resume_args(args, meta["args"], found)
+        _check_args(args)
+        print(f"resuming from {found} (step {meta['step']})")
+    if args.lr is None:
+        args.lr = DEFAULT_LR.get(args.method, 2e-4)
+    _check_seq_len(args)
     config = _adapter_config(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(args.seed)
     t_start = time.time()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model, tok, desc = _load_model(args, device, tmp)
-        examples = load_dataset(args.data, tok, args.seq_len)
-        train_set, eval_set = split(examples, args.eval_fraction, args.seed)
-        print(f"base: {desc}")
-        print(f"data: {args.data}: {len(train_set)} training / {len(eval_set)} held-out examples "
-              f"(seq-len {args.seq_len})")
-        peftfast.patch(model, config)
-        peftfast.print_trainable_parameters(model)
-        if args.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+    loaded = _load_model(args, device)
+    model, tok, desc = loaded["model"], loaded["tokenizer"], loaded["desc"]
+    examples = load_dataset(args.data, tok, args.seq_len)
+    train_set, eval_set = split(examples, args.eval_fraction, args.seed)
+    print(f"base: {desc}")
+    print(f"data: {args.data}: {len(train_set)} training / {len(eval_set)} held-out examples "
+          f"(seq-len {args.seq_len})")
+    peftfast.patch(model, config)
+    peftfast.print_trainable_parameters(model)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
 
-        per_epoch = math.ceil(len(train_set) / (args.batch_size * args.grad_accum))
-        steps = args.max_steps if args.max_steps > 0 else max(1, math.ceil(per_epoch * args.epochs))
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-        warmup = min(10, max(1, steps // 10))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))))
-        batches = iterate_batches(train_set, args.batch_size, tok.pad_id, args.seed)
-        print(f"training: {args.method}, {steps} steps, batch {args.batch_size} x accum {args.grad_accum}, "
-              f"lr {args.lr:g}, device {device}")
+    per_epoch = math.ceil(len(train_set) / (args.batch_size * args.grad_accum))
+    steps = args.max_steps if args.max_steps > 0 else max(1, math.ceil(per_epoch * args.epochs))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    warmup = min(10, max(1, steps // 10))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))))
 
-        losses = []
-        model.train()
-        t_log, tok_log = time.time(), 0
-        for step in range(1, steps + 1):
+    out = Path(args.output)
+    losses, done = [], 0
+    if meta is None:
+        for old in ckpt.checkpoints(out):  # --overwrite: a fresh run must not resume someone else's state
+            print(f"note: removing {old} of an earlier run (--overwrite)")
+            shutil.rmtree(old, ignore_errors=True)
+    if meta is not None:
+        _restore_adapter(model, found)
+        ckpt.restore_optimizer(opt, state_tensors, meta["optimizer"])
+        sched.load_state_dict(meta["scheduler"])
+        ckpt.set_rng_state(state_tensors)
+        losses, done = list(meta["losses"]), int(meta["step"])
+    batches = iterate_batches(train_set, args.batch_size, tok.pad_id, args.seed, skip=done * args.grad_accum)
+    print(f"training: {args.method}, {steps} steps, batch {args.batch_size} x accum {args.grad_accum}, "
+          f"lr {args.lr:g}, device {device}" + (f", from step {done}" if done else ""))
+
+    run_meta = {"args": _saved_args(args), "base_sha256": loaded["fingerprint"], "method": args.method}
+    last_ckpt = found if meta is not None else None
+
+    def save(step: int, rng: dict) -> Path:
+        return ckpt.save_checkpoint(out, step, model, opt, sched, rng, dict(
+            run_meta, losses=losses, batches_consumed=step * args.grad_accum))
+
+    rng_next = ckpt.rng_state()  # the RNG state at the start of step done + 1
+    model.train()
+    t_log, tok_log = time.time(), 0
+    try:
+        for step in range(done + 1, steps + 1):
+            _before_step(step)
             micro = [next(batches) for _ in range(args.grad_accum)]
             n_tok = [int((b["labels"][:, 1:] != -100).sum()) for _, b in micro]
             total_tok = max(sum(n_tok), 1)
@@ -223,7 +350,7 @@ def run_train(args) -> dict:
             for (epoch, b), n in zip(micro, n_tok):
                 b = {k: v.to(device) for k, v in b.items()}
                 with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=args.bf16):
-                    loss = model(**b).loss
+                    loss = model(**b).loss  # prompt tuning: the model pads the labels for its virtual tokens
                 if n == 0:
                     continue
                 (loss.float() * (n / total_tok)).backward()
@@ -231,29 +358,60 @@ def run_train(args) -> dict:
                 tok_log += int(b["attention_mask"].sum())
             if not math.isfinite(step_loss):
                 raise TrainError(f"loss is {step_loss} at step {step}; try a lower --lr")
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(step_loss)
+            with _DeferSigint():
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(step_loss)
+                done = step
+                rng_next = ckpt.rng_state()
             if step == 1 or step % args.logging_steps == 0 or step == steps:
                 dt = max(time.time() - t_log, 1e-9)
                 print(f"step {step:5d}/{steps}  epoch {epoch + 1}  loss {step_loss:.4f}  "
                       f"lr {sched.get_last_lr()[0]:.2e}  {tok_log / dt:,.0f} tok/s", flush=True)
                 t_log, tok_log = time.time(), 0
+            if step % args.save_steps == 0 or step == steps:
+                last_ckpt = save(step, rng_next)
 
         eval_loss = evaluate(model, eval_set, args.batch_size, tok.pad_id, device, args.bf16)
-        print(f"eval loss {eval_loss:.4f} (perplexity {math.exp(min(eval_loss, 50)):.2f}) "
-              f"on {len(eval_set)} held-out examples")
+    except KeyboardInterrupt:
+        opt.zero_grad(set_to_none=True)  # drop the half-accumulated step; the checkpoint is of step `done`
+        if last_ckpt is None or last_ckpt.name != f"checkpoint-{done}":
+            last_ckpt = save(done, rng_next)
+        print(f"\ninterrupted: checkpoint of step {done}/{steps} saved to {last_ckpt}\n"
+              f"resume with: peftfast train --output {out} --resume", flush=True)
+        raise TrainInterrupted(last_ckpt, done, str(out)) from None
+    print(f"eval loss {eval_loss:.4f} (perplexity {math.exp(min(eval_loss, 50)):.2f}) "
+          f"on {len(eval_set)} held-out examples")
 
-        out = Path(args.output)
-        peftfast.save_adapter(model, str(out))
-        with open(out / "train_log.json", "w") as f:
-            json.dump({"losses": losses, "eval_loss": eval_loss, "steps": steps, "method": args.method,
-                       "args": {k: v for k, v in vars(args).items() if k != "func"}}, f, indent=1)
-        plot = _plot(losses, out / "loss.png")
-        print(f"adapter saved to {out}" + (f", loss plot {plot}" if plot else ""))
+    peftfast.save_adapter(model, str(out))
+    with open(out / "train_log.json", "w") as f:
+        json.dump({"losses": losses, "eval_loss": eval_loss, "steps": steps, "method": args.method,
+                   "base_model": loaded["desc"], "base_sha256": loaded["fingerprint"],
+                   "resumed_from": str(found) if meta is not None else None,
+                   "args": _saved_args(args)}, f, indent=1)
+    plot = _plot(losses, out / "loss.png")
+    print(f"adapter saved to {out}" + (f", loss plot {plot}" if plot else "")
+          + f"; resumable checkpoint {last_ckpt}")
     print(f"done in {time.time() - t_start:.1f} s")
-    return {"losses": losses, "eval_loss": eval_loss, "output": os.path.abspath(out), "steps": steps}
+    return {"losses": losses, "eval_loss": eval_loss, "output": os.path.abspath(out), "steps": steps,
+            "checkpoint": str(last_ckpt)}
+
+
+def _restore_adapter(model, path: Path) -> None:
+    """Copy a checkpoint's adapter tensors into the freshly patched (trainable) adapter, exactly."""
+    from .checkpoint import adapter_state_dict, read_adapter_weights
+
+    saved = read_adapter_weights(str(path))
+    mine = adapter_state_dict(model)
+    if set(saved) != set(mine):
+        raise TrainError(f"{path}: its adapter tensors do not match this run's adapter "
+                         f"(e.g. {sorted(set(saved) ^ set(mine))[:3]})")
+    with torch.no_grad():
+        for k, t in mine.items():
+            if tuple(t.shape) != tuple(saved[k].shape):
+                raise TrainError(f"{path}: {k} has shape {tuple(saved[k].shape)}, this run's is {tuple(t.shape)}")
+            t.copy_(saved[k].to(t.dtype))
 
 
 def main(argv: Optional[list] = None) -> dict:
@@ -263,4 +421,4 @@ def main(argv: Optional[list] = None) -> dict:
     return run_train(p.parse_args(argv))
 
 
-__all__ = ["DataError", "TrainError", "add_arguments", "evaluate", "main", "run_train"]
+__all__ = ["DataError", "TrainError", "TrainInterrupted", "add_arguments", "evaluate", "main", "run_train"]

@@ -80,3 +80,134 @@ def test_nonempty_output_refused(tmp_path, capsys):
     assert (out / "keep.txt").read_text() == "x"
     res = train_main(["--max-steps", "1", "--output", str(out), "--overwrite", *FAST])
     assert (out / "adapter_model.safetensors").is_file() and res["steps"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints, --resume and Ctrl-C
+# ---------------------------------------------------------------------------------------------------
+
+def _adapter_tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def _interrupt_at(monkeypatch, k):
+    import peftfast.train as train_mod
+
+    def hook(step):
+        if step == k:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "_before_step", hook)
+
+
+@pytest.mark.parametrize("method", ["qlora", "prompt"])
+def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch, method):
+    import torch
+
+    import peftfast.train as train_mod
+    from peftfast.train import TrainInterrupted
+
+    flags = ["--max-steps", "6", "--method", method, "--lr", "3e-3", "--dropout", "0.1", "--num-virtual-tokens", "4",
+             *FAST]
+    straight = train_main([*flags, "--output", str(tmp_path / "a")])
+    _interrupt_at(monkeypatch, 4)  # Ctrl-C before step 4: steps 1-3 are done
+    with pytest.raises(TrainInterrupted) as info:
+        train_main([*flags, "--output", str(tmp_path / "b")])
+    assert info.value.step == 3 and info.value.checkpoint.name == "checkpoint-3"
+    monkeypatch.setattr(train_mod, "_before_step", lambda step: None)
+    resumed = train_main(["--output", str(tmp_path / "b"), "--resume"])  # settings come from the checkpoint
+    assert resumed["losses"] == straight["losses"]
+    assert resumed["eval_loss"] == straight["eval_loss"]
+    a, b = _adapter_tensors(tmp_path / "a"), _adapter_tensors(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # only the newest checkpoint is kept, and it is itself a loadable adapter directory
+    assert sorted(p.name for p in (tmp_path / "b").glob("checkpoint-*")) == ["checkpoint-6"]
+    assert (tmp_path / "b" / "checkpoint-6" / "adapter_config.json").is_file()
+    assert not list((tmp_path / "b").glob(".checkpoint-*"))
+
+
+def test_ctrl_c_exit_code_and_resume_message(tmp_path, monkeypatch, capsys):
+    import peftfast.train as train_mod
+
+    out = tmp_path / "run"
+    _interrupt_at(monkeypatch, 3)
+    rc = cli_main(["train", "--max-steps", "4", "--save-steps", "1", "--output", str(out), *FAST])
+    printed = capsys.readouterr().out
+    assert rc == 130
+    assert "checkpoint of step 2/4" in printed and f"peftfast train --output {out} --resume" in printed
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
+    # no safetensors-free pickles anywhere: the state is JSON + safetensors
+    names = {p.name for p in (out / "checkpoint-2").iterdir()}
+    assert {"training_state.json", "training_state.safetensors", "adapter_model.safetensors"} <= names
+    monkeypatch.setattr(train_mod, "_before_step", lambda step: None)
+    assert cli_main(["train", "--output", str(out), "--resume"]) == 0
+    log = json.loads((out / "train_log.json").read_text())
+    assert len(log["losses"]) == 4 and log["resumed_from"].endswith("checkpoint-2")
+
+
+def test_resume_errors(tmp_path):
+    with pytest.raises(TrainError, match="nothing to resume"):
+        train_main(["--output", str(tmp_path / "none"), "--resume", *FAST])
+    out = tmp_path / "run"
+    train_main(["--max-steps", "2", "--output", str(out), *FAST])
+    with pytest.raises(TrainError, match=r"--r 4 \(the run used 8\)"):
+        train_main(["--output", str(out), "--resume", "--r", "4", *FAST])
+
+
+def test_missing_model_path(tmp_path, capsys):
+    with pytest.raises(TrainError, match="not a local directory"):
+        train_main(["--model", str(tmp_path / "no-such-model"), "--output", str(tmp_path / "o"), *FAST])
+    assert cli_main(["train", "--model", str(tmp_path / "no-such-model"), "--output", str(tmp_path / "o")]) == 2
+    assert "no-such-model" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_seq_len_beyond_max_positions(tmp_path):
+    # the embedded tiny Llama has 256 positions; prompt/prefix tuning's virtual tokens count too
+    with pytest.raises(TrainError, match="exceeds the model's 256 positions.*--seq-len 256"):
+        train_main(["--seq-len", "300", "--output", str(tmp_path / "o")])
+    with pytest.raises(TrainError, match=r"250 \+ 16 virtual tokens exceeds.*--seq-len 240"):
+        train_main(["--seq-len", "250", "--method", "prompt", "--output", str(tmp_path / "o")])
+
+
+def test_bad_virtual_tokens_and_save_steps(tmp_path):
+    with pytest.raises(TrainError, match="--num-virtual-tokens must be at least 1"):
+        train_main(["--method", "prefix", "--num-virtual-tokens", "0", "--output", str(tmp_path / "o")])
+    with pytest.raises(TrainError, match="--save-steps must be at least 1"):
+        train_main(["--save-steps", "0", "--output", str(tmp_path / "o")])
+
+
+def test_prompt_tuning_loss_is_on_real_tokens(tmp_path):
+    """Prompt tuning returns logits for P extra positions; the loss the trainer uses must be the one over
+    the real tokens only (the model pads labels with -100 for the virtual ones)."""
+    import torch
+
+    from peftfast.basemodel import build_embedded_base
+
+    model = peftfast.patch(build_embedded_base(), peftfast.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    from peftfast.data import collate
+
+    batch = collate([{"input_ids": list(range(40, 52)), "labels": list(range(40, 52))},
+                     {"input_ids": list(range(60, 72)), "labels": list(range(60, 72))}], 256)
+    assert (batch["labels"][:, 0] == -100).all()  # see collate: the first token is never a target
+    ids = batch["input_ids"]
+    out = model(**batch)
+    assert out.logits.shape[1] == 12 + 5
+    logits = out.logits[:, -12:]
+    manual = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert torch.allclose(out.loss, manual, atol=1e-5)
+    res = train_main(["--method", "prefix", "--max-steps", "8", "--num-virtual-tokens", "4", "--output",
+                      str(tmp_path / "p"), *FAST])
+    assert sum(res["losses"][-3:]) / 3 < sum(res["losses"][:3]) / 3, res["losses"]
+
+
+def test_overwrite_drops_old_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    train_main(["--max-steps", "3", "--output", str(out), *FAST])
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
+    train_main(["--max-steps", "2", "--output", str(out), "--overwrite", *FAST])
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]

@@ -1,0 +1,135 @@
+"""``peftfast generate``: text from a base model plus an adapter (greedy, or sampled with --temperature).
+
+Without ``--model`` the base is the one the adapter names (``base_model_name_or_path``): the embedded tiny
+Llama for adapters saved by ``peftfast train`` / ``peftfast demo`` without ``--model``, or a local
+directory. The base is loaded in NF4 when the adapter was trained with ``--method qlora`` (from its
+``train_log.json``), so the logits are those the adapter was trained against; ``--load-in-4bit`` /
+``--no-load-in-4bit`` override that.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+import torch
+
+
+class GenerateError(ValueError):
+    """Bad flags or an adapter that does not fit."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="local transformers directory of the base model (default: the "
+                   "adapter's base_model_name_or_path; the embedded tiny Llama for `peftfast train` adapters)")
+    p.add_argument("--adapter", required=True, help="adapter directory (PEFT format)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--chat", action="store_true", help="wrap --prompt as a user turn of the chat template "
+                   "(the tokenizer's, or peftfast's own for the byte tokenizer)")
+    p.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None,
+                   help="load the base in NF4 (default: as the adapter was trained)")
+
+
+def load_with_adapter(model_dir: Optional[str], adapter: str, load_in_4bit: Optional[bool], device: str = "cpu") -> dict:
+    """Base (resolved as in :func:`peftfast.basemodel.resolve_base`) with the adapter loaded, in eval mode."""
+    import os
+
+    import peftfast
+
+    from .basemodel import check_embedded, load_base, resolve_base
+
+    if not os.path.isdir(adapter):
+        raise GenerateError(f"--adapter {adapter}: no such directory")
+    if model_dir is not None and not os.path.isdir(model_dir):
+        raise GenerateError(f"--model {model_dir}: not a local directory with a transformers model")
+    try:
+        model_dir, four_bit, log = resolve_base(model_dir, adapter, load_in_4bit)
+    except FileNotFoundError as e:
+        raise GenerateError(str(e)) from None
+    loaded = load_base(model_dir, load_in_4bit=four_bit, device=device)
+    try:
+        check_embedded(loaded["fingerprint"], log)
+    except ValueError as e:
+        raise GenerateError(str(e)) from None
+    peftfast.load_adapter(loaded["model"], adapter)
+    loaded["model"].eval()
+    loaded["load_in_4bit"] = four_bit
+    return loaded
+
+
+def encode_prompt(loaded: dict, prompt: str, chat: bool) -> list:
+    from .data import builtin_chat_text
+
+    tok, hf = loaded["tokenizer"], loaded["hf_tokenizer"]
+    if not chat:
+        return tok.encode(prompt, True)
+    messages = [{"role": "user", "content": prompt}]
+    if tok.render_chat is not None:
+        return tok.encode(tok.render_chat(messages, True), False)
+    return tok.encode(builtin_chat_text(messages, add_generation_prompt=True), True)
+
+
+def decode(loaded: dict, ids: list) -> str:
+    if loaded["hf_tokenizer"] is None:
+        from .demo import decode as byte_decode
+
+        return byte_decode(ids)
+    return loaded["hf_tokenizer"].decode(ids, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def generate_ids(model, ids: list, max_new_tokens: int, eos_id: Optional[int], pad_id: int,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list:
+    """New token ids (up to and excluding EOS) from ``model.generate``."""
+    device = next(model.parameters()).device
+    x = torch.tensor([ids], device=device)
+    kwargs = dict(max_new_tokens=max_new_tokens, attention_mask=torch.ones_like(x), pad_token_id=pad_id,
+                  eos_token_id=eos_id)
+    if temperature > 0:
+        torch.manual_seed(seed)
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    import warnings
+
+    with warnings.catch_warnings():  # generate passes position ids, which prompt tuning ignores (as PEFT does)
+        warnings.filterwarnings("ignore", message="position ids are ignored with prompt tuning")
+        out = model.generate(x, **kwargs)[0, len(ids):].tolist()
+    if eos_id is not None and eos_id in out:
+        out = out[: out.index(eos_id)]
+    return out
+
+
+def run_generate(args) -> str:
+    """Generate and print the continuation of ``--prompt``; returns it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    if args.max_new_tokens < 1:
+        raise GenerateError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise GenerateError("--temperature must be >= 0 and --top-p in (0, 1]")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    loaded = load_with_adapter(args.model, args.adapter, args.load_in_4bit, device)
+    tok = loaded["tokenizer"]
+    ids = encode_prompt(loaded, args.prompt, args.chat)
+    new = generate_ids(loaded["model"], ids, args.max_new_tokens, tok.eos_id, tok.pad_id,
+                       args.temperature, args.top_p, args.seed)
+    text = decode(loaded, new)
+    print(text)
+    return text
+
+
+def main(argv: Optional[list] = None) -> str:
+    p = argparse.ArgumentParser(prog="peftfast generate")
+    add_arguments(p)
+    return run_generate(p.parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

@@ -1,0 +1,284 @@
+"""``peftfast generate / merge / inspect`` and chat data, on the embedded tiny Llama and a tiny local
+transformers model with a chat template (CPU, a few steps each)."""
+import json
+
+import pytest
+import torch
+
+import peftfast
+from peftfast.cli import main as cli_main
+from peftfast.data import DataError, byte_tokenizer, chat_example, hf_tokenizer, load_dataset
+from peftfast.train import main as train_main
+
+FAST = ["--seq-len", "32", "--batch-size", "4", "--logging-steps", "100"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Adapters trained by `peftfast train` on the embedded base: QLoRA (default), LoRA, prefix tuning."""
+    root = tmp_path_factory.mktemp("adapters")
+    out = {}
+    for method in ("qlora", "lora", "prefix"):
+        out[method] = root / method
+        train_main(["--max-steps", "4", "--method", method, "--lr", "3e-2", "--num-virtual-tokens", "4",
+                    "--output", str(out[method]), *FAST])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The embedded base is rebuilt, not stored
+# ---------------------------------------------------------------------------------------------------
+
+def test_embedded_base_rebuilds_identically():
+    from peftfast.basemodel import build_embedded_base, fingerprint
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a, b = build_embedded_base(), build_embedded_base()
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's RNG is untouched
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert fingerprint(a) == fingerprint(b)
+
+
+def test_train_records_embedded_base(trained):
+    from peftfast.basemodel import EMBEDDED_NAME, build_embedded_base, fingerprint
+
+    cfg = json.loads((trained["qlora"] / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == EMBEDDED_NAME
+    log = json.loads((trained["qlora"] / "train_log.json").read_text())
+    assert log["base_sha256"] == fingerprint(build_embedded_base()) and log["method"] == "qlora"
+
+
+# ---------------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["qlora", "prefix"])
+def test_generate_greedy_matches_manual_loop(trained, method, capsys):
+    from peftfast.demo import greedy
+    from peftfast.generate import load_with_adapter
+
+    rc = cli_main(["generate", "--adapter", str(trained[method]), "--prompt", "The small", "--max-new-tokens", "12"])
+    assert rc == 0
+    text = capsys.readouterr().out[:-1]  # print() adds one newline
+    loaded = load_with_adapter(None, str(trained[method]), None)
+    assert loaded["load_in_4bit"] == (method == "qlora")  # as trained, from train_log.json
+    # greedy() runs the full sequence every step (no KV cache): the cached generate path must agree
+    want = greedy(loaded["model"], "The small", 12)[len("The small"):]
+    assert text == want[: len(text)] and len(text) > 0
+
+
+def test_generate_sampling_and_chat(trained, capsys):
+    from peftfast.generate import main as gen_main
+
+    a = gen_main(["--adapter", str(trained["lora"]), "--prompt", "x", "--temperature", "1.0", "--seed", "1",
+                  "--max-new-tokens", "8"])
+    b = gen_main(["--adapter", str(trained["lora"]), "--prompt", "x", "--temperature", "1.0", "--seed", "1",
+                  "--max-new-tokens", "8"])
+    assert a == b  # seeded
+    gen_main(["--adapter", str(trained["lora"]), "--prompt", "hi", "--chat", "--max-new-tokens", "4"])
+
+
+def test_generate_errors(trained, tmp_path, capsys):
+    assert cli_main(["generate", "--adapter", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        (foreign / f).write_bytes((trained["lora"] / f).read_bytes())
+    cfg = json.loads((foreign / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "some-org/some-model"
+    (foreign / "adapter_config.json").write_text(json.dumps(cfg))
+    assert cli_main(["generate", "--adapter", str(foreign), "--prompt", "x"]) == 2
+    assert "pass --model" in capsys.readouterr().err
+    # an embedded base that no longer matches the recorded fingerprint is refused
+    log = json.loads((trained["lora"] / "train_log.json").read_text())
+    log["base_sha256"] = "0" * 64
+    (foreign / "train_log.json").write_text(json.dumps(log))
+    cfg["base_model_name_or_path"] = "peftfast:tiny-llama"
+    (foreign / "adapter_config.json").write_text(json.dumps(cfg))
+    assert cli_main(["generate", "--adapter", str(foreign), "--prompt", "x"]) == 2
+    assert "differs from the one this adapter was trained on" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# merge
+# ---------------------------------------------------------------------------------------------------
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+@pytest.mark.parametrize("method,dtype", [("qlora", "auto"), ("qlora", "fp32"), ("lora", "auto")])
+def test_merge_loads_with_transformers_and_matches(trained, tmp_path, method, dtype):
+    from transformers import AutoModelForCausalLM
+
+    from peftfast.generate import load_with_adapter
+
+    out = tmp_path / "merged"
+    assert cli_main(["merge", "--adapter", str(trained[method]), "--output", str(out), "--dtype", dtype]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    merged = AutoModelForCausalLM.from_pretrained(str(out))
+    assert not any("Linear4bit" in type(m).__name__ for m in merged.modules())
+    assert not any("lora" in k for k in merged.state_dict())
+    want_dtype = torch.bfloat16 if (method, dtype) == ("qlora", "auto") else torch.float32
+    assert merged.dtype == want_dtype
+    patched = load_with_adapter(None, str(trained[method]), None)["model"]
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    ref = _logits(patched, ids)
+    with peftfast.disable_adapters(patched):
+        base = _logits(patched, ids)
+    assert (ref - base).abs().max() > 0.05  # the adapter matters, so a merge that dropped it would fail
+    err = (_logits(merged, ids) - ref).abs().max().item()
+    if want_dtype == torch.float32:
+        assert err < 1e-4, err
+    else:
+        # bf16: the error must be what bf16 itself costs, i.e. that of the fp32 merge run in bf16 in memory
+        # (the flash-attention rule: at most twice the same-dtype PyTorch error against fp32)
+        from peftfast.merging import merged_model
+
+        in_memory = merged_model(None, str(trained[method]), None, "bf16")["model"]
+        budget = (_logits(in_memory, ids) - ref).abs().max().item()
+        assert err <= 2 * budget + 1e-6, (err, budget)
+        assert err < 0.02 * ref.abs().max().item(), err
+
+
+def test_merge_refuses_prompt_learning_and_busy_output(trained, tmp_path, capsys):
+    assert cli_main(["merge", "--adapter", str(trained["prefix"]), "--output", str(tmp_path / "m")]) == 2
+    assert "cannot be merged" in capsys.readouterr().err
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("x")
+    assert cli_main(["merge", "--adapter", str(trained["lora"]), "--output", str(busy)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (busy / "x").is_file()
+
+
+def test_merge_module_does_not_shadow_api():
+    import peftfast.merging  # noqa: F401
+
+    assert callable(peftfast.merge) and peftfast.merge.__module__ == "peftfast.patching"
+
+
+# ---------------------------------------------------------------------------------------------------
+# inspect
+# ---------------------------------------------------------------------------------------------------
+
+def test_inspect_text_and_json(trained, capsys):
+    assert cli_main(["inspect", str(trained["qlora"])]) == 0
+    text = capsys.readouterr().out
+    for part in ("method:       LORA", "r=8, lora_alpha=16", "q_proj", "parameters:", "size on disk:",
+                 "peftfast:tiny-llama", "--method qlora, 4 steps"):
+        assert part in text, (part, text)
+    assert cli_main(["inspect", str(trained["qlora"]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    trainable, _ = peftfast.trainable_parameters(_patched_lora())
+    assert info["parameters"] == trainable and info["r"] == 8 and info["lora_alpha"] == 16
+    assert info["size_on_disk"] > info["weights_size"] > 0
+    assert cli_main(["inspect", str(trained["prefix"]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == "PREFIX_TUNING" and info["num_virtual_tokens"] == 4
+
+
+def _patched_lora():
+    from peftfast.basemodel import build_embedded_base
+
+    model = build_embedded_base()
+    return peftfast.patch(model, peftfast.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+
+
+def test_inspect_errors(tmp_path, capsys):
+    assert cli_main(["inspect", str(tmp_path)]) == 2
+    assert "not an adapter directory" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chat data
+# ---------------------------------------------------------------------------------------------------
+
+CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"},
+        {"role": "assistant", "content": "ciao"}]
+
+
+def test_builtin_chat_template_masks_all_but_assistant():
+    ex = chat_example(byte_tokenizer(), CHAT, 512)
+    text = bytes(i for i in ex["input_ids"] if i < 256).decode()
+    assert text == "<|system|>\nbe brief\n<|user|>\nhi\n<|assistant|>\nhello\n<|user|>\nbye\n<|assistant|>\nciao\n"
+    assert ex["input_ids"][0] == 256  # BOS
+    trained = [t for t in ex["labels"] if t != -100]
+    assert trained == list(b"hello\n") + [256] + list(b"ciao\n") + [256]
+    # labels are the input ids where they are not masked
+    assert all(label in (-100, tok) for label, tok in zip(ex["labels"], ex["input_ids"]))
+
+
+def _chat_model_dir(path):
+    """A tiny Llama + a byte-level tokenizer with a ChatML-like chat template, saved with save_pretrained."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for t in ("<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"):
+        vocab[t] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                         "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok.save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"])
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def test_chat_template_of_hf_tokenizer(tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    model_dir = _chat_model_dir(tmp_path / "model")
+    hf = AutoTokenizer.from_pretrained(str(model_dir))
+    ex = chat_example(hf_tokenizer(hf), CHAT, 512)
+    assert hf.decode(ex["input_ids"]) == hf.apply_chat_template(CHAT, tokenize=False)
+    trained = hf.decode([t for t in ex["labels"] if t != -100])
+    assert trained == "hello<|im_end|>\nciao<|im_end|>\n"
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": CHAT}) for _ in range(6)) + "\n")
+    res = train_main(["--model", str(model_dir), "--data", str(data), "--method", "lora", "--max-steps", "3",
+                      "--seq-len", "96", "--batch-size", "2", "--output", str(tmp_path / "out")])
+    assert len(res["losses"]) == 3 and all(l == l for l in res["losses"])
+    capsys.readouterr()
+    assert cli_main(["generate", "--model", str(model_dir), "--adapter", str(tmp_path / "out"), "--prompt", "hi",
+                     "--chat", "--max-new-tokens", "4"]) == 0
+    # the adapter records the local base directory, so --model may be left out
+    assert cli_main(["generate", "--adapter", str(tmp_path / "out"), "--prompt", "hi", "--max-new-tokens", "2"]) == 0
+    merged = tmp_path / "merged"
+    assert cli_main(["merge", "--model", str(model_dir), "--adapter", str(tmp_path / "out"), "--output", str(merged)]) == 0
+    assert (merged / "tokenizer_config.json").is_file()  # the tokenizer travels with the merged model
+
+
+@pytest.mark.parametrize("line,message", [
+    ({"messages": []}, "non-empty list"),
+    ({"messages": "hi"}, "non-empty list"),
+    ({"messages": [{"role": "user"}]}, r"messages\[0\] must be an object"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "has role 'robot'"),
+    ({"messages": [{"role": "user", "content": "x"}]}, "no assistant message"),
+])
+def test_malformed_messages_name_the_line(tmp_path, line, message):
+    f = tmp_path / "chat.jsonl"
+    f.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps(line) + "\n")
+    with pytest.raises(DataError, match=rf"chat\.jsonl:2: .*{message}"):
+        load_dataset(f, byte_tokenizer(), 64)
+
+
+def test_chat_training_on_embedded_base(tmp_path):
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": CHAT}) for _ in range(8)) + "\n")
+    res = train_main(["--data", str(data), "--method", "lora", "--max-steps", "3", "--seq-len", "128",
+                      "--batch-size", "4", "--output", str(tmp_path / "o")])
+    assert len(res["losses"]) == 3

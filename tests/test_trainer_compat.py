@@ -1,0 +1,193 @@
+"""A patched model in the training stacks people use: HF Trainer (dense and 4-bit bases, checkpoint +
+resume), TRL's SFTTrainer (when installed), gradient checkpointing, bf16 autocast, torch.compile."""
+import os
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+from transformers import TrainingArguments
+from transformers.utils import logging as hf_logging
+
+import peftfast
+from tiny import tiny_llama
+
+hf_logging.set_verbosity_error()
+
+
+class Tokens(Dataset):
+    def __init__(self, n=32, seq=16, vocab=64):
+        self.x = torch.randint(1, vocab, (n, seq), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.x[i], "labels": self.x[i]}
+
+
+def _args(out, **kw):
+    base = dict(output_dir=str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, save_steps=2,
+                logging_steps=1, report_to=[], use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0,
+                disable_tqdm=True, save_safetensors=True)
+    base.update(kw)
+    try:
+        return TrainingArguments(**base)
+    except TypeError:  # save_safetensors was removed in newer transformers (always on)
+        base.pop("save_safetensors")
+        return TrainingArguments(**base)
+
+
+def _lora(model):
+    return peftfast.patch(model, peftfast.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+
+
+def _adapter(model):
+    return {k: v.detach().clone() for k, v in peftfast.adapter_state_dict(model).items()}
+
+
+def _base(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" not in k}
+
+
+def test_trainer_trains_and_resumes_dense_base(tmp_path):
+    from transformers import Trainer
+
+    from peftfast.integrations import AdapterCheckpointCallback
+
+    model = _lora(tiny_llama())
+    base0, adapter0 = _base(model), _adapter(model)
+    trainer = Trainer(model=model, args=_args(tmp_path / "a"), train_dataset=Tokens(),
+                      callbacks=[AdapterCheckpointCallback()])
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert all(torch.equal(v, _base(model)[k]) for k, v in base0.items())  # the base is frozen
+    changed = _adapter(model)
+    assert any(not torch.equal(changed[k], adapter0[k]) for k in adapter0)  # B starts at 0 and moves
+
+    # What a plain Trainer saves for a non-PeftModel: the whole model (base under patched names) ...
+    ckpt = tmp_path / "a" / "checkpoint-2"
+    assert (ckpt / "model.safetensors").is_file()
+    # ... and the callback adds the adapter in PEFT's format, loadable into a fresh base
+    fresh = peftfast.load_adapter(tiny_llama(), str(tmp_path / "a"))
+    ids = Tokens().x[:2]
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(fresh(ids).logits, model(ids).logits, atol=1e-5)
+
+    # resume_from_checkpoint with a plain Trainer: same final adapter as the uninterrupted run
+    again = _lora(tiny_llama())
+    Trainer(model=again, args=_args(tmp_path / "b"), train_dataset=Tokens()).train(resume_from_checkpoint=str(ckpt))
+    resumed = _adapter(again)
+    for k in changed:
+        assert torch.allclose(resumed[k], changed[k], atol=1e-6, rtol=0), k
+
+
+def test_peftfast_trainer_qlora_saves_adapter_only_and_resumes(tmp_path):
+    from transformers import AutoModelForCausalLM, Trainer
+
+    from peftfast.basemodel import quant_config
+    from peftfast.integrations import PeftfastTrainer
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+
+    def make():
+        m = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), quantization_config=quant_config(torch.float32),
+                                                 device_map="cpu")
+        torch.manual_seed(0)
+        return _lora(m)
+
+    model = make()
+    with pytest.raises(ValueError, match="purely quantized"):  # why PeftfastTrainer exists
+        Trainer(model=model, args=_args(tmp_path / "x"), train_dataset=Tokens())
+    trainer = PeftfastTrainer(model=model, args=_args(tmp_path / "a"), train_dataset=Tokens())
+    assert "_hf_peft_config_loaded" not in vars(model)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    ckpt = tmp_path / "a" / "checkpoint-2"
+    names = set(os.listdir(ckpt))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= names and "model.safetensors" not in names
+    final = _adapter(model)
+
+    again = make()
+    PeftfastTrainer(model=again, args=_args(tmp_path / "b"), train_dataset=Tokens()).train(
+        resume_from_checkpoint=str(ckpt))
+    resumed = _adapter(again)
+    for k in final:
+        assert torch.allclose(resumed[k], final[k], atol=1e-6, rtol=0), k
+
+
+def test_trl_sft_trainer(tmp_path):
+    trl = pytest.importorskip("trl")
+
+    model = _lora(tiny_llama())
+    adapter0 = _adapter(model)
+    config = trl.SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
+                           report_to=[], use_cpu=True, logging_steps=1, save_strategy="no")
+
+    class Rows(Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            ids = Tokens().x[i].tolist()
+            return {"input_ids": ids}
+
+    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=Rows())
+    trainer.train()
+    assert any(not torch.equal(_adapter(model)[k], adapter0[k]) for k in adapter0)
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_same_loss_and_grads(reentrant):
+    model = peftfast.patch(tiny_llama(), peftfast.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                             init_lora_weights=False))
+    model.train()
+    ids = Tokens().x[:4]
+    ref_loss, ref_grads = _loss_and_grads(model, ids)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant:
+        model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
+    assert model.is_gradient_checkpointing
+    loss, grads = _loss_and_grads(model, ids)
+    assert torch.allclose(loss, ref_loss, atol=1e-6)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    for k in grads:
+        assert torch.allclose(grads[k], ref_grads[k], atol=1e-6, rtol=1e-5), k
+    # the base still gets no gradient
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_bf16_autocast_cpu():
+    model = _lora(tiny_llama())
+    model.train()
+    ids = Tokens().x[:4]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, labels=ids)
+    assert out.logits.dtype in (torch.bfloat16, torch.float32)
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    assert all(g.dtype == torch.float32 for g in grads)  # adapter params stay fp32 under autocast
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager():
+    # ~30 s of Inductor compilation on a 2-core CPU; the graph is the whole patched Llama forward
+    model = peftfast.patch(tiny_llama(), peftfast.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                             init_lora_weights=False))
+    ids = Tokens().x[:2]
+    with torch.no_grad():
+        eager = model(ids).logits
+        compiled = torch.compile(model)(ids).logits
+    assert torch.allclose(compiled, eager, atol=1e-5, rtol=1e-5), (compiled - eager).abs().max()
