@@ -424,22 +424,45 @@ def prompt_learning_of(model: nn.Module) -> Optional[PromptLearning]:
     return m if isinstance(m, PromptLearning) else None
 
 
+def prefix_attention_problem(model: nn.Module) -> Optional[str]:
+    """Why prefix tuning cannot run on this model's attention (None when it can)."""
+    original = getattr(_text_config(model), "_attn_implementation", None)
+    if original not in SUPPORTED_ATTENTION:
+        return (
+            f"prefix tuning runs on the model's attention interface with attn_implementation='sdpa'; this model "
+            f"uses {original!r}. Load it with attn_implementation='sdpa' (or call model.set_attn_implementation"
+            "('sdpa')) before patching"
+        )
+    if not getattr(model, "_supports_attention_backend", False):
+        # Its attention layers compute scores themselves and never see the prefix keys/values (Bloom, GPT-J,
+        # GPT-Neo, ...): patching would fail at the first forward or, worse, silently drop the prefix.
+        return (
+            "prefix tuning in peftfast feeds the prefix through transformers' attention interface, which this "
+            f"model's attention layers do not use; {type(model).__name__} computes attention itself. Use LoRA, IA3 "
+            "or prompt tuning on it, or Hugging Face PEFT"
+        )
+    return None
+
+
+def check_prompt_learning(model: nn.Module, cfg) -> None:
+    """Raise ConfigError when ``cfg`` cannot be added to ``model`` (completing ``cfg`` from the model's
+    config on the way); the checks ``patch`` makes, usable on their own (peftfast.coverage)."""
+    complete_config(cfg, model)
+    if isinstance(cfg, PrefixTuningConfig) and prompt_learning_of(model) is None:
+        problem = prefix_attention_problem(model)
+        if problem is not None:
+            raise ConfigError(problem)
+
+
 def add_prompt_learning(model: nn.Module, cfg, adapter_name: str, backend: str) -> list:
     """Add a prefix/prompt adapter; returns undo steps (in order of doing). Raises before changing
     anything when the model cannot take it."""
-    complete_config(cfg, model)
+    check_prompt_learning(model, cfg)
     holder = prompt_learning_of(model)
     undo: list = []
     if holder is not None and holder.kind is not type(cfg):
         raise ConfigError(f"this model already carries {holder.kind.__name__} adapters; cannot add a {type(cfg).__name__}")
     if isinstance(cfg, PrefixTuningConfig):
-        original = getattr(_text_config(model), "_attn_implementation", None)
-        if holder is None and original not in SUPPORTED_ATTENTION:
-            raise ConfigError(
-                f"prefix tuning runs on the model's attention interface with attn_implementation='sdpa'; this model "
-                f"uses {original!r}. Load it with attn_implementation='sdpa' (or call model.set_attn_implementation"
-                "('sdpa')) before patching"
-            )
         encoder = PrefixEncoder(cfg, projection=cfg.prefix_projection and not cfg.inference_mode)
     else:
         embeddings = model.get_input_embeddings()

@@ -145,3 +145,54 @@ def first_4bit_weight(model: nn.Module) -> Optional[torch.Tensor]:
         if isinstance(m, bnb.nn.Linear4bit):
             return m.weight
     return None
+
+
+# ------------------------------------------------------------------------------------------------------
+# The coverage matrix's families (tests/test_coverage_matrix.py). The family table lives in
+# peftfast/coverage.py, which renders the README table from the same list; these add inputs.
+# ------------------------------------------------------------------------------------------------------
+
+
+def matrix_model(family: str, method: str = "lora", seed: int = 0) -> nn.Module:
+    """A tiny model of a coverage family (``peftfast.coverage.FAMILIES``), 4-bit for ``lora-4bit``."""
+    from peftfast.coverage import build_base
+
+    return build_base(family, method, seed)
+
+
+def matrix_inputs(family: str, batch: int = 2, seq: int = 7, seed: int = 1) -> dict:
+    """Inputs with labels for a coverage family: left-padded text (row i has 2*i pads), images, or both."""
+    from peftfast import coverage
+
+    fam = coverage.FAMILIES[family]
+    g = torch.Generator().manual_seed(seed)
+    out: dict = {}
+    if fam.inputs in ("image", "image_text"):
+        out["pixel_values"] = torch.randn(batch, 3, coverage.IMAGE_SIZE, coverage.IMAGE_SIZE, generator=g)
+    if fam.inputs == "image":
+        if fam.task is None and family == "segformer":
+            out["labels"] = torch.randint(0, coverage.NUM_LABELS, (batch, coverage.IMAGE_SIZE, coverage.IMAGE_SIZE), generator=g)
+        else:
+            out["labels"] = torch.randint(0, coverage.NUM_LABELS, (batch,), generator=g)
+        return out
+    ids = torch.randint(3, coverage.VOCAB - 1, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    for i in range(batch):
+        n_pad = min(2 * i, seq - 2)
+        ids[i, :n_pad] = coverage.PAD
+        mask[i, :n_pad] = 0
+    if fam.inputs == "image_text":  # the query tokens' placeholders go first, then the text
+        q = coverage.BLIP2_QUERY_TOKENS
+        ids = torch.cat([torch.full((batch, q), coverage.BLIP2_IMAGE_TOKEN), ids], dim=1)
+        mask = torch.cat([torch.ones(batch, q, dtype=torch.long), mask], dim=1)
+    out.update(input_ids=ids, attention_mask=mask)
+    if fam.task == "SEQ_CLS":
+        out["labels"] = torch.randint(0, coverage.NUM_LABELS, (batch,), generator=g)
+    elif fam.task == "TOKEN_CLS":
+        out["labels"] = torch.randint(0, coverage.NUM_LABELS, (batch, seq), generator=g).masked_fill(mask == 0, -100)
+    elif fam.task == "SEQ_2_SEQ_LM":
+        out["decoder_input_ids"] = torch.randint(3, coverage.VOCAB, (batch, 5), generator=g)
+        out["labels"] = torch.randint(3, coverage.VOCAB, (batch, 5), generator=g)
+    else:  # causal LM, image-to-text
+        out["labels"] = ids.masked_fill((mask == 0) | (ids == coverage.BLIP2_IMAGE_TOKEN), -100)
+    return out
