@@ -201,7 +201,7 @@ def evaluate(model, examples, batch_size: int, pad_id: int, device: str, bf16: b
         n = int((b["labels"][:, 1:] != -100).sum())
         if n == 0:
             continue
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
             loss = model(**b).loss
         total += loss.float().item() * n
         count += n
@@ -258,6 +258,9 @@ def _saved_args(args) -> dict:
 def run_train(args) -> dict:
     """Run a training job from parsed arguments (see :func:`add_arguments`).
 
+    Under ``torchrun`` / ``accelerate launch`` (WORLD_SIZE > 1) it trains data-parallel: ``--batch-size``
+    is per process, and rank 0 alone prints and writes (see :mod:`peftfast.distributed`).
+
     Returns:
         A dict with ``losses`` (one per optimizer step), ``eval_loss``, ``output``, ``steps`` and
         ``checkpoint`` (the last resumable checkpoint).
@@ -266,6 +269,17 @@ def run_train(args) -> dict:
         TrainError / DataError: on bad flags, an output directory in the way, or unusable data.
         TrainInterrupted: on Ctrl-C, after writing a resumable checkpoint (a KeyboardInterrupt).
     """
+    from .distributed import Ranks
+
+    ranks = Ranks()
+    ranks.start()
+    try:
+        return _run_train(args, ranks)
+    finally:
+        ranks.stop()
+
+
+def _run_train(args, ranks) -> dict:
     import peftfast
     from transformers.utils import logging as hf_logging
 
@@ -289,11 +303,12 @@ def run_train(args) -> dict:
         args.lr = DEFAULT_LR.get(args.method, 2e-4)
     _check_seq_len(args)
     config = _adapter_config(args)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = ranks.device()
     torch.manual_seed(args.seed)
     t_start = time.time()
 
     loaded = _load_model(args, device)
+    ranks.join()
     model, tok, desc = loaded["model"], loaded["tokenizer"], loaded["desc"]
     examples = load_dataset(args.data, tok, args.seq_len)
     train_set, eval_set = split(examples, args.eval_fraction, args.seed)
@@ -305,6 +320,7 @@ def run_train(args) -> dict:
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    train_model = ranks.wrap(model, device)
 
     per_epoch = math.ceil(len(train_set) / (args.batch_size * args.grad_accum))
     steps = args.max_steps if args.max_steps > 0 else max(1, math.ceil(per_epoch * args.epochs))
@@ -326,16 +342,23 @@ def run_train(args) -> dict:
         sched.load_state_dict(meta["scheduler"])
         ckpt.set_rng_state(state_tensors)
         losses, done = list(meta["losses"]), int(meta["step"])
-    batches = iterate_batches(train_set, args.batch_size, tok.pad_id, args.seed, skip=done * args.grad_accum)
+    # Every rank walks the same global batches and keeps its own rows of each.
+    batches = iterate_batches(train_set, args.batch_size * ranks.world, tok.pad_id, args.seed,
+                              skip=done * args.grad_accum)
     print(f"training: {args.method}, {steps} steps, batch {args.batch_size} x accum {args.grad_accum}, "
           f"lr {args.lr:g}, device {device}" + (f", from step {done}" if done else ""))
 
     run_meta = {"args": _saved_args(args), "base_sha256": loaded["fingerprint"], "method": args.method}
     last_ckpt = found if meta is not None else None
 
-    def save(step: int, rng: dict) -> Path:
-        return ckpt.save_checkpoint(out, step, model, opt, sched, rng, dict(
-            run_meta, losses=losses, batches_consumed=step * args.grad_accum))
+    def save(step: int, rng: dict, wait: bool = True) -> Path:
+        path = out / f"checkpoint-{step}"
+        if ranks.is_main:
+            path = ckpt.save_checkpoint(out, step, model, opt, sched, rng, dict(
+                run_meta, losses=losses, batches_consumed=step * args.grad_accum))
+        if wait:
+            ranks.barrier()
+        return path
 
     rng_next = ckpt.rng_state()  # the RNG state at the start of step done + 1
     model.train()
@@ -343,19 +366,23 @@ def run_train(args) -> dict:
     try:
         for step in range(done + 1, steps + 1):
             _before_step(step)
-            micro = [next(batches) for _ in range(args.grad_accum)]
+            micro = [(e, ranks.shard(b)) for e, b in (next(batches) for _ in range(args.grad_accum))]
             n_tok = [int((b["labels"][:, 1:] != -100).sum()) for _, b in micro]
-            total_tok = max(sum(n_tok), 1)
+            # Weighted by the global token count (DDP averages gradients over ranks, hence * world).
+            total_tok = max(ranks.total(sum(n_tok)), 1)
             step_loss = 0.0
             for (epoch, b), n in zip(micro, n_tok):
                 b = {k: v.to(device) for k, v in b.items()}
-                with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=args.bf16):
-                    loss = model(**b).loss  # prompt tuning: the model pads the labels for its virtual tokens
+                with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16):
+                    loss = train_model(**b).loss  # prompt tuning: the model pads the labels for its virtual tokens
                 if n == 0:
+                    if ranks.enabled:  # DDP needs every rank's backward: contribute zero gradients
+                        (sum(p.sum() for p in params) * 0.0).backward()
                     continue
-                (loss.float() * (n / total_tok)).backward()
+                (loss.float() * (n * ranks.world / total_tok)).backward()
                 step_loss += loss.float().item() * n / total_tok
                 tok_log += int(b["attention_mask"].sum())
+            step_loss = ranks.total(step_loss)
             if not math.isfinite(step_loss):
                 raise TrainError(f"loss is {step_loss} at step {step}; try a lower --lr")
             with _DeferSigint():
@@ -377,25 +404,32 @@ def run_train(args) -> dict:
     except KeyboardInterrupt:
         opt.zero_grad(set_to_none=True)  # drop the half-accumulated step; the checkpoint is of step `done`
         if last_ckpt is None or last_ckpt.name != f"checkpoint-{done}":
-            last_ckpt = save(done, rng_next)
+            last_ckpt = save(done, rng_next, wait=False)
         print(f"\ninterrupted: checkpoint of step {done}/{steps} saved to {last_ckpt}\n"
               f"resume with: peftfast train --output {out} --resume", flush=True)
         raise TrainInterrupted(last_ckpt, done, str(out)) from None
     print(f"eval loss {eval_loss:.4f} (perplexity {math.exp(min(eval_loss, 50)):.2f}) "
           f"on {len(eval_set)} held-out examples")
 
+    if ranks.is_main:
+        _write_outputs(peftfast, model, out, losses, eval_loss, steps, args, loaded, meta, found if meta else None)
+    ranks.barrier()
+    plot = out / "loss.png"
+    print(f"adapter saved to {out}" + (f", loss plot {plot}" if plot.exists() else "")
+          + f"; resumable checkpoint {last_ckpt}")
+    print(f"done in {time.time() - t_start:.1f} s")
+    return {"losses": losses, "eval_loss": eval_loss, "output": os.path.abspath(out), "steps": steps,
+            "checkpoint": str(last_ckpt)}
+
+
+def _write_outputs(peftfast, model, out: Path, losses, eval_loss, steps, args, loaded, meta, found) -> None:
     peftfast.save_adapter(model, str(out))
     with open(out / "train_log.json", "w") as f:
         json.dump({"losses": losses, "eval_loss": eval_loss, "steps": steps, "method": args.method,
                    "base_model": loaded["desc"], "base_sha256": loaded["fingerprint"],
                    "resumed_from": str(found) if meta is not None else None,
                    "args": _saved_args(args)}, f, indent=1)
-    plot = _plot(losses, out / "loss.png")
-    print(f"adapter saved to {out}" + (f", loss plot {plot}" if plot else "")
-          + f"; resumable checkpoint {last_ckpt}")
-    print(f"done in {time.time() - t_start:.1f} s")
-    return {"losses": losses, "eval_loss": eval_loss, "output": os.path.abspath(out), "steps": steps,
-            "checkpoint": str(last_ckpt)}
+    _plot(losses, out / "loss.png")
 
 
 def _restore_adapter(model, path: Path) -> None:
