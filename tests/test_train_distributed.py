@@ -1,4 +1,5 @@
-"""`peftfast train` under torchrun: 2 CPU processes (gloo) with --batch-size 2 each take the same steps
+"""`peftfast train` under torchrun (accelerate launch needs GPUs or MPI for several processes; it sets the
+same environment variables, so it is not run here): 2 CPU processes (gloo) with --batch-size 2 each take the same steps
 as one process with --batch-size 4 — same losses and adapter — and only rank 0 writes the output."""
 import json
 import os
@@ -15,13 +16,18 @@ ARGS = ["--method", "lora", "--max-steps", "3", "--seq-len", "48", "--lr", "1e-2
         "--eval-fraction", "0.1", "--logging-steps", "1", "--save-steps", "2"]
 
 
-def test_torchrun_two_processes_match_one(tmp_path):
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+}
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_two_processes_match_one(tmp_path, launcher):
     from peftfast.train import main
 
     single = main(ARGS + ["--batch-size", "4", "--output", str(tmp_path / "single")])
     env = dict(os.environ, PEFTFAST_BACKEND="reference", TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "peftfast", "train", *ARGS, "--batch-size", "2", "--output", str(tmp_path / "ddp")]
+    cmd = [sys.executable, *LAUNCHERS[launcher], "-m", "peftfast", "train", *ARGS, "--batch-size", "2", "--output", str(tmp_path / "ddp")]
     # cwd outside the repository: the repo root on sys.path would expose kernels/ as a top-level package
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
