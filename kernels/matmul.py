@@ -17,6 +17,11 @@ operands is wrong, so there (only) dot operands are widened to fp32 under the ``
 Autotuning: CUDA launches of :func:`matmul_lowrank` are tuned over per-GPU-family config lists
 (``configs/lora_matmul.json``, keyed ``sm80``/``sm89``/``sm90``) pruned by shared memory and by M;
 the interpreter runs one fixed large-block config. Nothing here touches CUDA at import time.
+
+Before that search, a CUDA launch asks :mod:`.tuning` for a config without one: the shipped table
+``configs/<gpu-slug>.json`` (written by ``peftfast tune``) first, then the on-disk cache of earlier
+searches' winners; a hit launches that single config. A search's winner goes into that cache, so a
+later process skips it. ``PEFTFAST_TUNING=off`` leaves only the search.
 """
 from __future__ import annotations
 
@@ -24,12 +29,13 @@ import functools
 import inspect
 import json
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from . import tuning as _tuning
 from .dispatch import interpreting
 
 _CONFIG_FILE = os.path.join(os.path.dirname(__file__), "configs", "lora_matmul.json")
@@ -313,6 +319,101 @@ def _tuned_matmul_lowrank(device_index: int):
     )(_matmul_lowrank_kernel)
 
 
+@functools.lru_cache(maxsize=None)
+def _kernel_hash() -> str:
+    """Source hash of the kernel and its helpers: part of the tuning-cache key, so edits invalidate it."""
+    return _tuning.source_hash(_matmul_lowrank_kernel, _dot, _dropout_keep)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_info(device_index: int) -> Tuple[str, int]:
+    """(GPU name, shared memory per block) of a CUDA device; asked on first launch, never at import."""
+    return torch.cuda.get_device_name(device_index), _max_shared_memory(device_index)
+
+
+def select_matmul_config(m: int, n: int, k: int, dtype, weight: str, *, gpu_name: str, max_smem: int,
+                         elem: int, block_r: int) -> Optional[Tuple[dict, str]]:
+    """The config a CUDA launch of ``matmul_lowrank`` uses without searching, and where it came from.
+
+    Args:
+        m, n, k: the GEMM's shape (M is bucketed by :func:`tuning.bucket_m`); ``k`` is 0 with no base.
+        dtype: compute dtype. weight: :func:`tuning.weight_format` of the base operand.
+        gpu_name: ``torch.cuda.get_device_name``. max_smem: shared memory per block, in bytes.
+        elem: widest element size of the staged tiles; block_r: the launch's ``BLOCK_R``.
+
+    Returns:
+        ``(config, "table" | "cache")``, or None when the shape is untuned here (the caller searches).
+        A config that would not fit in shared memory at this call's rank/dtype is passed over.
+    """
+    key = _tuning.shape_key(_tuning.OP_LORA_MATMUL, m, n, k, dtype, weight)
+    use_table, use_cache = _tuning.tuning_enabled()
+    if not (use_table or use_cache):
+        return None
+
+    def fits(cfg: dict) -> bool:
+        return _smem_bytes(cfg, cfg["num_stages"], elem, block_r) <= max_smem
+
+    return _tuning.select_config(key, gpu_name=gpu_name, kernel_hash=_kernel_hash(), fits=fits,
+                                 use_table=use_table, use_cache=use_cache)
+
+
+# (device, M bucket, N, K, dtype, weight format, elem, BLOCK_R) -> config dict, or None for "search".
+# Cleared with the tuning module's own memory (tuning.clear_memory_caches), as a new process would be.
+_SELECTED: Dict[tuple, Optional[dict]] = {}
+_MISSING = object()
+_tuning.on_clear(_SELECTED.clear)
+
+
+def _record_search_winner(kernel, timings_before, gpu_name: str, key: str) -> Optional[dict]:
+    """After an autotuned launch: the config it ran, written to the tuning cache with its time.
+
+    ``best_config`` is set by every Triton 3.x autotuner run; ``configs_timings`` is only replaced when
+    this run benchmarked (a stale dict from an earlier key is not this key's timing), so the time is
+    recorded only then.
+    """
+    best = getattr(kernel, "best_config", None)
+    if best is None:
+        return None
+    try:
+        cfg = _tuning.config_to_dict(best)
+    except (KeyError, TypeError, ValueError):
+        return None
+    ms = None
+    timings = getattr(kernel, "configs_timings", None)
+    if isinstance(timings, dict) and timings is not timings_before and best in timings:
+        t = timings[best]
+        t = t[0] if isinstance(t, (list, tuple)) else t
+        if isinstance(t, (int, float)) and t == t and t != float("inf"):
+            ms = float(t)
+    if not _tuning.tuning_enabled()[1]:
+        return None
+    _tuning.cache_write(gpu_name, _kernel_hash(), key, cfg, ms)
+    return cfg
+
+
+def _launch_cuda(args: tuple, flags: dict, m: int, n: int, k: int, dtype, wt, ww, y) -> None:
+    device_index = y.device.index if y.device.index is not None else torch.cuda.current_device()
+    weight = _tuning.weight_format(wt)
+    elem = max(y.element_size(), ww.element_size())
+    memo_key = (device_index, _tuning.bucket_m(m), n, k, dtype, weight, elem, flags["BLOCK_R"])
+    cfg = _SELECTED.get(memo_key, _MISSING)
+    if cfg is _MISSING:
+        gpu_name, max_smem = _device_info(device_index)
+        hit = select_matmul_config(m, n, k, dtype, weight, gpu_name=gpu_name, max_smem=max_smem, elem=elem,
+                                   block_r=flags["BLOCK_R"])
+        cfg = hit[0] if hit is not None else None
+        _SELECTED[memo_key] = cfg
+    if cfg is not None:
+        _launch_config(args, flags, m, n, cfg)
+        return
+    kernel = _tuned_matmul_lowrank(device_index)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    timings_before = getattr(kernel, "configs_timings", None)
+    kernel[grid](*args, **flags)
+    key = _tuning.shape_key(_tuning.OP_LORA_MATMUL, m, n, k, dtype, weight)
+    _SELECTED[memo_key] = _record_search_winner(kernel, timings_before, _device_info(device_index)[0], key)
+
+
 def _dot_flags(dtype: torch.dtype) -> dict:
     return {"DOT_F32": interpreting() and dtype == torch.bfloat16, "IEEE": dtype == torch.float32}
 
@@ -325,6 +426,35 @@ def _block_r(r: int) -> int:
 # --------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------
+
+
+def _launch_args(x, wt, left, right, scale, bias, dropout_p, seed, y) -> Tuple[tuple, dict]:
+    """The kernel's positional arguments and constexpr flags for one ``matmul_lowrank`` call into ``y``."""
+    m, r = left.shape
+    n = right.shape[1]
+    has_w = wt is not None
+    k = wt.shape[0] if has_w else 0
+    xx = x if has_w else left
+    ww = wt if has_w else right
+    args = (
+        xx, ww, left, right, bias if bias is not None else y, seed if dropout_p > 0 else y, y,
+        m, n, k, r, triton.next_power_of_2(m),
+        xx.stride(0), xx.stride(1) if has_w else 0, ww.stride(0) if has_w else 0, ww.stride(1) if has_w else 0,
+        left.stride(0), left.stride(1), right.stride(0), right.stride(1), y.stride(0), y.stride(1),
+        float(scale), float(dropout_p),
+    )
+    flags = dict(HAS_W=has_w, HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0, BLOCK_R=_block_r(r),
+                 **_dot_flags(y.dtype))
+    return args, flags
+
+
+def _launch_config(args: tuple, flags: dict, m: int, n: int, cfg: dict) -> None:
+    """Launch the kernel with one explicit config (a table/cache hit, or a candidate being timed)."""
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    _matmul_lowrank_kernel[grid](
+        *args, **flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
 
 
 def matmul_lowrank(
@@ -363,21 +493,10 @@ def matmul_lowrank(
     y = torch.empty((m, n), device=left.device, dtype=dtype)
     if m == 0 or n == 0:
         return y
-    xx = x if has_w else left
+    args, flags = _launch_args(x, wt, left, right, scale, bias, dropout_p, seed, y)
     ww = wt if has_w else right
-    args = (
-        xx, ww, left, right, bias if bias is not None else y, seed if dropout_p > 0 else y, y,
-        m, n, k, r, triton.next_power_of_2(m),
-        xx.stride(0), xx.stride(1) if has_w else 0, ww.stride(0) if has_w else 0, ww.stride(1) if has_w else 0,
-        left.stride(0), left.stride(1), right.stride(0), right.stride(1), y.stride(0), y.stride(1),
-        float(scale), float(dropout_p),
-    )
-    flags = dict(HAS_W=has_w, HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0, BLOCK_R=_block_r(r),
-                 **_dot_flags(dtype))
     if y.device.type == "cuda":
-        kernel = _tuned_matmul_lowrank(y.device.index if y.device.index is not None else torch.cuda.current_device())
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        kernel[grid](*args, **flags)
+        _launch_cuda(args, flags, m, n, k, dtype, wt if has_w else None, ww, y)
     else:
         cfg = _INTERPRET_CONFIG
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)

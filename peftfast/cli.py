@@ -28,11 +28,19 @@ def main(argv: Optional[list] = None) -> int:
 
     bench = sub.add_parser("bench", help="run the benchmark suites in bench/ (smoke mode on CPU; --list, --table)")
     add_bench_arguments(bench)
+    from .tune import add_arguments as add_tune_arguments
+
+    add_tune_arguments(sub.add_parser("tune", help="time the LoRA GEMM's configs for a model's shapes on this GPU "
+                                      "and write kernels/configs/<gpu>.json (--dry-run lists the shapes)"))
     args = parser.parse_args(argv)
     if args.command == "bench":
         from .bench import run_bench
 
         return run_bench(args)
+    if args.command == "tune":
+        from .tune import run_tune
+
+        return run_tune(args)
     if args.command == "train":
         from .data import DataError
         from .train import TrainError, TrainInterrupted, run_train

@@ -1,0 +1,409 @@
+"""Per-GPU tuned kernel configs: shipped tables, an on-disk cache of search winners, and their keys.
+
+Two sources of a launch config, consulted in this order before any autotuning search:
+
+1. **Shipped tables** ``configs/<gpu-slug>.json`` (written by ``peftfast tune``), one file per GPU
+   model, keyed by :func:`shape_key`. Directories named by ``PEFTFAST_TUNING_TABLES`` (``os.pathsep``
+   separated) are searched before the shipped one, so a user can tune into a writable place.
+2. **The cache** of winners of fallback searches, one small JSON file per entry under
+   :func:`cache_dir` (``$PEFTFAST_CACHE_DIR/tuning/`` or ``~/.cache/peftfast/tuning/``). Its key adds
+   the GPU name, the Triton version and a hash of the kernel's source to the shape key, so a new Triton
+   or an edited kernel never reuses a stale winner.
+
+Bucketing (:func:`bucket_m`): M (tokens) rounds up to a power of two, at least 16 and at most 8192.
+``tl.dot`` tiles have at least 16 rows, so M = 1..16 run the same tiles (one *decode* bucket), and
+past 8192 rows every shape is compute-bound and keeps the 8192 choice. N and K are kept exact: a model
+has only a few distinct linear shapes.
+
+Everything here is plain Python and JSON (never pickle): nothing touches CUDA, and files are only read
+when a launch first asks for them. Unreadable, corrupt or foreign-format files are skipped with one
+warning line each, never raised.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import json
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+TABLE_FORMAT = "peftfast.tuning-table"
+CACHE_FORMAT = "peftfast.tuning-cache"
+FORMAT_VERSION = 1
+
+M_MIN = 16      # the decode bucket: M = 1..16
+M_MAX = 8192    # the largest bucket: every M past it uses it
+
+# The launch parameters of a config entry (all positive ints); other fields (``ms``, ...) are notes.
+CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+
+OP_LORA_MATMUL = "lora_matmul"
+
+_DTYPE_NAMES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Keys
+# --------------------------------------------------------------------------------------------------
+
+
+def bucket_m(m: int) -> int:
+    """The M bucket of ``m`` rows: next power of two, clamped to [16, 8192]."""
+    m = int(m)
+    if m <= M_MIN:
+        return M_MIN
+    if m >= M_MAX:
+        return M_MAX
+    return 1 << (m - 1).bit_length()
+
+
+def dtype_name(dtype) -> str:
+    """``torch.bfloat16`` -> ``"bf16"`` (also accepts the short names themselves)."""
+    s = str(dtype)
+    if s in _DTYPE_NAMES.values():
+        return s
+    return _DTYPE_NAMES.get(s, s.replace("torch.", ""))
+
+
+def weight_format(wt) -> str:
+    """How the [K, N] base operand of ``matmul_lowrank`` sits in memory: ``"<dtype>-<layout>"``.
+
+    ``nk``: the transpose of a row-major [N, K] ``nn.Linear`` weight (``W.t()``, the forward pass);
+    ``kn``: row-major [K, N] (``W`` itself, the dX GEMM of the backward); ``strided``: anything else;
+    ``"none"`` when there is no base weight. The layout decides which tile dimension loads coalesce
+    along, so the two passes are tuned apart.
+    """
+    if wt is None:
+        return "none"
+    if wt.stride(0) == 1:
+        layout = "nk"
+    elif wt.stride(1) == 1:
+        layout = "kn"
+    else:
+        layout = "strided"
+    return f"{dtype_name(wt.dtype)}-{layout}"
+
+
+def shape_key(op: str, m: int, n: int, k: int, dtype, weight: str) -> str:
+    """``"op|M bucket|N|K|dtype|weight format"``, e.g. ``"lora_matmul|16|4096|4096|bf16|bf16-nk"``."""
+    return f"{op}|{bucket_m(m)}|{int(n)}|{int(k)}|{dtype_name(dtype)}|{weight}"
+
+
+def parse_shape_key(key: str) -> dict:
+    op, m, n, k, dtype, weight = key.split("|")
+    return {"op": op, "m": int(m), "n": int(n), "k": int(k), "dtype": dtype, "weight": weight}
+
+
+def gpu_slug(name: str) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"`` (as bench/ names its result folders)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", str(name).lower()).strip("-")
+    return slug or "unknown-gpu"
+
+
+def source_hash(*fns) -> str:
+    """SHA-256 (first 16 hex digits) of the Python source of the given (``triton.jit``) functions.
+
+    Works on ``JITFunction`` and on the interpreter's wrapper alike (both keep the Python function as
+    ``.fn``); the source is used rather than Triton's ``cache_key``, which also hashes line numbers.
+    """
+    h = hashlib.sha256()
+    for fn in fns:
+        py = getattr(fn, "fn", fn)
+        try:
+            src = inspect.getsource(py)
+        except (OSError, TypeError):
+            src = getattr(py, "__qualname__", repr(py))
+        h.update(src.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def triton_version() -> str:
+    try:
+        import triton
+
+        return str(triton.__version__)
+    except Exception:  # noqa: BLE001 - no Triton: such keys are never used for a launch
+        return "none"
+
+
+def cache_key(gpu_name: str, triton_ver: str, kernel_hash: str, key: str) -> str:
+    """The full cache key: GPU name, Triton version, kernel source hash and the shape key."""
+    return "\n".join([str(gpu_name), str(triton_ver), str(kernel_hash), key])
+
+
+# --------------------------------------------------------------------------------------------------
+# Config entries
+# --------------------------------------------------------------------------------------------------
+
+
+def config_from_entry(entry) -> Optional[dict]:
+    """The launch parameters of a table/cache entry, or None unless all are positive ints.
+
+    Block sizes must be powers of two (``tl.arange``); anything else is a broken entry, not a config.
+    """
+    if not isinstance(entry, dict):
+        return None
+    out = {}
+    for f in CONFIG_FIELDS:
+        v = entry.get(f)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            return None
+        out[f] = v
+    if any(out[f] & (out[f] - 1) for f in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps")):
+        return None
+    return out
+
+
+def config_to_dict(config) -> dict:
+    """A ``triton.Config`` (or a dict) as a plain dict of :data:`CONFIG_FIELDS`."""
+    if isinstance(config, dict):
+        return {f: int(config[f]) for f in CONFIG_FIELDS}
+    kw = dict(config.kwargs)
+    kw["num_warps"] = config.num_warps
+    kw["num_stages"] = config.num_stages
+    return {f: int(kw[f]) for f in CONFIG_FIELDS}
+
+
+def _warn(msg: str) -> None:
+    warnings.warn(f"peftfast tuning: {msg}", RuntimeWarning, stacklevel=3)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# --------------------------------------------------------------------------------------------------
+# Shipped tables
+# --------------------------------------------------------------------------------------------------
+
+
+def table_dirs() -> List[Path]:
+    extra = [Path(p) for p in os.environ.get("PEFTFAST_TUNING_TABLES", "").split(os.pathsep) if p]
+    return extra + [CONFIG_DIR]
+
+
+def read_table(path) -> Optional[dict]:
+    """A table file's ``{shape key: entry}``; None (with a warning) when unreadable or foreign."""
+    path = Path(path)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        _warn(f"ignoring unreadable table {path}: {type(e).__name__}: {e}".splitlines()[0])
+        return None
+    if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT or data.get("version") != FORMAT_VERSION:
+        _warn(f"ignoring {path}: not a {TABLE_FORMAT} v{FORMAT_VERSION} file")
+        return None
+    entries = data.get("entries")
+    if not isinstance(entries, dict):
+        _warn(f"ignoring {path}: no 'entries' object")
+        return None
+    return data
+
+
+@functools.lru_cache(maxsize=None)
+def _load_tables(slug: str, dirs: Tuple[str, ...]) -> Dict[str, dict]:
+    merged: Dict[str, dict] = {}
+    # Later dirs have lower priority: fill from the last so earlier ones overwrite.
+    for d in reversed(dirs):
+        data = read_table(Path(d) / f"{slug}.json")
+        if data is None:
+            continue
+        for key, entry in data["entries"].items():
+            cfg = config_from_entry(entry)
+            if cfg is None:
+                _warn(f"ignoring entry {key!r} of {Path(d) / (slug + '.json')}: bad config {entry!r}"[:300])
+                continue
+            merged[key] = cfg
+    return merged
+
+
+def lookup_table(slug: str, key: str) -> Optional[dict]:
+    """The tuned config for ``key`` on the GPU ``slug``, or None. Files are read once per process."""
+    return _load_tables(slug, tuple(str(d) for d in table_dirs())).get(key)
+
+
+def write_table(path, gpu_name: str, entries: Dict[str, dict], meta: Optional[dict] = None) -> dict:
+    """Merge ``entries`` into the table at ``path`` (created if missing) and write it atomically.
+
+    Raises ValueError when ``path`` exists but is not a table of this format, or belongs to another GPU:
+    a shipped file is never clobbered silently.
+    """
+    path = Path(path)
+    data = {"format": TABLE_FORMAT, "version": FORMAT_VERSION, "gpu": gpu_name, "entries": {}, "meta": {}}
+    if path.exists():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            old = read_table(path)
+        if old is None:
+            raise ValueError(f"{path} exists but is not a readable {TABLE_FORMAT} v{FORMAT_VERSION} file; "
+                             f"move it away or pick another --out")
+        if old.get("gpu") not in (None, gpu_name):
+            raise ValueError(f"{path} holds configs for {old.get('gpu')!r}, not {gpu_name!r}; pick another --out")
+        data.update({k: v for k, v in old.items() if k in ("entries", "meta")})
+    data["entries"] = dict(data["entries"])
+    for key, entry in entries.items():
+        parse_shape_key(key)  # raises on a malformed key
+        if config_from_entry(entry) is None:
+            raise ValueError(f"bad config for {key}: {entry!r}")
+        data["entries"][key] = dict(entry)
+    data["meta"] = {**(data.get("meta") or {}), **(meta or {})}
+    _write_json_atomic(path, data)
+    clear_memory_caches()
+    return data
+
+
+# --------------------------------------------------------------------------------------------------
+# Cache of search winners
+# --------------------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """``$PEFTFAST_CACHE_DIR/tuning`` or ``$XDG_CACHE_HOME/peftfast/tuning`` (``~/.cache/...``)."""
+    root = os.environ.get("PEFTFAST_CACHE_DIR")
+    if root:
+        return Path(root).expanduser() / "tuning"
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "peftfast" / "tuning"
+
+
+def cache_path(gpu_name: str, triton_ver: str, kernel_hash: str, key: str, directory=None) -> Path:
+    op = parse_shape_key(key)["op"]
+    digest = hashlib.sha256(cache_key(gpu_name, triton_ver, kernel_hash, key).encode("utf-8")).hexdigest()[:24]
+    return Path(directory or cache_dir()) / gpu_slug(gpu_name) / f"{op}-{digest}.json"
+
+
+_CACHE_MEMO: Dict[str, Optional[dict]] = {}
+
+
+def cache_read(gpu_name: str, kernel_hash: str, key: str, *, triton_ver: Optional[str] = None,
+               directory=None) -> Optional[dict]:
+    """``{"config": {...}, "ms": float | None}`` cached for this key, or None. Read once per process."""
+    triton_ver = triton_ver or triton_version()
+    path = cache_path(gpu_name, triton_ver, kernel_hash, key, directory)
+    memo_key = str(path)
+    if memo_key in _CACHE_MEMO:
+        return _CACHE_MEMO[memo_key]
+    result = None
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        data = None
+    except (OSError, ValueError) as e:
+        _warn(f"ignoring corrupt cache file {path}: {type(e).__name__}: {e}".splitlines()[0])
+        data = None
+    if data is not None:
+        if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or data.get("version") != FORMAT_VERSION:
+            _warn(f"ignoring cache file {path}: not a {CACHE_FORMAT} v{FORMAT_VERSION} file")
+        elif data.get("key") != cache_key(gpu_name, triton_ver, kernel_hash, key):
+            _warn(f"ignoring cache file {path}: it holds another key")
+        else:
+            cfg = config_from_entry(data.get("config"))
+            if cfg is None:
+                _warn(f"ignoring cache file {path}: bad config")
+            else:
+                ms = data.get("ms")
+                result = {"config": cfg, "ms": float(ms) if isinstance(ms, (int, float)) else None}
+    _CACHE_MEMO[memo_key] = result
+    return result
+
+
+def cache_write(gpu_name: str, kernel_hash: str, key: str, config, ms: Optional[float] = None, *,
+                triton_ver: Optional[str] = None, directory=None) -> Optional[Path]:
+    """Store a search winner atomically; returns the path, or None (one warning) if it cannot be written."""
+    triton_ver = triton_ver or triton_version()
+    cfg = config_to_dict(config)
+    path = cache_path(gpu_name, triton_ver, kernel_hash, key, directory)
+    data = {
+        "format": CACHE_FORMAT, "version": FORMAT_VERSION,
+        "key": cache_key(gpu_name, triton_ver, kernel_hash, key),
+        "gpu": gpu_name, "triton": triton_ver, "kernel": kernel_hash, "shape": key,
+        "config": cfg, "ms": None if ms is None else float(ms),
+    }
+    try:
+        _write_json_atomic(path, data)
+    except OSError as e:
+        _warn(f"cannot write tuning cache {path}: {e}".splitlines()[0])
+        return None
+    _CACHE_MEMO[str(path)] = {"config": cfg, "ms": data["ms"]}
+    return path
+
+
+_CLEAR_HOOKS: list = []
+
+
+def on_clear(fn) -> None:
+    """Register ``fn()`` to run on :func:`clear_memory_caches` (launchers' per-shape memos)."""
+    _CLEAR_HOOKS.append(fn)
+
+
+def clear_memory_caches() -> None:
+    """Forget what this process read or chose (tables, cache files, launch memos), as a new process would."""
+    _load_tables.cache_clear()
+    _CACHE_MEMO.clear()
+    for fn in _CLEAR_HOOKS:
+        fn()
+
+
+# --------------------------------------------------------------------------------------------------
+# Selection
+# --------------------------------------------------------------------------------------------------
+
+
+def select_config(key: str, *, gpu_name: str, kernel_hash: str, fits=None,
+                  use_table: bool = True, use_cache: bool = True) -> Optional[Tuple[dict, str]]:
+    """The config to launch for ``key`` without a search: ``(config, "table" | "cache")`` or None.
+
+    ``fits(config) -> bool`` rejects configs that this call cannot run (e.g. too much shared memory for
+    a larger rank than the one tuned); a rejected table entry falls through to the cache, a rejected
+    cache entry to the search.
+    """
+    if use_table:
+        cfg = lookup_table(gpu_slug(gpu_name), key)
+        if cfg is not None and (fits is None or fits(cfg)):
+            return cfg, "table"
+    if use_cache:
+        hit = cache_read(gpu_name, kernel_hash, key)
+        if hit is not None and (fits is None or fits(hit["config"])):
+            return hit["config"], "cache"
+    return None
+
+
+def tuning_enabled() -> Tuple[bool, bool]:
+    """(tables, cache) as allowed by ``PEFTFAST_TUNING``: ``all`` (default), ``table``, ``cache``, ``off``."""
+    mode = os.environ.get("PEFTFAST_TUNING", "all").strip().lower() or "all"
+    if mode in ("off", "0", "none", "search"):
+        return False, False
+    if mode == "table":
+        return True, False
+    if mode == "cache":
+        return False, True
+    return True, True
+
+
+def iter_entries(data: dict) -> Iterable[Tuple[str, dict]]:
+    return sorted((data.get("entries") or {}).items())
