@@ -26,6 +26,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 PROMPT_KEY = "prompt_embeddings"
+PROMPT_LEARNING_PREFIX = "base_model."
 
 
 class AdapterLoadError(ValueError):
@@ -44,8 +45,15 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict:
     cfg = state.configs[adapter_name]
     holder = prompt_learning_of(model)
     if holder is not None and adapter_name in holder.encoders:
-        # PEFT saves the virtual tokens' final values (after any prefix MLP) under one plain key.
-        return {PROMPT_KEY: holder.encoders[adapter_name].prompt_embeddings().detach()}
+        # PEFT saves the virtual tokens' final values (after any prefix MLP) under one plain key, and the
+        # modules_to_save (classification heads) under ``base_model.<module path>``: for prompt learning its
+        # ``base_model`` is the transformers model itself, without LoRA's ``.model``.
+        out = {PROMPT_KEY: holder.encoders[adapter_name].prompt_embeddings().detach()}
+        tag = f"modules_to_save.{adapter_name}."
+        for key, value in model.state_dict(keep_vars=True).items():
+            if f".{tag}" in key or key.startswith(tag):
+                out[PROMPT_LEARNING_PREFIX + key.replace(tag, "")] = value.detach()
+        return out
     out = {}
     tag = f".{adapter_name}."
     for key, value in model.state_dict(keep_vars=True).items():
@@ -260,11 +268,35 @@ def _load_prompt_learning(model, path, config, weights, adapter_name, is_trainab
     config.inference_mode = True
     rollback = _patch(model, config, adapter_name, backend)
     try:
-        extra = sorted(set(weights) - {PROMPT_KEY})
-        if PROMPT_KEY not in weights or extra:
+        save_wrappers = [n for n, m in model.named_modules() if isinstance(m, ModulesToSave)]
+        params = model.state_dict(keep_vars=True)
+        expected = {k for k in params if f"modules_to_save.{adapter_name}." in k}
+        heads = {}
+        for saved_key in sorted(set(weights) - {PROMPT_KEY}):
+            key = saved_key[len(PROMPT_LEARNING_PREFIX):] if saved_key.startswith(PROMPT_LEARNING_PREFIX) else None
+            key = _model_key(key, adapter_name, save_wrappers) if key is not None else None
+            if key not in expected:
+                raise AdapterLoadError(
+                    f"{path}: a {config.peft_type} adapter holds {PROMPT_KEY!r} and the modules_to_save copies "
+                    f"({PROMPT_LEARNING_PREFIX}<module>.*); {saved_key!r} matches neither on this model. The file "
+                    "belongs to another kind of adapter or another architecture"
+                )
+            if tuple(params[key].shape) != tuple(weights[saved_key].shape):
+                raise AdapterLoadError(
+                    f"{path}: {saved_key!r} has shape {tuple(weights[saved_key].shape)} but the model's {key!r} is "
+                    f"{tuple(params[key].shape)}; the adapter was made for a different base model"
+                )
+            heads[key] = weights[saved_key]
+        if PROMPT_KEY not in weights:
             raise AdapterLoadError(
-                f"{path}: a {config.peft_type} adapter holds exactly one tensor, {PROMPT_KEY!r}; found "
-                f"{sorted(weights)}. The file belongs to another kind of adapter"
+                f"{path}: a {config.peft_type} adapter holds {PROMPT_KEY!r}; found {sorted(weights)}. The file "
+                "belongs to another kind of adapter"
+            )
+        missing = sorted(expected - set(heads))
+        if missing:
+            raise AdapterLoadError(
+                f"{path}: {len(missing)} modules_to_save tensors are missing from {WEIGHTS_NAME}, e.g. {missing[:3]}; "
+                "the file is incomplete or belongs to another config"
             )
         embedding = prompt_learning_of(model).encoders[adapter_name].embedding.weight
         tensor = weights[PROMPT_KEY]
@@ -276,11 +308,15 @@ def _load_prompt_learning(model, path, config, weights, adapter_name, is_trainab
             )
         with torch.no_grad():
             embedding.copy_(tensor.to(embedding.dtype))
+            for key, value in heads.items():
+                params[key].copy_(value.to(params[key].dtype))
         if is_trainable:
             config.inference_mode = False
         _apply_trainable(model, patch_state(model))
         if not is_trainable:
             embedding.requires_grad_(False)
+            for key in expected:
+                params[key].requires_grad_(False)
     except BaseException:
         rollback()
         raise

@@ -10,8 +10,8 @@ learning's own checks) and names the path of each:
   They run for CUDA tensors with ``backend="auto"`` (and on CPU with ``backend="triton"`` under
   ``TRITON_INTERPRET=1``); elsewhere the same layers run their ``*_reference`` PyTorch ops.
 * ``reference``: PyTorch ops by design (LoRA on ``nn.Embedding`` / ``nn.Conv1d`` / ``nn.Conv2d``;
-  prompt tuning, which only prepends embeddings; bitsandbytes 8-bit bases, which run their own matmul
-  and add the LoRA term).
+  prompt tuning, which only prepends embeddings; prefix tuning on encoder-decoder models, fed as PEFT's
+  KV cache; bitsandbytes 8-bit bases, which run their own matmul and add the LoRA term).
 * ``unsupported``: ``patch`` refuses it (the reason is peftfast's own error message).
 
 :data:`FAMILIES` is the one list of tiny model families the coverage matrix test
@@ -367,11 +367,12 @@ def layer_paths(model: nn.Module, config) -> Cell:
     try:
         cfg = copy.deepcopy(as_config(config))
         if isinstance(cfg, (PrefixTuningConfig, PromptTuningConfig)):
-            from .prompt_learning import check_prompt_learning
+            from .prompt_learning import check_prompt_learning, is_seq2seq
 
             check_prompt_learning(model, cfg)
             if isinstance(cfg, PrefixTuningConfig):
-                return Cell({"<attention>": FUSED})
+                # encoder-decoder models get PEFT's real KV cache (they compute attention themselves)
+                return Cell({"<attention>": REFERENCE if is_seq2seq(model) else FUSED})
             return Cell({"<embeddings>": REFERENCE})
         if isinstance(cfg, IA3Config) and cfg.target_modules is None and model_type(model) in DEFAULT_IA3_TARGETS:
             cfg.target_modules, ff = DEFAULT_IA3_TARGETS[model_type(model)]
@@ -440,8 +441,8 @@ def markdown_table(matrix: Optional[dict] = None) -> str:
         "",
         "- **fused**: the Triton kernels for CUDA tensors (LoRA/DoRA/IA3 on `nn.Linear`, transformers `Conv1D` and "
         "bitsandbytes `Linear4bit`; the prefix-attention kernel), their PyTorch references elsewhere. "
-        "**reference**: PyTorch ops by design (LoRA on embeddings and convolutions, prompt tuning, bitsandbytes "
-        "8-bit bases). **n/a (PEFT)**: Hugging Face PEFT cannot do it either (`PEFT_UNSUPPORTED` in "
+        "**reference**: PyTorch ops by design (LoRA on embeddings and convolutions, prompt tuning, prefix tuning on "
+        "encoder-decoder models, bitsandbytes 8-bit bases). **n/a (PEFT)**: Hugging Face PEFT cannot do it either (`PEFT_UNSUPPORTED` in "
         "`peftfast/coverage.py`, checked against PEFT by the tests).",
         "- Every supported cell is checked against PEFT on a tiny random model (logits, then training steps with "
         "the same losses and adapter weights) by `tests/test_coverage_matrix.py`; **not yet** cells are strict "

@@ -226,7 +226,9 @@ def _lora_wrapper(module: nn.Module) -> type:
 
 
 def _patch_prompt_learning(model: nn.Module, cfg, adapter_name: str, backend: str, state) -> Callable[[], None]:
-    """Prefix / prompt tuning: an encoder module on the model plus a forward hook (see prompt_learning)."""
+    """Prefix / prompt tuning: an encoder module on the model plus a forward hook (see prompt_learning), and
+    trainable copies of the ``modules_to_save`` (the classification head for SEQ_CLS / TOKEN_CLS, as PEFT)."""
+    save_names = _modules_to_save_names(model, cfg)
     undo: list = []
     grad_flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
     try:
@@ -236,6 +238,17 @@ def _patch_prompt_learning(model: nn.Module, cfg, adapter_name: str, backend: st
             model.__dict__["peftfast_state"] = state
             undo.append(lambda: model.__dict__.pop("peftfast_state", None))
         undo.extend(add_prompt_learning(model, cfg, adapter_name, backend))
+        for name in save_names:
+            module = model.get_submodule(name)
+            if isinstance(module, ModulesToSave):
+                module.add_adapter(adapter_name)
+                undo.append(lambda w=module: w.delete_adapter(adapter_name))
+                continue
+            wrapper = ModulesToSave(module)
+            wrapper.add_adapter(adapter_name)
+            parent, attr = _parent(model, name)
+            setattr(parent, attr, wrapper)
+            undo.append(lambda p=parent, a=attr, m=module: setattr(p, a, m))
         state.configs[adapter_name] = cfg
         state.target_names[adapter_name] = []
         undo.append(lambda: (state.configs.pop(adapter_name, None), state.target_names.pop(adapter_name, None)))

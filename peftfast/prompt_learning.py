@@ -9,7 +9,12 @@ the same logits in the other:
   the whole prefix, padding is masked, and the real tokens sit at positions ``P..P+N-1`` as if the
   prefix were a KV cache of length ``P`` (which is how PEFT feeds it).
 
-How prefix tuning is wired, by one mechanism for every family using transformers' attention
+Task types: ``CAUSAL_LM``, ``SEQ_CLS`` and ``TOKEN_CLS`` (prefix tuning only: prompt tuning would give the
+virtual tokens labels too), whose heads train as ``modules_to_save`` (see patching), and ``SEQ_2_SEQ_LM`` on
+encoder-decoder models (the end of this file). Classification prompt tuning keeps ``token_type_ids`` (type 0
+for the virtual tokens) and leaves the labels alone, as PEFT does.
+
+How prefix tuning is wired (decoder-only and encoder models), by one mechanism for every family using transformers' attention
 interface (Llama, Qwen2, Mistral, GPT-2, OPT, ...):
 
 1. A forward pre-hook on the top-level model computes the prefix *once per forward* from the
@@ -25,6 +30,7 @@ interface (Llama, Qwen2, Mistral, GPT-2, OPT, ...):
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import warnings
@@ -39,6 +45,10 @@ ATTN_PREFIX = "peftfast_prefix_"
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 PREFIX_KWARG = "peftfast_prefix"
 ENCODER_ATTR = "peftfast_prompt_learning"
+# Task types whose forward semantics peftfast reproduces (PEFT's PeftModelForCausalLM, ...ForSequenceClassification
+# and ...ForTokenClassification); the classification ones also train their head (modules_to_save).
+SUPPORTED_TASKS = (None, "CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM")
+CLASSIFICATION_TASKS = ("SEQ_CLS", "TOKEN_CLS")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -373,15 +383,27 @@ def complete_config(cfg, model: nn.Module) -> None:
     """Fill num_layers, token_dim, num_attention_heads (KV heads for prefix tuning, as PEFT does for
     grouped-query attention) and num_transformer_submodules from the model's config."""
     mc = _text_config(model)
-    if getattr(mc, "is_encoder_decoder", False):
+    seq2seq = is_seq2seq(model)
+    if seq2seq and cfg.task_type != "SEQ_2_SEQ_LM":
         raise ConfigError(
-            f"{type(cfg).__name__} on encoder-decoder models is not supported by peftfast yet; use a decoder-only "
-            "model (Llama, Qwen2, Mistral, GPT-2, OPT, ...) or Hugging Face PEFT"
+            f"{type(cfg).__name__} on an encoder-decoder model needs task_type='SEQ_2_SEQ_LM' (got "
+            f"{cfg.task_type!r}); other task types on encoder-decoder models are not supported by peftfast yet"
         )
-    if cfg.task_type not in (None, "CAUSAL_LM"):
+    if not seq2seq and cfg.task_type == "SEQ_2_SEQ_LM":
+        raise ConfigError(
+            f"task_type='SEQ_2_SEQ_LM' needs an encoder-decoder model (T5, BART, ...); this is "
+            f"{type(model).__name__}: use task_type='CAUSAL_LM'"
+        )
+    if cfg.task_type not in SUPPORTED_TASKS:
         raise ConfigError(
             f"{type(cfg).__name__} with task_type={cfg.task_type!r} is not supported by peftfast yet; "
-            "use task_type='CAUSAL_LM'"
+            f"use one of {[t for t in SUPPORTED_TASKS if t]}"
+        )
+    if cfg.task_type == "TOKEN_CLS" and isinstance(cfg, PromptTuningConfig):
+        raise ConfigError(
+            "PromptTuningConfig with task_type='TOKEN_CLS' is not supported: the classifier would label the virtual "
+            "tokens too and the labels no longer line up (Hugging Face PEFT fails on it as well); use "
+            "PrefixTuningConfig, which adds no tokens"
         )
     layers = _first(mc, ("num_hidden_layers", "num_layers", "n_layer"))
     hidden = _first(mc, ("hidden_size", "n_embd", "d_model"))
@@ -409,7 +431,7 @@ def complete_config(cfg, model: nn.Module) -> None:
     if cfg.num_attention_heads is None:
         cfg.num_attention_heads = heads
     if cfg.num_transformer_submodules is None:
-        cfg.num_transformer_submodules = 1
+        cfg.num_transformer_submodules = 2 if cfg.task_type == "SEQ_2_SEQ_LM" else 1
     if isinstance(cfg, PrefixTuningConfig) and cfg.encoder_hidden_size is None:
         cfg.encoder_hidden_size = cfg.token_dim
 
@@ -422,6 +444,11 @@ def complete_config(cfg, model: nn.Module) -> None:
 def prompt_learning_of(model: nn.Module) -> Optional[PromptLearning]:
     m = getattr(model, ENCODER_ATTR, None)
     return m if isinstance(m, PromptLearning) else None
+
+
+def is_seq2seq(model: nn.Module) -> bool:
+    """An encoder-decoder model (T5, BART, ...): prompt learning goes through its encoder / its cache."""
+    return bool(getattr(_text_config(model), "is_encoder_decoder", False)) and hasattr(model, "get_encoder")
 
 
 def prefix_attention_problem(model: nn.Module) -> Optional[str]:
@@ -448,7 +475,7 @@ def check_prompt_learning(model: nn.Module, cfg) -> None:
     """Raise ConfigError when ``cfg`` cannot be added to ``model`` (completing ``cfg`` from the model's
     config on the way); the checks ``patch`` makes, usable on their own (peftfast.coverage)."""
     complete_config(cfg, model)
-    if isinstance(cfg, PrefixTuningConfig) and prompt_learning_of(model) is None:
+    if isinstance(cfg, PrefixTuningConfig) and prompt_learning_of(model) is None and not is_seq2seq(model):
         problem = prefix_attention_problem(model)
         if problem is not None:
             raise ConfigError(problem)
@@ -475,14 +502,23 @@ def add_prompt_learning(model: nn.Module, cfg, adapter_name: str, backend: str) 
         holder = PromptLearning(type(cfg), backend)
         model.add_module(ENCODER_ATTR, holder)
         undo.append(lambda: delattr(model, ENCODER_ATTR))
-        if isinstance(cfg, PrefixTuningConfig):
+        seq2seq = is_seq2seq(model)
+        if isinstance(cfg, PrefixTuningConfig) and not seq2seq:
             holder.original_attention = getattr(_text_config(model), "_attn_implementation", None)
             name = _register_attention(holder.original_attention)
             undo.extend(_set_attention(model, name))
-        hook = _prefix_hook if isinstance(cfg, PrefixTuningConfig) else _prompt_hook
-        handle = model.register_forward_pre_hook(hook, with_kwargs=True)
-        holder.handles.append(handle)
-        undo.append(handle.remove)
+        if seq2seq:
+            hooks = [(model, functools.partial(_seq2seq_hook, holder))]
+            if isinstance(cfg, PromptTuningConfig):
+                # generate() runs the encoder by itself: the virtual tokens go in at the encoder
+                hooks.append((model.get_encoder(), functools.partial(_encoder_prompt_hook, holder,
+                                                                     model.get_input_embeddings())))
+        else:
+            hooks = [(model, _prefix_hook if isinstance(cfg, PrefixTuningConfig) else _prompt_hook)]
+        for module, hook in hooks:
+            handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+            holder.handles.append(handle)
+            undo.append(handle.remove)
     holder.encoders[adapter_name] = encoder
     holder.configs[adapter_name] = cfg
     undo.append(lambda: holder.delete_adapter(adapter_name))
@@ -594,7 +630,12 @@ def _prompt_hook(model: nn.Module, args: tuple, kwargs: dict):
     if kw.get("position_ids") is not None:
         warnings.warn("position ids are ignored with prompt tuning (as in PEFT); the model numbers the virtual tokens too")
         kw["position_ids"] = None
-    if kw.get("token_type_ids") is not None:
+    classification = cfg.task_type in CLASSIFICATION_TASKS
+    token_types = kw.get("token_type_ids")
+    if token_types is not None and classification:
+        if prefill:  # PEFT gives the virtual tokens type 0 (classification models keep token types)
+            kw["token_type_ids"] = torch.cat([token_types.new_zeros(batch, p), token_types], dim=1)
+    elif token_types is not None:
         warnings.warn("token type ids are ignored with prompt tuning (as in PEFT)")
         kw["token_type_ids"] = None
     kw.pop("cache_position", None)  # the model recounts from its cache, which includes the virtual tokens
@@ -611,6 +652,111 @@ def _prompt_hook(model: nn.Module, args: tuple, kwargs: dict):
     kw["inputs_embeds"] = torch.cat([prompts, embeds], dim=1)
     kw["input_ids"] = None
     labels = kw.get("labels")
-    if labels is not None:
+    if labels is not None and not classification:  # language modelling: no loss on the virtual tokens
         kw["labels"] = torch.cat([torch.full((batch, p), -100, dtype=labels.dtype, device=labels.device), labels], dim=1)
+    return (), kw
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoder-decoder models (SEQ_2_SEQ_LM), as PEFT's PeftModelForSeq2SeqLM
+# --------------------------------------------------------------------------------------------------
+#
+# Prompt tuning: the first P of the 2P virtual tokens go before the encoder's input (PEFT trains and saves
+# 2P, and uses P); the attention mask, which the decoder's cross-attention reuses, gets P ones in front.
+# The decoder is untouched. The encoder hook does the prepending, so generate() (which calls the encoder
+# itself) gets it too; the model hook extends the mask for the cross-attention.
+#
+# Prefix tuning: exactly PEFT's cache: an EncoderDecoderCache whose self-attention part holds the prefix
+# (PEFT's layout: the [P, 2L*H*D] table doubled along the layer axis and cut in groups of four, so layer i
+# reads key/value rows 4i, 4i+1 modulo 2L) and whose cross-attention part starts empty (PEFT discards the
+# cross-attention prefix, since the encoder output changes). The encoder sees no prefix. A real cache
+# (these models compute attention themselves), so the reference path; not under gradient checkpointing.
+
+
+def _seq2seq_batch(kw: dict) -> Optional[int]:
+    for key in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds"):
+        if kw.get(key) is not None:
+            return kw[key].shape[0]
+    enc = kw.get("encoder_outputs")
+    return enc[0].shape[0] if enc is not None else None
+
+
+def _seq2seq_prefix_cache(cfg, encoder: PrefixEncoder, batch: int, dtype: Optional[torch.dtype]):
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    emb = encoder.prompt_embeddings()
+    if dtype is not None:
+        emb = emb.to(dtype)
+    p, heads = cfg.num_virtual_tokens, cfg.num_attention_heads
+    kv = emb.unsqueeze(0).expand(batch, -1, -1).reshape(batch, p, cfg.num_layers * 2, heads, cfg.token_dim // heads)
+    kv = torch.cat([kv, kv], dim=2).permute(2, 0, 3, 1, 4).split(4)
+    cache = EncoderDecoderCache(kv)
+    cache.cross_attention_cache = DynamicCache()
+    for key in list(cache.is_updated.keys()):
+        cache.is_updated[key] = False
+    return cache
+
+
+def _seq2seq_hook(holder: PromptLearning, model: nn.Module, args: tuple, kwargs: dict):
+    active = holder.active()
+    if active is None:
+        return None
+    cfg, encoder = active
+    kw = _as_kwargs(model, args, kwargs)
+    p = cfg.num_virtual_tokens
+    if kw.get("position_ids") is not None:
+        warnings.warn("position ids are ignored with prompt learning on encoder-decoder models (as in PEFT)")
+        kw["position_ids"] = None
+    if kw.get("token_type_ids") is not None:
+        warnings.warn("token type ids are ignored with prompt learning on encoder-decoder models (as in PEFT)")
+        kw["token_type_ids"] = None
+    if isinstance(cfg, PrefixTuningConfig):
+        cache = kw.get("past_key_values")
+        if cache is None or _is_empty_cache(cache):
+            batch = _seq2seq_batch(kw)
+            if batch is None:
+                raise ValueError("the model was called without inputs (input_ids, inputs_embeds or decoder inputs)")
+            kw["past_key_values"] = _seq2seq_prefix_cache(cfg, encoder, batch, _model_dtype(model))
+            dmask = kw.get("decoder_attention_mask")
+            dec = kw.get("decoder_input_ids")
+            if dec is None:
+                dec = kw.get("decoder_inputs_embeds")
+            if dmask is not None and dmask.dim() == 2 and (dec is None or dmask.shape[1] == dec.shape[1]):
+                kw["decoder_attention_mask"] = _ones_before(dmask, p)
+        return (), kw
+    mask = kw.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        enc = kw.get("encoder_outputs")
+        if enc is None:
+            x = kw.get("input_ids")
+            if x is None:
+                x = kw.get("inputs_embeds")
+            n = x.shape[1] if x is not None else None
+            if n is not None and mask.shape[1] == n:
+                kw["attention_mask"] = _ones_before(mask, p)
+        elif enc[0].shape[1] == mask.shape[1] + p:  # encoder output computed with the virtual tokens (generate)
+            kw["attention_mask"] = _ones_before(mask, p)
+    return (), kw
+
+
+def _encoder_prompt_hook(holder: PromptLearning, embeddings: nn.Module, encoder_module: nn.Module, args: tuple,
+                         kwargs: dict):
+    active = holder.active()
+    if active is None:
+        return None
+    cfg, encoder = active
+    kw = _as_kwargs(encoder_module, args, kwargs)
+    x = kw.get("inputs_embeds")
+    if x is None:
+        if kw.get("input_ids") is None:
+            return None
+        x = embeddings(kw["input_ids"])
+    batch, n = x.shape[0], x.shape[1]
+    p = cfg.num_virtual_tokens
+    prompts = encoder.prompt_embeddings()[:p].to(x.dtype).unsqueeze(0).expand(batch, -1, -1)
+    kw["inputs_embeds"] = torch.cat([prompts, x], dim=1)
+    kw["input_ids"] = None
+    mask = kw.get("attention_mask")
+    if mask is not None and mask.dim() == 2 and mask.shape[1] == n:
+        kw["attention_mask"] = _ones_before(mask, p)
     return (), kw

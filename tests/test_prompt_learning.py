@@ -16,7 +16,7 @@ import pytest
 import torch
 
 peft = pytest.importorskip("peft")
-from peft.utils import set_peft_model_state_dict  # noqa: E402
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import peftfast  # noqa: E402
@@ -171,7 +171,7 @@ def test_bad_prompt_learning_input_leaves_model_unchanged():
     model = make_model("t5")
     snap = snapshot(model)
     with pytest.raises(ConfigError, match="encoder-decoder"):
-        peftfast.patch(model, peft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4))
+        peftfast.patch(model, peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4))
     assert_unchanged(model, snap)
     model = make_model("llama")
     model.config._attn_implementation_internal = "flex_attention"
@@ -247,3 +247,168 @@ def test_prefix_runs_on_the_fused_kernel(family, monkeypatch):
     with torch.no_grad():
         assert torch.equal(fused.generate(**without_labels(inputs), **gen),
                            reference.generate(**without_labels(inputs), **gen))
+
+
+# --------------------------------------------------------------------------------------------------
+# Classification (SEQ_CLS): the head trains too (modules_to_save) and is saved next to the prompt
+# --------------------------------------------------------------------------------------------------
+
+
+def cls_twins(family: str, method: str, **kw):
+    """(PEFT model, peftfast model) for SEQ_CLS with identical random prompts and classification heads."""
+    cls = peft.PrefixTuningConfig if method == "prefix" else peft.PromptTuningConfig
+    base = make_model(family)
+    pm = peft.get_peft_model(copy.deepcopy(base), cls(task_type="SEQ_CLS", num_virtual_tokens=P, **kw))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p) * 0.5)
+    ours = copy.deepcopy(base)
+    peftfast.patch(ours, cls(task_type="SEQ_CLS", num_virtual_tokens=P, **kw))
+    ours.peftfast_prompt_learning.encoders["default"].load_state_dict(pm.prompt_encoder["default"].state_dict())
+    head = "classifier" if hasattr(base, "classifier") else "score"
+    theirs = pm.base_model.get_submodule(head).modules_to_save["default"]
+    ours.get_submodule(head).modules_to_save["default"].load_state_dict(theirs.state_dict())
+    return pm, ours
+
+
+def _cls_inputs(family: str, token_types: bool) -> dict:
+    inputs = make_inputs(family, batch=3, seq=8)
+    if token_types:  # BERT keeps token types with prompt learning; PEFT gives the virtual tokens type 0
+        inputs["token_type_ids"] = (torch.arange(8) >= 5).long().expand(3, -1).clone()
+    return inputs
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+@pytest.mark.parametrize("family", ["bert_cls", "llama_cls"])
+def test_classification_matches_peft(family, method):
+    pm, ours = cls_twins(family, method)
+    inputs = _cls_inputs(family, token_types=family == "bert_cls")
+    assert peftfast.trainable_parameters(ours)[0] == sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    with torch.no_grad():
+        expected, got = pm(**without_labels(inputs)).logits, ours(**without_labels(inputs)).logits
+    assert_rel_close(got, expected, TOL, f"{family}/{method} logits")
+    opt_p = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    opt_o = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        lp, lo = pm(**inputs).loss, ours(**inputs).loss
+        assert_rel_close(lo.detach(), lp.detach(), TOL, "loss")
+        for o in (opt_p, opt_o):
+            o.zero_grad()
+        lp.backward()
+        lo.backward()
+        opt_p.step()
+        opt_o.step()
+    theirs = get_peft_model_state_dict(pm)
+    mine = peftfast.adapter_state_dict(ours)
+    assert sorted(mine) == sorted(theirs)
+    for key in theirs:
+        assert_rel_close(mine[key], theirs[key], TOL, key)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_classification_adapter_round_trip(tmp_path, method):
+    """peftfast's checkpoint = PEFT's (prompt_embeddings + base_model.classifier.*), loadable both ways."""
+    kw = {"prefix_projection": True, "encoder_hidden_size": 12} if method == "prefix" else {}
+    pm, ours = cls_twins("bert_cls", method, **kw)
+    inputs = without_labels(_cls_inputs("bert_cls", token_types=True))
+    peftfast.save_adapter(ours, tmp_path / "ours")
+    pm.save_pretrained(tmp_path / "peft")
+    mine = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    theirs = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert mine.keys() == theirs.keys() == {"prompt_embeddings", "base_model.classifier.weight",
+                                            "base_model.classifier.bias"}
+    for key in theirs:
+        assert_rel_close(mine[key], theirs[key], TOL, key)
+    with torch.no_grad():
+        expected = pm(**inputs).logits
+        from_ours = peft.PeftModel.from_pretrained(make_model("bert_cls"), tmp_path / "ours")(**inputs).logits
+        loaded = peftfast.load_adapter(make_model("bert_cls"), tmp_path / "peft")
+        from_peft = loaded(**inputs).logits
+    assert_rel_close(from_ours, expected, TOL, "PEFT loading peftfast's adapter")
+    assert_rel_close(from_peft, expected, TOL, "peftfast loading PEFT's adapter")
+    assert peftfast.trainable_parameters(loaded)[0] == 0
+    trainable = peftfast.load_adapter(make_model("bert_cls"), tmp_path / "peft", is_trainable=True)
+    head = trainable.classifier.modules_to_save["default"]
+    assert all(p.requires_grad for p in head.parameters())
+    trainable(**_cls_inputs("bert_cls", token_types=True)).loss.backward()
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    peftfast.unpatch(trainable)
+    assert isinstance(trainable.classifier, torch.nn.Linear)
+
+
+def test_classification_adapter_with_a_foreign_key_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    pm, _ = cls_twins("bert_cls", "prompt")
+    pm.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors["base_model.pooler.dense.weight"] = torch.zeros(32, 32)
+    save_file(tensors, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+    model = make_model("bert_cls")
+    snap = snapshot(model)
+    with pytest.raises(peftfast.AdapterLoadError, match="pooler.dense.weight"):
+        peftfast.load_adapter(model, tmp_path)
+    assert_unchanged(model, snap)
+
+
+def test_token_classification_prompt_tuning_is_refused():
+    model = make_model("bert_cls")
+    with pytest.raises(ConfigError, match="TOKEN_CLS"):
+        peftfast.patch(model, peft.PromptTuningConfig(task_type="TOKEN_CLS", num_virtual_tokens=P))
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoder-decoder (SEQ_2_SEQ_LM): T5 and BART, forward, training and generate()
+# --------------------------------------------------------------------------------------------------
+
+
+def seq2seq_twins(family: str, method: str):
+    from peftfast.coverage import build_model
+
+    cls = peft.PrefixTuningConfig if method == "prefix" else peft.PromptTuningConfig
+    base = build_model(family)
+    pm = peft.get_peft_model(copy.deepcopy(base), cls(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=P))
+    with torch.no_grad():
+        for p in pm.prompt_encoder["default"].parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    ours = copy.deepcopy(base)
+    peftfast.patch(ours, cls(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=P))
+    ours.peftfast_prompt_learning.encoders["default"].load_state_dict(pm.prompt_encoder["default"].state_dict())
+    return pm, ours, base
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_seq2seq_matches_peft(family, method):
+    from models import matrix_inputs
+
+    pm, ours, base = seq2seq_twins(family, method)
+    inputs = matrix_inputs(family, batch=3, seq=8)
+    inputs["decoder_attention_mask"] = torch.ones_like(inputs["decoder_input_ids"])
+    with torch.no_grad():
+        expected, got = pm(**without_labels(inputs)).logits, ours(**without_labels(inputs)).logits
+        plain = base(**without_labels(inputs)).logits
+    assert_rel_close(got, expected, TOL, f"{family}/{method} logits")
+    # 1e-3: the tiny BART's logits move less (a dropped prompt would be 0; float noise is ~1e-7)
+    assert (got - plain).abs().max() > 1e-3, "the prefix/prompt changed nothing: the test would be vacuous"
+    opt_p = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    opt_o = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        lp, lo = pm(**inputs).loss, ours(**inputs).loss
+        assert_rel_close(lo.detach(), lp.detach(), TOL, "loss")
+        for o in (opt_p, opt_o):
+            o.zero_grad()
+        lp.backward()
+        lo.backward()
+        opt_p.step()
+        opt_o.step()
+    assert_rel_close(peftfast.adapter_state_dict(ours)["prompt_embeddings"],
+                     get_peft_model_state_dict(pm)["prompt_embeddings"], TOL, "prompt_embeddings after training")
+    gen = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=5,
+               do_sample=False)
+    with torch.no_grad():
+        assert torch.equal(ours.generate(**gen), pm.generate(**gen))
+        with peftfast.disable_adapters(ours):
+            assert torch.equal(ours.generate(**gen), base.generate(**gen))
