@@ -6,7 +6,9 @@ Example:
     >>> peftfast.save_adapter(model, "out/")  # doctest: +SKIP
 """
 from .checkpoint import AdapterLoadError, adapter_state_dict, load_adapter, save_adapter
-from .config import ConfigError, IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, as_config
+from .config import (
+    ConfigError, IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, as_config,
+)
 from .patching import (
     adapter_config,
     disable_adapters,
@@ -22,7 +24,8 @@ from .patching import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterLoadError", "ConfigError", "IA3Config", "LoraConfig", "PrefixTuningConfig", "PromptTuningConfig",
-    "adapter_config", "adapter_state_dict", "as_config", "disable_adapters", "load_adapter", "merge", "patch",
-    "print_trainable_parameters", "save_adapter", "set_adapter", "trainable_parameters", "unmerge", "unpatch",
+    "AdapterLoadError", "ConfigError", "IA3Config", "LoraConfig", "PrefixTuningConfig", "PromptEncoderConfig",
+    "PromptTuningConfig", "adapter_config", "adapter_state_dict", "as_config", "disable_adapters", "load_adapter",
+    "merge", "patch", "print_trainable_parameters", "save_adapter", "set_adapter", "trainable_parameters", "unmerge",
+    "unpatch",
 ]

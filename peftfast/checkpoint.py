@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .config import CONFIG_NAME, PrefixTuningConfig, PromptTuningConfig, as_config, load_config_file
+from .config import CONFIG_NAME, PROMPT_LEARNING_CONFIGS, as_config, load_config_file
 from .layers import AdapterLayer, ModulesToSave
 from .patching import _apply_trainable, _patch, _require_state, patch_state
 from .prompt_learning import prompt_learning_of
@@ -222,7 +222,7 @@ def load_adapter(
         raise FileNotFoundError(f"adapter directory {path} does not exist")
     config = as_config(load_config_file(path))
     weights = read_adapter_weights(path)
-    if isinstance(config, (PrefixTuningConfig, PromptTuningConfig)):
+    if isinstance(config, PROMPT_LEARNING_CONFIGS):
         return _load_prompt_learning(model, path, config, weights, adapter_name, is_trainable, backend)
     config.inference_mode = not is_trainable
     rollback = _patch(model, config, adapter_name, backend)

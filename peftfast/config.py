@@ -233,8 +233,53 @@ class PromptTuningConfig(_PromptLearningConfig):
     peft_type_name = "PROMPT_TUNING"
 
 
-CONFIG_CLASSES = {c.peft_type_name: c for c in (LoraConfig, IA3Config, PrefixTuningConfig, PromptTuningConfig)}
-AnyConfig = Union[LoraConfig, IA3Config, PrefixTuningConfig, PromptTuningConfig]
+@dataclass
+class PromptEncoderConfig(_PromptLearningConfig):
+    """P-tuning: virtual-token embeddings produced by a small encoder (PEFT's ``PromptEncoder``) and placed
+    before the input, as in prompt tuning. Same fields and defaults as ``peft.PromptEncoderConfig``.
+
+    Args:
+        encoder_reparameterization_type: "MLP" (three linear layers with ReLU) or "LSTM" (a bidirectional
+            LSTM followed by a two-layer MLP).
+        encoder_hidden_size: the encoder's hidden width; None: the model's hidden size.
+        encoder_num_layers: the LSTM's layer count (the MLP always has PEFT's fixed depth).
+        encoder_dropout: dropout between the LSTM's layers.
+
+    Example:
+        >>> cfg = PromptEncoderConfig(num_virtual_tokens=8, task_type="CAUSAL_LM", encoder_hidden_size=128)
+    """
+
+    peft_type: str = "P_TUNING"
+    encoder_reparameterization_type: str = "MLP"
+    encoder_hidden_size: Optional[int] = None
+    encoder_num_layers: int = 2
+    encoder_dropout: float = 0.0
+    peft_type_name = "P_TUNING"
+
+    def validate(self) -> None:
+        super().validate()
+        kind = getattr(self.encoder_reparameterization_type, "value", self.encoder_reparameterization_type)
+        if kind not in ("MLP", "LSTM"):
+            raise ConfigError(f"encoder_reparameterization_type must be 'MLP' or 'LSTM', got {kind!r}")
+        self.encoder_reparameterization_type = kind
+        if self.encoder_hidden_size is not None and (
+            not isinstance(self.encoder_hidden_size, int) or self.encoder_hidden_size <= 0
+        ):
+            raise ConfigError(
+                f"encoder_hidden_size must be a positive integer or None, got {self.encoder_hidden_size!r}"
+            )
+        if not isinstance(self.encoder_num_layers, int) or self.encoder_num_layers <= 0:
+            raise ConfigError(f"encoder_num_layers must be a positive integer, got {self.encoder_num_layers!r}")
+        if not 0.0 <= float(self.encoder_dropout) < 1.0:
+            raise ConfigError(f"encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}")
+
+
+CONFIG_CLASSES = {
+    c.peft_type_name: c for c in (LoraConfig, IA3Config, PrefixTuningConfig, PromptTuningConfig, PromptEncoderConfig)
+}
+AnyConfig = Union[LoraConfig, IA3Config, PrefixTuningConfig, PromptTuningConfig, PromptEncoderConfig]
+# The prompt-learning configs: an encoder on the model plus a forward hook (peftfast.prompt_learning).
+PROMPT_LEARNING_CONFIGS = (PrefixTuningConfig, PromptTuningConfig, PromptEncoderConfig)
 
 
 def _check_targets(name: str, value) -> None:
@@ -265,8 +310,9 @@ def as_config(config: Any) -> AnyConfig:
         config: any of the accepted forms.
 
     Returns:
-        A validated :class:`LoraConfig`, :class:`IA3Config`, :class:`PrefixTuningConfig` or
-        :class:`PromptTuningConfig` (a fresh object: the caller's config is never modified).
+        A validated :class:`LoraConfig`, :class:`IA3Config`, :class:`PrefixTuningConfig`,
+        :class:`PromptTuningConfig` or :class:`PromptEncoderConfig` (a fresh object: the caller's config is
+        never modified).
 
     Example:
         >>> as_config({"peft_type": "LORA", "r": 4}).r
@@ -283,7 +329,8 @@ def as_config(config: Any) -> AnyConfig:
     else:
         raise ConfigError(
             f"cannot use a {type(config).__name__} as an adapter config; pass a peftfast/peft LoraConfig, "
-            "IA3Config, PrefixTuningConfig, PromptTuningConfig, a dict or a path to adapter_config.json"
+            "IA3Config, PrefixTuningConfig, PromptTuningConfig, PromptEncoderConfig, a dict or a path to "
+            "adapter_config.json"
         )
     peft_type = data.get("peft_type")
     peft_type = getattr(peft_type, "value", peft_type)

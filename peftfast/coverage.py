@@ -31,7 +31,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .config import ConfigError, IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, as_config
+from .config import (
+    PROMPT_LEARNING_CONFIGS, ConfigError, IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, as_config,
+)
 
 FUSED, REFERENCE, UNSUPPORTED = "fused", "reference", "unsupported"
 METHODS = ("lora", "lora-4bit", "ia3", "prefix", "prompt")
@@ -366,13 +368,15 @@ def layer_paths(model: nn.Module, config) -> Cell:
 
     try:
         cfg = copy.deepcopy(as_config(config))
-        if isinstance(cfg, (PrefixTuningConfig, PromptTuningConfig)):
-            from .prompt_learning import check_prompt_learning, is_seq2seq
+        if isinstance(cfg, PROMPT_LEARNING_CONFIGS):
+            from .prompt_learning import check_prompt_learning, is_seq2seq, uses_attention_interface
 
             check_prompt_learning(model, cfg)
             if isinstance(cfg, PrefixTuningConfig):
-                # encoder-decoder models get PEFT's real KV cache (they compute attention themselves)
-                return Cell({"<attention>": REFERENCE if is_seq2seq(model) else FUSED})
+                # encoder-decoder models and models that compute attention themselves get the prefix
+                # concatenated through the KV cache, as PEFT does
+                fused = uses_attention_interface(model) and not is_seq2seq(model)
+                return Cell({"<attention>": FUSED if fused else REFERENCE})
             return Cell({"<embeddings>": REFERENCE})
         if isinstance(cfg, IA3Config) and cfg.target_modules is None and model_type(model) in DEFAULT_IA3_TARGETS:
             cfg.target_modules, ff = DEFAULT_IA3_TARGETS[model_type(model)]
@@ -442,7 +446,7 @@ def markdown_table(matrix: Optional[dict] = None) -> str:
         "- **fused**: the Triton kernels for CUDA tensors (LoRA/DoRA/IA3 on `nn.Linear`, transformers `Conv1D` and "
         "bitsandbytes `Linear4bit`; the prefix-attention kernel), their PyTorch references elsewhere. "
         "**reference**: PyTorch ops by design (LoRA on embeddings and convolutions, prompt tuning, prefix tuning on "
-        "encoder-decoder models, bitsandbytes 8-bit bases). **n/a (PEFT)**: Hugging Face PEFT cannot do it either (`PEFT_UNSUPPORTED` in "
+        "encoder-decoder models and on models that compute attention themselves, bitsandbytes 8-bit bases). **n/a (PEFT)**: Hugging Face PEFT cannot do it either (`PEFT_UNSUPPORTED` in "
         "`peftfast/coverage.py`, checked against PEFT by the tests).",
         "- Every supported cell is checked against PEFT on a tiny random model (logits, then training steps with "
         "the same losses and adapter weights) by `tests/test_coverage_matrix.py`; **not yet** cells are strict "

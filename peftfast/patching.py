@@ -12,7 +12,7 @@ from typing import Callable, Iterator, Optional, Union
 
 import torch.nn as nn
 
-from .config import AnyConfig, ConfigError, IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, as_config
+from .config import PROMPT_LEARNING_CONFIGS, AnyConfig, ConfigError, IA3Config, LoraConfig, as_config
 from .kernels.dispatch import check_backend
 from .layers import AdapterLayer, IA3Layer, LoraLayer, ModulesToSave, is_linear_like
 from .lora_conv_embedding import LoraConv, LoraEmbedding, is_lora_extra
@@ -127,7 +127,7 @@ def _patch(model: nn.Module, config, adapter_name: str, backend: str) -> Callabl
                 f"this model already carries {sorted(k.__name__ for k in kinds)} adapters; mixing them with a "
                 f"{type(cfg).__name__} in one model is not supported"
             )
-    if isinstance(cfg, (PrefixTuningConfig, PromptTuningConfig)):
+    if isinstance(cfg, PROMPT_LEARNING_CONFIGS):
         return _patch_prompt_learning(model, cfg, adapter_name, backend, state)
     if isinstance(cfg, IA3Config) and cfg.target_modules is None:
         family = model_type(model)

@@ -5,6 +5,8 @@ the same logits in the other:
 
 * **Prompt tuning** prepends ``P`` learned embeddings to ``inputs_embeds`` (attention mask extended
   with ones, labels with -100).
+* **P-tuning** is prompt tuning whose embeddings come out of a small encoder (PEFT's MLP or LSTM
+  ``PromptEncoder``); the same path feeds them, and checkpoints hold the encoder's output.
 * **Prefix tuning** prepends ``P`` learned key/value vectors in every attention layer. Every query sees
   the whole prefix, padding is masked, and the real tokens sit at positions ``P..P+N-1`` as if the
   prefix were a KV cache of length ``P`` (which is how PEFT feeds it).
@@ -39,7 +41,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .config import ConfigError, PrefixTuningConfig, PromptTuningConfig
+from .config import ConfigError, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+
+# Configs whose virtual tokens are embeddings placed before the input (prompt tuning and P-tuning).
+PROMPT_CONFIGS = (PromptTuningConfig, PromptEncoderConfig)
 
 ATTN_PREFIX = "peftfast_prefix_"
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -123,6 +128,44 @@ def _init_text_ids(cfg: PromptTuningConfig, total: int) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+class PromptEncoder(nn.Module):
+    """P-tuning's virtual tokens: an ``embedding`` [P, hidden] fed through ``mlp_head`` (MLP) or ``lstm_head``
+    then ``mlp_head`` (LSTM), PEFT's ``PromptEncoder`` with the same parameter names, shapes and creation order.
+
+    In inference mode (an adapter loaded from its checkpoint, which holds the encoder's output) there is no
+    head: ``embedding`` holds the final virtual tokens, as in PEFT.
+    """
+
+    def __init__(self, cfg: PromptEncoderConfig):
+        super().__init__()
+        total = cfg.num_virtual_tokens * cfg.num_transformer_submodules
+        dim, hidden = cfg.token_dim, cfg.encoder_hidden_size
+        self.embedding = nn.Embedding(total, dim)
+        self.kind = None if cfg.inference_mode else cfg.encoder_reparameterization_type
+        if self.kind == "LSTM":
+            self.lstm_head = nn.LSTM(input_size=dim, hidden_size=hidden, num_layers=cfg.encoder_num_layers,
+                                     dropout=cfg.encoder_dropout, bidirectional=True, batch_first=True)
+            self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, dim))
+        elif self.kind == "MLP":
+            if cfg.encoder_num_layers != 2:
+                warnings.warn(f"for MLP, encoder_num_layers={cfg.encoder_num_layers} is ignored; exactly 2 MLP "
+                              "layers are used (as in PEFT)")
+            self.mlp_head = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                          nn.Linear(hidden, dim))
+        elif self.kind is not None:
+            raise ConfigError(f"encoder_reparameterization_type must be 'MLP' or 'LSTM', got {self.kind!r}")
+
+    def prompt_embeddings(self) -> torch.Tensor:
+        """[P * submodules, hidden]: the encoder's output, which PEFT feeds the model and saves as
+        ``prompt_embeddings``."""
+        w = self.embedding.weight
+        if self.kind == "LSTM":  # the LSTM runs over the virtual tokens as one sequence
+            return self.mlp_head(self.lstm_head(w.unsqueeze(0))[0])[0]
+        if self.kind == "MLP":
+            return self.mlp_head(w)
+        return w
+
+
 class PromptLearning(nn.Module):
     """All prompt-learning adapters of one model, attached as ``model.peftfast_prompt_learning``.
 
@@ -181,6 +224,19 @@ def _prefix_cache_class():
         def __init__(self, prefix_len: int):
             super().__init__()
             self.prefix_len = prefix_len
+            # Models that compute attention themselves (Bloom, GPT-J, GPT-Neo) get the prefix the way PEFT
+            # gives it: prepended to the K/V this cache returns. Set per forward; None on the fused path.
+            self.prefix: Optional[tuple] = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
+            if self.prefix is None:
+                return keys, values
+            pk, pv = self.prefix  # [Hkv, P, D] -> [B, Hkv, P, D], batch stride 0 until the concatenation
+            b = keys.shape[0]
+            pk = pk.to(keys.dtype).unsqueeze(0).expand(b, -1, -1, -1)
+            pv = pv.to(values.dtype).unsqueeze(0).expand(b, -1, -1, -1)
+            return torch.cat([pk, keys], dim=-2), torch.cat([pv, values], dim=-2)
 
         def real_length(self) -> int:
             return DynamicLayer.get_seq_length(self)
@@ -222,6 +278,10 @@ def _prefix_cache_class():
 
         def real_length(self) -> int:
             return self.layers[0].real_length() if self.layers else 0
+
+        def set_prefix(self, prefix: "PrefixKV") -> None:
+            for i, layer in enumerate(self.layers):
+                layer.prefix = prefix.layer(i)
 
     return PrefixCache
 
@@ -399,9 +459,9 @@ def complete_config(cfg, model: nn.Module) -> None:
             f"{type(cfg).__name__} with task_type={cfg.task_type!r} is not supported by peftfast yet; "
             f"use one of {[t for t in SUPPORTED_TASKS if t]}"
         )
-    if cfg.task_type == "TOKEN_CLS" and isinstance(cfg, PromptTuningConfig):
+    if cfg.task_type == "TOKEN_CLS" and isinstance(cfg, PROMPT_CONFIGS):
         raise ConfigError(
-            "PromptTuningConfig with task_type='TOKEN_CLS' is not supported: the classifier would label the virtual "
+            f"{type(cfg).__name__} with task_type='TOKEN_CLS' is not supported: the classifier would label the virtual "
             "tokens too and the labels no longer line up (Hugging Face PEFT fails on it as well); use "
             "PrefixTuningConfig, which adds no tokens"
         )
@@ -418,7 +478,7 @@ def complete_config(cfg, model: nn.Module) -> None:
             head_dim = getattr(mc, "head_dim", None) or hidden // heads
             token_dim, heads = head_dim * kv_heads, kv_heads
     wanted = {"num_layers": layers, "token_dim": token_dim, "num_attention_heads": heads}
-    if isinstance(cfg, PromptTuningConfig):
+    if isinstance(cfg, PROMPT_CONFIGS):
         wanted.pop("num_attention_heads")  # unused by prompt tuning
     wrong = [f"{k}={getattr(cfg, k)} (the model needs {v})" for k, v in wanted.items()
              if getattr(cfg, k) is not None and getattr(cfg, k) != v]
@@ -432,7 +492,7 @@ def complete_config(cfg, model: nn.Module) -> None:
         cfg.num_attention_heads = heads
     if cfg.num_transformer_submodules is None:
         cfg.num_transformer_submodules = 2 if cfg.task_type == "SEQ_2_SEQ_LM" else 1
-    if isinstance(cfg, PrefixTuningConfig) and cfg.encoder_hidden_size is None:
+    if isinstance(cfg, (PrefixTuningConfig, PromptEncoderConfig)) and cfg.encoder_hidden_size is None:
         cfg.encoder_hidden_size = cfg.token_dim
 
 
@@ -460,22 +520,22 @@ def prefix_attention_problem(model: nn.Module) -> Optional[str]:
             f"uses {original!r}. Load it with attn_implementation='sdpa' (or call model.set_attn_implementation"
             "('sdpa')) before patching"
         )
-    if not getattr(model, "_supports_attention_backend", False):
-        # Its attention layers compute scores themselves and never see the prefix keys/values (Bloom, GPT-J,
-        # GPT-Neo, ...): patching would fail at the first forward or, worse, silently drop the prefix.
-        return (
-            "prefix tuning in peftfast feeds the prefix through transformers' attention interface, which this "
-            f"model's attention layers do not use; {type(model).__name__} computes attention itself. Use LoRA, IA3 "
-            "or prompt tuning on it, or Hugging Face PEFT"
-        )
     return None
+
+
+def uses_attention_interface(model: nn.Module) -> bool:
+    """Whether the model's attention layers call transformers' attention interface (so the prefix can
+    travel as an argument to the fused kernel). Others (Bloom, GPT-J, GPT-Neo) compute attention
+    themselves and get the prefix concatenated by the cache, as PEFT does (reference path)."""
+    return bool(getattr(model, "_supports_attention_backend", False))
 
 
 def check_prompt_learning(model: nn.Module, cfg) -> None:
     """Raise ConfigError when ``cfg`` cannot be added to ``model`` (completing ``cfg`` from the model's
     config on the way); the checks ``patch`` makes, usable on their own (peftfast.coverage)."""
     complete_config(cfg, model)
-    if isinstance(cfg, PrefixTuningConfig) and prompt_learning_of(model) is None and not is_seq2seq(model):
+    if (isinstance(cfg, PrefixTuningConfig) and prompt_learning_of(model) is None and not is_seq2seq(model)
+            and uses_attention_interface(model)):
         problem = prefix_attention_problem(model)
         if problem is not None:
             raise ConfigError(problem)
@@ -495,7 +555,7 @@ def add_prompt_learning(model: nn.Module, cfg, adapter_name: str, backend: str) 
         embeddings = model.get_input_embeddings()
         if cfg.token_dim != embeddings.weight.shape[-1]:
             raise ConfigError(f"token_dim={cfg.token_dim} but the model's input embeddings are {embeddings.weight.shape[-1]} wide")
-        encoder = PromptEmbedding(cfg, embeddings)
+        encoder = PromptEncoder(cfg) if isinstance(cfg, PromptEncoderConfig) else PromptEmbedding(cfg, embeddings)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     encoder.to(device)
     if holder is None:
@@ -503,13 +563,13 @@ def add_prompt_learning(model: nn.Module, cfg, adapter_name: str, backend: str) 
         model.add_module(ENCODER_ATTR, holder)
         undo.append(lambda: delattr(model, ENCODER_ATTR))
         seq2seq = is_seq2seq(model)
-        if isinstance(cfg, PrefixTuningConfig) and not seq2seq:
+        if isinstance(cfg, PrefixTuningConfig) and not seq2seq and uses_attention_interface(model):
             holder.original_attention = getattr(_text_config(model), "_attn_implementation", None)
             name = _register_attention(holder.original_attention)
             undo.extend(_set_attention(model, name))
         if seq2seq:
             hooks = [(model, functools.partial(_seq2seq_hook, holder))]
-            if isinstance(cfg, PromptTuningConfig):
+            if isinstance(cfg, PROMPT_CONFIGS):
                 # generate() runs the encoder by itself: the virtual tokens go in at the encoder
                 hooks.append((model.get_encoder(), functools.partial(_encoder_prompt_hook, holder,
                                                                      model.get_input_embeddings())))
@@ -600,7 +660,17 @@ def _prefix_hook(model: nn.Module, args: tuple, kwargs: dict):
     dtype = _model_dtype(model)
     if dtype is not None:
         embeddings = embeddings.to(dtype)
-    kw[PREFIX_KWARG] = PrefixKV(embeddings, cfg.num_layers, cfg.num_attention_heads, holder.backend, mask_is_2d)
+    prefix = PrefixKV(embeddings, cfg.num_layers, cfg.num_attention_heads, holder.backend, mask_is_2d)
+    if uses_attention_interface(model):
+        kw[PREFIX_KWARG] = prefix
+        return (), kw
+    if model.training and getattr(model, "is_gradient_checkpointing", False):
+        raise ValueError(
+            f"{type(model).__name__} computes attention itself, so the prefix reaches it only through the KV cache, "
+            "which gradient checkpointing drops; disable gradient checkpointing for prefix tuning on this model "
+            "(as PEFT requires), or use a model on transformers' attention interface"
+        )
+    cache.set_prefix(prefix)
     return (), kw
 
 

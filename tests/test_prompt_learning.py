@@ -412,3 +412,147 @@ def test_seq2seq_matches_peft(family, method):
         assert torch.equal(ours.generate(**gen), pm.generate(**gen))
         with peftfast.disable_adapters(ours):
             assert torch.equal(ours.generate(**gen), base.generate(**gen))
+
+
+# --------------------------------------------------------------------------------------------------
+# P-tuning (PromptEncoderConfig): prompt tuning whose virtual tokens come out of an MLP / LSTM encoder
+# --------------------------------------------------------------------------------------------------
+
+
+def ptuning_config(kind: str, task_type: str = "CAUSAL_LM", **kw):
+    return peft.PromptEncoderConfig(task_type=task_type, num_virtual_tokens=P, encoder_reparameterization_type=kind,
+                                    encoder_hidden_size=12, **kw)
+
+
+def ptuning_twins(family: str, kind: str, task_type: str = "CAUSAL_LM"):
+    """(PEFT model, peftfast model, base) with identical random (non-zero) encoder parameters; PEFT's encoder
+    state dict loads into ours as it is (same names and shapes)."""
+    from peftfast.coverage import build_model
+
+    base = build_model(family) if task_type == "SEQ_2_SEQ_LM" else make_model(family)
+    pm = peft.get_peft_model(copy.deepcopy(base), ptuning_config(kind, task_type))
+    with torch.no_grad():
+        for p in pm.prompt_encoder["default"].parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    ours = copy.deepcopy(base)
+    peftfast.patch(ours, ptuning_config(kind, task_type))
+    ours.peftfast_prompt_learning.encoders["default"].load_state_dict(pm.prompt_encoder["default"].state_dict())
+    return pm, ours, base
+
+
+@pytest.mark.parametrize("kind", ["MLP", "LSTM"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_ptuning_matches_peft(family, kind):
+    """Logits, greedy generate(), 3 AdamW steps (losses, final encoder parameters) and the saved tensor."""
+    pm, ours, base = ptuning_twins(family, kind)
+    assert peftfast.trainable_parameters(ours)[0] == pm.get_nb_trainable_parameters()[0]
+    inputs = make_inputs(family, batch=3, seq=9)
+    with torch.no_grad():
+        expected, got = pm(**without_labels(inputs)).logits, ours(**without_labels(inputs)).logits
+        base_logits = base(**without_labels(inputs)).logits
+    assert got.shape == expected.shape
+    assert_rel_close(got, expected, TOL, f"{family}/{kind} logits")
+    assert (got[:, P:] - base_logits).abs().max() > 1e-2, "the prompt changed nothing: the test would be vacuous"
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(ours.generate(**without_labels(inputs), **gen), pm.generate(**without_labels(inputs), **gen))
+    opt_p = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    opt_o = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        lp, lo = pm(**inputs).loss, ours(**inputs).loss
+        assert_rel_close(lo.detach(), lp.detach(), TOL, "loss")
+        for o in (opt_p, opt_o):
+            o.zero_grad()
+        lp.backward()
+        lo.backward()
+        opt_p.step()
+        opt_o.step()
+    theirs = dict(pm.prompt_encoder["default"].named_parameters())
+    mine = dict(ours.peftfast_prompt_learning.encoders["default"].named_parameters())
+    assert mine.keys() == theirs.keys()
+    for name, p in mine.items():
+        assert_rel_close(p.detach(), theirs[name].detach(), TOL, name)
+    saved, peft_saved = peftfast.adapter_state_dict(ours), get_peft_model_state_dict(pm)
+    assert saved.keys() == peft_saved.keys() == {"prompt_embeddings"}
+    assert saved["prompt_embeddings"].shape == (P, base.config.hidden_size)
+    assert_rel_close(saved["prompt_embeddings"], peft_saved["prompt_embeddings"], TOL, "prompt_embeddings")
+
+
+@pytest.mark.parametrize("kind", ["MLP", "LSTM"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_ptuning_adapter_round_trip(tmp_path, family, kind):
+    """peftfast's checkpoint loads in PEFT and PEFT's in peftfast (a plain embedding holding the encoder's
+    output, as PEFT loads it), both giving PEFT's logits; is_trainable=True trains that embedding."""
+    pm, ours, _ = ptuning_twins(family, kind)
+    inputs = without_labels(make_inputs(family))
+    peftfast.save_adapter(ours, tmp_path / "ours")
+    pm.save_pretrained(tmp_path / "peft")
+    mine = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    theirs = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert mine.keys() == theirs.keys() == {"prompt_embeddings"}
+    assert_rel_close(mine["prompt_embeddings"], theirs["prompt_embeddings"], TOL, "saved prompt_embeddings")
+    ours_cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    peft_cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    for key in ("peft_type", "task_type", "num_virtual_tokens", "num_layers", "token_dim", "num_attention_heads",
+                "num_transformer_submodules", "encoder_reparameterization_type", "encoder_hidden_size",
+                "encoder_num_layers", "encoder_dropout"):
+        assert ours_cfg[key] == peft_cfg[key], key
+    with torch.no_grad():
+        expected = pm(**inputs).logits
+        from_ours = peft.PeftModel.from_pretrained(make_model(family), tmp_path / "ours")(**inputs).logits
+        loaded = peftfast.load_adapter(make_model(family), tmp_path / "peft")
+        from_peft = loaded(**inputs).logits
+    assert_rel_close(from_ours, expected, TOL, "PEFT loading peftfast's adapter")
+    assert_rel_close(from_peft, expected, TOL, "peftfast loading PEFT's adapter")
+    encoder = loaded.peftfast_prompt_learning.encoders["default"]
+    assert [n for n, _ in encoder.named_parameters()] == ["embedding.weight"]
+    assert peftfast.trainable_parameters(loaded)[0] == 0
+    trainable = peftfast.load_adapter(make_model(family), tmp_path / "peft", is_trainable=True)
+    weight = trainable.peftfast_prompt_learning.encoders["default"].embedding.weight
+    assert weight.requires_grad and peftfast.trainable_parameters(trainable)[0] == weight.numel()
+    trainable(**make_inputs(family)).loss.backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
+def test_ptuning_seq2seq_matches_peft():
+    """T5 with an LSTM encoder: the LSTM runs over all 2P virtual tokens and the first P go before the input."""
+    from models import matrix_inputs
+
+    pm, ours, _ = ptuning_twins("t5", "LSTM", task_type="SEQ_2_SEQ_LM")
+    inputs = matrix_inputs("t5", batch=2, seq=6)
+    with torch.no_grad():
+        assert_rel_close(ours(**inputs).logits, pm(**inputs).logits, TOL, "t5 logits")
+        gen = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=4,
+                   do_sample=False)
+        assert torch.equal(ours.generate(**gen), pm.generate(**gen))
+    assert_rel_close(peftfast.adapter_state_dict(ours)["prompt_embeddings"],
+                     get_peft_model_state_dict(pm)["prompt_embeddings"], TOL, "prompt_embeddings")
+
+
+def test_ptuning_config_matches_peft(tmp_path):
+    from peftfast.config import CONFIG_CLASSES
+
+    ours = peftfast.PromptEncoderConfig(num_virtual_tokens=4, encoder_reparameterization_type="LSTM",
+                                        encoder_hidden_size=16, encoder_num_layers=3, encoder_dropout=0.1)
+    theirs = peft.PromptEncoderConfig(num_virtual_tokens=4, encoder_reparameterization_type="LSTM",
+                                      encoder_hidden_size=16, encoder_num_layers=3, encoder_dropout=0.1)
+    assert peftfast.as_config(theirs) == ours
+    assert peftfast.as_config(theirs.to_dict()) == ours
+    assert peftfast.as_config(json.loads(ours.to_json_string())) == ours
+    theirs.save_pretrained(tmp_path / "peft")
+    assert peftfast.as_config(tmp_path / "peft") == ours
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "ours" / "adapter_config.json").write_text(ours.to_json_string())
+    loaded = peft.PeftConfig.from_pretrained(str(tmp_path / "ours"))
+    assert isinstance(loaded, peft.PromptEncoderConfig) and loaded.encoder_num_layers == 3
+    assert CONFIG_CLASSES["P_TUNING"] is peftfast.PromptEncoderConfig
+    # defaults agree with peft's, field by field, for every registered config
+    for name, cls in CONFIG_CLASSES.items():
+        mine, peft_defaults = cls().to_dict(), getattr(peft, cls.__name__)().to_dict()
+        for key in mine:
+            if key in peft_defaults and key != "task_type":
+                assert mine[key] == peft_defaults[key], (name, key)
+    with pytest.raises(ConfigError, match="encoder_reparameterization_type"):
+        peftfast.as_config({"peft_type": "P_TUNING", "num_virtual_tokens": 4, "encoder_reparameterization_type": "GRU"})
+    with pytest.raises(ConfigError, match="TOKEN_CLS"):
+        peftfast.patch(make_model("bert_cls"), ptuning_config("MLP", task_type="TOKEN_CLS"))
