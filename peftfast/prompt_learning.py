@@ -244,10 +244,6 @@ def _prefix_cache_class():
         def get_seq_length(self) -> int:
             return self.prefix_len + self.real_length()
 
-        def get_mask_sizes(self, *args, **kwargs):
-            kv_length, kv_offset = super().get_mask_sizes(*args, **kwargs)
-            return kv_length, kv_offset
-
         # The inherited batch operations test get_seq_length() > 0, which is always true here.
         def batch_repeat_interleave(self, repeats: int) -> None:
             if self.real_length() > 0:
