@@ -111,7 +111,7 @@ if _mm is not None:
     import triton
     import triton.language as tl
 
-    from .matmul import _dot
+    from .matmul import _dot, _grouped_tile
 
     @triton.jit
     def _ia3_matmul_kernel(
@@ -135,17 +135,7 @@ if _mm is not None:
         A tile is rounded back to it before the dot, as PyTorch's ``(x * l).to(x.dtype)`` does.
         ``M_KEY`` (M rounded up to a power of two) is only an autotuning key.
         """
-        i_pid = tl.program_id(0)
-        # Grouped launch order: GROUP_M row blocks sweep the columns together, so their A tiles and the
-        # B tiles they share stay in L2.
-        n_m = tl.cdiv(M, BLOCK_M)
-        n_n = tl.cdiv(N, BLOCK_N)
-        n_in_group = GROUP_M * n_n
-        i_group = i_pid // n_in_group
-        first_m = i_group * GROUP_M
-        group_size = min(n_m - first_m, GROUP_M)
-        i_m = first_m + ((i_pid % n_in_group) % group_size)
-        i_n = (i_pid % n_in_group) // group_size
+        i_m, i_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
         o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
         o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -47,6 +47,18 @@ _CONFIG_FILE = os.path.join(os.path.dirname(__file__), "configs", "lora_matmul.j
 
 
 @triton.jit
+def _grouped_tile(i_pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row block, column block) of program ``i_pid`` in grouped launch order: GROUP_M row blocks sweep
+    the columns together, so their row tiles and the column tiles they share stay in L2."""
+    n_m = tl.cdiv(M, BLOCK_M)
+    n_n = tl.cdiv(N, BLOCK_N)
+    n_in_group = GROUP_M * n_n
+    first_m = (i_pid // n_in_group) * GROUP_M
+    group_size = min(n_m - first_m, GROUP_M)
+    return first_m + ((i_pid % n_in_group) % group_size), (i_pid % n_in_group) // group_size
+
+
+@triton.jit
 def _dot(b_a, b_b, b_acc, DOT_F32: tl.constexpr, IEEE: tl.constexpr):
     """``b_acc + b_a @ b_b`` in fp32; ``IEEE`` keeps fp32 operands off TF32 (PyTorch's default too)."""
     if DOT_F32:
@@ -89,17 +101,7 @@ def _matmul_lowrank_kernel(
     ``M_KEY`` (M rounded up to a power of two) is only an autotuning key: keying on M itself would
     re-tune for every new sequence length.
     """
-    i_pid = tl.program_id(0)
-    # Grouped launch order: GROUP_M row blocks sweep the columns together, so their X tiles and the
-    # W tiles they share stay in L2.
-    n_m = tl.cdiv(M, BLOCK_M)
-    n_n = tl.cdiv(N, BLOCK_N)
-    n_in_group = GROUP_M * n_n
-    i_group = i_pid // n_in_group
-    first_m = i_group * GROUP_M
-    group_size = min(n_m - first_m, GROUP_M)
-    i_m = first_m + ((i_pid % n_in_group) % group_size)
-    i_n = (i_pid % n_in_group) // group_size
+    i_m, i_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -322,7 +324,7 @@ def _tuned_matmul_lowrank(device_index: int):
 @functools.lru_cache(maxsize=None)
 def _kernel_hash() -> str:
     """Source hash of the kernel and its helpers: part of the tuning-cache key, so edits invalidate it."""
-    return _tuning.source_hash(_matmul_lowrank_kernel, _dot, _dropout_keep)
+    return _tuning.source_hash(_matmul_lowrank_kernel, _dot, _dropout_keep, _grouped_tile)
 
 
 @functools.lru_cache(maxsize=None)
