@@ -8,6 +8,7 @@ tests); everything else runs the reference. The environment variable ``PEFTFAST_
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 
 import torch
@@ -84,3 +85,32 @@ def resolve_backend(backend: str, device: torch.device, supported: bool = True, 
             raise NotImplementedError(f"the Triton kernel does not support this call ({why}); use backend='auto'")
         return "triton"
     return "triton" if (runnable and supported) else "reference"
+
+
+def triton_matmul_module():
+    """``kernels.matmul`` (the shared Triton building blocks) when Triton imports, else None; the ops
+    then offer their reference path only."""
+    if not triton_available():  # pragma: no cover - platforms without Triton
+        return None
+    from . import matmul
+
+    return matmul
+
+
+def canonical_ops(module_name: str, names: tuple, define):
+    """An op module's ``torch.library`` ops, registered once per process.
+
+    With the repository root on ``sys.path`` an op file can also be imported as the top-level
+    ``kernels.<op>`` (transformers probes for a ``kernels`` package). A second registration would replace
+    the first with that copy's functions and globals, so such a copy reuses the ops of
+    ``peftfast.kernels.<op>`` (fetched by module name: the package attribute may be a function of the
+    same name). ``define()`` registers them when this is the canonical module or no package exists.
+    """
+    canonical = "peftfast.kernels." + module_name.rsplit(".", 1)[-1]
+    if module_name != canonical:
+        try:
+            module = importlib.import_module(canonical)
+            return tuple(getattr(module, n) for n in names)
+        except ImportError:  # the directory used on its own, without the peftfast package
+            pass
+    return define()

@@ -137,15 +137,9 @@ _SUB_M = 16
 # _dora_matmul_kernel's modes (the MODE constexpr; the kernel compares against these literal values).
 _FWD, _DX, _DM = 0, 1, 2
 
-try:
-    from .dispatch import triton_available as _triton_available
+from .dispatch import canonical_ops, triton_matmul_module
 
-    if _triton_available():
-        from . import matmul as _mm
-    else:  # pragma: no cover - platforms without Triton
-        _mm = None
-except ImportError:  # pragma: no cover
-    _mm = None
+_mm = triton_matmul_module()
 
 
 if _mm is not None:
@@ -687,25 +681,9 @@ def _define_ops():
     return _dora_linear_op, _dora_linear_backward_op
 
 
-def _registered_ops():
-    """The custom ops, registered once per process by ``peftfast.kernels.dora``.
-
-    With the repository root on ``sys.path`` this file can also be imported as the top-level
-    ``kernels.dora`` (transformers probes for a ``kernels`` package); that copy reuses the canonical ops
-    rather than re-registering them with its own functions and globals.
-    """
-    if __name__ != "peftfast.kernels.dora":
-        try:
-            from peftfast.kernels import dora as canonical
-
-            return canonical._dora_linear_op, canonical._dora_linear_backward_op
-        except ImportError:  # the directory used on its own, without the peftfast package
-            pass
-    return _define_ops()
-
-
 if _mm is not None:
-    _dora_linear_op, _dora_linear_backward_op = _registered_ops()
+    _dora_linear_op, _dora_linear_backward_op = canonical_ops(
+        __name__, ("_dora_linear_op", "_dora_linear_backward_op"), _define_ops)
 
 
 def _triton_dora_linear_impl(

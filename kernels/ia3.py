@@ -96,15 +96,9 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # buffer ([cdiv(M, 16), N] fp32) is fully written whichever config the autotuner picks.
 _SUB_M = 16
 
-try:
-    from .dispatch import triton_available as _triton_available
+from .dispatch import canonical_ops, triton_matmul_module
 
-    if _triton_available():
-        from . import matmul as _mm
-    else:  # pragma: no cover - platforms without Triton
-        _mm = None
-except ImportError:  # pragma: no cover
-    _mm = None
+_mm = triton_matmul_module()
 
 
 if _mm is not None:
@@ -427,25 +421,9 @@ def _define_ops():
     return _ia3_linear_op, _ia3_linear_backward_op
 
 
-def _registered_ops():
-    """The custom ops, registered once per process by ``peftfast.kernels.ia3``.
-
-    With the repository root on ``sys.path`` this file can also be imported as the top-level
-    ``kernels.ia3`` (transformers probes for a ``kernels`` package); that copy reuses the canonical ops
-    rather than re-registering them with its own functions and globals.
-    """
-    if __name__ != "peftfast.kernels.ia3":
-        try:
-            from peftfast.kernels import ia3 as canonical
-
-            return canonical._ia3_linear_op, canonical._ia3_linear_backward_op
-        except ImportError:  # the directory used on its own, without the peftfast package
-            pass
-    return _define_ops()
-
-
 if _mm is not None:
-    _ia3_linear_op, _ia3_linear_backward_op = _registered_ops()
+    _ia3_linear_op, _ia3_linear_backward_op = canonical_ops(
+        __name__, ("_ia3_linear_op", "_ia3_linear_backward_op"), _define_ops)
 
 
 def _triton_ia3_linear_impl(

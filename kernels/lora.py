@@ -127,15 +127,9 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # re-reading a dense copy (see _decode_lora_nf4_kernel).
 DECODE_MAX_M = 64
 
-try:
-    from .dispatch import triton_available as _triton_available
+from .dispatch import canonical_ops, triton_matmul_module
 
-    if _triton_available():
-        from . import matmul as _mm
-    else:  # pragma: no cover - platforms without Triton
-        _mm = None
-except ImportError:  # pragma: no cover
-    _mm = None
+_mm = triton_matmul_module()
 
 
 def _quant_args(weight):
@@ -315,24 +309,8 @@ def _define_ops():
     return _lora_linear_op, _lora_linear_backward_op
 
 
-def _registered_ops():
-    """The custom ops, registered once per process by ``peftfast.kernels.lora``.
-
-    With the repository root on ``sys.path`` this file can also be imported as the top-level
-    ``kernels.lora`` (transformers probes for a ``kernels`` package). A second registration would
-    replace the first with this copy's functions and globals, so that copy reuses the canonical ops.
-    """
-    if __name__ != "peftfast.kernels.lora":
-        try:
-            from peftfast.kernels import lora as canonical
-
-            return canonical._lora_linear_op, canonical._lora_linear_backward_op
-        except ImportError:  # the directory used on its own, without the peftfast package
-            pass
-    return _define_ops()
-
-
-_lora_linear_op, _lora_linear_backward_op = _registered_ops()
+_lora_linear_op, _lora_linear_backward_op = canonical_ops(
+    __name__, ("_lora_linear_op", "_lora_linear_backward_op"), _define_ops)
 
 
 def _triton_lora_linear_impl(
@@ -446,7 +424,6 @@ if _mm is not None:
 
         tl.store(p_y + i_s * stride_ys + o_m[None, :] * stride_ym + o_n64[:, None] * stride_yn,
                  b_acc.to(p_y.dtype.element_ty), mask=m_n[:, None] & m_m[None, :])
-
 
 
 def _decode_lora_4bit(x2, packed, absmax, code, code2, absmax2, offset, meta, xa, lora_B, bias, scaling,

@@ -36,7 +36,6 @@ are widened to fp32 (its bf16 ``tl.dot`` is wrong). Nothing here touches CUDA at
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import math
 from typing import Optional, Tuple
@@ -197,15 +196,9 @@ def prefix_attention(
 
 _LOG2E = 1.4426950408889634
 
-try:
-    from .dispatch import triton_available as _triton_available
+from .dispatch import canonical_ops, triton_matmul_module
 
-    if _triton_available():
-        from . import matmul as _mm
-    else:  # pragma: no cover - platforms without Triton
-        _mm = None
-except ImportError:  # pragma: no cover
-    _mm = None
+_mm = triton_matmul_module()
 
 
 if _mm is not None:
@@ -793,25 +786,9 @@ def _define_ops():
     return _prefix_attention_op, _prefix_attention_backward_op
 
 
-def _registered_ops():
-    """The custom ops, registered once per process by ``peftfast.kernels.prefix_attention``.
-
-    As in ``lora.py``: a second copy of this file imported as the top-level ``kernels`` package reuses
-    the canonical registration instead of replacing it. The module is fetched by name: the package
-    attribute ``peftfast.kernels.prefix_attention`` is the function of the same name.
-    """
-    if __name__ != "peftfast.kernels.prefix_attention":
-        try:
-            canonical = importlib.import_module("peftfast.kernels.prefix_attention")
-
-            return canonical._prefix_attention_op, canonical._prefix_attention_backward_op
-        except ImportError:  # the directory used on its own, without the peftfast package
-            pass
-    return _define_ops()
-
-
 if _mm is not None:
-    _prefix_attention_op, _prefix_attention_backward_op = _registered_ops()
+    _prefix_attention_op, _prefix_attention_backward_op = canonical_ops(
+        __name__, ("_prefix_attention_op", "_prefix_attention_backward_op"), _define_ops)
 
 
 def _triton_prefix_attention_impl(q, k, v, prefix_k, prefix_v, *, causal=True, attention_mask=None, scale=None):
