@@ -51,6 +51,18 @@ def twins(family: str, method: str, **kw):
     return pm, ours
 
 
+def train_in_lockstep(pm, ours, inputs: dict, steps: int) -> None:
+    """AdamW steps on the PEFT model and on ours with the same batch; every loss must agree."""
+    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (pm, ours)]
+    for _ in range(steps):
+        lp, lo = pm(**inputs).loss, ours(**inputs).loss
+        assert_rel_close(lo.detach(), lp.detach(), TOL, "loss")
+        for opt, loss in zip(optimizers, (lp, lo)):
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_and_generation_match_peft(family, method):
@@ -73,18 +85,8 @@ def test_logits_and_generation_match_peft(family, method):
 def test_training_matches_peft(method, kw):
     pm, ours = twins("llama", method, **kw)
     inputs = make_inputs("llama", batch=2, seq=8)
-    opt_p = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    opt_o = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
     assert peftfast.trainable_parameters(ours)[0] == sum(p.numel() for p in pm.parameters() if p.requires_grad)
-    for _ in range(3):
-        lp, lo = pm(**inputs).loss, ours(**inputs).loss
-        assert_rel_close(lo.detach(), lp.detach(), TOL, "loss")
-        for o in (opt_p, opt_o):
-            o.zero_grad()
-        lp.backward()
-        lo.backward()
-        opt_p.step()
-        opt_o.step()
+    train_in_lockstep(pm, ours, inputs, steps=3)
     theirs = dict(pm.prompt_encoder["default"].named_parameters())
     for name, p in ours.peftfast_prompt_learning.encoders["default"].named_parameters():
         assert_rel_close(p.detach(), theirs[name].detach(), TOL, name)
@@ -288,17 +290,7 @@ def test_classification_matches_peft(family, method):
     with torch.no_grad():
         expected, got = pm(**without_labels(inputs)).logits, ours(**without_labels(inputs)).logits
     assert_rel_close(got, expected, TOL, f"{family}/{method} logits")
-    opt_p = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    opt_o = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(3):
-        lp, lo = pm(**inputs).loss, ours(**inputs).loss
-        assert_rel_close(lo.detach(), lp.detach(), TOL, "loss")
-        for o in (opt_p, opt_o):
-            o.zero_grad()
-        lp.backward()
-        lo.backward()
-        opt_p.step()
-        opt_o.step()
+    train_in_lockstep(pm, ours, inputs, steps=3)
     theirs = get_peft_model_state_dict(pm)
     mine = peftfast.adapter_state_dict(ours)
     assert sorted(mine) == sorted(theirs)
@@ -393,17 +385,7 @@ def test_seq2seq_matches_peft(family, method):
     assert_rel_close(got, expected, TOL, f"{family}/{method} logits")
     # 1e-3: the tiny BART's logits move less (a dropped prompt would be 0; float noise is ~1e-7)
     assert (got - plain).abs().max() > 1e-3, "the prefix/prompt changed nothing: the test would be vacuous"
-    opt_p = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    opt_o = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(2):
-        lp, lo = pm(**inputs).loss, ours(**inputs).loss
-        assert_rel_close(lo.detach(), lp.detach(), TOL, "loss")
-        for o in (opt_p, opt_o):
-            o.zero_grad()
-        lp.backward()
-        lo.backward()
-        opt_p.step()
-        opt_o.step()
+    train_in_lockstep(pm, ours, inputs, steps=2)
     assert_rel_close(peftfast.adapter_state_dict(ours)["prompt_embeddings"],
                      get_peft_model_state_dict(pm)["prompt_embeddings"], TOL, "prompt_embeddings after training")
     gen = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=5,
@@ -456,17 +438,7 @@ def test_ptuning_matches_peft(family, kind):
     gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         assert torch.equal(ours.generate(**without_labels(inputs), **gen), pm.generate(**without_labels(inputs), **gen))
-    opt_p = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    opt_o = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(3):
-        lp, lo = pm(**inputs).loss, ours(**inputs).loss
-        assert_rel_close(lo.detach(), lp.detach(), TOL, "loss")
-        for o in (opt_p, opt_o):
-            o.zero_grad()
-        lp.backward()
-        lo.backward()
-        opt_p.step()
-        opt_o.step()
+    train_in_lockstep(pm, ours, inputs, steps=3)
     theirs = dict(pm.prompt_encoder["default"].named_parameters())
     mine = dict(ours.peftfast_prompt_learning.encoders["default"].named_parameters())
     assert mine.keys() == theirs.keys()
