@@ -11,10 +11,15 @@ do by itself, which this module adds:
 * :class:`PeftfastTrainer` saves *only* the adapter as the model part of its checkpoints and restores
   it on ``resume_from_checkpoint``; it is also what makes a **4-bit (QLoRA) base** trainable under the
   Trainer, which otherwise refuses quantized models that are not ``peft.PeftModel`` objects.
+* :func:`peftfast_trainer` gives the same behaviour to any ``Trainer`` subclass, e.g. TRL's
+  ``SFTTrainer`` (whose ``peft_config`` argument expects a ``peft.PeftConfig``: patch the model
+  with peftfast first and pass no ``peft_config``).
 
 Example:
     >>> trainer = PeftfastTrainer(model=patched_model, args=args, train_dataset=ds)  # doctest: +SKIP
     >>> trainer.train(resume_from_checkpoint=True)  # doctest: +SKIP
+    >>> SFT = peftfast_trainer(trl.SFTTrainer)  # doctest: +SKIP
+    >>> SFT(model=patched_model, args=trl.SFTConfig(...), train_dataset=ds, processing_class=tok).train()  # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -52,15 +57,18 @@ def _unwrap(model):
     return getattr(model, "_orig_mod", model)  # torch.compile
 
 
-class PeftfastTrainer(Trainer):
-    """A ``Trainer`` whose checkpoints hold the adapter only (PEFT format), also for 4-bit bases."""
+class PeftfastTrainerMixin:
+    """Checkpoints that hold the adapter only (PEFT format), and 4-bit bases accepted, for a ``Trainer``
+    subclass: put it first in the bases (``class T(PeftfastTrainerMixin, SomeTrainer)``), or use
+    :func:`peftfast_trainer`."""
 
     adapter_name = "default"
 
     def __init__(self, model=None, *args, **kwargs):
-        # transformers refuses a quantized model unless it carries PEFT adapters, which it recognizes by
-        # this flag (set by its own PEFT integration); it is lifted again right after the check.
-        flagged = model is not None and getattr(model, "is_quantized", False) and "_hf_peft_config_loaded" not in vars(model)
+        # transformers (and TRL) refuse a quantized model unless it carries PEFT adapters, which they
+        # recognize by this flag (set by transformers' own PEFT integration); lifted right after the check.
+        flagged = (model is not None and not isinstance(model, str) and getattr(model, "is_quantized", False)
+                   and "_hf_peft_config_loaded" not in vars(model))
         if flagged:
             model._hf_peft_config_loaded = True
         try:
@@ -100,4 +108,35 @@ class PeftfastTrainer(Trainer):
             self._load_from_checkpoint(best)
 
 
-__all__ = ["AdapterCheckpointCallback", "PeftfastTrainer"]
+class PeftfastTrainer(PeftfastTrainerMixin, Trainer):
+    """A ``Trainer`` whose checkpoints hold the adapter only (PEFT format), also for 4-bit bases."""
+
+
+_MIXED: dict = {}
+
+
+def peftfast_trainer(trainer_cls: type) -> type:
+    """``trainer_cls`` (a ``transformers.Trainer`` subclass) with :class:`PeftfastTrainerMixin` mixed in.
+
+    Args:
+        trainer_cls: e.g. ``trl.SFTTrainer``.
+
+    Returns:
+        A subclass named ``Peftfast<Name>``, one per ``trainer_cls`` (so pickled/compared classes agree).
+
+    Example:
+        >>> import trl  # doctest: +SKIP
+        >>> trainer = peftfast_trainer(trl.SFTTrainer)(model=patched, args=cfg, train_dataset=ds,
+        ...                                             processing_class=tok)  # doctest: +SKIP
+    """
+    if not (isinstance(trainer_cls, type) and issubclass(trainer_cls, Trainer)):
+        raise TypeError(f"peftfast_trainer needs a transformers.Trainer subclass, got {trainer_cls!r}")
+    if issubclass(trainer_cls, PeftfastTrainerMixin):
+        return trainer_cls
+    if trainer_cls not in _MIXED:
+        _MIXED[trainer_cls] = type(f"Peftfast{trainer_cls.__name__}", (PeftfastTrainerMixin, trainer_cls),
+                                   {"__module__": __name__, "__doc__": PeftfastTrainerMixin.__doc__})
+    return _MIXED[trainer_cls]
+
+
+__all__ = ["AdapterCheckpointCallback", "PeftfastTrainer", "PeftfastTrainerMixin", "peftfast_trainer"]

@@ -118,25 +118,111 @@ def test_peftfast_trainer_qlora_saves_adapter_only_and_resumes(tmp_path):
         assert torch.allclose(resumed[k], final[k], atol=1e-6, rtol=0), k
 
 
-def test_trl_sft_trainer(tmp_path):
+# --------------------------------------------------------------------------------------------------
+# TRL's SFTTrainer (runs where TRL is installed: it is in the dev extra)
+# --------------------------------------------------------------------------------------------------
+
+
+def _sft_config(trl, out, **kw):
+    base = dict(output_dir=str(out), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2, max_length=64,
+                report_to=[], use_cpu=True, logging_steps=1, save_strategy="no", seed=0, data_seed=0,
+                dataloader_num_workers=0, disable_tqdm=True)
+    base.update(kw)
+    return trl.SFTConfig(**base)
+
+
+def _corpus_lines(n=16):
+    from pathlib import Path
+
+    text = (Path(peftfast.__file__).parent / "data" / "corpus.txt").read_text()
+    return [line for line in text.splitlines() if line.strip()][:n]
+
+
+def test_trl_sft_trainer_text_dataset_saves_a_peft_adapter(tmp_path):
     trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from peft import PeftModel
 
-    model = _lora(tiny_llama())
-    adapter0 = _adapter(model)
-    config = trl.SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
-                           report_to=[], use_cpu=True, logging_steps=1, save_strategy="no")
+    from peftfast.integrations import AdapterCheckpointCallback
+    from tiny import byte_chat_tokenizer, tiny_llama_for
 
-    class Rows(Dataset):
-        def __len__(self):
-            return 8
-
-        def __getitem__(self, i):
-            ids = Tokens().x[i].tolist()
-            return {"input_ids": ids}
-
-    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=Rows())
+    tok = byte_chat_tokenizer()
+    model = _lora(tiny_llama_for(tok))
+    base0, adapter0 = _base(model), _adapter(model)
+    ds = datasets.Dataset.from_dict({"text": _corpus_lines()})
+    trainer = trl.SFTTrainer(model=model, args=_sft_config(trl, tmp_path), train_dataset=ds, processing_class=tok,
+                             callbacks=[AdapterCheckpointCallback()])
     trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert all(torch.equal(v, _base(model)[k]) for k, v in base0.items())  # the base stays frozen
     assert any(not torch.equal(_adapter(model)[k], adapter0[k]) for k in adapter0)
+
+    # The adapter written at the end is the trained one, and PEFT loads it onto a fresh base with the
+    # logits peftfast gives. (The trained model itself is not compared: accelerate leaves its forward
+    # wrapped in the bf16 autocast SFTConfig turns on by default.)
+    saved = peftfast.checkpoint.read_adapter_weights(str(tmp_path))
+    assert saved.keys() == _adapter(model).keys()
+    assert all(torch.equal(saved[k], v) for k, v in _adapter(model).items())
+    peft_model = PeftModel.from_pretrained(tiny_llama_for(tok), str(tmp_path)).eval()
+    ours = peftfast.load_adapter(tiny_llama_for(tok), str(tmp_path)).eval()
+    ids = torch.tensor([tok("the cat sat")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(peft_model(ids).logits, ours(ids).logits, atol=1e-5)
+
+
+def test_trl_sft_trainer_qlora_prompt_completion_and_resume(tmp_path):
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from transformers import AutoModelForCausalLM
+
+    from peftfast.basemodel import quant_config
+    from peftfast.integrations import peftfast_trainer
+    from tiny import byte_chat_tokenizer, tiny_llama_for
+
+    tok = byte_chat_tokenizer()
+    tiny_llama_for(tok).save_pretrained(tmp_path / "base")
+
+    def make():
+        m = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), quantization_config=quant_config(torch.float32),
+                                                 device_map="cpu")
+        torch.manual_seed(0)
+        return _lora(m)
+
+    lines = _corpus_lines()
+    ds = datasets.Dataset.from_dict({"prompt": [f"Q{i}: " for i in range(len(lines))], "completion": lines})
+    model = make()
+    assert model.is_loaded_in_4bit
+    with pytest.raises(ValueError, match="purely quantized"):  # why peftfast_trainer exists
+        trl.SFTTrainer(model=model, args=_sft_config(trl, tmp_path / "x"), train_dataset=ds, processing_class=tok)
+
+    SFT = peftfast_trainer(trl.SFTTrainer)
+    assert peftfast_trainer(trl.SFTTrainer) is SFT and issubclass(SFT, trl.SFTTrainer)
+    args = dict(save_strategy="steps", save_steps=2)
+    trainer = SFT(model=model, args=_sft_config(trl, tmp_path / "a", **args), train_dataset=ds, processing_class=tok)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    ckpt = tmp_path / "a" / "checkpoint-2"
+    names = set(os.listdir(ckpt))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= names and "model.safetensors" not in names
+    final = _adapter(model)
+    assert any(not torch.equal(final[k], torch.zeros_like(final[k])) for k in final if "lora_B" in k)
+
+    again = make()
+    SFT(model=again, args=_sft_config(trl, tmp_path / "b", **args), train_dataset=ds,
+        processing_class=tok).train(resume_from_checkpoint=str(ckpt))
+    resumed = _adapter(again)
+    for k in final:
+        assert torch.allclose(resumed[k], final[k], atol=1e-6, rtol=0), k
+
+
+def test_peftfast_trainer_refuses_what_is_not_a_trainer():
+    from peftfast.integrations import PeftfastTrainer, peftfast_trainer
+
+    with pytest.raises(TypeError, match="Trainer subclass"):
+        peftfast_trainer(object)
+    assert peftfast_trainer(PeftfastTrainer) is PeftfastTrainer
 
 
 def _loss_and_grads(model, ids):

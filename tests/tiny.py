@@ -11,6 +11,31 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
 
 
+def byte_chat_tokenizer():
+    """A byte-level fast tokenizer (256 byte tokens + <s>, </s>, <pad>, <|im_start|>, <|im_end|>) with a
+    ChatML-like chat template, built locally: nothing is downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for t in ("<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"):
+        vocab[t] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                         "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return tok
+
+
+def tiny_llama_for(tok, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A tiny random Llama whose vocabulary and special ids match ``tok``."""
+    return tiny_llama(seed, vocab_size=len(tok), max_position_embeddings=128, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **overrides)
+
+
 def snapshot(model) -> tuple:
     """Module types by name, and a copy of the state dict with requires_grad flags: enough to tell
     whether a model changed at all."""
