@@ -647,9 +647,9 @@ def _prefix_hook(model: nn.Module, args: tuple, kwargs: dict):
     mask_is_2d = mask is None or mask.dim() == 2
     if mask is not None and mask.dim() == 2 and mask.shape[1] == real + n:
         kw["attention_mask"] = _ones_before(mask, p)
-    position = kw.get("cache_position")
-    if position is not None and position.numel() and int(position[0]) < p + real:
-        kw["cache_position"] = position + p  # a caller counting real tokens only (generate)
+    # generate() counts real tokens only, other callers may already count the prefix: the model recounts
+    # from its cache, which reports the P virtual tokens, so both agree without reading the tensor back.
+    kw.pop("cache_position", None)
     if kw.get("position_ids") is not None:
         kw["position_ids"] = kw["position_ids"] + p  # PEFT shifts explicit positions past the prefix
     embeddings = encoder.prompt_embeddings()
