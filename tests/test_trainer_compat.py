@@ -171,6 +171,27 @@ def test_trl_sft_trainer_text_dataset_saves_a_peft_adapter(tmp_path):
         assert torch.allclose(peft_model(ids).logits, ours(ids).logits, atol=1e-5)
 
 
+def test_trl_sft_trainer_chat_messages(tmp_path):
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from tiny import byte_chat_tokenizer, tiny_llama_for
+
+    tok = byte_chat_tokenizer()
+    model = _lora(tiny_llama_for(tok))
+    adapter0 = _adapter(model)
+    rows = [[{"role": "user", "content": f"line {i}?"}, {"role": "assistant", "content": line}]
+            for i, line in enumerate(_corpus_lines(8))]
+    trainer = trl.SFTTrainer(model=model, args=_sft_config(trl, tmp_path, max_steps=2), processing_class=tok,
+                             train_dataset=datasets.Dataset.from_dict({"messages": rows}))
+    # TRL rendered the conversations through the tokenizer's chat template
+    first = trainer.train_dataset[0]["input_ids"]
+    assert tok.decode(first).startswith("<s><|im_start|>user\nline 0?<|im_end|>")
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert any(not torch.equal(_adapter(model)[k], adapter0[k]) for k in adapter0)
+
+
 def test_trl_sft_trainer_qlora_prompt_completion_and_resume(tmp_path):
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
