@@ -10,7 +10,12 @@ M in {2048, 8192} rows, bf16, a bf16 dense base and an NF4 (nested) base; the ba
     what was allocated before it (saved activations and temporaries).
 
 Implementations:
-    peftfast            peftfast.kernels.lora_linear (LoRA folded into the base GEMM's epilogue; dY B once)
+    peftfast            peftfast.kernels.lora_linear (LoRA folded into the base GEMM's epilogue; dY B once);
+                        for NF4, the QLoRA GEMM variant its selection picks (dequant + GEMM unless a tuned
+                        table says otherwise)
+    peftfast_dequant    (NF4) the same with PEFTFAST_QLORA_GEMM=dequant: dequantize_4bit, then the fused GEMM
+    peftfast_inloop     (NF4) the same with PEFTFAST_QLORA_GEMM=inloop: the 4-bit codes decoded in the fused
+                        GEMM's K loop (kernels/qmatmul.py), forward and dX
     peft                Hugging Face PEFT's LoRA layer on nn.Linear (bf16 base) / bitsandbytes Linear4bit (NF4)
     dequant_cublas      (NF4) bnb dequantize_4bit, F.linear, LoRA added by torch.addmm; autograd backward
     plain_addmm         (bf16) F.linear, LoRA added by torch.addmm; autograd backward
@@ -18,6 +23,8 @@ Implementations:
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Optional
 
 import torch
@@ -25,14 +32,30 @@ import torch.nn.functional as F
 
 from bench_common import (LLAMA3_8B_SHAPES, LORA_ALPHA, LORA_R, Context, derive, free_memory, geomean, headline,
                           import_bnb, import_peft, make_context, measure_ceilings, n_buffers,
-                          nf4_bytes, peft_lora_layer, quantize_nf4, safe_measure, smoke_threads, speedups,
-                          suite_result, unavailable)
+                          nf4_bytes, peft_lora_layer, quantize_nf4, rel_err, safe_measure, smoke_threads,
+                          speedups, suite_result, unavailable)
 
 NAME = "lora_train"
 FULL_MS = (2048, 8192)
 SMOKE_SHAPES = ((128, 128), (128, 256))
 SMOKE_MS = (32,)
 BASES = ("bf16", "nf4")
+# The two QLoRA GEMM variants, each forced for one row (kernels/qmatmul.py; "peftfast" is the default choice).
+QLORA_VARIANTS = ("dequant", "inloop")
+
+
+@contextlib.contextmanager
+def qlora_gemm(variant: str):
+    """Force peftfast's QLoRA GEMM variant (``PEFTFAST_QLORA_GEMM``) inside the block."""
+    old = os.environ.get("PEFTFAST_QLORA_GEMM")
+    os.environ["PEFTFAST_QLORA_GEMM"] = variant
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PEFTFAST_QLORA_GEMM", None)
+        else:
+            os.environ["PEFTFAST_QLORA_GEMM"] = old
 
 
 def _params(ctx: Context, k: int, n: int):
@@ -90,7 +113,8 @@ def run(smoke: Optional[bool] = None, ctx: Optional[Context] = None) -> dict:
         for k, n in shapes:
             if base == "nf4" and bnb is None:
                 for m in ms:
-                    impls = {name: unavailable(bnb_why) for name in ("peftfast", "peft", "dequant_cublas",
+                    impls = {name: unavailable(bnb_why) for name in ("peftfast", "peftfast_dequant",
+                                                                     "peftfast_inloop", "peft", "dequant_cublas",
                                                                      "bf16_dense_floor")}
                     cases.append(_case(base, k, n, m, impls, ceilings))
                     ctx.tick(f"{base} {k}->{n} M={m} (unavailable)")
@@ -127,6 +151,14 @@ def run(smoke: Optional[bool] = None, ctx: Optional[Context] = None) -> dict:
                     F.linear(x, s["w"]).backward(dy)
 
                 impls = {"peftfast": safe_measure(ctx, ours, args, grad_to_none=grads)}
+                if base == "nf4":
+                    for variant in QLORA_VARIANTS:
+                        if ctx.backend != "triton":
+                            impls[f"peftfast_{variant}"] = unavailable(
+                                f"the {variant} variant is a Triton path; this run uses the {ctx.backend} backend")
+                            continue
+                        with qlora_gemm(variant):
+                            impls[f"peftfast_{variant}"] = safe_measure(ctx, ours, args, grad_to_none=grads)
                 if "peft" in sets[0]:
                     impls["peft"] = safe_measure(ctx, peft_step, args, grad_to_none=grads)
                 else:
@@ -135,13 +167,21 @@ def run(smoke: Optional[bool] = None, ctx: Optional[Context] = None) -> dict:
                                                                                             grad_to_none=grads)
                 dense_args = args[:n_buffers(ctx, 2 * m * (k + n) * 2 + 2 * n * k)]
                 impls["bf16_dense_floor"] = safe_measure(ctx, floor, dense_args, grad_to_none=grads)
-                cases.append(_case(base, k, n, m, impls, ceilings))
+                case = _case(base, k, n, m, impls, ceilings)
+                if base == "nf4" and ctx.backend == "triton":
+                    case["check"] = _variant_check(args[0], scaling, ctx.backend)
+                cases.append(case)
                 ctx.tick(f"{base} {k}->{n} M={m}")
                 del xs, dys, args, grads
             del sets
             free_memory(ctx)
 
     heads = []
+    nf4_cases = [c for c in cases if c["shape"]["base"] == "nf4"]
+    heads.append(headline("nf4 base: in-loop decode vs dequant + GEMM (geomean of dequant time / in-loop time; "
+                          "> 1: in-loop faster)",
+                          geomean([_ratio(c["impls"].get("peftfast_dequant"), c["impls"].get("peftfast_inloop"))
+                                   for c in nf4_cases])))
     for base, other in (("nf4", "dequant_cublas"), ("bf16", "plain_addmm")):
         sel = [c for c in cases if c["shape"]["base"] == base]
         heads.append(headline(f"{base} base: speedup vs PEFT (geomean)",
@@ -149,10 +189,34 @@ def run(smoke: Optional[bool] = None, ctx: Optional[Context] = None) -> dict:
         heads.append(headline(f"{base} base: speedup vs {other} (geomean)",
                               geomean([c["speedup"].get(other) for c in sel])))
     config = {"shapes_K_N": [list(s) for s in shapes], "M": list(ms), "r": LORA_R, "lora_alpha": LORA_ALPHA,
+              "qlora_variants": {f"peftfast_{v}": f"PEFTFAST_QLORA_GEMM={v}" for v in QLORA_VARIANTS},
               "bases": list(BASES), "dtype": str(ctx.dtype), "step": "y = f(x); y.backward(dy); x, A, B get grads",
               "peft_adapter_dtype": "same as peftfast's (bf16): autocast_adapter_dtype=False"}
     return suite_result(NAME, ctx, cases, config=config, headline=heads,
                         notes=["speedup = baseline median / peftfast median (> 1: peftfast faster)"])
+
+
+def _variant_check(arg_set, scaling: float, backend: str) -> dict:
+    """Relative error of the in-loop variant's forward output against the dequant variant's (same inputs)."""
+    from peftfast.kernels import lora_linear
+
+    s, x, _ = arg_set
+    ys = {}
+    try:
+        with torch.no_grad():
+            for variant in QLORA_VARIANTS:
+                with qlora_gemm(variant):
+                    ys[variant] = lora_linear(x, s["weight"], s["A"], s["B"], scaling, backend=backend)
+    except Exception as e:  # noqa: BLE001 - recorded, as a failed measurement is
+        return {"rel_err_inloop_vs_dequant": None, "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+    return {"rel_err_inloop_vs_dequant": rel_err(ys["inloop"], ys["dequant"])}
+
+
+def _ratio(num: Optional[dict], den: Optional[dict]) -> Optional[float]:
+    """``num median / den median`` when both ran, else None."""
+    if not (num and den and "median_ms" in num and "median_ms" in den):
+        return None
+    return num["median_ms"] / den["median_ms"]
 
 
 def _case(base, k, n, m, impls, ceilings):

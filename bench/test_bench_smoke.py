@@ -90,6 +90,10 @@ def test_suite_smoke(request, name):
                 assert case["check"]["rel_err_peftfast_vs_dequant_cublas"] < 2e-2
     if name == "lora_train":
         assert {c["shape"]["base"] for c in result["cases"]} == {"bf16", "nf4"}
+        for case in result["cases"]:
+            # Both QLoRA GEMM variants are rows of every NF4 case (unavailable in smoke mode: reference backend).
+            forced = {"peftfast_dequant", "peftfast_inloop"} & set(case["impls"])
+            assert forced == ({"peftfast_dequant", "peftfast_inloop"} if case["shape"]["base"] == "nf4" else set())
     if name == "e2e_qlora" and result["status"] == "ok":
         curves = result["loss_curves"]
         assert set(curves) == {"peftfast", "peft_bnb"}

@@ -14,6 +14,10 @@ implementations and an autograd formula, so ``torch.compile`` traces it without 
 * forward: ``xa = dropout(x) A^T`` ([M, r], kept for dB), then one GEMM with the LoRA term and bias in
   its epilogue; a 4-bit base is dequantized into a temporary first, or, for M <= ``DECODE_MAX_M``,
   read directly as 4-bit codes by a fused dequant-GEMV (split-K) kernel;
+* a 4-bit base at M > ``DECODE_MAX_M`` (forward and the backward's dX GEMM) runs one of two variants,
+  chosen per shape bucket by ``qmatmul.qlora_gemm_variant``: ``"dequant"`` (the default: dequantize,
+  then the fused GEMM) or ``"inloop"`` (``qmatmul.matmul_lowrank_4bit``, the codes decoded in the GEMM's
+  K loop), as a tuned table entry says; ``PEFTFAST_QLORA_GEMM=inloop|dequant|auto`` overrides it;
 * backward: ``g = s dY B`` once; ``dX = dY W + keep * (g A) / (1-p)`` with the same fused GEMM,
   ``dA = g^T dropout(x)``, ``dB = s dY^T xa`` with ``dbias`` summed in the same pass over dY.
 * dropout masks are regenerated from a seed drawn from PyTorch's generator (``torch.manual_seed``
@@ -130,6 +134,10 @@ DECODE_MAX_M = 64
 from .dispatch import canonical_ops, triton_matmul_module
 
 _mm = triton_matmul_module()
+if _mm is not None:
+    from . import qmatmul as _qmm
+else:  # pragma: no cover - platforms without Triton
+    _qmm = None
 
 
 def _quant_args(weight):
@@ -160,6 +168,13 @@ def _dense_base(w, absmax, code, code2, absmax2, offset, meta, quant_type, dtype
     return dequantize_4bit(q, dtype=dtype, backend="auto")
 
 
+def _qlora_inloop(m: int, n: int, k: int, dtype, meta, quant_type, code2, layout: str, device) -> bool:
+    """Whether this 4-bit GEMM (forward ``"nk"`` or dX ``"kn"``) decodes W in its K loop (see qmatmul)."""
+    if _qmm is None or not meta or m <= DECODE_MAX_M:
+        return False
+    return _qmm.qlora_gemm_variant(m, n, k, dtype, meta, quant_type, code2 is not None, layout, device) == "inloop"
+
+
 def _lora_forward_impl(x, weight, lora_A, lora_B, bias, seed, absmax, code, code2, absmax2, offset,
                        meta, quant_type, scaling, dropout_p):
     k = x.shape[-1]
@@ -171,6 +186,9 @@ def _lora_forward_impl(x, weight, lora_A, lora_B, bias, seed, absmax, code, code
     if (weight is not None and meta and x2.shape[0] <= DECODE_MAX_M and _decode_supported(meta, quant_type)
             and x2.shape[0] > 0):
         y = _decode_lora_4bit(x2, weight, absmax, code, code2, absmax2, offset, meta, xa, lora_B, bias, scaling)
+    elif weight is not None and _qlora_inloop(x2.shape[0], n, k, x.dtype, meta, quant_type, code2, "nk", x.device):
+        y = _qmm.matmul_lowrank_4bit(x2, weight, absmax, code, code2, absmax2, offset, meta, quant_type, xa,
+                                     lora_B.t(), scaling, bias=bias, layout="nk", out_dtype=x.dtype)
     else:
         w = _dense_base(weight, absmax, code, code2, absmax2, offset, meta, quant_type, x.dtype)
         y = _mm.matmul_lowrank(x2, None if w is None else w.t(), xa, lora_B.t(), scaling, bias=bias,
@@ -195,8 +213,14 @@ def _lora_backward_impl(dy, x, xa, weight, lora_A, lora_B, seed, absmax, code, c
         # g carries the scaling, so neither consumer multiplies by it again.
         g = _mm.lowrank_project(dy2, lora_B, scale=scaling)
         if need_dx:
-            w = _dense_base(weight, absmax, code, code2, absmax2, offset, meta, quant_type, dtype)
-            dx = _mm.matmul_lowrank(dy2, w, g, lora_A, 1.0, dropout_p=dropout_p, seed=seed, out_dtype=dtype)
+            if weight is not None and _qlora_inloop(dy2.shape[0], k, n, dtype, meta, quant_type, code2, "kn",
+                                                    x.device):
+                dx = _qmm.matmul_lowrank_4bit(dy2, weight, absmax, code, code2, absmax2, offset, meta, quant_type,
+                                              g, lora_A, 1.0, dropout_p=dropout_p, seed=seed, layout="kn",
+                                              out_dtype=dtype)
+            else:
+                w = _dense_base(weight, absmax, code, code2, absmax2, offset, meta, quant_type, dtype)
+                dx = _mm.matmul_lowrank(dy2, w, g, lora_A, 1.0, dropout_p=dropout_p, seed=seed, out_dtype=dtype)
             dx = dx.view(x.shape)
         if need_da:
             da = torch.empty(lora_A.shape, device=x.device, dtype=lora_A.dtype)
@@ -434,7 +458,11 @@ def _decode_lora_4bit(x2, packed, absmax, code, code2, absmax2, offset, meta, xa
     dtype = x2.dtype
     block_m = max(16, triton.next_power_of_2(m))
     block_n = 64
-    block_k = min(blocksize, 256)
+    # The LUT decode is a gather the software pipeliner stages in shared memory at fp32, BLOCK_N x
+    # BLOCK_K x 4 bytes per stage: BLOCK_K 128 already overflows sm86/sm89's 99 KB at M=1 in bf16, and
+    # 256 overflows every GPU in fp32 (up to 321 KB, from compiling it: tests/kernels/aot_lora_cases.py).
+    # fp32 x at BLOCK_K 64 still needs 97 KB at M=64, too close to 99 KB to rely on.
+    block_k = min(blocksize, 64 if x2.element_size() <= 2 else 32)
     block_r = _mm._block_r(r)
     n_tiles = triton.cdiv(n, block_n)
     k_tiles = triton.cdiv(k, block_k)

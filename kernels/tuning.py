@@ -10,6 +10,10 @@ Two sources of a launch config, consulted in this order before any autotuning se
    the GPU name, the Triton version and a hash of the kernel's source to the shape key, so a new Triton
    or an edited kernel never reuses a stale winner.
 
+Ops: ``lora_matmul`` (``matmul.matmul_lowrank``) and ``lora_matmul_4bit`` (the GEMM with a 4-bit base at
+training / prefill sizes, :mod:`.qmatmul`), whose entries may also say which of its two variants runs
+(``"variant": "inloop" | "dequant"``; see configs/README.md).
+
 Bucketing (:func:`bucket_m`): M (tokens) rounds up to a power of two, at least 16 and at most 8192.
 ``tl.dot`` tiles have at least 16 rows, so M = 1..16 run the same tiles (one *decode* bucket), and
 past 8192 rows every shape is compute-bound and keeps the 8192 choice. N and K are kept exact: a model
@@ -44,6 +48,11 @@ M_MAX = 8192    # the largest bucket: every M past it uses it
 CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 
 OP_LORA_MATMUL = "lora_matmul"
+# The 4-bit base GEMM of a LoRA linear at M > DECODE_MAX_M (kernels/qmatmul.py). Its entries may name a
+# ``variant``: "inloop" (the weight decoded in the K loop) or "dequant" (one dequantization launch, then
+# ``lora_matmul``); their launch fields are that variant's GEMM config.
+OP_LORA_MATMUL_4BIT = "lora_matmul_4bit"
+VARIANTS = ("inloop", "dequant")
 
 _DTYPE_NAMES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}
 
@@ -88,6 +97,20 @@ def weight_format(wt) -> str:
     else:
         layout = "strided"
     return f"{dtype_name(wt.dtype)}-{layout}"
+
+
+def weight_format_4bit(quant_type: str, blocksize: int, nested: bool, layout: str) -> str:
+    """The weight field of a ``lora_matmul_4bit`` key: ``"<nf4|fp4>-b<blocksize>[-nested]-<nk|kn>"``.
+
+    ``nk``: the forward ``X @ W^T``; ``kn``: the dX GEMM ``dY @ W`` (as in :func:`weight_format`). The
+    blocksize and the nesting change the decoding work per tile, so they are tuned apart.
+    """
+    qt = str(quant_type).lower()
+    if qt not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    if layout not in ("nk", "kn"):
+        raise ValueError(f"layout must be 'nk' or 'kn', got {layout!r}")
+    return f"{qt}-b{int(blocksize)}{'-nested' if nested else ''}-{layout}"
 
 
 def shape_key(op: str, m: int, n: int, k: int, dtype, weight: str) -> str:
@@ -225,8 +248,9 @@ def read_table(path) -> Optional[dict]:
 
 
 @functools.lru_cache(maxsize=None)
-def _load_tables(slug: str, dirs: Tuple[str, ...]) -> Dict[str, dict]:
-    merged: Dict[str, dict] = {}
+def _load_table_entries(slug: str, dirs: Tuple[str, ...]) -> Dict[str, Tuple[dict, Optional[str]]]:
+    """``{key: (config, variant or None)}`` merged over ``dirs`` (earlier folders win)."""
+    merged: Dict[str, Tuple[dict, Optional[str]]] = {}
     # Later dirs have lower priority: fill from the last so earlier ones overwrite.
     for d in reversed(dirs):
         data = read_table(Path(d) / f"{slug}.json")
@@ -237,13 +261,29 @@ def _load_tables(slug: str, dirs: Tuple[str, ...]) -> Dict[str, dict]:
             if cfg is None:
                 _warn(f"ignoring entry {key!r} of {Path(d) / (slug + '.json')}: bad config {entry!r}"[:300])
                 continue
-            merged[key] = cfg
+            variant = entry.get("variant")
+            if variant is not None and variant not in VARIANTS:
+                _warn(f"ignoring entry {key!r} of {Path(d) / (slug + '.json')}: variant {variant!r} is not one "
+                      f"of {VARIANTS}"[:300])
+                continue
+            merged[key] = (cfg, variant)
     return merged
+
+
+@functools.lru_cache(maxsize=None)
+def _load_tables(slug: str, dirs: Tuple[str, ...]) -> Dict[str, dict]:
+    return {key: cfg for key, (cfg, _) in _load_table_entries(slug, dirs).items()}
 
 
 def lookup_table(slug: str, key: str) -> Optional[dict]:
     """The tuned config for ``key`` on the GPU ``slug``, or None. Files are read once per process."""
     return _load_tables(slug, tuple(str(d) for d in table_dirs())).get(key)
+
+
+def lookup_table_variant(slug: str, key: str) -> Optional[str]:
+    """The ``variant`` a table entry for ``key`` names (``"inloop"`` / ``"dequant"``), or None."""
+    hit = _load_table_entries(slug, tuple(str(d) for d in table_dirs())).get(key)
+    return None if hit is None else hit[1]
 
 
 def write_table(path, gpu_name: str, entries: Dict[str, dict], meta: Optional[dict] = None) -> dict:
@@ -269,6 +309,8 @@ def write_table(path, gpu_name: str, entries: Dict[str, dict], meta: Optional[di
         parse_shape_key(key)  # raises on a malformed key
         if config_from_entry(entry) is None:
             raise ValueError(f"bad config for {key}: {entry!r}")
+        if entry.get("variant") is not None and entry["variant"] not in VARIANTS:
+            raise ValueError(f"bad variant for {key}: {entry['variant']!r} (one of {VARIANTS})")
         data["entries"][key] = dict(entry)
     data["meta"] = {**(data.get("meta") or {}), **(meta or {})}
     _write_json_atomic(path, data)
@@ -301,7 +343,10 @@ _CACHE_MEMO: Dict[str, Optional[dict]] = {}
 
 def cache_read(gpu_name: str, kernel_hash: str, key: str, *, triton_ver: Optional[str] = None,
                directory=None) -> Optional[dict]:
-    """``{"config": {...}, "ms": float | None}`` cached for this key, or None. Read once per process."""
+    """``{"config": {...}, "ms": float | None}`` cached for this key, or None. Read once per process.
+
+    A file that names a ``variant`` (see :data:`OP_LORA_MATMUL_4BIT`) adds ``"variant"`` to the dict.
+    """
     triton_ver = triton_ver or triton_version()
     path = cache_path(gpu_name, triton_ver, kernel_hash, key, directory)
     memo_key = str(path)
@@ -323,18 +368,29 @@ def cache_read(gpu_name: str, kernel_hash: str, key: str, *, triton_ver: Optiona
             _warn(f"ignoring cache file {path}: it holds another key")
         else:
             cfg = config_from_entry(data.get("config"))
+            variant = data.get("variant")
             if cfg is None:
                 _warn(f"ignoring cache file {path}: bad config")
+            elif variant is not None and variant not in VARIANTS:
+                _warn(f"ignoring cache file {path}: variant {variant!r} is not one of {VARIANTS}")
             else:
                 ms = data.get("ms")
                 result = {"config": cfg, "ms": float(ms) if isinstance(ms, (int, float)) else None}
+                if variant is not None:
+                    result["variant"] = variant
     _CACHE_MEMO[memo_key] = result
     return result
 
 
 def cache_write(gpu_name: str, kernel_hash: str, key: str, config, ms: Optional[float] = None, *,
-                triton_ver: Optional[str] = None, directory=None) -> Optional[Path]:
-    """Store a search winner atomically; returns the path, or None (one warning) if it cannot be written."""
+                triton_ver: Optional[str] = None, directory=None, variant: Optional[str] = None) -> Optional[Path]:
+    """Store a search winner atomically; returns the path, or None (one warning) if it cannot be written.
+
+    ``variant`` (``"inloop"`` / ``"dequant"``) is recorded only when given: it says the entry chose
+    between the two QLoRA GEMM variants, which a config search alone never does.
+    """
+    if variant is not None and variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     triton_ver = triton_ver or triton_version()
     cfg = config_to_dict(config)
     path = cache_path(gpu_name, triton_ver, kernel_hash, key, directory)
@@ -344,12 +400,14 @@ def cache_write(gpu_name: str, kernel_hash: str, key: str, config, ms: Optional[
         "gpu": gpu_name, "triton": triton_ver, "kernel": kernel_hash, "shape": key,
         "config": cfg, "ms": None if ms is None else float(ms),
     }
+    if variant is not None:
+        data["variant"] = variant
     try:
         _write_json_atomic(path, data)
     except OSError as e:
         _warn(f"cannot write tuning cache {path}: {e}".splitlines()[0])
         return None
-    _CACHE_MEMO[str(path)] = {"config": cfg, "ms": data["ms"]}
+    _CACHE_MEMO[str(path)] = {"config": cfg, "ms": data["ms"], **({"variant": variant} if variant else {})}
     return path
 
 
@@ -364,6 +422,7 @@ def on_clear(fn) -> None:
 def clear_memory_caches() -> None:
     """Forget what this process read or chose (tables, cache files, launch memos), as a new process would."""
     _load_tables.cache_clear()
+    _load_table_entries.cache_clear()
     _CACHE_MEMO.clear()
     for fn in _CLEAR_HOOKS:
         fn()
@@ -375,19 +434,26 @@ def clear_memory_caches() -> None:
 
 
 def select_config(key: str, *, gpu_name: str, kernel_hash: str, fits=None,
-                  use_table: bool = True, use_cache: bool = True) -> Optional[Tuple[dict, str]]:
+                  use_table: bool = True, use_cache: bool = True,
+                  variant: Optional[str] = None) -> Optional[Tuple[dict, str]]:
     """The config to launch for ``key`` without a search: ``(config, "table" | "cache")`` or None.
 
     ``fits(config) -> bool`` rejects configs that this call cannot run (e.g. too much shared memory for
     a larger rank than the one tuned); a rejected table entry falls through to the cache, a rejected
-    cache entry to the search.
+    cache entry to the search. With ``variant``, an entry naming another variant is passed over the
+    same way (its launch fields are another kernel's); entries naming none are taken.
     """
     if use_table:
-        cfg = lookup_table(gpu_slug(gpu_name), key)
+        slug = gpu_slug(gpu_name)
+        cfg = lookup_table(slug, key)
+        if cfg is not None and variant is not None and lookup_table_variant(slug, key) not in (None, variant):
+            cfg = None
         if cfg is not None and (fits is None or fits(cfg)):
             return cfg, "table"
     if use_cache:
         hit = cache_read(gpu_name, kernel_hash, key)
+        if hit is not None and variant is not None and hit.get("variant") not in (None, variant):
+            hit = None
         if hit is not None and (fits is None or fits(hit["config"])):
             return hit["config"], "cache"
     return None

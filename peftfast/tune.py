@@ -4,6 +4,8 @@
     peftfast tune --model path/to/config.json           # or a model folder holding config.json
     peftfast tune --model llama-3-8b --batch-tokens 1,16,2048,8192 --dtype bf16 --passes fwd,bwd
 
+    peftfast tune --model llama-3-8b --weight nf4 --passes fwd,bwd    # QLoRA: in-loop vs dequant + GEMM
+
 For every distinct (N, K) of the model's projections (q/k/v/o, gate/up/down) and every M bucket of
 ``--batch-tokens`` (see ``kernels/tuning.py``), each candidate config of ``kernels/matmul.py``'s
 family list that fits this GPU is checked against a higher-precision reference on random inputs and
@@ -11,6 +13,14 @@ timed with ``triton.testing.do_bench`` (median; the inputs rotate over enough co
 cache). The fastest correct one is merged into ``kernels/configs/<gpu-slug>.json`` (``--out``), which
 ``matmul_lowrank`` reads on its next first launch. The table is rewritten (atomically) after every
 entry, so an interrupted run keeps what it finished.
+
+With ``--weight nf4`` / ``fp4`` (a bitsandbytes 4-bit base; ``--blocksize``, ``--nested``) each entry is
+a ``lora_matmul_4bit`` key and both QLoRA GEMM variants are timed on a random 4-bit weight: ``inloop``
+(``kernels/qmatmul.py``'s candidates, the weight decoded in the K loop) and ``dequant`` (one
+``dequantize_4bit`` launch into a reused workspace, then each of matmul's candidates). The faster
+variant and its config are recorded as the entry (``"variant"``); when ``dequant`` wins, its dense
+GEMM config is written under that GEMM's own ``lora_matmul`` key too, which is what the dequant path
+looks up. M buckets that the decode kernel serves (M <= ``lora.DECODE_MAX_M``) are skipped.
 """
 from __future__ import annotations
 
@@ -37,8 +47,30 @@ _DTYPES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16"
 _TOLERANCE = {"bf16": 1e-2, "fp16": 5e-3, "fp32": 1e-4}
 
 
+WEIGHTS = ("dense", "nf4", "fp4")
+
+# bitsandbytes' 16-entry code tables (bitsandbytes.functional.get_4bit_type): tuning runs where
+# bitsandbytes may not be installed, and the timing only needs the real layout, not a real weight.
+NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+            0.7229568362236023, 1.0)
+FP4_CODE = (0.0, 0.0052083334885537624, 0.6666666865348816, 1.0, 0.3333333432674408, 0.5, 0.1666666716337204,
+            0.25, 0.0, -0.0052083334885537624, -0.6666666865348816, -1.0, -0.3333333432674408, -0.5,
+            -0.1666666716337204, -0.25)
+
+
 class TuneError(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """A bitsandbytes 4-bit base: ``quant_type`` ("nf4" | "fp4"), ``blocksize``, nested absmax or not."""
+
+    quant_type: str
+    blocksize: int = 64
+    nested: bool = True
 
 
 @dataclass(frozen=True)
@@ -59,6 +91,7 @@ class TuneTask:
     pass_: str         # "fwd": Y = X W^T (+ LoRA); "bwd": dX = dY W (+ LoRA)
     modules: Tuple[str, ...]
     tokens: Tuple[int, ...]   # the --batch-tokens values that fall in this bucket
+    quant: Optional[QuantSpec] = None   # a 4-bit base: a lora_matmul_4bit entry, both variants timed
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,9 +154,20 @@ def m_buckets(batch_tokens: Sequence[int]) -> List[Tuple[int, Tuple[int, ...]]]:
     return [(b, tuple(ts)) for b, ts in sorted(out.items())]
 
 
+def decode_max_m() -> int:
+    """The largest M the fused 4-bit decode kernel serves (its buckets have no 4-bit GEMM to tune)."""
+    from peftfast.kernels.lora import DECODE_MAX_M
+
+    return DECODE_MAX_M
+
+
 def plan(shapes: Sequence[LinearShape], batch_tokens: Sequence[int], dtype: str,
-         passes: Sequence[str] = ("fwd",)) -> List[TuneTask]:
-    """One task per (pass, shape, M bucket): the table entries a tune run writes."""
+         passes: Sequence[str] = ("fwd",), quant: Optional[QuantSpec] = None) -> List[TuneTask]:
+    """One task per (pass, shape, M bucket): the table entries a tune run writes.
+
+    With ``quant`` the entries are ``lora_matmul_4bit`` keys, and buckets at or below the decode
+    kernel's M (every M in them takes the decode kernel) are left out.
+    """
     from peftfast.kernels import tuning
 
     tasks = []
@@ -131,11 +175,62 @@ def plan(shapes: Sequence[LinearShape], batch_tokens: Sequence[int], dtype: str,
         for s in shapes:
             # Forward: X[M, in] @ W^T, W [out, in] row-major ("nk"). dX: dY[M, out] @ W, W read as [K=out, N=in] ("kn").
             n, k, layout = (s.n, s.k, "nk") if pass_ == "fwd" else (s.k, s.n, "kn")
-            weight = f"{dtype}-{layout}"
+            if quant is None:
+                op, weight = tuning.OP_LORA_MATMUL, f"{dtype}-{layout}"
+            else:
+                op = tuning.OP_LORA_MATMUL_4BIT
+                weight = tuning.weight_format_4bit(quant.quant_type, quant.blocksize, quant.nested, layout)
             for bucket, tokens in m_buckets(batch_tokens):
-                key = tuning.shape_key(tuning.OP_LORA_MATMUL, bucket, n, k, dtype, weight)
-                tasks.append(TuneTask(key, bucket, n, k, dtype, weight, pass_, s.modules, tokens))
+                if quant is not None and bucket <= decode_max_m():
+                    continue
+                key = tuning.shape_key(op, bucket, n, k, dtype, weight)
+                tasks.append(TuneTask(key, bucket, n, k, dtype, weight, pass_, s.modules, tokens, quant))
     return tasks
+
+
+def weight_dims(task: TuneTask) -> Tuple[int, int]:
+    """(rows, columns) of the base weight ``W`` [out, in] behind a task's GEMM."""
+    return (task.n, task.k) if task.pass_ == "fwd" else (task.k, task.n)
+
+
+def random_quant4bit(rows: int, cols: int, *, quant_type: str = "nf4", blocksize: int = 64, nested: bool = True,
+                     device="cpu", generator=None, std: Optional[float] = None):
+    """A bitsandbytes-layout 4-bit weight [rows, cols] with random codes and scales, without bitsandbytes.
+
+    Args:
+        rows, cols: the dequantized shape (out, in). quant_type: "nf4" or "fp4" (bitsandbytes' table).
+        blocksize: values per absmax block. nested: uint8 absmax with code2 / absmax2 / offset.
+        device, generator: where and from what the random bytes and scales come.
+        std: the rough standard deviation of the dequantized values (default ``cols ** -0.5``).
+
+    Returns:
+        A ``kernels.nf4.Quant4bit`` (compute dtype recorded as bf16).
+    """
+    import torch
+
+    from peftfast.kernels.nf4 import Quant4bit
+
+    numel = rows * cols
+    n_blocks = -(-numel // blocksize)
+    std = float(std if std is not None else cols ** -0.5)
+    packed = torch.randint(0, 256, ((numel + 1) // 2,), generator=generator, device=device, dtype=torch.uint8)
+    code = torch.tensor(NF4_CODE if quant_type == "nf4" else FP4_CODE, dtype=torch.float32, device=device)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=generator, device=device, dtype=torch.float32)
+
+    # Block scales around 2.5 std: a block's absmax spans the codes' [-1, 1] range.
+    if not nested:
+        absmax = (0.5 + rand(n_blocks)) * 2.5 * std
+        return Quant4bit(packed=packed, absmax=absmax, code=code, blocksize=blocksize, shape=(rows, cols),
+                         dtype=torch.bfloat16, quant_type=quant_type)
+    absmax = torch.randint(0, 256, (n_blocks,), generator=generator, device=device, dtype=torch.uint8)
+    code2 = torch.linspace(-1.0, 1.0, 256, device=device, dtype=torch.float32)  # a signed map, like bitsandbytes'
+    absmax2 = (0.5 + rand(-(-n_blocks // 256))) * std
+    offset = torch.tensor(2.5 * std, device=device, dtype=torch.float32)
+    return Quant4bit(packed=packed, absmax=absmax, code=code, blocksize=blocksize, shape=(rows, cols),
+                     dtype=torch.bfloat16, quant_type=quant_type, code2=code2, absmax2=absmax2, blocksize2=256,
+                     offset=offset)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,6 +366,138 @@ def measure_task(task: TuneTask, configs: Sequence[dict], *, rank: int, device, 
     return {"best": best, "results": results, "input_sets": n_sets}
 
 
+def _make_inputs_4bit(task: TuneTask, rank: int, device, gen) -> dict:
+    """As :func:`_make_inputs`, with a random 4-bit weight W [out, in] instead of a dense one."""
+    import torch
+
+    from peftfast.kernels import qmatmul as qmm
+
+    dt = _torch_dtype(task.dtype)
+    m, n, k = task.m, task.n, task.k
+    rows, cols = weight_dims(task)
+    spec = task.quant
+
+    def randn(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * std).to(dt)
+
+    q = random_quant4bit(rows, cols, quant_type=spec.quant_type, blocksize=spec.blocksize, nested=spec.nested,
+                         device=device, generator=gen)
+    quant = qmm._prepare_quant(q.packed, q.absmax, q.code, q.code2, q.absmax2, q.offset, torch.device(device))
+    x = randn(m, k)
+    left = randn(m, rank)
+    right = randn(n, rank, std=0.1).t() if task.pass_ == "fwd" else randn(rank, n, std=0.1)
+    y = torch.empty(m, n, device=device, dtype=dt)
+    return {"x": x, "q": q, "quant": quant, "meta": [spec.blocksize, 256, rows, cols], "left": left, "right": right,
+            "y": y}
+
+
+def measure_task_4bit(task: TuneTask, inloop_configs: Sequence[dict], dense_configs: Sequence[dict], *, rank: int,
+                      device, timer: Callable, l2_bytes: int = 64 << 20, max_sets: int = 8, seed: int = 0,
+                      scale: float = 2.0) -> dict:
+    """Check and time both QLoRA GEMM variants of a 4-bit ``task``; the faster correct one wins.
+
+    ``inloop``: each of ``inloop_configs`` of ``qmatmul.matmul_lowrank_4bit``'s kernel. ``dequant``: one
+    ``dequantize_4bit`` launch into a workspace reused across calls, then matmul's kernel with each of
+    ``dense_configs``; its time includes the dequantization. Every candidate is first checked against a
+    float64 product with the weight dequantized by the reference (output poisoned with NaN first).
+
+    Returns:
+        ``{"best": entry | None, "dense": (key, entry) | None, "results": [...], "input_sets": int}``:
+        ``best`` is the ``lora_matmul_4bit`` table entry (``variant`` + config + times of both variants);
+        ``dense`` is the dense GEMM's ``lora_matmul`` entry when ``dequant`` won.
+    """
+    import torch
+
+    from peftfast.kernels import matmul as mm, qmatmul as qmm, tuning
+    from peftfast.kernels.nf4 import dequantize_4bit, dequantize_4bit_reference
+
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    dt = _torch_dtype(task.dtype)
+    layout = "nk" if task.pass_ == "fwd" else "kn"
+    rows, cols = weight_dims(task)
+    first = _make_inputs_4bit(task, rank, device, gen)
+
+    def set_bytes(s):
+        q = s["q"]
+        wbytes = q.packed.numel() + q.absmax.numel() * q.absmax.element_size()
+        return wbytes + sum(s[name].numel() * s[name].element_size() for name in ("x", "left", "y"))
+
+    n_sets = max(1, min(max_sets, math.ceil(2 * l2_bytes / max(set_bytes(first), 1))))
+    sets = [first] + [_make_inputs_4bit(task, rank, device, gen) for _ in range(n_sets - 1)]
+    # The dequant variant's reused workspace: written by the dequantization, read by the GEMM right after.
+    workspace = torch.empty(rows * cols, device=device, dtype=dt)
+    w_view = workspace.view(rows, cols)
+    wt = w_view.t() if layout == "nk" else w_view
+    inloop_launches, dense_launches = [], []
+    for s in sets:
+        packed, absmax, code, code2, absmax2, offset = s["quant"]
+        inloop_launches.append(qmm._launch_args(s["x"], packed, absmax, code, code2, absmax2, offset, s["meta"],
+                                                s["left"], s["right"], scale, None, 0.0, None, s["y"], layout))
+        dense_launches.append(mm._launch_args(s["x"], wt, s["left"], s["right"], scale, None, 0.0, None, s["y"]))
+    w_ref = dequantize_4bit_reference(first["q"], dt).double()
+    ref = (first["x"].double() @ (w_ref.t() if layout == "nk" else w_ref)
+           + scale * (first["left"].double() @ first["right"].double()))
+    tol = _TOLERANCE[task.dtype]
+
+    def run(variant: str, cfg: dict, i: int) -> None:
+        if variant == "inloop":
+            qmm._launch_config(*inloop_launches[i], task.m, task.n, cfg)
+        else:
+            dequantize_4bit(sets[i]["q"], dtype=dt, out=workspace, backend="triton")
+            mm._launch_config(*dense_launches[i], task.m, task.n, cfg)
+
+    results = []
+    candidates_ = [("inloop", c) for c in inloop_configs] + [("dequant", c) for c in dense_configs]
+    for variant, cfg in candidates_:
+        rec = {"variant": variant, "config": dict(cfg)}
+        try:
+            first["y"].fill_(float("nan"))
+            run(variant, cfg, 0)
+            if first["y"].is_cuda:
+                torch.cuda.synchronize()
+            err = _rel_error(first["y"], ref)
+        except Exception as e:  # noqa: BLE001 - out of resources, compile errors: not a candidate here
+            rec["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+            results.append(rec)
+            continue
+        rec["rel_error"] = err
+        if not (err <= tol):  # NaN fails too
+            rec["error"] = f"relative error {err:.3g} over {tol:g}"
+            results.append(rec)
+            continue
+        state = [0]
+
+        def fn(variant=variant, cfg=cfg):
+            i = state[0] % len(sets)
+            state[0] += 1
+            run(variant, cfg, i)
+
+        med, p20, p80 = timer(fn)
+        rec.update(ms=med, ms_p20=p20, ms_p80=p80)
+        results.append(rec)
+
+    timed = [r for r in results if "ms" in r]
+    fastest = {v: min((r for r in timed if r["variant"] == v), key=lambda r: r["ms"], default=None)
+               for v in tuning.VARIANTS}
+    best = dense = None
+    if timed:
+        win = min(timed, key=lambda r: r["ms"])
+        best = {**win["config"], "variant": win["variant"], "ms": win["ms"], "ms_p20": win["ms_p20"],
+                "ms_p80": win["ms_p80"], "rank": rank, "candidates": len(timed),
+                "inloop_ms": fastest["inloop"]["ms"] if fastest["inloop"] else None,
+                "dequant_ms": fastest["dequant"]["ms"] if fastest["dequant"] else None,
+                "triton": tuning.triton_version(),
+                "kernel": qmm._kernel_hash() if win["variant"] == "inloop" else mm._kernel_hash()}
+        if win["variant"] == "dequant":
+            key = tuning.shape_key(tuning.OP_LORA_MATMUL, task.m, task.n, task.k, task.dtype, f"{task.dtype}-{layout}")
+            dense = (key, {**win["config"], "ms": win["ms"], "ms_p20": win["ms_p20"], "ms_p80": win["ms_p80"],
+                           "ms_includes": "dequantize_4bit", "from": task.key, "rank": rank,
+                           "candidates": sum(r["variant"] == "dequant" for r in timed),
+                           "triton": tuning.triton_version(), "kernel": mm._kernel_hash()})
+    return {"best": best, "dense": dense, "results": results, "input_sets": n_sets}
+
+
 # --------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------
@@ -287,11 +514,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--passes", default="fwd", metavar="fwd,bwd",
                         help="fwd: Y = X W^T (+LoRA); bwd: the dX GEMM dY W (+LoRA) of training (default fwd)")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank of the timed epilogue (default 16)")
+    parser.add_argument("--weight", default="dense", metavar="dense|nf4|fp4",
+                        help="base weight: dense (in --dtype), or a bitsandbytes 4-bit one, for which both QLoRA "
+                             "GEMM variants (in-loop decode, dequant + GEMM) are timed (default dense)")
+    parser.add_argument("--blocksize", type=int, default=64, help="4-bit blocksize (default 64, bitsandbytes')")
+    parser.add_argument("--nested", action=argparse.BooleanOptionalAction, default=True,
+                        help="4-bit weight with nested (double-quantized) absmax (default: nested)")
     parser.add_argument("--out", default=None, metavar="FILE",
                         help="table to merge into (default kernels/configs/<gpu-slug>.json in the package)")
     parser.add_argument("--warmup", type=float, default=25.0, metavar="MS", help="do_bench warm-up, ms (default 25)")
     parser.add_argument("--rep", type=float, default=100.0, metavar="MS", help="do_bench repetition time, ms (default 100)")
     parser.add_argument("--dry-run", action="store_true", help="list the shapes and table keys; measure nothing")
+
+
+def _parse_quant(args) -> Optional[QuantSpec]:
+    weight = str(getattr(args, "weight", "dense")).lower()
+    if weight not in WEIGHTS:
+        raise TuneError(f"--weight must be one of {', '.join(WEIGHTS)}, got {args.weight!r}")
+    if weight == "dense":
+        return None
+    from peftfast.kernels.nf4 import BLOCKSIZES
+
+    blocksize = getattr(args, "blocksize", 64)
+    if blocksize not in BLOCKSIZES:
+        raise TuneError(f"--blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, got {blocksize}")
+    return QuantSpec(weight, int(blocksize), bool(getattr(args, "nested", True)))
 
 
 def _parse(args) -> Tuple[str, List[LinearShape], List[int], str, List[str]]:
@@ -314,30 +561,46 @@ def _parse(args) -> Tuple[str, List[LinearShape], List[int], str, List[str]]:
     return label, shapes, tokens, dtype, passes
 
 
-def _print_plan(label, shapes, tokens, dtype, passes, rank, tasks, out=None) -> None:
+def _print_plan(label, shapes, tokens, dtype, passes, rank, tasks, out=None, quant: Optional[QuantSpec] = None) -> None:
     out = out or sys.stdout
     print(f"model: {label}; dtype {dtype}; rank {rank}; passes {','.join(passes)}", file=out)
+    if quant is not None:
+        print(f"weight: {quant.quant_type} blocksize {quant.blocksize}, {'nested' if quant.nested else 'plain'} "
+              f"absmax; variants timed per entry: inloop, dequant", file=out)
     print(f"{len(shapes)} distinct linear shapes (N x K = out x in):", file=out)
     for s in shapes:
         print(f"  {s.n:>6} x {s.k:<6} {','.join(s.modules)}", file=out)
     buckets = m_buckets(tokens)
     desc = ", ".join(f"{b} (from {','.join(map(str, ts))})" for b, ts in buckets)
     print(f"{len(buckets)} M buckets: {desc}", file=out)
+    if quant is not None:
+        skipped = [b for b, _ in buckets if b <= decode_max_m()]
+        if skipped:
+            print(f"skipped M buckets {','.join(map(str, skipped))}: M <= {decode_max_m()} runs the 4-bit decode "
+                  f"kernel, not this GEMM", file=out)
     print(f"{len(tasks)} table entries:", file=out)
     for t in tasks:
-        print(f"  {t.key:<48} {t.pass_}  {','.join(t.modules)}", file=out)
+        note = ""
+        if t.quant is not None and (weight_dims(t)[1] % t.quant.blocksize):
+            note = "  (dequant only: in_features not a multiple of the blocksize)"
+        print(f"  {t.key:<48} {t.pass_}  {','.join(t.modules)}{note}", file=out)
 
 
 def run_tune(args) -> int:
     try:
         label, shapes, tokens, dtype, passes = _parse(args)
+        quant = _parse_quant(args)
     except TuneError as e:
         print(f"peftfast tune: error: {e}", file=sys.stderr)
         return 2
-    tasks = plan(shapes, tokens, dtype, passes)
+    tasks = plan(shapes, tokens, dtype, passes, quant)
     if args.dry_run:
-        _print_plan(label, shapes, tokens, dtype, passes, args.rank, tasks)
+        _print_plan(label, shapes, tokens, dtype, passes, args.rank, tasks, quant=quant)
         return 0
+    if not tasks:
+        print(f"peftfast tune: error: no entries to tune (every --batch-tokens bucket is served by the 4-bit "
+              f"decode kernel, M <= {decode_max_m()})", file=sys.stderr)
+        return 2
 
     import torch
 
@@ -351,13 +614,13 @@ def run_tune(args) -> int:
         print("peftfast tune: error: TRITON_INTERPRET is set, so kernels would run in the CPU interpreter; "
               "unset it to tune", file=sys.stderr)
         return 2
-    return _tune_on_cuda(args, label, shapes, tokens, dtype, passes, tasks)
+    return _tune_on_cuda(args, label, shapes, tokens, dtype, passes, tasks, quant)
 
 
-def _tune_on_cuda(args, label, shapes, tokens, dtype, passes, tasks) -> int:
+def _tune_on_cuda(args, label, shapes, tokens, dtype, passes, tasks, quant: Optional[QuantSpec] = None) -> int:
     import torch
 
-    from peftfast.kernels import matmul as mm, tuning
+    from peftfast.kernels import matmul as mm, qmatmul as qmm, tuning
 
     dev = torch.cuda.current_device()
     gpu_name = torch.cuda.get_device_name(dev)
@@ -369,15 +632,26 @@ def _tune_on_cuda(args, label, shapes, tokens, dtype, passes, tasks) -> int:
     l2 = int(getattr(props, "L2_cache_size", 0) or (64 << 20))
     elem = torch.empty(0, dtype=_torch_dtype(dtype)).element_size()
     block_r = mm._block_r(args.rank)
-    _print_plan(label, shapes, tokens, dtype, passes, args.rank, tasks)
+    _print_plan(label, shapes, tokens, dtype, passes, args.rank, tasks, quant=quant)
     print(f"GPU: {gpu_name} ({family}, {max_smem} B shared memory per block, L2 {l2 >> 20} MiB) -> {out}")
     meta = {"tuned_by": "peftfast tune", "triton": tuning.triton_version(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "kernel": mm._kernel_hash(), "model": label}
+    if quant is not None:
+        meta["kernel_4bit"] = qmm._kernel_hash()
     written = 0
     for i, task in enumerate(tasks, 1):
         cfgs = candidates(task.m, elem, block_r, family=family, max_smem=max_smem)
-        res = measure_task(task, cfgs, rank=args.rank, device=torch.device("cuda", dev),
-                           timer=cuda_timer(args.warmup, args.rep), l2_bytes=l2)
+        timer = cuda_timer(args.warmup, args.rep)
+        if task.quant is None:
+            res = measure_task(task, cfgs, rank=args.rank, device=torch.device("cuda", dev), timer=timer, l2_bytes=l2)
+        else:
+            layout = "nk" if task.pass_ == "fwd" else "kn"
+            ok, _ = qmm.inloop_supported([task.quant.blocksize, 256, *weight_dims(task)])
+            inloop = qmm.candidates(task.m, elem, block_r, family=family, max_smem=max_smem,
+                                    blocksize=task.quant.blocksize, nested=task.quant.nested,
+                                    layout=layout) if ok else []
+            res = measure_task_4bit(task, inloop, cfgs, rank=args.rank, device=torch.device("cuda", dev),
+                                    timer=timer, l2_bytes=l2)
         best = res["best"]
         failed = [r for r in res["results"] if "error" in r]
         if best is None:
@@ -385,14 +659,24 @@ def _tune_on_cuda(args, label, shapes, tokens, dtype, passes, tasks) -> int:
                   f"({'; '.join(r['error'] for r in failed[:3])})", file=sys.stderr)
             continue
         meta["updated"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        entries = {task.key: best}
+        if res.get("dense") is not None:
+            entries[res["dense"][0]] = res["dense"][1]
         try:
-            tuning.write_table(out, gpu_name, {task.key: best}, meta)
+            tuning.write_table(out, gpu_name, entries, meta)
         except (ValueError, OSError) as e:
             print(f"peftfast tune: error: {e}", file=sys.stderr)
             return 2
         written += 1
         cfg = tuning.config_from_entry(best)
-        print(f"[{i}/{len(tasks)}] {task.key}: {cfg} median {best['ms']:.4f} ms "
+        variant = ""
+        if "variant" in best:
+            def fmt(v):
+                return "-" if v is None else f"{v:.4f} ms"
+
+            variant = (f" variant {best['variant']} (inloop {fmt(best['inloop_ms'])}, "
+                       f"dequant+GEMM {fmt(best['dequant_ms'])})")
+        print(f"[{i}/{len(tasks)}] {task.key}:{variant} {cfg} median {best['ms']:.4f} ms "
               f"(p20 {best['ms_p20']:.4f}, p80 {best['ms_p80']:.4f}; {best['candidates']} candidates timed, "
               f"{len(failed)} dropped, {res['input_sets']} input sets)")
     print(f"wrote {written} of {len(tasks)} entries to {out}")

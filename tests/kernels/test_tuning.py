@@ -298,3 +298,73 @@ def test_explicit_config_launch_matches_reference():
     ref = x.double() @ w.double().t() + 0.5 * left.double() @ right.double()
     assert torch.isfinite(y).all()
     assert float((y.double() - ref).norm() / ref.norm()) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------------
+# lora_matmul_4bit entries: weight formats and the "variant" field (kernels/qmatmul.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_weight_format_4bit():
+    assert tuning.weight_format_4bit("nf4", 64, True, "nk") == "nf4-b64-nested-nk"
+    assert tuning.weight_format_4bit("FP4", 128, False, "kn") == "fp4-b128-kn"
+    key = tuning.shape_key(tuning.OP_LORA_MATMUL_4BIT, 3000, 4096, 14336, torch.bfloat16, "nf4-b64-nested-kn")
+    assert key == "lora_matmul_4bit|4096|4096|14336|bf16|nf4-b64-nested-kn"
+    assert tuning.parse_shape_key(key)["weight"] == "nf4-b64-nested-kn"
+    with pytest.raises(ValueError):
+        tuning.weight_format_4bit("int4", 64, True, "nk")
+    with pytest.raises(ValueError):
+        tuning.weight_format_4bit("nf4", 64, True, "tn")
+
+
+def test_table_variant_round_trip(tmp_path):
+    k4 = tuning.shape_key(tuning.OP_LORA_MATMUL_4BIT, 2048, 4096, 4096, "bf16", "nf4-b64-nested-nk")
+    k2 = tuning.shape_key(tuning.OP_LORA_MATMUL, 2048, 4096, 4096, "bf16", "bf16-nk")
+    path = _table_path(tmp_path)
+    tuning.write_table(path, GPU, {k4: {**CFG, "variant": "inloop", "inloop_ms": 1.0, "dequant_ms": 1.2}, k2: CFG2})
+    tuning.clear_memory_caches()
+    assert tuning.lookup_table(SLUG, k4) == CFG  # the launch fields only, as before
+    assert tuning.lookup_table_variant(SLUG, k4) == "inloop"
+    assert tuning.lookup_table_variant(SLUG, k2) is None  # entries without one (every dense entry)
+    assert tuning.lookup_table_variant(SLUG, "lora_matmul_4bit|16|1|1|bf16|x") is None
+    with pytest.raises(ValueError, match="bad variant"):
+        tuning.write_table(path, GPU, {k4: {**CFG, "variant": "fused"}})
+
+
+def test_table_entry_with_bad_variant_is_ignored(tmp_path):
+    path = _table_path(tmp_path)
+    path.parent.mkdir(parents=True)
+    key = tuning.shape_key(tuning.OP_LORA_MATMUL_4BIT, 2048, 64, 64, "bf16", "nf4-b64-nested-nk")
+    path.write_text(json.dumps({"format": tuning.TABLE_FORMAT, "version": 1,
+                                "entries": {key: {**CFG, "variant": "fast"}}}))
+    with pytest.warns(RuntimeWarning, match="variant 'fast'"):
+        assert tuning.lookup_table(SLUG, key) is None
+    assert tuning.lookup_table_variant(SLUG, key) is None
+
+
+def test_cache_variant_round_trip():
+    key = tuning.shape_key(tuning.OP_LORA_MATMUL_4BIT, 2048, 64, 64, "bf16", "nf4-b64-nested-nk")
+    tuning.cache_write(GPU, "h", key, CFG, 0.5, triton_ver="3.6.0", variant="dequant")
+    assert tuning.cache_read(GPU, "h", key, triton_ver="3.6.0") == {"config": CFG, "ms": 0.5, "variant": "dequant"}
+    tuning.clear_memory_caches()  # from the file, as a new process
+    assert tuning.cache_read(GPU, "h", key, triton_ver="3.6.0") == {"config": CFG, "ms": 0.5, "variant": "dequant"}
+    with pytest.raises(ValueError):
+        tuning.cache_write(GPU, "h", key, CFG, 0.5, variant="fast")
+    path = tuning.cache_path(GPU, "3.6.0", "h", key)
+    data = json.loads(path.read_text())
+    data["variant"] = "fast"
+    path.write_text(json.dumps(data))
+    tuning.clear_memory_caches()
+    with pytest.warns(RuntimeWarning, match="variant 'fast'"):
+        assert tuning.cache_read(GPU, "h", key, triton_ver="3.6.0") is None
+
+
+def test_select_config_variant_filter(tmp_path):
+    key = tuning.shape_key(tuning.OP_LORA_MATMUL_4BIT, 2048, 64, 64, "bf16", "nf4-b64-nested-nk")
+    sel = dict(gpu_name=GPU, kernel_hash="h")
+    tuning.write_table(_table_path(tmp_path), GPU, {key: {**CFG, "variant": "dequant"}})
+    assert tuning.select_config(key, **sel) == (CFG, "table")  # no filter: as before
+    assert tuning.select_config(key, **sel, variant="inloop") is None
+    assert tuning.select_config(key, **sel, variant="dequant") == (CFG, "table")
+    tuning.cache_write(GPU, "h", key, CFG2, 0.1)  # unlabelled: taken by any variant
+    assert tuning.select_config(key, **sel, variant="inloop") == (CFG2, "cache")
