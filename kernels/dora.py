@@ -309,6 +309,15 @@ if _mm is not None:
             tl.store(p_y + o_m64[:, None] * stride_ym + o_n[None, :] * stride_yn, b_acc.to(p_y.dtype.element_ty),
                      mask=m_m[:, None] & m_n[None, :])
 
+    def _smem_bytes(config, args: dict) -> int:
+        """Shared memory the pruner counts for ``config`` at these launch arguments (named, flags included)."""
+        kw, block_r = config.kwargs, int(args["BLOCK_R"])
+        elem = max(args["p_x"].element_size(), args["p_w"].element_size())
+        n_x = 2 if (int(args["MODE"]) == _FWD and bool(args["DROPOUT"])) else 1
+        main = config.num_stages * (n_x * kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]) * elem
+        epilogue = (kw["BLOCK_M"] * block_r + block_r * kw["BLOCK_N"]) * elem
+        return max(main, epilogue)
+
     def _make_pruner(max_smem: int):
         """matmul.py's pruning (shared memory, then row blocks that fit M), counting DoRA's extra operands.
 
@@ -319,17 +328,11 @@ if _mm is not None:
 
         def prune(configs, named_args, **kwargs):
             args = {**named_args, **kwargs}
-            m, block_r = int(args["M"]), int(args["BLOCK_R"])
-            mode, dropout = int(args["MODE"]), bool(args["DROPOUT"])
-            elem = max(args["p_x"].element_size(), args["p_w"].element_size())
-            n_x = 2 if (mode == _FWD and dropout) else 1
-            two_acc = dropout and mode != _DM
+            m = int(args["M"])
+            two_acc = bool(args["DROPOUT"]) and int(args["MODE"]) != _DM
 
             def smem(c):
-                kw = c.kwargs
-                main = c.num_stages * (n_x * kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]) * elem
-                epilogue = (kw["BLOCK_M"] * block_r + block_r * kw["BLOCK_N"]) * elem
-                return max(main, epilogue)
+                return _smem_bytes(c, args)
 
             def regs_ok(c):
                 return not two_acc or 2 * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 32 * c.num_warps
@@ -345,6 +348,14 @@ if _mm is not None:
 
         return prune
 
+    def _configs(family: str):
+        """The autotuning candidates for one GPU family (``"sm80"``, ``"sm89"``, ``"sm90"``)."""
+        return [
+            triton.Config({k: e[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")},
+                          num_warps=e["num_warps"], num_stages=e["num_stages"])
+            for e in _mm._config_table()[family]
+        ]
+
     @functools.lru_cache(maxsize=None)
     def _tuned_dora_matmul(device_index: int):
         """The autotuned kernel for one CUDA device, built on first use so import never touches CUDA.
@@ -353,13 +364,7 @@ if _mm is not None:
         the same X-by-W tile loop. MODE and DROPOUT are in the key: forward, dX and dm launches of one
         shape have different operand counts and epilogues, so they are tuned separately.
         """
-        capability = torch.cuda.get_device_capability(device_index)
-        entries = _mm._config_table()[_mm._family(capability)]
-        configs = [
-            triton.Config({k: e[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")},
-                          num_warps=e["num_warps"], num_stages=e["num_stages"])
-            for e in entries
-        ]
+        configs = _configs(_mm._family(torch.cuda.get_device_capability(device_index)))
         extra = {}
         if "cache_results" in inspect.signature(triton.autotune).parameters:
             extra["cache_results"] = True
@@ -378,16 +383,24 @@ def dora_weight_norm_triton(w: torch.Tensor, lora_A: torch.Tensor, lora_B: torch
     ``dtype`` (default: W's) is the compute dtype: W, A and B are rounded to it as the reference's casts
     do; everything after that accumulates in fp32, and the norms are rounded to it at the end.
     """
+    return _weight_norm_launch(w, lora_A, lora_B, scaling, dtype or w.dtype, _norm_blocks(w.device))
+
+
+def _norm_blocks(device: torch.device) -> Tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) of :func:`_dora_norm_kernel` on this device."""
+    # On GPUs: 16-row programs so that even N = 1024 gives 64 programs reading W (memory-bound); the
+    # interpreter prefers few, large blocks.
+    return (16, 256) if device.type == "cuda" else (64, 64)
+
+
+def _weight_norm_launch(w, lora_A, lora_B, scaling, dtype, blocks) -> torch.Tensor:
     n, k = w.shape
     r = lora_A.shape[0]
-    dtype = dtype or w.dtype
     out = torch.empty(n, device=w.device, dtype=dtype)
     if n == 0:
         return out
     block_r = _mm._block_r(r)
-    # On GPUs: 16-row programs so that even N = 1024 gives 64 programs reading W (memory-bound); the
-    # interpreter prefers few, large blocks.
-    block_n, block_k = (16, 256) if w.device.type == "cuda" else (64, 64)
+    block_n, block_k = blocks
     _dora_norm_kernel[(triton.cdiv(n, block_n),)](
         w, lora_A, lora_B, out, n, k, r,
         w.stride(0), w.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
@@ -409,6 +422,32 @@ def _dropout(x2: torch.Tensor, seed: torch.Tensor, dropout_p: float) -> torch.Te
         BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
     )
     return out
+
+
+def _launch_args(x, wt, left, right, c, mode, lr_scale, xd, bias, g, dropout_p, seed, y, part) -> Tuple[tuple, dict]:
+    """The kernel's positional arguments and constexpr flags (all but the tuned config) for one
+    :func:`dora_matmul` call; ``y`` (``_FWD``/``_DX``) or ``part`` (``_DM``) is its output."""
+    m, k = x.shape
+    n = wt.shape[1]
+    r = left.shape[1]
+    dropping = dropout_p > 0
+    dummy = y if y is not None else part
+    xd_ = xd if (mode == _FWD and dropping) else x
+    args = (
+        x, xd_, wt, c if mode != _DM else dummy, left, right, bias if bias is not None else dummy,
+        seed if (mode == _DX and dropping) else dummy, g if mode == _DM else dummy, dummy,
+        dummy if part is None else part,
+        m, n, k, r, triton.next_power_of_2(m),
+        x.stride(0), x.stride(1), xd_.stride(0), xd_.stride(1), wt.stride(0), wt.stride(1),
+        left.stride(0), left.stride(1), right.stride(0), right.stride(1),
+        g.stride(0) if mode == _DM else 0, g.stride(1) if mode == _DM else 0,
+        y.stride(0) if y is not None else 0, y.stride(1) if y is not None else 0,
+        part.stride(0) if part is not None else 0,
+        float(lr_scale), float(dropout_p),
+    )
+    flags = dict(MODE=mode, DROPOUT=dropping and mode != _DM, HAS_BIAS=bias is not None and mode == _FWD,
+                 SUB_M=_SUB_M, BLOCK_R=_mm._block_r(r), **_mm._dot_flags(x.dtype))
+    return args, flags
 
 
 def dora_matmul(
@@ -445,9 +484,7 @@ def dora_matmul(
     """
     m, k = x.shape
     n = wt.shape[1]
-    r = left.shape[1]
     dev = x.device
-    dropping = dropout_p > 0
     if mode == _DM:
         n_part = triton.cdiv(m, _SUB_M)
         part = torch.empty((n_part, n), device=dev, dtype=torch.float32)
@@ -459,22 +496,7 @@ def dora_matmul(
         y = torch.empty((m, n), device=dev, dtype=out_dtype or x.dtype)
         if m == 0 or n == 0:
             return y
-    dummy = y if y is not None else part
-    xd_ = xd if (mode == _FWD and dropping) else x
-    args = (
-        x, xd_, wt, c if mode != _DM else dummy, left, right, bias if bias is not None else dummy,
-        seed if (mode == _DX and dropping) else dummy, g if mode == _DM else dummy, dummy,
-        dummy if part is None else part,
-        m, n, k, r, triton.next_power_of_2(m),
-        x.stride(0), x.stride(1), xd_.stride(0), xd_.stride(1), wt.stride(0), wt.stride(1),
-        left.stride(0), left.stride(1), right.stride(0), right.stride(1),
-        g.stride(0) if mode == _DM else 0, g.stride(1) if mode == _DM else 0,
-        y.stride(0) if y is not None else 0, y.stride(1) if y is not None else 0,
-        part.stride(0) if part is not None else 0,
-        float(lr_scale), float(dropout_p),
-    )
-    flags = dict(MODE=mode, DROPOUT=dropping and mode != _DM, HAS_BIAS=bias is not None and mode == _FWD,
-                 SUB_M=_SUB_M, BLOCK_R=_mm._block_r(r), **_mm._dot_flags(x.dtype))
+    args, flags = _launch_args(x, wt, left, right, c, mode, lr_scale, xd, bias, g, dropout_p, seed, y, part)
     if dev.type == "cuda":
         kernel = _tuned_dora_matmul(dev.index if dev.index is not None else torch.cuda.current_device())
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731

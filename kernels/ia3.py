@@ -187,6 +187,14 @@ if _mm is not None:
 
         return prune
 
+    def _configs(family: str):
+        """The autotuning candidates for one GPU family (``"sm80"``, ``"sm89"``, ``"sm90"``)."""
+        return [
+            triton.Config({k: e[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")},
+                          num_warps=e["num_warps"], num_stages=e["num_stages"])
+            for e in _mm._config_table()[family]
+        ]
+
     @functools.lru_cache(maxsize=None)
     def _tuned_ia3_matmul(device_index: int):
         """The autotuned kernel for one CUDA device, built on first use so import never touches CUDA.
@@ -195,13 +203,7 @@ if _mm is not None:
         loop is the same X-by-W tile loop, only the epilogue differs. The flags are part of the key, so
         forward, dX and dl GEMMs of one shape are tuned separately.
         """
-        capability = torch.cuda.get_device_capability(device_index)
-        entries = _mm._config_table()[_mm._family(capability)]
-        configs = [
-            triton.Config({k: e[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")},
-                          num_warps=e["num_warps"], num_stages=e["num_stages"])
-            for e in entries
-        ]
+        configs = _configs(_mm._family(torch.cuda.get_device_capability(device_index)))
         extra = {}
         if "cache_results" in inspect.signature(triton.autotune).parameters:
             extra["cache_results"] = True
@@ -211,6 +213,27 @@ if _mm is not None:
             prune_configs_by={"early_config_prune": _make_pruner(_mm._max_shared_memory(device_index))},
             **extra,
         )(_ia3_matmul_kernel)
+
+
+def _launch_args(a, b, scale, scale_a, scale_out, bias, coldot, y, part) -> Tuple[tuple, dict]:
+    """The kernel's positional arguments and constexpr flags (all but the tuned config) for one
+    :func:`ia3_matmul` call; ``y`` and ``part`` are its outputs (None where not written)."""
+    m, k = a.shape
+    n = b.shape[1]
+    want_colsum = coldot is not None
+    store = y is not None
+    dummy = y if store else part
+    args = (
+        a, b, scale, bias if bias is not None else dummy, coldot if want_colsum else dummy, dummy,
+        part if want_colsum else dummy,
+        m, n, k, triton.next_power_of_2(m),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), scale.stride(0),
+        coldot.stride(0) if want_colsum else 0, coldot.stride(1) if want_colsum else 0,
+        y.stride(0) if store else 0, y.stride(1) if store else 0, part.stride(0) if want_colsum else 0,
+    )
+    flags = dict(SCALE_A=bool(scale_a), SCALE_OUT=bool(scale_out), HAS_BIAS=bias is not None, STORE_Y=store,
+                 COLDOT=want_colsum, SUB_M=_SUB_M, **_mm._dot_flags(a.dtype))
+    return args, flags
 
 
 def ia3_matmul(
@@ -250,17 +273,7 @@ def ia3_matmul(
     if m == 0 or n == 0:
         colsum = torch.zeros(n, device=dev, dtype=torch.float32) if want_colsum else None
         return y, colsum
-    dummy = y if y is not None else part
-    args = (
-        a, b, scale, bias if bias is not None else dummy, coldot if want_colsum else dummy, dummy,
-        part if want_colsum else dummy,
-        m, n, k, triton.next_power_of_2(m),
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), scale.stride(0),
-        coldot.stride(0) if want_colsum else 0, coldot.stride(1) if want_colsum else 0,
-        y.stride(0) if store else 0, y.stride(1) if store else 0, part.stride(0) if want_colsum else 0,
-    )
-    flags = dict(SCALE_A=bool(scale_a), SCALE_OUT=bool(scale_out), HAS_BIAS=bias is not None, STORE_Y=bool(store),
-                 COLDOT=want_colsum, SUB_M=_SUB_M, **_mm._dot_flags(a.dtype))
+    args, flags = _launch_args(a, b, scale, scale_a, scale_out, bias, coldot, y, part)
     if dev.type == "cuda":
         kernel = _tuned_ia3_matmul(dev.index if dev.index is not None else torch.cuda.current_device())
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731

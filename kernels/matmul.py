@@ -127,7 +127,11 @@ def _matmul_lowrank_kernel(
 
     # Low-rank epilogue: while the tile is still in registers, so Y is written once.
     b_lr = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
+    # Not software-pipelined (num_stages=1): one or two iterations gain nothing from it, and its
+    # stages of L and R tiles, at their stored width (fp32 adapters), took more shared memory than the
+    # main loop (BLOCK_R 64 > BLOCK_K 32): up to 208 KB, past what matmul._smem_bytes counts and past
+    # sm80/sm89's limits (tests/kernels/aot_lora_cases.py).
+    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
         o_r = r0 + tl.arange(0, BLOCK_R)
         m_r = o_r < R
         b_l = tl.load(p_l + o_m64[:, None] * stride_lm + o_r[None, :] * stride_lr,
@@ -272,7 +276,9 @@ def _max_shared_memory(device_index: int) -> int:
 
 
 def _smem_bytes(kw: dict, num_stages: int, elem_bytes: int, block_r: int) -> int:
-    """Shared memory a config needs: its pipelined X and W tiles plus the epilogue's L and R tiles."""
+    """Shared memory a config needs: the larger of the main loop's ``num_stages`` X and W tiles and the
+    epilogue's L and R tiles (that loop is not pipelined; see the kernel). Checked against the compiler
+    for every config of every family by tests/kernels/test_aot_lora.py."""
     main = num_stages * (kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]) * elem_bytes
     epilogue = (kw["BLOCK_M"] * block_r + block_r * kw["BLOCK_N"]) * elem_bytes
     return max(main, epilogue)
@@ -506,6 +512,17 @@ def matmul_lowrank(
     return y
 
 
+def _project_blocks(m: int, elem: int, on_gpu: bool) -> Tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_K, num_warps)`` of :func:`lowrank_project` for operands of at most ``elem``
+    bytes; its own function so that the GPU choice can be compiled ahead of time on a machine without
+    one (tests/kernels/aot_lora_cases.py)."""
+    if on_gpu:
+        # Each pipeline stage holds an X and an At tile at their stored width: with 4-byte operands
+        # (fp32 x, or fp32 adapters on a bf16 x) BLOCK_K 128 needs 112-160 KB, over sm86/sm89's 99 KB.
+        return (16 if m <= 16 else 64), (128 if elem <= 2 else 64), 4
+    return 64, 64, 1
+
+
 def lowrank_project(
     x: torch.Tensor,
     at: torch.Tensor,
@@ -534,10 +551,8 @@ def lowrank_project(
     if dropout_p > 0:
         scale = scale / (1.0 - dropout_p)
     block_r = _block_r(r)
-    if x.device.type == "cuda":
-        block_m, block_k, warps = (16 if m <= 16 else 64), 128, 4
-    else:
-        block_m, block_k, warps = 64, 64, 1
+    elem = max(x.element_size(), at.element_size())
+    block_m, block_k, warps = _project_blocks(m, elem, x.device.type == "cuda")
     grid = (triton.cdiv(m, block_m), triton.cdiv(r, block_r))
     _lowrank_project_kernel[grid](
         x, at, seed if dropout_p > 0 else out, out, m, k, r,
@@ -553,6 +568,15 @@ def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _wgrad_blocks(elem: int, on_gpu: bool) -> Tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_C, num_warps)`` of :func:`lowrank_wgrad` for operands of at most ``elem`` bytes
+    (see :func:`_project_blocks`)."""
+    if on_gpu:
+        # fp32 L^T and X tiles at BLOCK_M 64 need 104-128 KB: over sm86/sm89's 99 KB.
+        return (64 if elem <= 2 else 32), 128, 4
+    return 64, 64, 1
 
 
 def lowrank_wgrad(
@@ -581,10 +605,7 @@ def lowrank_wgrad(
     if dropout_p > 0:
         scale = scale / (1.0 - dropout_p)
     block_r = _block_r(r)
-    if x.device.type == "cuda":
-        block_m, block_c, warps = 64, 128, 4
-    else:
-        block_m, block_c, warps = 64, 64, 1
+    block_m, block_c, warps = _wgrad_blocks(max(left.element_size(), x.element_size()), x.device.type == "cuda")
     n_tiles = triton.cdiv(c, block_c) * triton.cdiv(r, block_r)
     if splits is None:
         splits = max(1, min(triton.cdiv(m, 4 * block_m), triton.cdiv(2 * _num_sms(x.device), n_tiles)))

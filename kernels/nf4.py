@@ -287,6 +287,12 @@ def _values_per_program(blocksize: int, n: int) -> int:
     return max(blocksize, 2048)
 
 
+def _ptx_mul_rn(device: torch.device) -> bool:
+    """Whether the nested scale's product uses the PTX ``mul.rn.f32`` (see :func:`_mul_rn`): NVIDIA
+    GPUs only; a function of its own so that the path can be compiled ahead of time without a GPU."""
+    return device.type == "cuda" and torch.version.hip is None and not interpreting()
+
+
 def _triton_dequantize(q: Quant4bit, dtype: torch.dtype, *, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Launch :func:`_dequantize_4bit_kernel` once; returns the dense ``q.shape`` weight.
 
@@ -333,7 +339,6 @@ def _triton_dequantize(q: Quant4bit, dtype: torch.dtype, *, out: Optional[torch.
 
     per_program = _values_per_program(q.blocksize, n) // q.blocksize
     grid = (triton.cdiv(n_blocks, per_program),)
-    on_nvidia = q.device.type == "cuda" and torch.version.hip is None and not interpreting()
     _dequantize_4bit_kernel[grid](
         packed, absmax, code, code2, absmax2, offset, out,
         n, n_bytes, n_blocks,
@@ -341,7 +346,7 @@ def _triton_dequantize(q: Quant4bit, dtype: torch.dtype, *, out: Optional[torch.
         BLOCKSIZE2=q.blocksize2,
         BLOCKS_PER_PROGRAM=per_program,
         NESTED=q.nested,
-        PTX_MUL_RN=on_nvidia,
+        PTX_MUL_RN=_ptx_mul_rn(q.device),
         INT64=grid[0] * per_program * q.blocksize >= 2**31,
         SOFT_BF16=dtype == torch.bfloat16 and interpreting(),
         num_warps=8 if per_program * q.blocksize >= 4096 else 4,

@@ -589,16 +589,23 @@ _INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). Wider heads hold larger tiles, so they get smaller
 # blocks and fewer pipeline stages (D=256 at 128x64x3 stages would not fit shared memory). The 16-row
 # configs are for decode (Nq = 1) and short chunks, where taller blocks would only compute padding.
+# Configs whose tiles exceed the GPU's shared memory are pruned at launch (:func:`_fwd_smem_bytes`);
+# 128's (64, 32, 4, 2) is the one that fits fp32 inputs on a 99 KB GPU (sm86/sm89).
 _FWD_CONFIGS = {
     64: [(128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (16, 64, 4, 3)],
-    128: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (16, 64, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (16, 64, 4, 3)],
     256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
 }
 # Backward (BLOCK_M, BLOCK_N, num_warps, num_stages): the dK/dV kernel runs BLOCK_M query rows against
 # BLOCK_N keys, the dQ kernel the transpose (BLOCK_N rows, BLOCK_M keys), so the side that carries the
 # fp32 accumulators (dK and dV: [BN, D] each; dQ: [BN, D]) is the 64-wide one. Fixed per head-dim
 # bucket, from flash-attention's Triton tutorial proportions; not yet measured or tuned on a GPU.
+# Every entry fits the smallest shared memory among the targeted GPUs (99 KB, sm86/sm89; compiled sizes
+# are checked by tests/kernels/test_aot_adapters.py). fp32 inputs get their own, smaller blocks: their
+# dots run on FMA units with both operands staged in shared memory at 4 bytes, so the 16-bit configs
+# need 104 KB (D=128) and 132 KB (D=256) there.
 _BWD_CONFIGS = {64: (32, 64, 4, 3), 128: (32, 64, 4, 2), 256: (32, 32, 8, 1)}
+_BWD_CONFIGS_FP32 = {64: (32, 64, 4, 3), 128: (32, 32, 4, 2), 256: (16, 16, 4, 1)}
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:
@@ -611,6 +618,35 @@ def _d_bucket(block_d: int) -> int:
     return 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
 
 
+def _fwd_smem_bytes(config, args: dict, capability: int) -> int:
+    """Upper bound of the forward kernel's shared memory for ``config`` at these launch arguments.
+
+    The Q tile, the P tile (counted always: Triton stages it for the second dot in most layouts), the
+    K and V tiles times their buffer count, and 2 KB for the row reductions' cross-warp scratch. Triton's
+    pipeliner keeps ``num_stages`` K/V buffers where Hopper's wgmma reads 16-bit operands from shared
+    memory, ``num_stages - 1`` (at least one) for mma.sync and for fp32 (FMA) dots. The bound is checked
+    against the compiler's figure for every config by tests/kernels/aot_adapter_cases.py; it is exact for
+    Hopper's 16-bit tiles and overcounts pre-Hopper ones by the P tile where it stays in registers.
+    """
+    kw = config.kwargs
+    bm, bn, d = kw["BLOCK_M"], kw["BLOCK_N"], int(args["BLOCK_D"])
+    elem = args["p_q"].element_size()
+    bufs = config.num_stages if (capability >= 90 and elem == 2) else max(1, config.num_stages - 1)
+    return elem * (bm * d + bm * bn + 2 * bufs * bn * d) + 2048
+
+
+def _fwd_pruner(max_smem: int, capability: int):
+    """Drop configs that would not fit the GPU's shared memory, then the row blocks far taller than Nq."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        fits = [c for c in configs if _fwd_smem_bytes(c, args, capability) <= max_smem]
+        fits = fits or [min(configs, key=lambda c: _fwd_smem_bytes(c, args, capability))]
+        return _prune_by_rows(fits, named_args, **kwargs)
+
+    return prune
+
+
 def _prune_by_rows(configs, named_args, **kwargs):
     """Row blocks far taller than Nq are wasted work; keep those that fit (or the shortest)."""
     cap = max(16, int({**named_args, **kwargs}["NQ_KEY"]))
@@ -621,16 +657,28 @@ def _prune_by_rows(configs, named_args, **kwargs):
     return [c for c in configs if c.kwargs["BLOCK_M"] == lowest]
 
 
+def _fwd_configs(d_bucket: int):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in _FWD_CONFIGS[d_bucket]]
+
+
 @functools.lru_cache(maxsize=None)
-def _tuned_fwd(d_bucket: int):
-    """The autotuned forward for one head-dim bucket, built on first CUDA use (import stays CUDA-free)."""
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-               for m, n, w, s in _FWD_CONFIGS[d_bucket]]
+def _tuned_fwd(d_bucket: int, device_index: int):
+    """The autotuned forward for one head-dim bucket and CUDA device, built on first use (import stays
+    CUDA-free); its pruner knows that device's shared memory."""
+    major, minor = torch.cuda.get_device_capability(device_index)
+    prune = _fwd_pruner(_mm._max_shared_memory(device_index), 10 * major + minor)
     extra = {}
     if "cache_results" in inspect.signature(triton.autotune).parameters:
         extra["cache_results"] = True
-    return triton.autotune(configs=configs, key=["BLOCK_D", "CAUSAL", "NQ_KEY"],
-                           prune_configs_by={"early_config_prune": _prune_by_rows}, **extra)(_prefix_attn_fwd_kernel)
+    return triton.autotune(configs=_fwd_configs(d_bucket), key=["BLOCK_D", "CAUSAL", "NQ_KEY"],
+                           prune_configs_by={"early_config_prune": prune}, **extra)(_prefix_attn_fwd_kernel)
+
+
+def _bwd_config(block_d: int, dtype: torch.dtype):
+    """The CUDA backward's ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``."""
+    table = _BWD_CONFIGS_FP32 if dtype == torch.float32 else _BWD_CONFIGS
+    return table[_d_bucket(block_d)]
 
 
 def _pad_args(attention_mask, like):
@@ -645,26 +693,34 @@ def _strides4(t):
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
-def _prefix_attn_forward_impl(q, k, v, prefix_k, prefix_v, attention_mask, causal, scale):
+def _fwd_launch_args(q, k, v, prefix_k, prefix_v, attention_mask, causal, scale, out, lse):
+    """The forward kernel's positional arguments and constexpr flags (all but the tuned blocks)."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     p = prefix_k.shape[1]
-    out = torch.empty((b, hq, nq, d), device=q.device, dtype=q.dtype)
-    lse = torch.empty((b, hq, nq), device=q.device, dtype=torch.float32)
-    if out.numel() == 0:
-        return out, lse
     pad, stride_padb, stride_padn = _pad_args(attention_mask, q)
-    block_d = max(16, triton.next_power_of_2(d))
     args = (
         q, k, v, prefix_k, prefix_v, pad, out, lse,
         *_strides4(q), *_strides4(k), *_strides4(v),
         *prefix_k.stride(), *prefix_v.stride(), stride_padb, stride_padn, *_strides4(out),
         hq, hq // hkv, nq, nk, p, d, min(128, triton.next_power_of_2(nq)), float(scale) * _LOG2E,
     )
-    flags = dict(CAUSAL=bool(causal), HAS_PAD=attention_mask is not None, BLOCK_D=block_d, **_dot_flags(q.dtype))
+    flags = dict(CAUSAL=bool(causal), HAS_PAD=attention_mask is not None,
+                 BLOCK_D=max(16, triton.next_power_of_2(d)), **_dot_flags(q.dtype))
+    return args, flags
+
+
+def _prefix_attn_forward_impl(q, k, v, prefix_k, prefix_v, attention_mask, causal, scale):
+    b, hq, nq, d = q.shape
+    out = torch.empty((b, hq, nq, d), device=q.device, dtype=q.dtype)
+    lse = torch.empty((b, hq, nq), device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse
+    args, flags = _fwd_launch_args(q, k, v, prefix_k, prefix_v, attention_mask, causal, scale, out, lse)
     if q.device.type == "cuda":
         grid = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * hq)  # noqa: E731
-        _tuned_fwd(_d_bucket(block_d))[grid](*args, **flags)
+        device_index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        _tuned_fwd(_d_bucket(flags["BLOCK_D"]), device_index)[grid](*args, **flags)
     else:
         blocks = _INTERPRET_BLOCKS
         _prefix_attn_fwd_kernel[(triton.cdiv(nq, blocks["BLOCK_M"]), b * hq)](*args, **flags, **blocks)
@@ -672,6 +728,17 @@ def _prefix_attn_forward_impl(q, k, v, prefix_k, prefix_v, attention_mask, causa
 
 
 def _prefix_attn_backward_impl(do, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, scale):
+    block_d = max(16, triton.next_power_of_2(q.shape[-1]))
+    if q.device.type == "cuda":
+        config = _bwd_config(block_d, q.dtype)
+    else:
+        config = (_INTERPRET_BLOCKS["BLOCK_M"], _INTERPRET_BLOCKS["BLOCK_N"], 1, 1)
+    return _prefix_attn_backward_launch(do, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, scale,
+                                        config)
+
+
+def _prefix_attn_backward_launch(do, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, scale, config):
+    """The backward's launches with one ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     p = prefix_k.shape[1]
@@ -684,10 +751,7 @@ def _prefix_attn_backward_impl(do, q, k, v, prefix_k, prefix_v, attention_mask, 
     if do.dtype != q.dtype:
         do = do.to(q.dtype)
     block_d = max(16, triton.next_power_of_2(d))
-    if q.device.type == "cuda":
-        block_m, block_n, warps, stages = _BWD_CONFIGS[_d_bucket(block_d)]
-    else:
-        block_m, block_n, warps, stages = _INTERPRET_BLOCKS["BLOCK_M"], _INTERPRET_BLOCKS["BLOCK_N"], 1, 1
+    block_m, block_n, warps, stages = config
     launch = dict(num_warps=warps, num_stages=stages)
     dots = _dot_flags(q.dtype)
     pad, stride_padb, stride_padn = _pad_args(attention_mask, q)

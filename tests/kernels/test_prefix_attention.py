@@ -335,6 +335,29 @@ def test_compile_fullgraph_no_graph_break():
     torch.testing.assert_close(grad, pk.grad)
 
 
+# (shared memory per block, compute capability) of A100, RTX 4090 (sm86/sm89 alike) and H100.
+_GPUS = {"sm80": (166912, 80), "sm89": (101376, 89), "sm90": (232448, 90)}
+
+
+@pytest.mark.parametrize("gpu", sorted(_GPUS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_configs_fit_shared_memory(gpu, dtype):
+    """The forward's pruner always leaves a config its estimate says fits (never its fallback), and the
+    backward's fixed blocks are the ones tests/kernels/test_aot_adapters.py compiles; the compiled sizes
+    themselves are checked there."""
+    smem, cap = _GPUS[gpu]
+    for d in (16, 64, 80, 128, 256):
+        block_d = max(16, 1 << (d - 1).bit_length())
+        for nq in (1, 32, 4096):
+            nq_key = min(128, 1 << (nq - 1).bit_length())
+            named = {"p_q": torch.empty(0, dtype=dtype), "BLOCK_D": block_d, "NQ_KEY": nq_key}
+            kept = pa_mod._fwd_pruner(smem, cap)(pa_mod._fwd_configs(pa_mod._d_bucket(block_d)), named)
+            sizes = [pa_mod._fwd_smem_bytes(c, named, cap) for c in kept]
+            assert kept and max(sizes) <= smem, (gpu, dtype, d, nq, sizes)
+        bm, bn, _, _ = pa_mod._bwd_config(block_d, dtype)
+        assert bm >= 16 and bn >= 16  # tl.dot's minimum
+
+
 # --------------------------------------------------------------------------------------------------
 # GPU: a real size, bf16 / fp16
 # --------------------------------------------------------------------------------------------------
@@ -349,6 +372,8 @@ def test_compile_fullgraph_no_graph_break():
         pytest.param(torch.bfloat16, 1, 128, id="bf16-decode-D128"),
         pytest.param(torch.bfloat16, 512, 80, id="bf16-prefill-D80"),
         pytest.param(torch.bfloat16, 256, 256, id="bf16-prefill-D256"),
+        # fp32 has its own, smaller backward blocks (the 16-bit ones overflow 99 KB GPUs at D >= 128).
+        pytest.param(torch.float32, 256, 256, id="fp32-prefill-D256"),
     ],
 )
 def test_gpu_real_size(dtype, nq, d):
