@@ -24,7 +24,6 @@ registered as the ``torch.library`` custom ops ``peftfast::dora_linear`` / ``pef
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import List, Optional, Tuple
 
 import torch
@@ -339,22 +338,9 @@ if _mm is not None:
 
             fits = [c for c in configs if smem(c) <= max_smem and regs_ok(c)]
             fits = fits or [min(configs, key=lambda c: (smem(c), c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]))]
-            m_cap = max(16, triton.next_power_of_2(m))
-            short = [c for c in fits if c.kwargs["BLOCK_M"] <= m_cap]
-            if short:
-                return short
-            lowest = min(c.kwargs["BLOCK_M"] for c in fits)
-            return [c for c in fits if c.kwargs["BLOCK_M"] == lowest]
+            return _mm._keep_rows_fitting(fits, m)
 
         return prune
-
-    def _configs(family: str):
-        """The autotuning candidates for one GPU family (``"sm80"``, ``"sm89"``, ``"sm90"``)."""
-        return [
-            triton.Config({k: e[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")},
-                          num_warps=e["num_warps"], num_stages=e["num_stages"])
-            for e in _mm._config_table()[family]
-        ]
 
     @functools.lru_cache(maxsize=None)
     def _tuned_dora_matmul(device_index: int):
@@ -364,15 +350,11 @@ if _mm is not None:
         the same X-by-W tile loop. MODE and DROPOUT are in the key: forward, dX and dm launches of one
         shape have different operand counts and epilogues, so they are tuned separately.
         """
-        configs = _configs(_mm._family(torch.cuda.get_device_capability(device_index)))
-        extra = {}
-        if "cache_results" in inspect.signature(triton.autotune).parameters:
-            extra["cache_results"] = True
         return triton.autotune(
-            configs=configs,
+            configs=_mm._gemm_configs(_mm._device_family(device_index)),
             key=["M_KEY", "N", "K", "R", "MODE", "DROPOUT", "HAS_BIAS"],
             prune_configs_by={"early_config_prune": _make_pruner(_mm._max_shared_memory(device_index))},
-            **extra,
+            **_mm._autotune_options(),
         )(_dora_matmul_kernel)
 
 

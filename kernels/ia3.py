@@ -17,7 +17,6 @@ saved for the backward. Gradients flow to ``x`` and ``ia3_l`` only: the base wei
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import List, Optional, Tuple
 
 import torch
@@ -187,14 +186,6 @@ if _mm is not None:
 
         return prune
 
-    def _configs(family: str):
-        """The autotuning candidates for one GPU family (``"sm80"``, ``"sm89"``, ``"sm90"``)."""
-        return [
-            triton.Config({k: e[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")},
-                          num_warps=e["num_warps"], num_stages=e["num_stages"])
-            for e in _mm._config_table()[family]
-        ]
-
     @functools.lru_cache(maxsize=None)
     def _tuned_ia3_matmul(device_index: int):
         """The autotuned kernel for one CUDA device, built on first use so import never touches CUDA.
@@ -203,15 +194,11 @@ if _mm is not None:
         loop is the same X-by-W tile loop, only the epilogue differs. The flags are part of the key, so
         forward, dX and dl GEMMs of one shape are tuned separately.
         """
-        configs = _configs(_mm._family(torch.cuda.get_device_capability(device_index)))
-        extra = {}
-        if "cache_results" in inspect.signature(triton.autotune).parameters:
-            extra["cache_results"] = True
         return triton.autotune(
-            configs=configs,
+            configs=_mm._gemm_configs(_mm._device_family(device_index)),
             key=["M_KEY", "N", "K", "SCALE_A", "SCALE_OUT", "HAS_BIAS", "STORE_Y", "COLDOT"],
             prune_configs_by={"early_config_prune": _make_pruner(_mm._max_shared_memory(device_index))},
-            **extra,
+            **_mm._autotune_options(),
         )(_ia3_matmul_kernel)
 
 

@@ -293,37 +293,56 @@ def _make_pruner(max_smem: int):
         block_r = int(args["BLOCK_R"])
         fits = [c for c in configs if _smem_bytes(c.kwargs, c.num_stages, elem, block_r) <= max_smem]
         fits = fits or [min(configs, key=lambda c: _smem_bytes(c.kwargs, c.num_stages, elem, block_r))]
-        # Row blocks far taller than M are wasted MMA work (decode, short prompts); keep the ones that
-        # fit M, or the shortest if none does.
-        m_cap = max(16, triton.next_power_of_2(m))
-        short = [c for c in fits if c.kwargs["BLOCK_M"] <= m_cap]
-        if short:
-            return short
-        lowest = min(c.kwargs["BLOCK_M"] for c in fits)
-        return [c for c in fits if c.kwargs["BLOCK_M"] == lowest]
+        return _keep_rows_fitting(fits, m)
 
     return prune
+
+
+def _keep_rows_fitting(configs: list, rows: int) -> list:
+    """The configs whose ``BLOCK_M`` is at most ``rows`` (rounded up to a power of two, at least 16), or
+    those with the shortest ``BLOCK_M`` if none is: row blocks far taller than the problem (decode,
+    short prompts) only multiply padding."""
+    cap = max(16, triton.next_power_of_2(int(rows)))
+    short = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
+    if short:
+        return short
+    lowest = min(c.kwargs["BLOCK_M"] for c in configs)
+    return [c for c in configs if c.kwargs["BLOCK_M"] == lowest]
+
+
+def _as_triton_configs(entries: List[dict]) -> list:
+    """Config-table entries (``configs/*.json``) as ``triton.Config`` objects."""
+    return [triton.Config({k: e[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")},
+                          num_warps=e["num_warps"], num_stages=e["num_stages"])
+            for e in entries]
+
+
+def _gemm_configs(family: str) -> list:
+    """The autotuning candidates of the X-by-W tile loop (this GEMM's, and IA3's and DoRA's, which share
+    its main loop) for one GPU family (``"sm80"``, ``"sm89"``, ``"sm90"``)."""
+    return _as_triton_configs(_config_table()[family])
+
+
+def _device_family(device_index: int) -> str:
+    return _family(torch.cuda.get_device_capability(device_index))
+
+
+def _autotune_options() -> dict:
+    """Options every ``triton.autotune`` here gets: Triton >= 3.2 can keep each winner in its on-disk
+    cache (JSON, not pickle) across processes."""
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        return {"cache_results": True}
+    return {}
 
 
 @functools.lru_cache(maxsize=None)
 def _tuned_matmul_lowrank(device_index: int):
     """The autotuned kernel for one CUDA device, built on first use so that import never touches CUDA."""
-    capability = torch.cuda.get_device_capability(device_index)
-    entries = _config_table()[_family(capability)]
-    configs = [
-        triton.Config({k: e[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")},
-                      num_warps=e["num_warps"], num_stages=e["num_stages"])
-        for e in entries
-    ]
-    extra = {}
-    # Triton >= 3.2 can keep each winner in its on-disk cache (JSON, not pickle) across processes.
-    if "cache_results" in inspect.signature(triton.autotune).parameters:
-        extra["cache_results"] = True
     return triton.autotune(
-        configs=configs,
+        configs=_gemm_configs(_device_family(device_index)),
         key=["M_KEY", "N", "K", "R"],
         prune_configs_by={"early_config_prune": _make_pruner(_max_shared_memory(device_index))},
-        **extra,
+        **_autotune_options(),
     )(_matmul_lowrank_kernel)
 
 

@@ -36,7 +36,6 @@ are widened to fp32 (its bf16 ``tl.dot`` is wrong). Nothing here touches CUDA at
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from typing import Optional, Tuple
 
@@ -649,12 +648,7 @@ def _fwd_pruner(max_smem: int, capability: int):
 
 def _prune_by_rows(configs, named_args, **kwargs):
     """Row blocks far taller than Nq are wasted work; keep those that fit (or the shortest)."""
-    cap = max(16, int({**named_args, **kwargs}["NQ_KEY"]))
-    short = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
-    if short:
-        return short
-    lowest = min(c.kwargs["BLOCK_M"] for c in configs)
-    return [c for c in configs if c.kwargs["BLOCK_M"] == lowest]
+    return _mm._keep_rows_fitting(configs, int({**named_args, **kwargs}["NQ_KEY"]))
 
 
 def _fwd_configs(d_bucket: int):
@@ -668,11 +662,9 @@ def _tuned_fwd(d_bucket: int, device_index: int):
     CUDA-free); its pruner knows that device's shared memory."""
     major, minor = torch.cuda.get_device_capability(device_index)
     prune = _fwd_pruner(_mm._max_shared_memory(device_index), 10 * major + minor)
-    extra = {}
-    if "cache_results" in inspect.signature(triton.autotune).parameters:
-        extra["cache_results"] = True
     return triton.autotune(configs=_fwd_configs(d_bucket), key=["BLOCK_D", "CAUSAL", "NQ_KEY"],
-                           prune_configs_by={"early_config_prune": prune}, **extra)(_prefix_attn_fwd_kernel)
+                           prune_configs_by={"early_config_prune": prune},
+                           **_mm._autotune_options())(_prefix_attn_fwd_kernel)
 
 
 def _bwd_config(block_d: int, dtype: torch.dtype):

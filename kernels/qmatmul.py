@@ -48,7 +48,6 @@ is cached, as ``matmul_lowrank`` does. The interpreter runs one fixed config.
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import os
 import warnings
@@ -60,7 +59,8 @@ import triton.language as tl
 
 from . import tuning as _tuning
 from .dispatch import interpreting
-from .matmul import _block_r, _dot, _dot_flags, _dropout_keep, _family, _grouped_tile, _max_shared_memory
+from . import matmul as _mm
+from .matmul import _block_r, _dot, _dot_flags, _dropout_keep, _grouped_tile, _max_shared_memory
 from .nf4 import _mul_rn, _to_bf16_rtne
 
 _CONFIG_FILE = os.path.join(os.path.dirname(__file__), "configs", "lora_matmul_4bit.json")
@@ -263,21 +263,13 @@ def _make_pruner(max_smem: int):
 
         fits = [c for c in configs if need(c) <= max_smem]
         fits = fits or [min(configs, key=need)]
-        # Row blocks far taller than M waste MMA work; keep the ones that fit M, or the shortest.
-        m_cap = max(16, triton.next_power_of_2(m))
-        short = [c for c in fits if c.kwargs["BLOCK_M"] <= m_cap]
-        if short:
-            return short
-        lowest = min(c.kwargs["BLOCK_M"] for c in fits)
-        return [c for c in fits if c.kwargs["BLOCK_M"] == lowest]
+        return _mm._keep_rows_fitting(fits, m)
 
     return prune
 
 
 def _triton_configs(family: str) -> list:
-    return [triton.Config({k: e[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")},
-                          num_warps=e["num_warps"], num_stages=e["num_stages"])
-            for e in _config_table()[family]]
+    return _mm._as_triton_configs(_config_table()[family])
 
 
 def candidates(m: int, elem: int, block_r: int, *, family: str, max_smem: int, blocksize: int, nested: bool,
@@ -301,16 +293,12 @@ def candidates(m: int, elem: int, block_r: int, *, family: str, max_smem: int, b
 @functools.lru_cache(maxsize=None)
 def _tuned_kernel(device_index: int):
     """The autotuned in-loop kernel for one CUDA device, built on first use (never at import)."""
-    capability = torch.cuda.get_device_capability(device_index)
-    extra = {}
-    if "cache_results" in inspect.signature(triton.autotune).parameters:
-        extra["cache_results"] = True
     return triton.autotune(
-        configs=_triton_configs(_family(capability)),
+        configs=_triton_configs(_mm._device_family(device_index)),
         # The layout, blocksize and nesting change the decode work per tile: tune them apart.
         key=["M_KEY", "N", "K", "R", "W_NK", "BLOCKSIZE", "NESTED"],
         prune_configs_by={"early_config_prune": _make_pruner(_max_shared_memory(device_index))},
-        **extra,
+        **_mm._autotune_options(),
     )(_matmul_lowrank_4bit_kernel)
 
 

@@ -143,7 +143,7 @@ def ia3_gemm(arch, variant, xdt, wdt, m=GEMM_M, subset=False):
     part = _empty(triton.cdiv(m, ia3._SUB_M), ng, dtype="fp32") if coldot else None
     args, flags = ia3._launch_args(a, b, scale, scale_a, scale_out, bias, g, y, part)
     limit = SMEM_LIMIT[arch]
-    cands, named = _autotune_candidates(ia3._configs(arch), ia3._make_pruner(limit), ia3._ia3_matmul_kernel,
+    cands, named = _autotune_candidates(mm._gemm_configs(arch), ia3._make_pruner(limit), ia3._ia3_matmul_kernel,
                                         args, flags)
     elem = max(a.element_size(), b.element_size())
 
@@ -205,7 +205,7 @@ def dora_gemm(arch, variant, xdt, wdt, rank, adt=None, m=GEMM_M, subset=False):
     import torch
     import triton
 
-    from peftfast.kernels import dora
+    from peftfast.kernels import dora, matmul as mm
 
     name, mode, dropout, has_bias = variant
     adt = adt or xdt
@@ -230,7 +230,7 @@ def dora_gemm(arch, variant, xdt, wdt, rank, adt=None, m=GEMM_M, subset=False):
         y, part = None, _empty(triton.cdiv(m, dora._SUB_M), n, dtype="fp32")
     args, flags = dora._launch_args(x, wt, left, right, c, mode, 2.0, xd, bias, g, p, seed, y, part)
     ng = wt.shape[1]
-    cands, named = _autotune_candidates(dora._configs(arch), dora._make_pruner(SMEM_LIMIT[arch]),
+    cands, named = _autotune_candidates(mm._gemm_configs(arch), dora._make_pruner(SMEM_LIMIT[arch]),
                                         dora._dora_matmul_kernel, args, flags)
 
     def estimate(c):
@@ -254,7 +254,7 @@ def dora_gemm(arch, variant, xdt, wdt, rank, adt=None, m=GEMM_M, subset=False):
 def dora_norm(arch, wdt, xdt, rank, adt=None):
     import torch
 
-    from peftfast.kernels import dora
+    from peftfast.kernels import dora, matmul as mm
 
     adt = adt or xdt
     n, k = GEMM_N, GEMM_K
@@ -268,7 +268,7 @@ def dora_norm(arch, wdt, xdt, rank, adt=None):
 def dora_dropout(arch, xdt):
     import torch
 
-    from peftfast.kernels import dora
+    from peftfast.kernels import dora, matmul as mm
 
     x, seed = _empty(GEMM_M, GEMM_K, dtype=xdt), torch.zeros(1, dtype=torch.int64)
     return _compile("_dropout_kernel", arch, f"dropout x={xdt}", {}, lambda: dora._dropout(x, seed, 0.1))
