@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
 from bench_common import RESULTS_DIR, SUITES
+from peftfast.fileio import replace_atomically
 
 NO_RESULTS = ("No benchmark results committed yet: {where} holds no GPU results. "
               "Run `peftfast bench` on a CUDA GPU to produce them.")
@@ -288,15 +287,8 @@ def plot_suite(result: dict, out_dir: Path) -> List[str]:
 
 
 def _save(fig, path: Path) -> str:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with replace_atomically(path) as f:
+        fig.savefig(f, format="png", dpi=110)
     return str(path)
 
 

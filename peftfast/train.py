@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -26,11 +27,17 @@ import torch
 
 from . import resume as ckpt
 from .data import DataError, iterate_batches, load_dataset, split
+from .fileio import replace_atomically
+from .lineplot import write_line_png
 
 DEFAULT_DATA = Path(__file__).parent / "data" / "corpus.txt"
 METHODS = ("lora", "qlora", "dora", "ia3", "prefix", "prompt")
 PROMPT_METHODS = ("prefix", "prompt")
 DEFAULT_LR = {"ia3": 3e-3, "prefix": 1e-2, "prompt": 1e-2}  # others: 2e-4
+# The embedded default (no --model, no --data, no --max-steps/--epochs/--lr): enough steps at a rate a
+# 400K-parameter model needs for the loss to fall visibly in well under a minute on two CPU cores.
+EMBEDDED_STEPS = 300
+EMBEDDED_LR = {"ia3": 1e-2, "prefix": 3e-2, "prompt": 3e-2}  # others: 3e-3
 # Flags that may differ between a run and its resumption (everything else must match the checkpoint).
 RESUME_FREE = ("output", "overwrite", "resume", "logging_steps", "save_steps", "command", "func")
 
@@ -63,9 +70,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (overrides --epochs when > 0)")
-    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--epochs", type=float, default=None,
+                   help=f"passes over the training split (default: 1; the embedded default model and data "
+                   f"with neither --epochs nor --max-steps: {EMBEDDED_STEPS} steps)")
     p.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default: 2e-4; 3e-3 for ia3; 1e-2 for prefix/prompt)")
+                   help="learning rate (default: 2e-4; 3e-3 for ia3; 1e-2 for prefix/prompt; 15x these, capped "
+                   "at 3e-2, for the embedded default model and data)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=128)
@@ -88,7 +98,7 @@ def _check_args(a) -> None:
     for name in ("r", "batch_size", "grad_accum", "seq_len", "logging_steps", "save_steps", "num_virtual_tokens"):
         if getattr(a, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
-    if a.max_steps <= 0 and a.epochs <= 0:
+    if a.max_steps <= 0 and a.epochs is not None and a.epochs <= 0:
         raise TrainError("give --max-steps > 0 or --epochs > 0")
     if a.lr is not None and a.lr <= 0:
         raise TrainError(f"--lr must be positive, got {a.lr}")
@@ -104,6 +114,27 @@ def _check_args(a) -> None:
                          "or --resume to continue the run saved there")
     if a.model is not None and not Path(a.model).is_dir():
         raise TrainError(f"--model {a.model}: not a local directory with a transformers model")
+
+
+def _is_embedded_default(a) -> bool:
+    """No --model and the shipped corpus: the README's main job on the tiny built-in Llama."""
+    return a.model is None and Path(a.data).resolve() == DEFAULT_DATA.resolve()
+
+
+def _resolve_defaults(a) -> None:
+    """Fill the length and learning rate the user left out (a resumed run has them from its checkpoint).
+
+    Real models train at the usual LoRA rates for one epoch; the embedded tiny model gets its own recipe
+    (:data:`EMBEDDED_STEPS`, :data:`EMBEDDED_LR`), else its loss would barely move in the 10 steps one
+    epoch of the shipped corpus is.
+    """
+    embedded = _is_embedded_default(a)
+    if a.epochs is None:
+        a.epochs = 1.0
+        if embedded and a.max_steps <= 0:
+            a.max_steps = EMBEDDED_STEPS
+    if a.lr is None:
+        a.lr = (EMBEDDED_LR.get(a.method, 3e-3) if embedded else DEFAULT_LR.get(a.method, 2e-4))
 
 
 def _max_positions(a) -> Optional[int]:
@@ -209,23 +240,48 @@ def evaluate(model, examples, batch_size: int, pad_id: int, device: str, bf16: b
     return total / max(count, 1)
 
 
-def _plot(losses: list, path: Path) -> Optional[Path]:
+def _memory(device: str) -> str:
+    """Peak memory so far: allocated by PyTorch on a GPU, the process's resident set on a CPU."""
+    if device.startswith("cuda"):
+        return f"peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
     try:
-        import matplotlib
+        import resource
+    except ImportError:  # Windows
+        return ""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is in KiB on Linux, bytes on macOS.
+    return f"peak RSS {rss / (2**30 if sys.platform == 'darwin' else 2**20):.2f} GiB"
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib is not installed; no loss plot written")
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(range(1, len(losses) + 1), losses)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+
+class _Progress:
+    """A one-line progress bar on a terminal, redrawn every step between the logged lines; nothing
+    extra where stdout is a file or a pipe (logs stay one line per ``--logging-steps``)."""
+
+    def __init__(self, first_step: int):
+        self.live = sys.stdout.isatty()
+        self.t0, self.first = time.time(), first_step
+        self.drawn = 0
+
+    def show(self, step: int, steps: int, line: str) -> None:
+        if not self.live:
+            return
+        width = 20
+        filled = int(width * step / max(steps, 1))
+        eta = (time.time() - self.t0) / max(step - self.first + 1, 1) * (steps - step)
+        text = f"[{'#' * filled}{'.' * (width - filled)}] {line}  eta {int(eta) // 60}:{int(eta) % 60:02d}"
+        self.clear()
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        self.drawn = len(text)
+
+    def clear(self) -> None:
+        if self.drawn:
+            sys.stdout.write("\r" + " " * self.drawn + "\r")
+            self.drawn = 0
+
+    def log(self, line: str) -> None:
+        self.clear()
+        print(line, flush=True)
 
 
 class _DeferSigint:
@@ -299,8 +355,7 @@ def _run_train(args, ranks) -> dict:
         args = _resume_args(args, meta["args"], found)
         _check_args(args)
         print(f"resuming from {found} (step {meta['step']})")
-    if args.lr is None:
-        args.lr = DEFAULT_LR.get(args.method, 2e-4)
+    _resolve_defaults(args)
     _check_seq_len(args)
     config = _adapter_config(args)
     device = ranks.device()
@@ -361,6 +416,7 @@ def _run_train(args, ranks) -> dict:
         return path
 
     rng_next = ckpt.rng_state()  # the RNG state at the start of step done + 1
+    progress = _Progress(done + 1)
     model.train()
     t_log, tok_log = time.time(), 0
     try:
@@ -392,16 +448,20 @@ def _run_train(args, ranks) -> dict:
                 losses.append(step_loss)
                 done = step
                 rng_next = ckpt.rng_state()
+            dt = max(time.time() - t_log, 1e-9)
+            line = (f"step {step:5d}/{steps}  epoch {epoch + 1}  loss {step_loss:.4f}  "
+                    f"lr {sched.get_last_lr()[0]:.2e}  {tok_log / dt:,.0f} tok/s  {_memory(device)}")
             if step == 1 or step % args.logging_steps == 0 or step == steps:
-                dt = max(time.time() - t_log, 1e-9)
-                print(f"step {step:5d}/{steps}  epoch {epoch + 1}  loss {step_loss:.4f}  "
-                      f"lr {sched.get_last_lr()[0]:.2e}  {tok_log / dt:,.0f} tok/s", flush=True)
+                progress.log(line)
                 t_log, tok_log = time.time(), 0
+            else:
+                progress.show(step, steps, line)
             if step % args.save_steps == 0 or step == steps:
                 last_ckpt = save(step, rng_next)
 
         eval_loss = evaluate(model, eval_set, args.batch_size, tok.pad_id, device, args.bf16)
     except KeyboardInterrupt:
+        progress.clear()
         opt.zero_grad(set_to_none=True)  # drop the half-accumulated step; the checkpoint is of step `done`
         if last_ckpt is None or last_ckpt.name != f"checkpoint-{done}":
             last_ckpt = save(done, rng_next, wait=False)
@@ -414,9 +474,7 @@ def _run_train(args, ranks) -> dict:
     if ranks.is_main:
         _write_outputs(peftfast, model, out, losses, eval_loss, steps, args, loaded, meta, found if meta else None)
     ranks.barrier()
-    plot = out / "loss.png"
-    print(f"adapter saved to {out}" + (f", loss plot {plot}" if plot.exists() else "")
-          + f"; resumable checkpoint {last_ckpt}")
+    print(f"adapter saved to {out}, loss plot {out / 'loss.png'}; resumable checkpoint {last_ckpt}")
     print(f"done in {time.time() - t_start:.1f} s")
     return {"losses": losses, "eval_loss": eval_loss, "output": os.path.abspath(out), "steps": steps,
             "checkpoint": str(last_ckpt)}
@@ -424,12 +482,12 @@ def _run_train(args, ranks) -> dict:
 
 def _write_outputs(peftfast, model, out: Path, losses, eval_loss, steps, args, loaded, meta, found) -> None:
     peftfast.save_adapter(model, str(out))
-    with open(out / "train_log.json", "w") as f:
+    with replace_atomically(out / "train_log.json", text=True) as f:
         json.dump({"losses": losses, "eval_loss": eval_loss, "steps": steps, "method": args.method,
                    "base_model": loaded["desc"], "base_sha256": loaded["fingerprint"],
                    "resumed_from": str(found) if meta is not None else None,
                    "args": _saved_args(args)}, f, indent=1)
-    _plot(losses, out / "loss.png")
+    write_line_png(losses, out / "loss.png", title=f"{args.method}: training loss (eval {eval_loss:.3f})")
 
 
 def _restore_adapter(model, path: Path) -> None:

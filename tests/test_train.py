@@ -211,3 +211,79 @@ def test_overwrite_drops_old_checkpoints(tmp_path):
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
     train_main(["--max-steps", "2", "--output", str(out), "--overwrite", *FAST])
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
+
+
+def _resolved(argv):
+    import argparse
+
+    from peftfast.train import _resolve_defaults, add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    a = p.parse_args(argv)
+    _resolve_defaults(a)
+    return a
+
+
+def test_embedded_default_recipe_only_when_nothing_is_given(tmp_path):
+    from peftfast.train import DEFAULT_DATA, EMBEDDED_LR, EMBEDDED_STEPS
+
+    a = _resolved([])
+    assert (a.max_steps, a.epochs, a.lr) == (EMBEDDED_STEPS, 1.0, 3e-3)
+    assert _resolved(["--method", "ia3"]).lr == EMBEDDED_LR["ia3"]
+    # Any of --epochs / --max-steps / --lr given: that wins, the rest keep their usual defaults.
+    assert (_resolved(["--epochs", "2"]).max_steps, _resolved(["--epochs", "2"]).epochs) == (-1, 2.0)
+    assert _resolved(["--max-steps", "7"]).max_steps == 7
+    assert _resolved(["--lr", "1e-4"]).lr == 1e-4 and _resolved(["--lr", "1e-4"]).max_steps == EMBEDDED_STEPS
+    # The shipped corpus named explicitly is still the embedded default.
+    assert _resolved(["--data", str(DEFAULT_DATA)]).max_steps == EMBEDDED_STEPS
+    # Another model or dataset: one epoch at the usual LoRA rate.
+    data = tmp_path / "d.txt"
+    data.write_text("hello world\n" * 50)
+    other = _resolved(["--data", str(data)])
+    assert (other.max_steps, other.epochs, other.lr) == (-1, 1.0, 2e-4)
+    assert _resolved(["--model", str(tmp_path)]).lr == 2e-4
+
+
+def test_readme_main_job_fine_tunes_the_embedded_model(tmp_path, capsys, monkeypatch):
+    """`peftfast train` with no flags but --output (the README's main job): the held-out loss falls
+    clearly, the log shows loss, tokens/s and memory, and the output has an adapter, log and plot."""
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["train", "--output", "run"]) == 0
+    printed = capsys.readouterr().out
+    log = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    losses = log["losses"]
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < first - 1.0, (first, last)
+    assert log["eval_loss"] < losses[0] - 1.0, (losses[0], log["eval_loss"])
+    step_lines = [ln for ln in printed.splitlines() if ln.startswith("step ")]
+    assert step_lines and all("tok/s" in ln and "GiB" in ln for ln in step_lines), step_lines[:2]
+    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md", "loss.png"):
+        assert (tmp_path / "run" / name).is_file(), name
+    assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_progress_bar_redraws_on_a_terminal_only(monkeypatch):
+    import io
+
+    from peftfast import train as train_mod
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Tty()
+    monkeypatch.setattr(train_mod.sys, "stdout", tty)
+    bar = train_mod._Progress(first_step=1)
+    bar.show(5, 20, "step 5/20 loss 4.2")
+    assert tty.getvalue().startswith("[#####...............] step 5/20 loss 4.2  eta ")
+    bar.log("step 10/20 loss 4.0")
+    # The bar is wiped (carriage return, blanks, carriage return) before the logged line.
+    drawn = tty.getvalue()
+    assert drawn.endswith("\rstep 10/20 loss 4.0\n") and "\r" + " " * 10 in drawn
+    pipe = io.StringIO()
+    monkeypatch.setattr(train_mod.sys, "stdout", pipe)
+    quiet = train_mod._Progress(first_step=1)
+    quiet.show(5, 20, "step 5/20")
+    quiet.log("step 10/20")
+    assert pipe.getvalue() == "step 10/20\n"
