@@ -31,7 +31,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .dispatch import resolve_backend
+from .dispatch import interpreting, resolve_backend
 from .nf4 import Quant4bit, dequantize_4bit, is_4bit_weight, quant4bit_view
 from .weights import dense_weight, weight_shape
 
@@ -377,30 +377,32 @@ if _mm is not None:
     import triton
     import triton.language as tl
 
+    from . import nf4 as _nf4
     from .matmul import _dot
+    from .nf4 import _decode_4bit_tile, _to_bf16_rtne
 
     @triton.jit
     def _decode_lora_4bit_kernel(
         p_x, p_q, p_absmax, p_code, p_code2, p_absmax2, p_offset, p_l, p_r, p_bias, p_y,
-        M, N, K, R, k_per_split, blocksize, blocksize2,
+        M, N, K, R, k_per_split,
         stride_xm, stride_xk, stride_lm, stride_lr, stride_rr, stride_rn, stride_ys, stride_ym, stride_yn,
         scale,
-        NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+        BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
+        DOT_F32: tl.constexpr, IEEE: tl.constexpr, PTX_MUL_RN: tl.constexpr, SOFT_BF16: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         """Y[s, M, N] = X[:, K_s] @ dequant(Wq)[N, K_s]^T (+ scale * L @ R + bias on split 0).
 
-        Decode is bound by reading W, so W is read once, as 4-bit codes: a byte tile gives two code
-        tiles that are interleaved back into element order, decoded through the 16-entry LUT and scaled
-        by one block scale per row (BLOCK_K divides the blocksize and rows start on block boundaries).
-        The output is computed transposed ([BN, BM]) so that the weight tile is the dot's left operand
-        without a transpose, and small M pads only the 16-wide right side. Split-K programs write fp32
-        partials (summed by the caller: deterministic) so that a few output tiles still fill the GPU.
+        Decode is bound by reading W, so W is read once, as 4-bit codes, and decoded by the same tile
+        decode as the in-loop GEMM (nf4._decode_4bit_tile: a register LUT, one scale per block and row,
+        bitsandbytes' rounding). The output is computed transposed ([BN, BM]) so that the weight tile is
+        the dot's left operand without a transpose, and small M pads only the 16-wide right side.
+        Split-K programs write fp32 partials (summed by the caller: deterministic) so that a few output
+        tiles still fill the GPU; a split starts on a BLOCK_K boundary.
         """
         i_n, i_s = tl.program_id(0), tl.program_id(1)
         o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
         o_m = tl.arange(0, BLOCK_M)
-        o_kh = tl.arange(0, BLOCK_K // 2)
         o_kb = tl.arange(0, BLOCK_K)
         m_n = o_n < N
         m_m = o_m < M
@@ -408,25 +410,17 @@ if _mm is not None:
         dtype = p_x.dtype.element_ty
         k_start = i_s * k_per_split
         k_end = min(k_start + k_per_split, K)
-        blocks_per_row = K // blocksize
+        b_lut = tl.broadcast_to(tl.load(p_code + tl.arange(0, 16))[:, None], [16, BLOCK_K])  # [16, BK] fp32
 
         b_acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
-            # Two codes per byte, element 2i in the high nibble (bitsandbytes' packing).
-            m_kh = (k0 + 2 * o_kh) < k_end
-            b_q = tl.load(p_q + o_n64[:, None] * (K // 2) + (k0 // 2 + o_kh)[None, :],
-                          mask=m_n[:, None] & m_kh[None, :], other=0)
-            b_idx = tl.interleave((b_q >> 4).to(tl.int32), (b_q & 0xF).to(tl.int32))
-            b_val = tl.load(p_code + b_idx)  # LUT decode, [BN, BK] fp32
-            o_blk = o_n64 * blocks_per_row + k0 // blocksize
-            if NESTED:
-                b_a8 = tl.load(p_absmax + o_blk, mask=m_n, other=0).to(tl.int32)
-                # Product first, then the offset, as bitsandbytes does.
-                b_scale = tl.load(p_code2 + b_a8) * tl.load(p_absmax2 + o_blk // blocksize2, mask=m_n, other=0.0)
-                b_scale = b_scale + tl.load(p_offset)
+            # Columns past k_end (the next split's) decode too, but meet X entries masked to zero.
+            b_w32 = _decode_4bit_tile(p_q, p_absmax, b_lut, p_code2, p_absmax2, p_offset, o_n64, m_n, k0, K,
+                                      BLOCK_N, BLOCK_K, BLOCKSIZE, BLOCKSIZE2, NESTED, PTX_MUL_RN)  # [BN, BK]
+            if SOFT_BF16:
+                b_w = _to_bf16_rtne(b_w32)
             else:
-                b_scale = tl.load(p_absmax + o_blk, mask=m_n, other=0.0)
-            b_w = (b_val * b_scale[:, None]).to(dtype)
+                b_w = b_w32.to(dtype)
             o_k = k0 + o_kb
             b_xt = tl.load(p_x + o_k[:, None] * stride_xk + o_m[None, :] * stride_xm,
                            mask=(o_k < k_end)[:, None] & m_m[None, :], other=0.0)
@@ -446,8 +440,19 @@ if _mm is not None:
             if HAS_BIAS:
                 b_acc += tl.load(p_bias + o_n, mask=m_n, other=0.0).to(tl.float32)[:, None]
 
-        tl.store(p_y + i_s * stride_ys + o_m[None, :] * stride_ym + o_n64[:, None] * stride_yn,
-                 b_acc.to(p_y.dtype.element_ty), mask=m_n[:, None] & m_m[None, :])
+        if SOFT_BF16 and p_y.dtype.element_ty == tl.bfloat16:
+            b_out = _to_bf16_rtne(b_acc)  # the interpreter's cast truncates (see nf4._to_bf16_rtne)
+        else:
+            b_out = b_acc.to(p_y.dtype.element_ty)  # split-K partials stay fp32
+        tl.store(p_y + i_s * stride_ys + o_m[None, :] * stride_ym + o_n64[:, None] * stride_yn, b_out,
+                 mask=m_n[:, None] & m_m[None, :])
+
+
+# BLOCK_K of the decode kernel by x's element size, capped at the blocksize (so one scale per row and
+# tile; QLoRA's default blocksize is 64 anyway). Not yet tuned on a GPU. With the LUT in registers the
+# shared memory is the pipelined dot operands: compiled, bf16 at M=1 needs 25 KB at 64 and 50 KB at 128;
+# fp32 at M=64 needs 54 KB at 64 and 108 KB at 128 (over sm86/sm89's 99 KB), hence 32 there.
+_DECODE_BLOCK_K = {2: 64, 4: 32}
 
 
 def _decode_lora_4bit(x2, packed, absmax, code, code2, absmax2, offset, meta, xa, lora_B, bias, scaling,
@@ -458,11 +463,7 @@ def _decode_lora_4bit(x2, packed, absmax, code, code2, absmax2, offset, meta, xa
     dtype = x2.dtype
     block_m = max(16, triton.next_power_of_2(m))
     block_n = 64
-    # The LUT decode is a gather the software pipeliner stages in shared memory at fp32, BLOCK_N x
-    # BLOCK_K x 4 bytes per stage: BLOCK_K 128 already overflows sm86/sm89's 99 KB at M=1 in bf16, and
-    # 256 overflows every GPU in fp32 (up to 321 KB, from compiling it: tests/kernels/aot_lora_cases.py).
-    # fp32 x at BLOCK_K 64 still needs 97 KB at M=64, too close to 99 KB to rely on.
-    block_k = min(blocksize, 64 if x2.element_size() <= 2 else 32)
+    block_k = min(blocksize, _DECODE_BLOCK_K[x2.element_size()])
     block_r = _mm._block_r(r)
     n_tiles = triton.cdiv(n, block_n)
     k_tiles = triton.cdiv(k, block_k)
@@ -479,10 +480,12 @@ def _decode_lora_4bit(x2, packed, absmax, code, code2, absmax2, offset, meta, xa
     _decode_lora_4bit_kernel[(n_tiles, splits)](
         x2, packed, absmax, code, code2 if nested else code, absmax2 if nested else code,
         offset if nested else code, xa, right, bias if bias is not None else code, dst,
-        m, n, k, r, k_per_split, blocksize, blocksize2 if nested else 1,
+        m, n, k, r, k_per_split,
         x2.stride(0), x2.stride(1), xa.stride(0), xa.stride(1), right.stride(0), right.stride(1), *dst_strides,
         float(scaling),
-        NESTED=nested, HAS_BIAS=bias is not None, **_mm._dot_flags(dtype),
+        BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested, HAS_BIAS=bias is not None,
+        **_mm._dot_flags(dtype), PTX_MUL_RN=_nf4._ptx_mul_rn(x2.device),
+        SOFT_BF16=dtype == torch.bfloat16 and interpreting(),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4,
     )
     if splits > 1:

@@ -61,7 +61,7 @@ from . import tuning as _tuning
 from .dispatch import interpreting
 from . import matmul as _mm
 from .matmul import _block_r, _dot, _dot_flags, _dropout_keep, _grouped_tile, _max_shared_memory
-from .nf4 import _mul_rn, _to_bf16_rtne
+from .nf4 import _block_scales, _decode_4bit_tile, _mul_rn, _to_bf16_rtne
 
 _CONFIG_FILE = os.path.join(os.path.dirname(__file__), "configs", "lora_matmul_4bit.json")
 
@@ -74,59 +74,6 @@ LAYOUTS = ("nk", "kn")
 # --------------------------------------------------------------------------------------------------
 # Kernel
 # --------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _block_scales(p_absmax, p_code2, p_absmax2, p_offset, o_blk, m_blk,
-                  BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, PTX_MUL_RN: tl.constexpr):
-    """fp32 scales of the absmax blocks ``o_blk``, in bitsandbytes' order of operations."""
-    if NESTED:
-        b_a8 = tl.load(p_absmax + o_blk, mask=m_blk, other=0).to(tl.int32)
-        b_a2 = tl.load(p_absmax2 + o_blk // BLOCKSIZE2, mask=m_blk, other=0.0)
-        # The product is rounded before the offset is added (see nf4._mul_rn): an FMA would flip bits.
-        b_scale = _mul_rn(tl.load(p_code2 + b_a8), b_a2, PTX_MUL_RN) + tl.load(p_offset)
-    else:
-        b_scale = tl.load(p_absmax + o_blk, mask=m_blk, other=0.0)
-    return b_scale
-
-
-@triton.jit
-def _decode_4bit_tile(p_q, p_absmax, b_lut, p_code2, p_absmax2, p_offset, o_row, m_row, c0, W_COLS,
-                      ROWS: tl.constexpr, COLS: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
-                      NESTED: tl.constexpr, PTX_MUL_RN: tl.constexpr):
-    """fp32 values of W[o_row, c0:c0+COLS] ([ROWS, COLS]); W has ``W_COLS`` columns, ``W_COLS % BLOCKSIZE == 0``.
-
-    ``c0`` is a multiple of COLS, and COLS and BLOCKSIZE are powers of two, so the tile's columns lie in
-    one block per row (COLS <= BLOCKSIZE) or cover COLS / BLOCKSIZE whole blocks. Out-of-range rows and
-    columns decode to finite values (a zero byte times a masked scale): the matching X entries are
-    masked to zero, so they add exactly nothing.
-    """
-    HALF: tl.constexpr = COLS // 2
-    o_c2 = c0 // 2 + tl.arange(0, HALF)
-    m_c2 = o_c2 < W_COLS // 2
-    b_q = tl.load(p_q + o_row[:, None] * (W_COLS // 2) + o_c2[None, :],
-                  mask=m_row[:, None] & m_c2[None, :], other=0)  # [ROWS, COLS/2] uint8
-    # Two codes per byte, element 2i in the high nibble (bitsandbytes' packing).
-    b_idx = tl.interleave((b_q >> 4).to(tl.int32), (b_q & 0xF).to(tl.int32))  # [ROWS, COLS]
-    # LUT decode from registers (b_lut: [16, COLS], the code table repeated per column). A load from the
-    # table in global memory would be an indirect load that the pipeliner stages in shared memory, a
-    # fp32 copy of the whole tile per stage.
-    b_val = tl.gather(b_lut, b_idx, axis=0)  # [ROWS, COLS] fp32
-    blocks_per_row = W_COLS // BLOCKSIZE
-    if COLS > BLOCKSIZE:
-        GROUPS: tl.constexpr = COLS // BLOCKSIZE
-        o_g = c0 // BLOCKSIZE + tl.arange(0, GROUPS)
-        b_scale = _block_scales(p_absmax, p_code2, p_absmax2, p_offset, o_row[:, None] * blocks_per_row + o_g[None, :],
-                                m_row[:, None] & (o_g < blocks_per_row)[None, :], BLOCKSIZE2, NESTED,
-                                PTX_MUL_RN)  # [ROWS, GROUPS]
-        # Each block's scale repeated over its BLOCKSIZE columns (GROUPS * BLOCKSIZE == COLS).
-        b_scale = tl.reshape(tl.broadcast_to(b_scale[:, :, None], [ROWS, GROUPS, BLOCKSIZE]), [ROWS, COLS])
-        b_w = b_val * b_scale
-    else:
-        b_scale = _block_scales(p_absmax, p_code2, p_absmax2, p_offset, o_row * blocks_per_row + c0 // BLOCKSIZE,
-                                m_row, BLOCKSIZE2, NESTED, PTX_MUL_RN)  # [ROWS]
-        b_w = b_val * b_scale[:, None]
-    return b_w
 
 
 @triton.jit

@@ -309,8 +309,9 @@ def _decode_case(arch, dtype, adt, blocksize, nested, quant_type, m, rank, bias,
         lora_b = _empty(n, rank, dtype=adt)
         b = _empty(n, dtype=dtype) if bias else None
         assert lora._decode_supported(meta, quant_type)
-        lora._decode_lora_4bit(x2, w, absmax, code, code2, absmax2, offset, meta, xa, lora_b, b, 1.5,
-                               splits=splits)
+        with _as_gpu():
+            lora._decode_lora_4bit(x2, w, absmax, code, code2, absmax2, offset, meta, xa, lora_b, b, 1.5,
+                                   splits=splits)
 
     desc = (f"{quant_type} {'nested' if nested else 'plain'} bs={blocksize}, x {_NAMES[dtype]} M={m}, "
             f"adapters {_NAMES[adt]} r={rank}, splits={splits}" + (" +bias" if bias else ""))

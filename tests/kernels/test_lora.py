@@ -149,19 +149,20 @@ def test_forward_backward_variants(weight, bias, dtype, adapter_dtype, nan_empty
 
 
 @pytest.mark.parametrize(
-    "m,nested,blocksize,dtype",
+    "m,nested,blocksize,dtype,quant_type",
     [
-        pytest.param(1, True, 64, FP16, id="M1-nested-bs64-fp16"),
-        pytest.param(1, True, 64, FP32, id="M1-nested-bs64-fp32"),
-        pytest.param(5, False, 128, FP16, id="M5-plain-bs128-fp16"),
-        pytest.param(64, True, 32, FP32, id="M64-nested-bs32-fp32"),
+        pytest.param(1, True, 64, FP16, "nf4", id="M1-nested-bs64-fp16"),
+        pytest.param(1, True, 64, FP32, "nf4", id="M1-nested-bs64-fp32"),
+        pytest.param(5, False, 128, FP16, "nf4", id="M5-plain-bs128-fp16"),
+        pytest.param(64, True, 32, FP32, "nf4", id="M64-nested-bs32-fp32"),
+        pytest.param(3, False, 64, FP16, "fp4", id="M3-plain-bs64-fp16-fp4"),
     ],
 )
-def test_decode_4bit(m, nested, blocksize, dtype, nan_empty, monkeypatch):
+def test_decode_4bit(m, nested, blocksize, dtype, quant_type, nan_empty, monkeypatch):
     """M <= DECODE_MAX_M with a 4-bit base: the fused dequant-GEMV runs (forward), backward as usual."""
     bnb = pytest.importorskip("bitsandbytes")
     k, n, r = 256, 80, 5
-    w4 = bnb.nn.Params4bit(torch.randn(n, k) / k**0.5, requires_grad=False, quant_type="nf4",
+    w4 = bnb.nn.Params4bit(torch.randn(n, k) / k**0.5, requires_grad=False, quant_type=quant_type,
                            compress_statistics=nested, blocksize=blocksize)._quantize("cpu")
     if DEVICE != "cpu":
         w4 = w4.to(DEVICE)
@@ -174,13 +175,18 @@ def test_decode_4bit(m, nested, blocksize, dtype, nan_empty, monkeypatch):
     assert calls, "the decode kernel was not used"
 
 
-def test_decode_split_k(nan_empty):
-    """The split-K partials path of the decode kernel (chosen on GPUs to fill the SMs)."""
+@pytest.mark.parametrize("dtype,quant_type,nested", [(FP16, "nf4", True), (torch.bfloat16, "fp4", False)],
+                         ids=["fp16-nf4-nested", "bf16-fp4"])
+def test_decode_split_k(dtype, quant_type, nested, nan_empty):
+    """The split-K partials path of the decode kernel (chosen on GPUs to fill the SMs). The forward
+    alone: bf16 gradients come from the other kernels, whose interpreter stores truncate bf16."""
     bnb = pytest.importorskip("bitsandbytes")
     k, n, r = 256, 80, 5
-    w4 = bnb.nn.Params4bit(torch.randn(n, k), requires_grad=False, quant_type="nf4", compress_statistics=True,
+    w4 = bnb.nn.Params4bit(torch.randn(n, k), requires_grad=False, quant_type=quant_type, compress_statistics=nested,
                            blocksize=64)._quantize("cpu")
-    x, _, _, a, b, bias = _make((3,), k, n, r, torch.float16)
+    if DEVICE != "cpu":
+        w4 = w4.to(DEVICE)
+    x, _, _, a, b, bias = _make((3,), k, n, r, dtype)
     w, absmax, code, code2, absmax2, offset, meta, _ = lora_mod._quant_args(w4)
     xa = lora_mod._mm.lowrank_project(x, a.t())
     wd = dense_weight(w4, torch.float32, backend="reference").double()
@@ -189,7 +195,7 @@ def test_decode_split_k(nan_empty):
         return lora_linear_reference(x, wd.to(x.dtype), a, b, SCALING, bias=bias)
 
     inputs64 = [x.double(), a.double(), b.double(), bias.double()]
-    tol = dtype_error_bound(ref, inputs64, torch.float16)
+    tol = dtype_error_bound(ref, inputs64, dtype)
     for splits in (1, 3):
         y = lora_mod._decode_lora_4bit(x, w, absmax, code, code2, absmax2, offset, meta, xa, b, bias, SCALING,
                                        splits=splits)
