@@ -45,6 +45,26 @@ class Compiled:
         return self.shared <= SMEM_LIMIT[self.arch]
 
 
+def unavailable() -> str:
+    """Why kernels cannot be compiled for NVIDIA GPUs on this machine, or ``""`` when they can (the
+    tests that compile skip with this reason)."""
+    try:
+        import triton
+        import triton.backends.nvidia as nv
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - no Triton, or one without the NVIDIA backend
+        return f"Triton (with its NVIDIA backend) does not import: {type(e).__name__}: {e}"
+    if not hasattr(JITFunction, "_pack_args"):
+        return f"Triton {triton.__version__} lacks the JITFunction internals tests/kernels/aot.py drives"
+    import shutil
+
+    bundled = os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas")
+    if not (os.environ.get("TRITON_PTXAS_PATH") or os.access(bundled, os.X_OK) or shutil.which("ptxas")):
+        return f"no ptxas: Triton ships none in {os.path.dirname(bundled)} and none is on PATH"
+    return ""
+
+
 def _target(arch: str):
     from triton.backends.compiler import GPUTarget
 

@@ -9,13 +9,11 @@ their CUDA branches pick, in a subprocess with the interpreter off: the represen
 """
 from __future__ import annotations
 
-import glob
 import os
-import shutil
 
 import pytest
 
-from aot import CAPABILITY, run_in_subprocess
+from aot import CAPABILITY, run_in_subprocess, unavailable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "aot_adapter_cases.py")
@@ -26,23 +24,7 @@ EXPECTED = ("_ia3_matmul_kernel", "_dora_matmul_kernel", "_dora_norm_kernel", "_
             "_bwd_delta_kernel", "_prefix_attn_bwd_dkdv_kernel", "_prefix_attn_bwd_dq_kernel")
 
 
-def _skip_reason():
-    try:
-        import triton  # noqa: F401
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        import triton.backends.nvidia  # noqa: F401
-    except Exception as e:  # pragma: no cover - depends on the platform
-        return f"triton with its NVIDIA backend is not importable ({type(e).__name__}: {e})"
-    if os.environ.get("TRITON_PTXAS_PATH") or shutil.which("ptxas"):
-        return None
-    bindir = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin")
-    if not glob.glob(os.path.join(bindir, "ptxas*")):
-        return f"no ptxas: triton ships none in {bindir} and none is on PATH"
-    return None
-
-
-_REASON = _skip_reason()
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
+pytestmark = pytest.mark.skipif(bool(unavailable()), reason=unavailable() or "can compile")
 
 
 def _describe(r) -> str:
