@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a session lent a CUDA GPU should run, in as few device calls as possible.
 #
-#   bench/gpu_session.sh STAGE [STAGE ...]      STAGE: setup | tests | bench | tune | all
+#   bench/gpu_session.sh STAGE [STAGE ...]      STAGE: setup | tests | bench | tune | train | all
 #
 # Why one script: a session gets 30 minutes of device time and at most 8 files back per call, so the
 # stages are sized to fit one 10-minute call each and pack their outputs into one archive per stage.
@@ -9,13 +9,14 @@
 #   tests.log, tests.xml          pytest -m gpu (junit), every kernel against its reference at Llama shapes
 #   bench.tar.gz, bench.log       bench/results/<gpu>/*.json + *.png (peftfast bench, full mode)
 #   tune.tar.gz, tune.log         kernels/configs/<gpu>.json measured for Llama-3-8B (dense bf16, NF4)
+#   train.log, train_log.json, train_loss.png   peftfast train --model --data (QLoRA, bf16) + generate
 # Back on the development machine: untar bench.tar.gz / tune.tar.gz at the repository root and commit
 # bench/results/<gpu>/ and kernels/configs/<gpu>.json with the logs' first lines (GPU, versions, command).
 #
 # Typical device calls (carry .whl, made by ../shared/tools/gpu-wheels.sh); no stage has been timed on a
 # GPU yet, so split them over more calls if one nears the 10-minute limit:
 #   bench/gpu_session.sh setup tests tune
-#   bench/gpu_session.sh setup bench
+#   bench/gpu_session.sh setup bench train
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}
@@ -68,11 +69,39 @@ run_stage() {
       peftfast tune --model llama-3-8b --passes fwd,bwd --weight nf4 >> "$out/tune.log" 2>&1 || return 1
       tar czf "$out/tune.tar.gz" kernels/configs 2>> "$out/tune.log"
       ;;
+    train)
+      # Issue 6's GPU run: `peftfast train --model DIR --data FILE` on a locally built Llama (random
+      # weights, byte-level tokenizer saved beside it: nothing is downloaded), QLoRA in bf16, then
+      # `peftfast generate` with the adapter (the M=1 decode path). TRAIN_HIDDEN=64 makes a CPU smoke run.
+      local hidden=${TRAIN_HIDDEN:-1024} steps=${TRAIN_STEPS:-100}
+      { versions; echo "command: peftfast train --model /tmp/gpu-llama --data peftfast/data/corpus.txt" \
+          "--method qlora --bf16 --seq-len 256 --batch-size 8 --max-steps $steps --lr 1e-3 (hidden $hidden)"; } > "$out/train.log"
+      python3 - "$hidden" >> "$out/train.log" 2>&1 <<'PY' || return 1
+import sys
+sys.path.insert(0, "tests")
+from tiny import byte_chat_tokenizer, tiny_llama_for
+hidden = int(sys.argv[1])
+tok = byte_chat_tokenizer()
+tok.save_pretrained("/tmp/gpu-llama")
+model = tiny_llama_for(tok, hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=8,
+                       num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 256),
+                       max_position_embeddings=1024)
+model.save_pretrained("/tmp/gpu-llama")
+print(f"model: /tmp/gpu-llama, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+PY
+      peftfast train --model /tmp/gpu-llama --data peftfast/data/corpus.txt --method qlora --bf16 \
+          --seq-len 256 --batch-size 8 --max-steps "$steps" --lr 1e-3 --logging-steps 10 --overwrite \
+          --output /tmp/gpu-train >> "$out/train.log" 2>&1 || return 1
+      peftfast generate --adapter /tmp/gpu-train --prompt "The " --max-new-tokens 32 >> "$out/train.log" 2>&1 \
+          || return 1
+      cp /tmp/gpu-train/loss.png "$out/train_loss.png"
+      cp /tmp/gpu-train/train_log.json "$out/train_log.json"
+      ;;
     all)
-      for s in setup tests tune bench; do run_stage "$s" || status=1; done
+      for s in setup tests tune bench train; do run_stage "$s" || status=1; done
       ;;
     *)
-      echo "unknown stage '$1' (setup | tests | bench | tune | all)" >&2
+      echo "unknown stage '$1' (setup | tests | bench | tune | train | all)" >&2
       return 2
       ;;
   esac

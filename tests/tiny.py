@@ -32,8 +32,9 @@ def byte_chat_tokenizer():
 
 def tiny_llama_for(tok, seed: int = 0, **overrides) -> LlamaForCausalLM:
     """A tiny random Llama whose vocabulary and special ids match ``tok``."""
-    return tiny_llama(seed, vocab_size=len(tok), max_position_embeddings=128, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **overrides)
+    cfg = dict(vocab_size=len(tok), max_position_embeddings=128, bos_token_id=tok.bos_token_id,
+               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return tiny_llama(seed, **{**cfg, **overrides})
 
 
 def snapshot(model) -> tuple:
