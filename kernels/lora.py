@@ -440,12 +440,8 @@ if _mm is not None:
             if HAS_BIAS:
                 b_acc += tl.load(p_bias + o_n, mask=m_n, other=0.0).to(tl.float32)[:, None]
 
-        if SOFT_BF16 and p_y.dtype.element_ty == tl.bfloat16:
-            b_out = _to_bf16_rtne(b_acc)  # the interpreter's cast truncates (see nf4._to_bf16_rtne)
-        else:
-            b_out = b_acc.to(p_y.dtype.element_ty)  # split-K partials stay fp32
-        tl.store(p_y + i_s * stride_ys + o_m[None, :] * stride_ym + o_n64[:, None] * stride_yn, b_out,
-                 mask=m_n[:, None] & m_m[None, :])
+        tl.store(p_y + i_s * stride_ys + o_m[None, :] * stride_ym + o_n64[:, None] * stride_yn,
+                 b_acc.to(p_y.dtype.element_ty), mask=m_n[:, None] & m_m[None, :])
 
 
 # BLOCK_K of the decode kernel by x's element size, capped at the blocksize (so one scale per row and

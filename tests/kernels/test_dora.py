@@ -23,7 +23,7 @@ from helpers import assert_rel_close, dtype_error_bound, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SCALING = 1.75
-FP32, FP16 = torch.float32, torch.float16
+FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 NAMES = ["y", "dx", "dA", "dB", "dm", "dbias"]
 
 
@@ -144,6 +144,8 @@ VARIANTS = [
     pytest.param("nf4", True, FP32, None, id="nf4-fp32"),
     pytest.param("nf4", False, FP16, None, id="nf4-fp16"),
     pytest.param("nf4", True, FP16, FP32, id="nf4-fp16-x-fp32-adapters"),
+    pytest.param("dense", True, BF16, None, id="dense-bf16"),
+    pytest.param("nf4", True, BF16, FP32, id="qdora-bf16-x-fp32-adapters"),
 ]
 
 

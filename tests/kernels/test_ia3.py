@@ -17,7 +17,7 @@ from peftfast.kernels.weights import dense_weight
 from helpers import assert_rel_close, dtype_error_bound
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-FP32, FP16 = torch.float32, torch.float16
+FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 MODES = [pytest.param(False, id="out"), pytest.param(True, id="ff")]
 
 
@@ -94,7 +94,7 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [FP32, FP16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", [FP32, FP16, BF16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("lead,k,n", SHAPES)
 @pytest.mark.parametrize("feedforward", MODES)
 def test_forward_backward_shapes(lead, k, n, dtype, feedforward, nan_empty):
@@ -159,7 +159,7 @@ def test_fp32_base_under_fp16_x(feedforward, nan_empty):
     _check(x, w.float(), w, l, b.float(), feedforward=feedforward, dtype=FP16, what="fp32 base")
 
 
-@pytest.mark.parametrize("dtype", [FP32, FP16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", [FP32, FP16, BF16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("feedforward", MODES)
 def test_4bit_weight(quant_type, feedforward, dtype, nan_empty):

@@ -127,6 +127,7 @@ def test_forward_backward_shapes(lead, k, n, r, dtype, nan_empty):
 
 FP32 = torch.float32
 FP16 = torch.float16
+BF16 = torch.bfloat16
 VARIANTS = [
     pytest.param("dense", False, FP32, None, id="no-bias-fp32"),
     pytest.param("dense", False, FP16, None, id="no-bias-fp16"),
@@ -138,6 +139,10 @@ VARIANTS = [
     pytest.param("nf4", True, FP16, None, id="nf4-fp16"),
     pytest.param("nf4", False, FP16, FP32, id="nf4-fp16-x-fp32-adapters"),
     pytest.param("dense", True, FP16, FP32, id="fp16-x-fp32-adapters"),
+    # bf16 (conftest makes the interpreter's bf16 casts round as a GPU's do)
+    pytest.param("dense", True, BF16, None, id="dense-bf16"),
+    pytest.param("nf4", True, BF16, None, id="nf4-bf16"),
+    pytest.param("nf4", False, BF16, FP32, id="qlora-bf16-x-fp32-adapters"),
 ]
 
 
@@ -156,6 +161,7 @@ def test_forward_backward_variants(weight, bias, dtype, adapter_dtype, nan_empty
         pytest.param(5, False, 128, FP16, "nf4", id="M5-plain-bs128-fp16"),
         pytest.param(64, True, 32, FP32, "nf4", id="M64-nested-bs32-fp32"),
         pytest.param(3, False, 64, FP16, "fp4", id="M3-plain-bs64-fp16-fp4"),
+        pytest.param(3, True, 64, BF16, "nf4", id="M3-nested-bs64-bf16"),
     ],
 )
 def test_decode_4bit(m, nested, blocksize, dtype, quant_type, nan_empty, monkeypatch):
@@ -178,8 +184,7 @@ def test_decode_4bit(m, nested, blocksize, dtype, quant_type, nan_empty, monkeyp
 @pytest.mark.parametrize("dtype,quant_type,nested", [(FP16, "nf4", True), (torch.bfloat16, "fp4", False)],
                          ids=["fp16-nf4-nested", "bf16-fp4"])
 def test_decode_split_k(dtype, quant_type, nested, nan_empty):
-    """The split-K partials path of the decode kernel (chosen on GPUs to fill the SMs). The forward
-    alone: bf16 gradients come from the other kernels, whose interpreter stores truncate bf16."""
+    """The split-K partials path of the decode kernel (chosen on GPUs to fill the SMs)."""
     bnb = pytest.importorskip("bitsandbytes")
     k, n, r = 256, 80, 5
     w4 = bnb.nn.Params4bit(torch.randn(n, k), requires_grad=False, quant_type=quant_type, compress_statistics=nested,

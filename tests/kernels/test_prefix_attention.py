@@ -174,6 +174,7 @@ def test_forward_backward_fp32(b, hq, hkv, nq, nk, p, d, causal, pads, kind, lay
         assert_rel_close(g, w, FP32_TOL, f"fp32 {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize(
     "b,hq,hkv,nq,nk,p,d,causal,pads,prefix_dtype",
     [
@@ -182,9 +183,9 @@ def test_forward_backward_fp32(b, hq, hkv, nq, nk, p, d, causal, pads, kind, lay
         pytest.param(1, 2, 2, 37, 37, 5, 16, False, None, torch.float32, id="noncausal-fp32-prefix"),
     ],
 )
-def test_forward_backward_fp16(b, hq, hkv, nq, nk, p, d, causal, pads, prefix_dtype, nan_empty):
-    """fp16 inputs (optionally fp32 prefix parameters, cast as PEFT does): 2x PyTorch's fp16 error."""
-    q, k, v, pk, pv = _make(b, hq, hkv, nq, nk, p, d, dtype=torch.float16, prefix_dtype=prefix_dtype)
+def test_forward_backward_half(b, hq, hkv, nq, nk, p, d, causal, pads, prefix_dtype, dtype, nan_empty):
+    """fp16/bf16 inputs (optionally fp32 prefix parameters, cast as PEFT does): 2x PyTorch's error."""
+    q, k, v, pk, pv = _make(b, hq, hkv, nq, nk, p, d, dtype=dtype, prefix_dtype=prefix_dtype)
     mask = _mask(b, nk, pads, torch.int64)
     got, do = _triton_all(q, k, v, pk, pv, mask, causal)
     inputs64 = [t.double() for t in (q, k, v, pk, pv)] + [mask, do.double(), causal]
@@ -192,10 +193,10 @@ def test_forward_backward_fp16(b, hq, hkv, nq, nk, p, d, causal, pads, prefix_dt
         def fn(*args, _i=i):
             return _all(_naive_fn, *args)[_i]
 
-        # fp32 prefix parameters are rounded to fp16 by the kernel (PEFT's cast), exactly as the
-        # all-fp16 naive run rounds them, so the same bound applies.
-        tol = dtype_error_bound(fn, inputs64, torch.float16)
-        assert_rel_close(g, fn(*inputs64), tol, f"fp16 {name}")
+        # fp32 prefix parameters are rounded to x's dtype by the kernel (PEFT's cast), exactly as the
+        # all-half naive run rounds them, so the same bound applies.
+        tol = dtype_error_bound(fn, inputs64, dtype)
+        assert_rel_close(g, fn(*inputs64), tol, f"{dtype} {name}")
 
 
 def test_backward_is_deterministic(nan_empty):
