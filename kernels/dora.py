@@ -145,7 +145,7 @@ if _mm is not None:
     import triton
     import triton.language as tl
 
-    from .matmul import _dot, _dropout_keep, _grouped_tile
+    from .matmul import _dot, _dropout_keep, _grouped_tile, _lowrank_tile
 
     @triton.jit
     def _dora_norm_kernel(
@@ -269,16 +269,8 @@ if _mm is not None:
             p_wb += BLOCK_K * stride_wk
 
         # Low-rank term while the tile is still in registers, so the output is written once.
-        b_lr = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            o_r = r0 + tl.arange(0, BLOCK_R)
-            m_r = o_r < R
-            b_l = tl.load(p_l + o_m64[:, None] * stride_lm + o_r[None, :] * stride_lr,
-                          mask=m_m[:, None] & m_r[None, :], other=0.0).to(dtype)
-            b_r = tl.load(p_r + o_r[:, None] * stride_rr + o_n[None, :] * stride_rn,
-                          mask=m_r[:, None] & m_n[None, :], other=0.0).to(dtype)
-            b_lr = _dot(b_l, b_r, b_lr, DOT_F32, IEEE)  # [BM, BR] @ [BR, BN] -> [BM, BN]
-        b_lr = b_lr * lr_scale
+        b_lr = _lowrank_tile(p_l, p_r, o_m64, o_n, m_m, m_n, R, stride_lm, stride_lr, stride_rr, stride_rn,
+                             dtype, DOT_F32, IEEE, BLOCK_M, BLOCK_N, BLOCK_R) * lr_scale
 
         if MODE == 2:
             # Rows past M are 0 in X and L, and their G is loaded as 0: they add nothing.

@@ -70,6 +70,31 @@ def _dot(b_a, b_b, b_acc, DOT_F32: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _lowrank_tile(p_l, p_r, o_m64, o_n, m_m, m_n, R, stride_lm, stride_lr, stride_rr, stride_rn,
+                  dtype: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``L[o_m, :R] @ R[:R, o_n]`` in fp32 ([BM, BN]): the low-rank term of the GEMM epilogues
+    (LoRA, in-loop 4-bit, DoRA), computed while their output tile is still in registers.
+
+    Operands are cast to ``dtype`` (x's) first: adapters may be fp32 while x is bf16/fp16, and the
+    branch runs in x's dtype as the GEMM does. The loop is not software-pipelined (num_stages=1): one
+    or two iterations gain nothing from it, and its stages of L and R tiles at their stored width (fp32
+    adapters) took more shared memory than the main loop (BLOCK_R 64 > BLOCK_K 32): up to 208 KB,
+    past sm80/sm89's limits (found by compiling: tests/kernels/aot_lora_cases.py).
+    """
+    b_lr = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
+        o_r = r0 + tl.arange(0, BLOCK_R)
+        m_r = o_r < R
+        b_l = tl.load(p_l + o_m64[:, None] * stride_lm + o_r[None, :] * stride_lr,
+                      mask=m_m[:, None] & m_r[None, :], other=0.0).to(dtype)
+        b_r = tl.load(p_r + o_r[:, None] * stride_rr + o_n[None, :] * stride_rn,
+                      mask=m_r[:, None] & m_n[None, :], other=0.0).to(dtype)
+        b_lr = _dot(b_l, b_r, b_lr, DOT_F32, IEEE)  # [BM, BR] @ [BR, BN] -> [BM, BN]
+    return b_lr
+
+
+@triton.jit
 def _dropout_keep(p_seed, o_row, o_col, n_cols, dropout_p):
     """Keep-mask of the dropout on the LoRA input for rows ``o_row`` x columns ``o_col``.
 
@@ -126,21 +151,8 @@ def _matmul_lowrank_kernel(
             p_wb += BLOCK_K * stride_wk
 
     # Low-rank epilogue: while the tile is still in registers, so Y is written once.
-    b_lr = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    # Not software-pipelined (num_stages=1): one or two iterations gain nothing from it, and its
-    # stages of L and R tiles, at their stored width (fp32 adapters), took more shared memory than the
-    # main loop (BLOCK_R 64 > BLOCK_K 32): up to 208 KB, past what matmul._smem_bytes counts and past
-    # sm80/sm89's limits (tests/kernels/aot_lora_cases.py).
-    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
-        o_r = r0 + tl.arange(0, BLOCK_R)
-        m_r = o_r < R
-        b_l = tl.load(p_l + o_m64[:, None] * stride_lm + o_r[None, :] * stride_lr,
-                      mask=m_m[:, None] & m_r[None, :], other=0.0).to(dtype)
-        # Adapters may be fp32 while X is bf16/fp16: run the branch in X's dtype, as the GEMM does.
-        b_r = tl.load(p_r + o_r[:, None] * stride_rr + o_n[None, :] * stride_rn,
-                      mask=m_r[:, None] & m_n[None, :], other=0.0).to(dtype)
-        b_lr = _dot(b_l, b_r, b_lr, DOT_F32, IEEE)  # [BM, BR] @ [BR, BN] -> [BM, BN]
-    b_lr = b_lr * scale
+    b_lr = _lowrank_tile(p_l, p_r, o_m64, o_n, m_m, m_n, R, stride_lm, stride_lr, stride_rr, stride_rn,
+                         dtype, DOT_F32, IEEE, BLOCK_M, BLOCK_N, BLOCK_R) * scale
     if DROPOUT:
         # Backward of dropout on the LoRA input: dX's LoRA part only passes where the input was kept.
         b_keep = _dropout_keep(p_seed, o_m, o_n, N, dropout_p)
@@ -349,7 +361,7 @@ def _tuned_matmul_lowrank(device_index: int):
 @functools.lru_cache(maxsize=None)
 def _kernel_hash() -> str:
     """Source hash of the kernel and its helpers: part of the tuning-cache key, so edits invalidate it."""
-    return _tuning.source_hash(_matmul_lowrank_kernel, _dot, _dropout_keep, _grouped_tile)
+    return _tuning.source_hash(_matmul_lowrank_kernel, _dot, _dropout_keep, _grouped_tile, _lowrank_tile)
 
 
 @functools.lru_cache(maxsize=None)

@@ -60,7 +60,8 @@ import triton.language as tl
 from . import tuning as _tuning
 from .dispatch import interpreting
 from . import matmul as _mm
-from .matmul import _block_r, _dot, _dot_flags, _dropout_keep, _grouped_tile, _max_shared_memory
+from .matmul import (_block_r, _dot, _dot_flags, _dropout_keep, _grouped_tile, _lowrank_tile,
+                     _max_shared_memory)
 from .nf4 import _block_scales, _decode_4bit_tile, _mul_rn, _to_bf16_rtne
 
 _CONFIG_FILE = os.path.join(os.path.dirname(__file__), "configs", "lora_matmul_4bit.json")
@@ -135,17 +136,8 @@ def _matmul_lowrank_4bit_kernel(
         p_xb += BLOCK_K * stride_xk
 
     # Low-rank epilogue, as matmul._matmul_lowrank_kernel's: Y is written once.
-    b_lr = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        o_r = r0 + tl.arange(0, BLOCK_R)
-        m_r = o_r < R
-        b_l = tl.load(p_l + o_m64[:, None] * stride_lm + o_r[None, :] * stride_lr,
-                      mask=m_m[:, None] & m_r[None, :], other=0.0).to(dtype)
-        # Adapters may be fp32 while X is bf16/fp16: run the branch in X's dtype, as the GEMM does.
-        b_r = tl.load(p_r + o_r[:, None] * stride_rr + o_n[None, :] * stride_rn,
-                      mask=m_r[:, None] & m_n[None, :], other=0.0).to(dtype)
-        b_lr = _dot(b_l, b_r, b_lr, DOT_F32, IEEE)  # [BM, BR] @ [BR, BN] -> [BM, BN]
-    b_lr = b_lr * scale
+    b_lr = _lowrank_tile(p_l, p_r, o_m64, o_n, m_m, m_n, R, stride_lm, stride_lr, stride_rr, stride_rn,
+                         dtype, DOT_F32, IEEE, BLOCK_M, BLOCK_N, BLOCK_R) * scale
     if DROPOUT:
         # Backward of dropout on the LoRA input: dX's LoRA part only passes where the input was kept.
         b_keep = _dropout_keep(p_seed, o_m, o_n, N, dropout_p)
@@ -180,8 +172,9 @@ def smem_bytes(cfg: dict, num_stages: int, elem: int, block_r: int, *, blocksize
     byte per value, plus its block scales (uint8 + an fp32 second-level scale when nested, else fp32).
     Once: the decoded ``BK x BN`` tile, staged in the compute dtype as the MMA's operand, and a
     layout-conversion buffer of the same size (nibble interleave, transpose, LUT gather). The code table
-    itself lives in registers. The epilogue's pipelined L and R tiles and the output tile's conversion
-    for the store reuse the main loop's space (``max``). Checked against the compiler's figure for
+    itself lives in registers. The epilogue's L and R tiles (counted per stage although
+    matmul._lowrank_tile does not pipeline them: a margin for fp32 adapters, unmeasured) and the output
+    tile's conversion for the store reuse the main loop's space (``max``). Checked against the compiler's figure for
     every shipped config by tests/kernels/aot_qmatmul_cases.py.
     """
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -253,7 +246,7 @@ def _tuned_kernel(device_index: int):
 def _kernel_hash() -> str:
     """Source hash of the in-loop kernel and every helper it calls: part of its tuning-cache key."""
     return _tuning.source_hash(_matmul_lowrank_4bit_kernel, _decode_4bit_tile, _block_scales, _mul_rn,
-                               _to_bf16_rtne, _dot, _dropout_keep, _grouped_tile)
+                               _to_bf16_rtne, _dot, _dropout_keep, _grouped_tile, _lowrank_tile)
 
 
 @functools.lru_cache(maxsize=None)

@@ -172,7 +172,7 @@ def test_source_hash_follows_the_source():
     def g(x):
         return x + 2
 
-    h = tuning.source_hash(mm._matmul_lowrank_kernel, mm._dot, mm._dropout_keep, mm._grouped_tile)
+    h = tuning.source_hash(mm._matmul_lowrank_kernel, mm._dot, mm._dropout_keep, mm._grouped_tile, mm._lowrank_tile)
     assert h == mm._kernel_hash() and len(h) == 16
     assert tuning.source_hash(f) != tuning.source_hash(g)
     assert tuning.source_hash(mm._matmul_lowrank_kernel) != h
