@@ -300,6 +300,37 @@ def cuda_timer(warmup_ms: float, rep_ms: float) -> Callable:
     return timer
 
 
+def _check_and_time(rec: dict, run: Callable[[int], None], n_sets: int, y, ref, tol: float, timer: Callable) -> dict:
+    """One candidate: ``run(0)`` with ``y`` poisoned with NaN first (unwritten elements fail), compared
+    with ``ref``; if within ``tol``, timed by ``timer`` while rotating over the ``n_sets`` input sets.
+    Returns ``rec`` with ``rel_error`` and ``ms``/``ms_p20``/``ms_p80``, or with the ``error`` that
+    dropped it (a compile or launch failure, or a wrong result)."""
+    import torch
+
+    try:
+        y.fill_(float("nan"))
+        run(0)
+        if y.is_cuda:
+            torch.cuda.synchronize()
+        err = _rel_error(y, ref)
+    except Exception as e:  # noqa: BLE001 - out of resources, compile errors: not a candidate here
+        rec["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        return rec
+    rec["rel_error"] = err
+    if not (err <= tol):  # NaN fails too
+        rec["error"] = f"relative error {err:.3g} over {tol:g}"
+        return rec
+    calls = [0]
+
+    def fn():
+        run(calls[0] % n_sets)
+        calls[0] += 1
+
+    med, p20, p80 = timer(fn)
+    rec.update(ms=med, ms_p20=p20, ms_p80=p80)
+    return rec
+
+
 def measure_task(task: TuneTask, configs: Sequence[dict], *, rank: int, device, timer: Callable,
                  l2_bytes: int = 64 << 20, max_sets: int = 8, seed: int = 0, scale: float = 2.0) -> dict:
     """Check and time every config on ``task``; returns ``{"best": entry | None, "results": [...]}``.
@@ -327,34 +358,11 @@ def measure_task(task: TuneTask, configs: Sequence[dict], *, rank: int, device, 
            + scale * (first["left"].to(ref_dtype) @ first["right"].to(ref_dtype))).double()
     tol = _TOLERANCE[task.dtype]
 
-    results = []
-    for cfg in configs:
-        rec = {"config": dict(cfg)}
-        try:
-            first["y"].fill_(float("nan"))
-            mm._launch_config(*launches[0], task.m, task.n, cfg)
-            if first["y"].is_cuda:
-                torch.cuda.synchronize()
-            err = _rel_error(first["y"], ref)
-        except Exception as e:  # noqa: BLE001 - out of resources, compile errors: not a candidate here
-            rec["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
-            results.append(rec)
-            continue
-        rec["rel_error"] = err
-        if not (err <= tol):  # NaN fails too
-            rec["error"] = f"relative error {err:.3g} over {tol:g}"
-            results.append(rec)
-            continue
-        state = [0]
-
-        def fn(cfg=cfg):
-            i = state[0] % len(launches)
-            state[0] += 1
-            mm._launch_config(*launches[i], task.m, task.n, cfg)
-
-        med, p20, p80 = timer(fn)
-        rec.update(ms=med, ms_p20=p20, ms_p80=p80)
-        results.append(rec)
+    results = [
+        _check_and_time({"config": dict(cfg)}, lambda i, cfg=cfg: mm._launch_config(*launches[i], task.m, task.n, cfg),
+                        len(launches), first["y"], ref, tol, timer)
+        for cfg in configs
+    ]
 
     timed = [r for r in results if "ms" in r]
     best = None
@@ -447,35 +455,13 @@ def measure_task_4bit(task: TuneTask, inloop_configs: Sequence[dict], dense_conf
             dequantize_4bit(sets[i]["q"], dtype=dt, out=workspace, backend="triton")
             mm._launch_config(*dense_launches[i], task.m, task.n, cfg)
 
-    results = []
     candidates_ = [("inloop", c) for c in inloop_configs] + [("dequant", c) for c in dense_configs]
-    for variant, cfg in candidates_:
-        rec = {"variant": variant, "config": dict(cfg)}
-        try:
-            first["y"].fill_(float("nan"))
-            run(variant, cfg, 0)
-            if first["y"].is_cuda:
-                torch.cuda.synchronize()
-            err = _rel_error(first["y"], ref)
-        except Exception as e:  # noqa: BLE001 - out of resources, compile errors: not a candidate here
-            rec["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
-            results.append(rec)
-            continue
-        rec["rel_error"] = err
-        if not (err <= tol):  # NaN fails too
-            rec["error"] = f"relative error {err:.3g} over {tol:g}"
-            results.append(rec)
-            continue
-        state = [0]
-
-        def fn(variant=variant, cfg=cfg):
-            i = state[0] % len(sets)
-            state[0] += 1
-            run(variant, cfg, i)
-
-        med, p20, p80 = timer(fn)
-        rec.update(ms=med, ms_p20=p20, ms_p80=p80)
-        results.append(rec)
+    results = [
+        _check_and_time({"variant": variant, "config": dict(cfg)},
+                        lambda i, variant=variant, cfg=cfg: run(variant, cfg, i), len(sets), first["y"], ref, tol,
+                        timer)
+        for variant, cfg in candidates_
+    ]
 
     timed = [r for r in results if "ms" in r]
     fastest = {v: min((r for r in timed if r["variant"] == v), key=lambda r: r["ms"], default=None)
