@@ -403,8 +403,10 @@ _MISSING = object()
 _tuning.on_clear(_SELECTED.clear)
 
 
-def _record_search_winner(kernel, timings_before, gpu_name: str, key: str) -> Optional[dict]:
-    """After an autotuned launch: the config it ran, written to the tuning cache with its time.
+def _record_search_winner(kernel, timings_before, gpu_name: str, key: str,
+                          kernel_hash: Optional[str] = None) -> Optional[dict]:
+    """After an autotuned launch: the config it ran, written to the tuning cache with its time, under
+    ``kernel_hash`` (default: this GEMM's; qmatmul passes the in-loop kernel's).
 
     ``best_config`` is set by every Triton 3.x autotuner run; ``configs_timings`` is only replaced when
     this run benchmarked (a stale dict from an earlier key is not this key's timing), so the time is
@@ -426,7 +428,7 @@ def _record_search_winner(kernel, timings_before, gpu_name: str, key: str) -> Op
             ms = float(t)
     if not _tuning.tuning_enabled()[1]:
         return None
-    _tuning.cache_write(gpu_name, _kernel_hash(), key, cfg, ms)
+    _tuning.cache_write(gpu_name, kernel_hash or _kernel_hash(), key, cfg, ms)
     return cfg
 
 

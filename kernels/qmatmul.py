@@ -60,7 +60,7 @@ import triton.language as tl
 from . import tuning as _tuning
 from .dispatch import interpreting
 from . import matmul as _mm
-from .matmul import (_block_r, _dot, _dot_flags, _dropout_keep, _grouped_tile, _lowrank_tile,
+from .matmul import (_block_r, _device_info, _dot, _dot_flags, _dropout_keep, _grouped_tile, _lowrank_tile,
                      _max_shared_memory)
 from .nf4 import _block_scales, _decode_4bit_tile, _mul_rn, _to_bf16_rtne
 
@@ -249,11 +249,6 @@ def _kernel_hash() -> str:
                                _to_bf16_rtne, _dot, _dropout_keep, _grouped_tile, _lowrank_tile)
 
 
-@functools.lru_cache(maxsize=None)
-def _device_info(device_index: int) -> Tuple[str, int]:
-    return torch.cuda.get_device_name(device_index), _max_shared_memory(device_index)
-
-
 def _gpu_name(device: torch.device) -> Optional[str]:
     """The GPU name whose tables and cache apply to ``device``; None off CUDA (no tuned data applies)."""
     if device.type != "cuda":
@@ -299,31 +294,6 @@ _tuning.on_clear(_SELECTED.clear)
 _tuning.on_clear(_VARIANT.clear)
 
 
-def _record_search_winner(kernel, timings_before, gpu_name: str, key: str) -> Optional[dict]:
-    """The config an autotuned launch ran, written to the tuning cache (with its time when it benchmarked).
-
-    No ``variant`` is written: the search compared in-loop configs only, not the two variants.
-    """
-    best = getattr(kernel, "best_config", None)
-    if best is None:
-        return None
-    try:
-        cfg = _tuning.config_to_dict(best)
-    except (KeyError, TypeError, ValueError):
-        return None
-    ms = None
-    timings = getattr(kernel, "configs_timings", None)
-    if isinstance(timings, dict) and timings is not timings_before and best in timings:
-        t = timings[best]
-        t = t[0] if isinstance(t, (list, tuple)) else t
-        if isinstance(t, (int, float)) and t == t and t != float("inf"):
-            ms = float(t)
-    if not _tuning.tuning_enabled()[1]:
-        return None
-    _tuning.cache_write(gpu_name, _kernel_hash(), key, cfg, ms)
-    return cfg
-
-
 def _launch_config(args: tuple, flags: dict, m: int, n: int, cfg: dict) -> None:
     """Launch the in-loop kernel with one explicit config (a table/cache hit, or a candidate being timed)."""
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
@@ -352,7 +322,9 @@ def _launch_cuda(args: tuple, flags: dict, m: int, n: int, k: int, dtype, weight
     timings_before = getattr(kernel, "configs_timings", None)
     kernel[grid](*args, **flags)
     key = _tuning.shape_key(_tuning.OP_LORA_MATMUL_4BIT, m, n, k, dtype, weight)
-    _SELECTED[memo_key] = _record_search_winner(kernel, timings_before, _device_info(device_index)[0], key)
+    # No "variant" is written: the search compared in-loop configs only, not the two variants.
+    _SELECTED[memo_key] = _mm._record_search_winner(kernel, timings_before, _device_info(device_index)[0], key,
+                                                    _kernel_hash())
 
 
 # --------------------------------------------------------------------------------------------------

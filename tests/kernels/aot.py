@@ -23,7 +23,7 @@ import json
 import os
 import subprocess
 import sys
-from typing import Dict, List
+from typing import Dict
 
 # Shared memory one block may use (the opt-in maximum), in bytes: A100 163 KiB, sm86/sm89 99 KiB,
 # H100/H200 227 KiB. A config above its GPU's limit fails at launch with "out of resources".
@@ -98,29 +98,6 @@ def compile_call(fn, args: tuple, kwargs: dict, arch: str) -> Compiled:
                     num_stages=kernel.metadata.num_stages, shared=int(kernel.metadata.shared))
 
 
-@contextlib.contextmanager
-def compile_instead_of_launch(arch: str):
-    """Within the block, every ``jit_fn[grid](...)`` compiles for ``arch`` and launches nothing.
-
-    Yields the list the :class:`Compiled` records are appended to, in launch order. Launchers can
-    then be driven with CPU tensors: nothing reads or writes their memory.
-    """
-    from triton.runtime.jit import JITFunction
-
-    launches: List[Compiled] = []
-    real_run = JITFunction.run
-
-    def run(self, *args, grid, warmup, **kwargs):
-        launches.append(compile_call(self, args, kwargs, arch))
-        return None
-
-    JITFunction.run = run
-    try:
-        yield launches
-    finally:
-        JITFunction.run = real_run
-
-
 @dataclasses.dataclass
 class CompileFailed:
     """A launch whose compilation raised (what a GPU user would hit on that launch)."""
@@ -133,10 +110,14 @@ class CompileFailed:
 
 
 @contextlib.contextmanager
-def compile_each_launch(arch: str):
-    """Like :func:`compile_instead_of_launch`, but a launch that fails to compile is recorded as a
-    :class:`CompileFailed` and the launcher goes on: a sweep then reports every failure at once, with
-    the kernel and config that caused it, instead of stopping at the first."""
+def compile_instead_of_launch(arch: str, *, keep_going: bool = False):
+    """Within the block, every ``jit_fn[grid](...)`` compiles for ``arch`` and launches nothing.
+
+    Yields the list the :class:`Compiled` records are appended to, in launch order. Launchers can
+    then be driven with CPU tensors: nothing reads or writes their memory. With ``keep_going``, a
+    launch that fails to compile is recorded as a :class:`CompileFailed` and the launcher goes on (a
+    sweep then reports every failure with its kernel and config); otherwise the error propagates.
+    """
     from triton.runtime.jit import JITFunction
 
     launches: list = []
@@ -146,6 +127,8 @@ def compile_each_launch(arch: str):
         try:
             launches.append(compile_call(self, args, kwargs, arch))
         except Exception as e:  # noqa: BLE001 - the error text is the result
+            if not keep_going:
+                raise
             const = {p.name: kwargs[p.name] for p in self.params if p.is_constexpr and p.name in kwargs}
             launches.append(CompileFailed(name=self.__name__, arch=arch, constexprs=const,
                                           num_warps=int(kwargs.get("num_warps", 4)),

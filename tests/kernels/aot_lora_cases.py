@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from aot import SMEM_LIMIT, CompileFailed, compile_each_launch  # noqa: E402
+from aot import SMEM_LIMIT, CompileFailed, compile_instead_of_launch  # noqa: E402
 from peftfast.kernels import lora, matmul as mm, nf4  # noqa: E402
 
 ARCHS = ("sm80", "sm89", "sm90")
@@ -66,7 +66,7 @@ class Case:
     kernel: str                      # the kernel the case is about (a path case launches several)
     arch: str
     desc: str
-    launch: Callable[[], None]       # runs the launcher(s); inside compile_each_launch nothing runs
+    launch: Callable[[], None]       # runs the launcher(s); inside compile_instead_of_launch nothing runs
     config: Optional[dict] = None    # GEMM: the table entry
     estimate: Optional[int] = None   # GEMM: matmul._smem_bytes for this call
     admitted: bool = True
@@ -411,7 +411,7 @@ def build_cases(archs, full: bool) -> List[Case]:
 
 def _records(case: Case) -> List[dict]:
     limit = SMEM_LIMIT[case.arch]
-    with compile_each_launch(case.arch) as launches:
+    with compile_instead_of_launch(case.arch, keep_going=True) as launches:
         try:
             case.launch()
             crash = None

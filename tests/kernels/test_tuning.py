@@ -284,6 +284,12 @@ def test_search_winner_is_cached_with_its_time():
     assert mm._record_search_winner(kernel, stale, GPU, key2) == CFG
     tuning.clear_memory_caches()
     assert tuning.cache_read(GPU, mm._kernel_hash(), key2) == {"config": CFG, "ms": None}
+    # Another kernel's search (qmatmul's in-loop GEMM) is cached under that kernel's source hash.
+    key3 = _key(m=4096)
+    assert mm._record_search_winner(kernel, None, GPU, key3, "0123456789abcdef") == CFG
+    tuning.clear_memory_caches()
+    assert tuning.cache_read(GPU, "0123456789abcdef", key3) == {"config": CFG, "ms": 0.5}
+    assert tuning.cache_read(GPU, mm._kernel_hash(), key3) is None
 
 
 def test_explicit_config_launch_matches_reference():
