@@ -1,4 +1,5 @@
-"""Base models for the command-line tools: the embedded tiny Llama, or a local transformers directory.
+"""Base models for the command-line tools: the embedded tiny Llama, a local transformers directory, or a
+Hugging Face Hub model id.
 
 The embedded base is built from :func:`peftfast.demo.tiny_llama_config` with a fixed seed, so
 ``peftfast train``, ``generate`` and ``merge`` rebuild the very same weights anywhere; adapters trained
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -48,44 +50,100 @@ def quant_config(compute_dtype: torch.dtype):
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
+# A Hugging Face Hub repository id: "name" or "owner/name" (letters, digits, '-', '_', '.').
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+EXAMPLE_ID = "meta-llama/Llama-3.2-1B"
+
+
+class BaseModelError(ValueError):
+    """A ``--model`` that names no loadable model (the message says why and what to pass instead)."""
+
+
+def is_local(spec: str) -> bool:
+    return Path(spec).expanduser().is_dir()
+
+
+def check_model_spec(spec: Optional[str], flag: str = "--model") -> None:
+    """Refuse, before anything is loaded, a ``--model`` that is neither a local directory nor a Hub id."""
+    if spec is None or is_local(spec):
+        return
+    if Path(spec).expanduser().exists():
+        raise BaseModelError(f"{flag} {spec}: a file, not a directory; give the directory that holds the model's "
+                             f"config.json, or a Hugging Face Hub model id such as {EXAMPLE_ID}")
+    if not _HUB_ID.match(spec):
+        raise BaseModelError(f"{flag} {spec}: not a local directory, and not a Hugging Face Hub model id "
+                             f"(owner/name, such as {EXAMPLE_ID})")
+
+
+def hub_kwargs(spec: str) -> dict:
+    """from_pretrained arguments: a local directory is read as is, never looked up on the Hub."""
+    return {"local_files_only": True} if is_local(spec) else {}
+
+
+def load_failure(spec: str, err: Exception, flag: str = "--model") -> BaseModelError:
+    """A from_pretrained failure, said in terms of the flag (its first line carries transformers' reason)."""
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if is_local(spec):
+        return BaseModelError(f"{flag} {spec}: not a transformers causal-LM directory ({reason}); give the "
+                              "directory save_pretrained wrote (config.json, weights and tokenizer files)")
+    return BaseModelError(f"{flag} {spec}: not a local directory, and not loadable from the Hugging Face Hub "
+                          f"({reason}); check the id, run `hf auth login` for a gated model, or download it "
+                          "first where the Hub can be reached (HF_HUB_OFFLINE=1 uses the local cache only)")
+
+
 def load_base(model_dir: Optional[str], *, load_in_4bit: bool, device: str = "cpu",
               compute_dtype: torch.dtype = torch.float32) -> dict:
     """Load a base model and its tokenizer.
 
+    Args:
+        model_dir: a local transformers directory, a Hugging Face Hub model id (downloaded, or read from the
+            Hub cache), or None for the embedded tiny Llama.
+        load_in_4bit: quantize the base to NF4 (double-quantized absmax) with bitsandbytes.
+        device: where the base is loaded (loaded there directly: a large base never sits on the CPU first).
+        compute_dtype: the 4-bit base's compute dtype; a dense base's weights are loaded in it too (frozen
+            weights in bf16 take half the memory; adapters stay fp32, see peftfast.layers.adapter_dtype).
+
     Returns:
         dict with ``model``, ``tokenizer`` (peftfast.data.Tokenizer), ``hf_tokenizer`` (None for the
         embedded byte tokenizer), ``desc`` and ``fingerprint`` (embedded base only, else None).
+
+    Raises:
+        BaseModelError: ``model_dir`` names nothing loadable.
     """
     from transformers import AutoModelForCausalLM
 
     from .data import byte_tokenizer, hf_tokenizer
 
-    kwargs = {"local_files_only": True}
+    kwargs = {"device_map": device}
     if load_in_4bit:
-        kwargs.update(quantization_config=quant_config(compute_dtype), device_map=device)
+        kwargs["quantization_config"] = quant_config(compute_dtype)
     else:
-        kwargs["dtype"] = torch.float32
+        kwargs["dtype"] = compute_dtype
     fp = None
     if model_dir is None:
         dense = build_embedded_base()
         fp = fingerprint(dense)
         with tempfile.TemporaryDirectory() as tmp:
             dense.save_pretrained(tmp)
-            model = AutoModelForCausalLM.from_pretrained(tmp, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(tmp, local_files_only=True, **kwargs)
         model.config._name_or_path = EMBEDDED_NAME
         model.name_or_path = EMBEDDED_NAME
         tok, hf_tok, desc = byte_tokenizer(), None, "embedded tiny Llama (byte tokenizer)"
     else:
         from transformers import AutoTokenizer
 
-        hf_tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        check_model_spec(model_dir)
+        try:
+            hf_tok = AutoTokenizer.from_pretrained(model_dir, **hub_kwargs(model_dir))
+            model = AutoModelForCausalLM.from_pretrained(model_dir, **hub_kwargs(model_dir), **kwargs)
+        except (OSError, ValueError) as e:
+            raise load_failure(model_dir, e) from None
         tok = hf_tokenizer(hf_tok)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
         desc = str(model_dir)
     if load_in_4bit:
         desc += ", base in NF4 (bitsandbytes)"
-    else:
-        model.to(device)
+    elif compute_dtype != torch.float32:
+        desc += f", base in {str(compute_dtype).replace('torch.', '')}"
     return {"model": model, "tokenizer": tok, "hf_tokenizer": hf_tok, "desc": desc, "fingerprint": fp}
 
 
@@ -103,8 +161,8 @@ def read_train_log(adapter_dir) -> dict:
 def resolve_base(model: Optional[str], adapter_dir, load_in_4bit: Optional[bool]) -> tuple:
     """Which base an adapter goes on: (model_dir or None for the embedded one, load_in_4bit, note).
 
-    ``--model`` wins; otherwise the adapter's ``base_model_name_or_path`` (the embedded name, or a local
-    directory). 4-bit: as asked, else as trained (``train_log.json`` method ``qlora``).
+    ``--model`` wins; otherwise the adapter's ``base_model_name_or_path`` (the embedded name, a local
+    directory or a Hub model id). 4-bit: as asked, else as trained (``train_log.json`` method ``qlora``).
     """
     from .config import CONFIG_NAME
 
@@ -120,10 +178,10 @@ def resolve_base(model: Optional[str], adapter_dir, load_in_4bit: Optional[bool]
         return model, load_in_4bit, log
     if base in (None, "", EMBEDDED_NAME):
         return None, load_in_4bit, log
-    if Path(base).is_dir():
+    if is_local(base) or _HUB_ID.match(base):
         return base, load_in_4bit, log
-    raise FileNotFoundError(
-        f"the adapter's base model is {base!r}, which is not a local directory here; pass --model DIR")
+    raise FileNotFoundError(f"the adapter's base model is {base!r}, which is neither a local directory here nor a "
+                            "Hugging Face Hub model id; pass --model DIR_OR_ID")
 
 
 def check_embedded(fp: Optional[str], log: dict) -> None:

@@ -1,8 +1,8 @@
 """``peftfast generate``: text from a base model plus an adapter (greedy, or sampled with --temperature).
 
 Without ``--model`` the base is the one the adapter names (``base_model_name_or_path``): the embedded tiny
-Llama for adapters saved by ``peftfast train`` / ``peftfast demo`` without ``--model``, or a local
-directory. The base is loaded in NF4 when the adapter was trained with ``--method qlora`` (from its
+Llama for adapters saved by ``peftfast train`` / ``peftfast demo`` without ``--model``, a local
+directory or a Hugging Face Hub model id. The base is loaded in NF4 when the adapter was trained with ``--method qlora`` (from its
 ``train_log.json``), so the logits are those the adapter was trained against; ``--load-in-4bit`` /
 ``--no-load-in-4bit`` override that.
 """
@@ -20,7 +20,7 @@ class GenerateError(ValueError):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="local transformers directory of the base model (default: the "
+    p.add_argument("--model", default=None, help="the base model: local transformers directory or Hub id (default: the "
                    "adapter's base_model_name_or_path; the embedded tiny Llama for `peftfast train` adapters)")
     p.add_argument("--adapter", required=True, help="adapter directory (PEFT format)")
     p.add_argument("--prompt", required=True)
@@ -40,17 +40,16 @@ def load_with_adapter(model_dir: Optional[str], adapter: str, load_in_4bit: Opti
 
     import peftfast
 
-    from .basemodel import check_embedded, load_base, resolve_base
+    from .basemodel import BaseModelError, check_embedded, check_model_spec, load_base, resolve_base
 
     if not os.path.isdir(adapter):
         raise GenerateError(f"--adapter {adapter}: no such directory")
-    if model_dir is not None and not os.path.isdir(model_dir):
-        raise GenerateError(f"--model {model_dir}: not a local directory with a transformers model")
     try:
+        check_model_spec(model_dir)
         model_dir, four_bit, log = resolve_base(model_dir, adapter, load_in_4bit)
-    except FileNotFoundError as e:
+        loaded = load_base(model_dir, load_in_4bit=four_bit, device=device)
+    except (FileNotFoundError, BaseModelError) as e:
         raise GenerateError(str(e)) from None
-    loaded = load_base(model_dir, load_in_4bit=four_bit, device=device)
     try:
         check_embedded(loaded["fingerprint"], log)
     except ValueError as e:

@@ -29,7 +29,7 @@ class MergeError(ValueError):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="local transformers directory of the base model (default: the "
+    p.add_argument("--model", default=None, help="the base model: local transformers directory or Hub id (default: the "
                    "adapter's base_model_name_or_path; the embedded tiny Llama for `peftfast train` adapters)")
     p.add_argument("--adapter", required=True, help="adapter directory (PEFT format)")
     p.add_argument("--output", required=True, help="where to save the merged model (save_pretrained)")

@@ -2,8 +2,9 @@
 on a text or jsonl file.
 
 Without ``--model`` it trains the embedded tiny Llama of :mod:`peftfast.basemodel` (built from a config
-with a fixed seed, UTF-8 byte tokenizer), so it runs anywhere with nothing downloaded. With ``--model DIR``
-it loads ``AutoTokenizer``/``AutoModelForCausalLM`` from that local directory (no network).
+with a fixed seed, UTF-8 byte tokenizer), so it runs anywhere with nothing downloaded. ``--model`` takes a
+local transformers directory (read as is, no network) or a Hugging Face Hub model id (downloaded, or read
+from the Hub cache; HF_HUB_OFFLINE=1 keeps it off the network).
 
 Every ``--save-steps`` steps, at the end, and on Ctrl-C, a resumable checkpoint is written to
 ``<output>/checkpoint-<step>`` (see :mod:`peftfast.resume`); ``--resume`` continues from the newest one
@@ -26,6 +27,7 @@ from typing import Optional
 import torch
 
 from . import resume as ckpt
+from .basemodel import BaseModelError, check_model_spec, hub_kwargs, load_failure
 from .data import DataError, iterate_batches, load_dataset, split
 from .fileio import replace_atomically
 from .lineplot import write_line_png
@@ -59,8 +61,8 @@ def _before_step(step: int) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="local directory of a transformers causal LM "
-                   "(default: the embedded tiny Llama with a byte tokenizer)")
+    p.add_argument("--model", default=None, help="a transformers causal LM: local directory or Hugging Face Hub "
+                   "id (default: the embedded tiny Llama with a byte tokenizer)")
     p.add_argument("--data", default=str(DEFAULT_DATA), help=".txt (packed) or .jsonl with 'text', "
                    "'prompt'+'completion' or chat 'messages' (default: the shipped corpus)")
     p.add_argument("--method", choices=METHODS, default="qlora")
@@ -80,7 +82,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (and bf16 compute for the 4-bit base)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast, and the frozen base in bf16 (bf16 weights, "
+                   "or bf16 compute for a 4-bit base); adapters stay fp32")
     p.add_argument("--eval-fraction", type=float, default=0.05)
     p.add_argument("--logging-steps", type=int, default=10)
     p.add_argument("--save-steps", type=int, default=100, help="write a resumable checkpoint every N steps "
@@ -112,8 +115,10 @@ def _check_args(a) -> None:
     if out.is_dir() and any(out.iterdir()) and not a.overwrite and a.resume is None:
         raise TrainError(f"--output {out} exists and is not empty; pass --overwrite to write into it, "
                          "or --resume to continue the run saved there")
-    if a.model is not None and not Path(a.model).is_dir():
-        raise TrainError(f"--model {a.model}: not a local directory with a transformers model")
+    try:
+        check_model_spec(a.model)
+    except BaseModelError as e:
+        raise TrainError(str(e)) from None
 
 
 def _is_embedded_default(a) -> bool:
@@ -144,7 +149,10 @@ def _max_positions(a) -> Optional[int]:
         return tiny_llama_config().max_position_embeddings
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(a.model, local_files_only=True)
+    try:
+        cfg = AutoConfig.from_pretrained(a.model, **hub_kwargs(a.model))
+    except (OSError, ValueError) as e:
+        raise TrainError(str(load_failure(a.model, e))) from None
     cfg = getattr(cfg, "get_text_config", lambda: cfg)()
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         if getattr(cfg, name, None):
@@ -216,7 +224,10 @@ def _load_model(a, device: str) -> dict:
     from .basemodel import load_base
 
     compute = torch.bfloat16 if a.bf16 else torch.float32
-    return load_base(a.model, load_in_4bit=a.method == "qlora", device=device, compute_dtype=compute)
+    try:
+        return load_base(a.model, load_in_4bit=a.method == "qlora", device=device, compute_dtype=compute)
+    except BaseModelError as e:
+        raise TrainError(str(e)) from None
 
 
 @torch.no_grad()

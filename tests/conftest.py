@@ -9,6 +9,10 @@ import os
 
 import torch
 
+# Tests never reach the network: a Hub model id resolves from the local cache or fails at once (CI has no
+# network; without this, huggingface_hub would retry each lookup). Read when huggingface_hub is imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")

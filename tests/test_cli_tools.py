@@ -88,7 +88,7 @@ def test_generate_errors(trained, tmp_path, capsys):
     for f in ("adapter_config.json", "adapter_model.safetensors"):
         (foreign / f).write_bytes((trained["lora"] / f).read_bytes())
     cfg = json.loads((foreign / "adapter_config.json").read_text())
-    cfg["base_model_name_or_path"] = "some-org/some-model"
+    cfg["base_model_name_or_path"] = "/trained/elsewhere/base"
     (foreign / "adapter_config.json").write_text(json.dumps(cfg))
     assert cli_main(["generate", "--adapter", str(foreign), "--prompt", "x"]) == 2
     assert "pass --model" in capsys.readouterr().err
@@ -246,6 +246,52 @@ def test_chat_template_of_hf_tokenizer(tmp_path, capsys):
     merged = tmp_path / "merged"
     assert cli_main(["merge", "--model", str(model_dir), "--adapter", str(tmp_path / "out"), "--output", str(merged)]) == 0
     assert (merged / "tokenizer_config.json").is_file()  # the tokenizer travels with the merged model
+
+
+def _fake_hub_cache(cache, repo_id: str, model_dir) -> None:
+    """Put ``model_dir`` in the Hub cache layout huggingface_hub reads offline:
+    ``models--owner--name/refs/main`` naming a ``snapshots/<revision>/`` folder."""
+    import shutil
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(model_dir, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+
+
+def _cli(args, cwd, cache):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "peftfast", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=600)
+
+
+def test_model_given_as_hub_id(tmp_path):
+    """--model takes a Hub id (here served from the Hub cache, offline), and the adapter records it, so
+    generate finds the base by itself; an id the Hub cannot give, or a path that is no id, is refused."""
+    cache = tmp_path / "hub"
+    _fake_hub_cache(cache, "peftfast-test/tiny-chat", _chat_model_dir(tmp_path / "model"))
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": CHAT}) for _ in range(6)) + "\n")
+    run = _cli(["train", "--model", "peftfast-test/tiny-chat", "--data", str(data), "--method", "lora",
+                "--max-steps", "2", "--seq-len", "96", "--batch-size", "2", "--output", "out"], tmp_path, cache)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "peftfast-test/tiny-chat"
+    gen = _cli(["generate", "--adapter", "out", "--prompt", "hi", "--max-new-tokens", "2"], tmp_path, cache)
+    assert gen.returncode == 0, gen.stderr[-2000:]
+
+    missing = _cli(["train", "--model", "peftfast-test/no-such-model", "--output", "o2"], tmp_path, cache)
+    assert missing.returncode == 2
+    assert "--model peftfast-test/no-such-model: not a local directory, and not loadable from the Hugging Face Hub" \
+        in missing.stderr
+    assert not (tmp_path / "o2").exists()
+    not_an_id = _cli(["generate", "--model", "./no/such/dir", "--adapter", "out", "--prompt", "x"], tmp_path, cache)
+    assert not_an_id.returncode == 2 and "not a Hugging Face Hub model id" in not_an_id.stderr
 
 
 @pytest.mark.parametrize("line,message", [

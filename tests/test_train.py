@@ -287,3 +287,24 @@ def test_progress_bar_redraws_on_a_terminal_only(monkeypatch):
     quiet.show(5, 20, "step 5/20")
     quiet.log("step 10/20")
     assert pipe.getvalue() == "step 10/20\n"
+
+
+def test_bf16_loads_the_frozen_base_in_bf16_and_keeps_adapters_fp32(tmp_path):
+    """--bf16 on a dense base: its frozen weights are loaded in bf16 (half of fp32's memory), the adapter
+    trains and is saved in fp32, as PEFT's autocast_adapter_dtype keeps it."""
+    import torch
+    from safetensors import safe_open
+
+    from peftfast.basemodel import load_base
+
+    model = load_base(None, load_in_4bit=False, compute_dtype=torch.bfloat16)["model"]
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    peftfast.patch(model, peftfast.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+
+    out = tmp_path / "o"
+    res = train_main(["--method", "lora", "--bf16", "--max-steps", "3", "--output", str(out), *FAST])
+    assert len(res["losses"]) == 3 and all(0 < l < 20 for l in res["losses"]), res["losses"]
+    assert "base in bfloat16" in json.loads((out / "train_log.json").read_text())["base_model"]
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
