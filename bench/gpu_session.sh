@@ -75,7 +75,8 @@ run_stage() {
       # `peftfast generate` with the adapter (the M=1 decode path). TRAIN_HIDDEN=64 makes a CPU smoke run.
       local hidden=${TRAIN_HIDDEN:-1024} steps=${TRAIN_STEPS:-100}
       { versions; echo "command: peftfast train --model /tmp/gpu-llama --data peftfast/data/corpus.txt" \
-          "--method qlora --bf16 --seq-len 256 --batch-size 8 --max-steps $steps --lr 1e-3 (hidden $hidden)"; } > "$out/train.log"
+          "--method qlora --bf16 --seq-len 256 --batch-size 8 --max-steps $steps --lr 1e-3 (hidden $hidden);" \
+          "then the same with --method lora --max-steps 20"; } > "$out/train.log"
       python3 - "$hidden" >> "$out/train.log" 2>&1 <<'PY' || return 1
 import sys
 sys.path.insert(0, "tests")
@@ -94,6 +95,10 @@ PY
           --output /tmp/gpu-train >> "$out/train.log" 2>&1 || return 1
       peftfast generate --adapter /tmp/gpu-train --prompt "The " --max-new-tokens 32 >> "$out/train.log" 2>&1 \
           || return 1
+      # The dense path of the same command: LoRA on a bf16 base (--bf16 loads the frozen weights in bf16).
+      peftfast train --model /tmp/gpu-llama --data peftfast/data/corpus.txt --method lora --bf16 \
+          --seq-len 256 --batch-size 8 --max-steps 20 --lr 1e-3 --logging-steps 10 --overwrite \
+          --output /tmp/gpu-train-lora >> "$out/train.log" 2>&1 || return 1
       cp /tmp/gpu-train/loss.png "$out/train_loss.png"
       cp /tmp/gpu-train/train_log.json "$out/train_log.json"
       ;;
