@@ -33,8 +33,7 @@ from .dispatch import resolve_backend
 # The base-weight plumbing is shared with LoRA: 4-bit weights travel through the custom ops as their
 # storage tensors (_quant_args) and are dequantized in one launch where a GEMM needs them (_dense_base).
 from .lora import _check_shapes, _dense_base, _quant_args
-from .nf4 import Quant4bit, is_4bit_weight
-from .weights import dense_weight, weight_shape
+from .weights import base_weight_problem, bias_problem, dense_weight, float_operands_problem, weight_shape
 
 
 def dora_weight_norm(w: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -129,7 +128,6 @@ def dora_linear(
 # Triton path
 # ==================================================================================================
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Row granularity of the dm partial sums: every config's BLOCK_M is a multiple of it, so the partials
 # buffer ([cdiv(M, 16), N] fp32) is fully written whichever config the autotuner picks.
 _SUB_M = 16
@@ -715,36 +713,15 @@ def _triton_supports(x, weight, lora_A, lora_B, magnitude, bias, base_output, dr
     if base_output is not None:
         return False, ("base_output was given (8-bit base or a second active adapter): the DoRA correction is "
                        "combined with an output computed elsewhere, which only the reference does")
-    for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B), ("magnitude", magnitude)):
-        if t.dtype not in _FLOAT_DTYPES:
-            return False, f"{name} is {t.dtype}; the kernel takes float32, float16 or bfloat16"
-        if t.device != x.device:
-            return False, f"{name} is on {t.device} but x is on {x.device}"
     if not 0.0 <= dropout_p < 1.0:
         return False, f"dropout_p={dropout_p} (the kernel handles 0 <= p < 1)"
     if lora_A.shape[0] == 0 or x.shape[-1] == 0:
         return False, "rank 0 or zero input features"
-    if isinstance(weight, Quant4bit) or is_4bit_weight(weight):
-        dev = weight.device if isinstance(weight, Quant4bit) else weight.data.device
-        if dev != x.device:
-            return False, f"the 4-bit weight is on {dev} but x is on {x.device}"
-    elif not torch.is_tensor(weight):
-        return False, f"the base weight is a {type(weight).__name__}, not a tensor or a 4-bit weight"
-    else:
-        if weight.dtype not in _FLOAT_DTYPES:
-            what = "8-bit weights are not supported" if weight.dtype in (torch.int8, torch.uint8) else (
-                "the kernel takes float32, float16 or bfloat16")
-            return False, f"the base weight is {weight.dtype}; {what}"
-        if weight.device != x.device:
-            return False, f"the base weight is on {weight.device} but x is on {x.device}"
-        if weight.requires_grad and torch.is_grad_enabled():
-            return False, "the base weight requires grad and the Triton path computes no dW (freeze it)"
-    if bias is not None:
-        if bias.dtype not in _FLOAT_DTYPES:
-            return False, f"bias is {bias.dtype}; the kernel takes float32, float16 or bfloat16"
-        if bias.device != x.device:
-            return False, f"bias is on {bias.device} but x is on {x.device}"
-    return True, ""
+    if weight is None:
+        return False, "no base weight (DoRA normalizes W + s BA, so it needs one)"
+    why = (float_operands_problem(x, (("lora_A", lora_A), ("lora_B", lora_B), ("magnitude", magnitude)))
+           or base_weight_problem(weight, x) or bias_problem(bias, x, computes_dbias=True))
+    return not why, why
 
 
 # The entry dora_linear dispatches to; None where Triton cannot be imported.

@@ -26,8 +26,7 @@ from .dispatch import resolve_backend
 # The base-weight plumbing is shared with LoRA: 4-bit weights travel through the custom ops as their
 # storage tensors (_quant_args) and are dequantized in one launch where a GEMM needs them (_dense_base).
 from .lora import _dense_base, _quant_args
-from .nf4 import Quant4bit, is_4bit_weight
-from .weights import dense_weight, weight_shape
+from .weights import base_weight_problem, bias_problem, dense_weight, float_operands_problem, weight_shape
 
 
 def ia3_linear_reference(
@@ -90,7 +89,6 @@ def ia3_linear(
 # Triton path
 # ==================================================================================================
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Row granularity of the dl partial sums: every config's BLOCK_M is a multiple of it, so the partials
 # buffer ([cdiv(M, 16), N] fp32) is fully written whichever config the autotuner picks.
 _SUB_M = 16
@@ -182,7 +180,8 @@ if _mm is not None:
 
         def prune(configs, named_args, **kwargs):
             args = {**named_args, **kwargs}
-            return base(configs, {"M": args["M"], "p_y": args["p_a"], "p_w": args["p_b"]}, BLOCK_R=0)
+            a, b = args["p_a"], args["p_b"]  # no low-rank epilogue (BLOCK_R=0): L and R stand in as A and B
+            return base(configs, {"M": args["M"], "p_y": a, "p_w": b, "p_l": a, "p_r": b}, BLOCK_R=0)
 
         return prune
 
@@ -439,36 +438,13 @@ def _triton_supports(x, weight, ia3_l, bias):
     """``(True, "")`` when the Triton path handles this call, else ``(False, why)``."""
     if _triton_ia3_linear is None:
         return False, "Triton is not importable on this platform"
-    for name, t in (("x", x), ("ia3_l", ia3_l)):
-        if t.dtype not in _FLOAT_DTYPES:
-            return False, f"{name} is {t.dtype}; the kernel takes float32, float16 or bfloat16"
-        if t.device != x.device:
-            return False, f"{name} is on {t.device} but x is on {x.device}"
     if x.shape[-1] == 0:
         return False, "zero input features"
-    if isinstance(weight, Quant4bit) or is_4bit_weight(weight):
-        dev = weight.device if isinstance(weight, Quant4bit) else weight.data.device
-        if dev != x.device:
-            return False, f"the 4-bit weight is on {dev} but x is on {x.device}"
-    elif not torch.is_tensor(weight):
-        return False, f"the base weight is a {type(weight).__name__}, not a tensor or a 4-bit weight"
-    else:
-        if weight.dtype not in _FLOAT_DTYPES:
-            what = "8-bit weights are not supported" if weight.dtype in (torch.int8, torch.uint8) else (
-                "the kernel takes float32, float16 or bfloat16")
-            return False, f"the base weight is {weight.dtype}; {what}"
-        if weight.device != x.device:
-            return False, f"the base weight is on {weight.device} but x is on {x.device}"
-        if weight.requires_grad and torch.is_grad_enabled():
-            return False, "the base weight requires grad and the Triton path computes no dW (freeze it)"
-    if bias is not None:
-        if bias.dtype not in _FLOAT_DTYPES:
-            return False, f"bias is {bias.dtype}; the kernel takes float32, float16 or bfloat16"
-        if bias.device != x.device:
-            return False, f"bias is on {bias.device} but x is on {x.device}"
-        if bias.requires_grad and torch.is_grad_enabled():
-            return False, "the bias requires grad and the Triton path computes no dbias (freeze it)"
-    return True, ""
+    if weight is None:
+        return False, "no base weight (IA3 scales a base layer)"
+    why = (float_operands_problem(x, (("ia3_l", ia3_l),)) or base_weight_problem(weight, x)
+           or bias_problem(bias, x, computes_dbias=False))
+    return not why, why
 
 
 # The entry ia3_linear dispatches to; None where Triton cannot be imported.

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .dispatch import interpreting, resolve_backend
 from .nf4 import Quant4bit, dequantize_4bit, is_4bit_weight, quant4bit_view
-from .weights import dense_weight, weight_shape
+from .weights import base_weight_problem, bias_problem, dense_weight, float_operands_problem, weight_shape
 
 
 def lora_linear_reference(
@@ -105,7 +105,7 @@ def lora_linear(
         >>> y = lora_linear(x, layer.weight, A, B, 2.0, bias=layer.bias)  # doctest: +SKIP
     """
     _check_shapes(x, weight, lora_A, lora_B)
-    supported, why = _triton_supports(x, weight, lora_A, lora_B, dropout_p if training else 0.0)
+    supported, why = _triton_supports(x, weight, lora_A, lora_B, dropout_p if training else 0.0, bias)
     if resolve_backend(backend, x.device, supported, why) == "triton":
         return _triton_lora_linear(x, weight, lora_A, lora_B, scaling, bias=bias, dropout_p=dropout_p if training else 0.0)
     # The fallback still dequantizes a 4-bit base with the fastest backend available: the pure-PyTorch
@@ -126,7 +126,6 @@ def lora_linear(
 # backward: keeping its dense copy would cost 4x the 4-bit storage for the whole step).
 # ==================================================================================================
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Decode-sized batches read a 4-bit weight once with the fused dequant-GEMV instead of writing and
 # re-reading a dense copy (see _decode_lora_nf4_kernel).
 DECODE_MAX_M = 64
@@ -489,32 +488,17 @@ def _decode_lora_4bit(x2, packed, absmax, code, code2, absmax2, offset, meta, xa
     return y
 
 
-def _triton_supports(x, weight, lora_A, lora_B, dropout_p):
+def _triton_supports(x, weight, lora_A, lora_B, dropout_p, bias=None):
     """``(True, "")`` when the Triton path handles this call, else ``(False, why)``."""
     if _triton_lora_linear is None:
         return False, "Triton is not importable on this platform"
-    for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B)):
-        if t.dtype not in _FLOAT_DTYPES:
-            return False, f"{name} is {t.dtype}; the kernel takes float32, float16 or bfloat16"
-        if t.device != x.device:
-            return False, f"{name} is on {t.device} but x is on {x.device}"
     if not 0.0 <= dropout_p < 1.0:
         return False, f"dropout_p={dropout_p} (the kernel handles 0 <= p < 1)"
     if lora_A.shape[0] == 0 or x.shape[-1] == 0:
         return False, "rank 0 or zero input features"
-    if weight is not None:
-        if isinstance(weight, Quant4bit) or is_4bit_weight(weight):
-            dev = weight.device if isinstance(weight, Quant4bit) else weight.data.device
-            if dev != x.device:
-                return False, f"the 4-bit weight is on {dev} but x is on {x.device}"
-        else:
-            if weight.dtype not in _FLOAT_DTYPES:
-                return False, f"the base weight is {weight.dtype}; the kernel takes float32, float16 or bfloat16"
-            if weight.device != x.device:
-                return False, f"the base weight is on {weight.device} but x is on {x.device}"
-            if weight.requires_grad and torch.is_grad_enabled():
-                return False, "the base weight requires grad and the Triton path computes no dW (freeze it)"
-    return True, ""
+    why = (float_operands_problem(x, (("lora_A", lora_A), ("lora_B", lora_B))) or base_weight_problem(weight, x)
+           or bias_problem(bias, x, computes_dbias=True))
+    return not why, why
 
 
 # The entry lora_linear dispatches to; None where Triton cannot be imported.

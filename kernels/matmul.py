@@ -287,24 +287,37 @@ def _max_shared_memory(device_index: int) -> int:
         return int(getattr(props, "shared_memory_per_block_optin", 99 * 1024))
 
 
-def _smem_bytes(kw: dict, num_stages: int, elem_bytes: int, block_r: int) -> int:
+def _smem_bytes(kw: dict, num_stages: int, elem_bytes: int, block_r: int, lr_elem_bytes: Optional[int] = None) -> int:
     """Shared memory a config needs: the larger of the main loop's ``num_stages`` X and W tiles and the
-    epilogue's L and R tiles (that loop is not pipelined; see the kernel). Checked against the compiler
-    for every config of every family by tests/kernels/test_aot_lora.py."""
+    epilogue's L and R tiles (that loop is not pipelined; see the kernel). The L and R tiles are staged
+    at their stored width, ``lr_elem_bytes`` (default ``elem_bytes``; see :func:`_staged_widths`): fp32
+    adapters under a bf16 GEMM took 80 KB where counting them at 2 bytes said 72 KB. Checked against the
+    compiler for every config of every family by tests/kernels/aot_lora_cases.py."""
     main = num_stages * (kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]) * elem_bytes
-    epilogue = (kw["BLOCK_M"] * block_r + block_r * kw["BLOCK_N"]) * elem_bytes
+    epilogue = (kw["BLOCK_M"] * block_r + block_r * kw["BLOCK_N"]) * (lr_elem_bytes or elem_bytes)
     return max(main, epilogue)
+
+
+def _staged_widths(named_args: dict) -> Tuple[int, int]:
+    """Element sizes of the tiles a ``_matmul_lowrank_kernel`` launch stages in shared memory: the main
+    loop's X and W tiles (the wider of y's and W's dtype: a wider W is staged before its in-kernel cast),
+    and the epilogue's L and R tiles (the widest of those and both adapters' dtypes)."""
+    elem = max(named_args["p_y"].element_size(), named_args["p_w"].element_size())
+    return elem, max(elem, named_args["p_l"].element_size(), named_args["p_r"].element_size())
 
 
 def _make_pruner(max_smem: int):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         m = int(args["M"])
-        # A wider base weight (fp32 master copy) is staged at its own width before the in-kernel cast.
-        elem = max(args["p_y"].element_size(), args["p_w"].element_size())
+        elem, lr_elem = _staged_widths(args)
         block_r = int(args["BLOCK_R"])
-        fits = [c for c in configs if _smem_bytes(c.kwargs, c.num_stages, elem, block_r) <= max_smem]
-        fits = fits or [min(configs, key=lambda c: _smem_bytes(c.kwargs, c.num_stages, elem, block_r))]
+
+        def need(c):
+            return _smem_bytes(c.kwargs, c.num_stages, elem, block_r, lr_elem)
+
+        fits = [c for c in configs if need(c) <= max_smem]
+        fits = fits or [min(configs, key=need)]
         return _keep_rows_fitting(fits, m)
 
     return prune
@@ -371,14 +384,15 @@ def _device_info(device_index: int) -> Tuple[str, int]:
 
 
 def select_matmul_config(m: int, n: int, k: int, dtype, weight: str, *, gpu_name: str, max_smem: int,
-                         elem: int, block_r: int) -> Optional[Tuple[dict, str]]:
+                         elem: int, block_r: int, lr_elem: Optional[int] = None) -> Optional[Tuple[dict, str]]:
     """The config a CUDA launch of ``matmul_lowrank`` uses without searching, and where it came from.
 
     Args:
         m, n, k: the GEMM's shape (M is bucketed by :func:`tuning.bucket_m`); ``k`` is 0 with no base.
         dtype: compute dtype. weight: :func:`tuning.weight_format` of the base operand.
         gpu_name: ``torch.cuda.get_device_name``. max_smem: shared memory per block, in bytes.
-        elem: widest element size of the staged tiles; block_r: the launch's ``BLOCK_R``.
+        elem, lr_elem: element sizes of the main loop's and the epilogue's staged tiles (see
+            :func:`_staged_widths`; ``lr_elem`` defaults to ``elem``); block_r: the launch's ``BLOCK_R``.
 
     Returns:
         ``(config, "table" | "cache")``, or None when the shape is untuned here (the caller searches).
@@ -390,13 +404,13 @@ def select_matmul_config(m: int, n: int, k: int, dtype, weight: str, *, gpu_name
         return None
 
     def fits(cfg: dict) -> bool:
-        return _smem_bytes(cfg, cfg["num_stages"], elem, block_r) <= max_smem
+        return _smem_bytes(cfg, cfg["num_stages"], elem, block_r, lr_elem) <= max_smem
 
     return _tuning.select_config(key, gpu_name=gpu_name, kernel_hash=_kernel_hash(), fits=fits,
                                  use_table=use_table, use_cache=use_cache)
 
 
-# (device, M bucket, N, K, dtype, weight format, elem, BLOCK_R) -> config dict, or None for "search".
+# (device, M bucket, N, K, dtype, weight format, elem, lr_elem, BLOCK_R) -> config dict, or None for "search".
 # Cleared with the tuning module's own memory (tuning.clear_memory_caches), as a new process would be.
 _SELECTED: Dict[tuple, Optional[dict]] = {}
 _MISSING = object()
@@ -435,13 +449,13 @@ def _record_search_winner(kernel, timings_before, gpu_name: str, key: str,
 def _launch_cuda(args: tuple, flags: dict, m: int, n: int, k: int, dtype, wt, ww, y) -> None:
     device_index = y.device.index if y.device.index is not None else torch.cuda.current_device()
     weight = _tuning.weight_format(wt)
-    elem = max(y.element_size(), ww.element_size())
-    memo_key = (device_index, _tuning.bucket_m(m), n, k, dtype, weight, elem, flags["BLOCK_R"])
+    elem, lr_elem = _staged_widths(dict(zip(_matmul_lowrank_kernel.arg_names, args)))
+    memo_key = (device_index, _tuning.bucket_m(m), n, k, dtype, weight, elem, lr_elem, flags["BLOCK_R"])
     cfg = _SELECTED.get(memo_key, _MISSING)
     if cfg is _MISSING:
         gpu_name, max_smem = _device_info(device_index)
         hit = select_matmul_config(m, n, k, dtype, weight, gpu_name=gpu_name, max_smem=max_smem, elem=elem,
-                                   block_r=flags["BLOCK_R"])
+                                   block_r=flags["BLOCK_R"], lr_elem=lr_elem)
         cfg = hit[0] if hit is not None else None
         _SELECTED[memo_key] = cfg
     if cfg is not None:

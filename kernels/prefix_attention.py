@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import interpreting, resolve_backend
+from .weights import FLOAT_DTYPES
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
 # CUDA grids put batch x heads on axis 1, which CUDA caps at 65535 programs.
 _MAX_GRID_Y = 65535
@@ -861,13 +861,13 @@ def _triton_supports(q, k, v, prefix_k, prefix_v, attention_mask):
     """``(True, "")`` when the Triton path handles this call, else ``(False, why)``."""
     if _triton_prefix_attention is None:
         return False, "Triton is not importable on this platform"
-    if q.dtype not in _FLOAT_DTYPES:
+    if q.dtype not in FLOAT_DTYPES:
         return False, f"q is {q.dtype}; the kernel takes float32, float16 or bfloat16"
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             return False, f"{name} is {t.dtype} but q is {q.dtype} (q, k and v must share a dtype)"
     for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in FLOAT_DTYPES:
             return False, f"{name} is {t.dtype}; the kernel takes float32, float16 or bfloat16"
     others = (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v), ("attention_mask", attention_mask))
     for name, t in others:

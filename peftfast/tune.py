@@ -249,7 +249,9 @@ def candidates(m: int, elem: int, block_r: int, *, family: str, max_smem: int) -
                              num_warps=e["num_warps"], num_stages=e["num_stages"])
                for e in mm._config_table()[family]]
     probe_y = torch.empty(0, dtype={2: torch.bfloat16, 4: torch.float32}.get(elem, torch.bfloat16))
-    pruned = mm._make_pruner(max_smem)(configs, {"M": m, "p_y": probe_y, "p_w": probe_y, "BLOCK_R": block_r})
+    probe_adapter = torch.empty(0, dtype=torch.float32)  # fp32 adapters, as _make_inputs makes them
+    pruned = mm._make_pruner(max_smem)(configs, {"M": m, "p_y": probe_y, "p_w": probe_y, "p_l": probe_y,
+                                                 "p_r": probe_adapter, "BLOCK_R": block_r})
     return [tuning.config_to_dict(c) for c in pruned]
 
 
@@ -271,12 +273,14 @@ def _make_inputs(task: TuneTask, rank: int, device, gen) -> dict:
 
     x = randn(m, k)
     left = randn(m, rank)
+    # Adapters are fp32 under a half-precision base (peftfast.layers.adapter_dtype, as PEFT's
+    # autocast_adapter_dtype): their tiles are staged at 4 bytes, so time them so.
     if task.pass_ == "fwd":
         wt = randn(n, k, std=k ** -0.5).t()            # W [out, in] row-major, read as W^T
-        right = randn(n, rank, std=0.1).t()            # lora_B [out, r], read as B^T
+        right = randn(n, rank, std=0.1).float().t()    # lora_B [out, r], read as B^T
     else:
         wt = randn(k, n, std=k ** -0.5)                # W [out=K, in=N] row-major
-        right = randn(rank, n, std=0.1)                # lora_A [r, in]
+        right = randn(rank, n, std=0.1).float()        # lora_A [r, in]
     y = torch.empty(m, n, device=device, dtype=dt)
     return {"x": x, "wt": wt, "left": left, "right": right, "y": y}
 
@@ -393,7 +397,8 @@ def _make_inputs_4bit(task: TuneTask, rank: int, device, gen) -> dict:
     quant = qmm._prepare_quant(q.packed, q.absmax, q.code, q.code2, q.absmax2, q.offset, torch.device(device))
     x = randn(m, k)
     left = randn(m, rank)
-    right = randn(n, rank, std=0.1).t() if task.pass_ == "fwd" else randn(rank, n, std=0.1)
+    # fp32 adapters, as _make_inputs makes them.
+    right = randn(n, rank, std=0.1).float().t() if task.pass_ == "fwd" else randn(rank, n, std=0.1).float()
     y = torch.empty(m, n, device=device, dtype=dt)
     return {"x": x, "q": q, "quant": quant, "meta": [spec.blocksize, 256, rows, cols], "left": left, "right": right,
             "y": y}

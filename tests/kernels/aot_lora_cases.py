@@ -112,7 +112,7 @@ class GemmVariant:
 
 
 def _gemm_call(v: GemmVariant):
-    """(args, flags, m, n, elem) of one ``matmul_lowrank`` call, built by the launcher's own code."""
+    """(args, flags, m, n) of one ``matmul_lowrank`` call, built by the launcher's own code."""
     m, n, k = v.shape
     x = _empty(m, k, dtype=v.xdt)
     if v.wdt is None:
@@ -129,8 +129,14 @@ def _gemm_call(v: GemmVariant):
     y = _empty(m, n, dtype=v.xdt)
     args, flags = mm._launch_args(x if wt is not None else None, wt, left, right, 1.5, bias,
                                   0.1 if v.dropout else 0.0, seed, y)
-    elem = max(y.element_size(), (wt if wt is not None else right).element_size())
-    return args, flags, m, n, elem
+    return args, flags, m, n
+
+
+def _estimate(cfg: dict, args: tuple, flags: dict) -> int:
+    """The pruner's shared-memory figure for ``cfg`` at this call: matmul._smem_bytes at the launch's
+    staged widths (matmul._staged_widths)."""
+    elem, lr_elem = mm._staged_widths(dict(zip(mm._matmul_lowrank_kernel.arg_names, args)))
+    return mm._smem_bytes(cfg, cfg["num_stages"], elem, flags["BLOCK_R"], lr_elem)
 
 
 def _table_configs(arch: str) -> List[triton.Config]:
@@ -150,7 +156,7 @@ def _admitted(arch: str, args: tuple, flags: dict) -> List[int]:
 
 
 def _gemm_cases(arch: str, v: GemmVariant, which: Optional[List[int]] = None) -> List[Case]:
-    args, flags, m, n, elem = _gemm_call(v)
+    args, flags, m, n = _gemm_call(v)
     admitted = set(_admitted(arch, args, flags))
     out = []
     for i, cfg in enumerate(mm._config_table()[arch]):
@@ -158,7 +164,7 @@ def _gemm_cases(arch: str, v: GemmVariant, which: Optional[List[int]] = None) ->
             continue
         out.append(Case(
             kernel="_matmul_lowrank_kernel", arch=arch, desc=v.desc, config=dict(cfg),
-            estimate=mm._smem_bytes(cfg, cfg["num_stages"], elem, flags["BLOCK_R"]), admitted=i in admitted,
+            estimate=_estimate(cfg, args, flags), admitted=i in admitted,
             launch=lambda cfg=cfg: mm._launch_config(args, flags, m, n, cfg),
         ))
     return out
@@ -210,9 +216,8 @@ def _gemm_subset(arch: str) -> List[Case]:
                 _SUBSET_EXTRA[arch]]
     table = mm._config_table()[arch]
     for v in variants:
-        args, flags, m, n, elem = _gemm_call(v)
-        est = {i: mm._smem_bytes(table[i], table[i]["num_stages"], elem, flags["BLOCK_R"])
-               for i in _admitted(arch, args, flags)}
+        args, flags, m, n = _gemm_call(v)
+        est = {i: _estimate(table[i], args, flags) for i in _admitted(arch, args, flags)}
         cases += _gemm_cases(arch, v, [max(est, key=lambda i: (est[i], -i))])
     return cases
 
@@ -328,9 +333,7 @@ def _lora_4bit_path_case(arch, dtype, adt, blocksize, nested, rank, m=512, n=409
         args, flags = mm._launch_args(x, wt, left, right, 1.5, bias, 0.1 if dropout else 0.0,
                                       _empty(1, dtype=torch.int64) if dropout else None, y)
         table = mm._config_table()[arch]
-        elem = max(y.element_size(), wt.element_size())
-        est = {i: mm._smem_bytes(table[i], table[i]["num_stages"], elem, flags["BLOCK_R"])
-               for i in _admitted(arch, args, flags)}
+        est = {i: _estimate(table[i], args, flags) for i in _admitted(arch, args, flags)}
         best = max(est, key=lambda i: (est[i], -i))
         case.gemm_estimates.append(est[best])
         mm._launch_config(args, flags, y.shape[0], y.shape[1], table[best])

@@ -267,14 +267,20 @@ def test_autotune_config_tables_and_pruning():
     assert mm._family((9, 0)) == "sm90" and mm._family((8, 9)) == "sm89" and mm._family((8, 6)) == "sm89"
     assert mm._family((8, 0)) == "sm80"
     y = torch.empty(1, 1, dtype=torch.bfloat16)
+    adapter = torch.empty(1, 1, dtype=torch.float32)  # fp32 adapters under a bf16 GEMM: staged at 4 bytes
+    # The epilogue's L and R tiles count at the adapters' width (BM=128, BN=256, BR=64: 24K elements).
+    big = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 32}
+    assert mm._smem_bytes(big, 1, 2, 64) == 49152 and mm._smem_bytes(big, 1, 2, 64, 4) == 98304
+    assert mm._staged_widths({"p_y": y, "p_w": y, "p_l": y, "p_r": adapter}) == (2, 4)
     for family in ("sm80", "sm89", "sm90"):
         configs = mm._gemm_configs(family)
         for smem in (99 * 1024, 227 * 1024):
             for m in (1, 40, 8192):
-                kept = mm._make_pruner(smem)(configs, {"M": m, "p_y": y, "p_w": y}, BLOCK_R=16)
+                kept = mm._make_pruner(smem)(configs, {"M": m, "p_y": y, "p_w": y, "p_l": y, "p_r": adapter},
+                                             BLOCK_R=64)
                 assert kept
-                assert all(mm._smem_bytes(c.kwargs, c.num_stages, 2, 16) <= smem for c in kept) or len(kept) == 1
-                fitting = [c for c in configs if mm._smem_bytes(c.kwargs, c.num_stages, 2, 16) <= smem]
+                assert all(mm._smem_bytes(c.kwargs, c.num_stages, 2, 64, 4) <= smem for c in kept) or len(kept) == 1
+                fitting = [c for c in configs if mm._smem_bytes(c.kwargs, c.num_stages, 2, 64, 4) <= smem]
                 if m <= 16 and fitting:
                     # decode-sized M: only the shortest row blocks that fit are tried
                     shortest = max(16, min(c.kwargs["BLOCK_M"] for c in fitting))
@@ -301,6 +307,13 @@ def test_unsupported_falls_back_or_raises():
     w32 = torch.randn(6, 8, device=DEVICE, requires_grad=True)
     ok, why = lora_mod._triton_supports(x.float(), w32, a.float(), b.float(), 0.0)
     assert not ok and "dW" in why
+    # The bias is checked too (the Triton path computes its gradient, so a trainable one is fine).
+    x32, w32, a32, b32 = x.float(), w32.detach(), a.float(), b.float()
+    assert lora_mod._triton_supports(x32, w32, a32, b32, 0.0, torch.randn(6, device=DEVICE, requires_grad=True))[0]
+    ok, why = lora_mod._triton_supports(x32, w32, a32, b32, 0.0, torch.ones(6, dtype=torch.int32, device=DEVICE))
+    assert not ok and "bias is torch.int32" in why
+    with pytest.raises(NotImplementedError, match="bias is torch.int32"):
+        lora_linear(x32, w32, a32, b32, 2.0, bias=torch.ones(6, dtype=torch.int32, device=DEVICE), backend="triton")
 
 
 # --------------------------------------------------------------------------------------------------
