@@ -151,13 +151,8 @@ def _patch(model: nn.Module, config, adapter_name: str, backend: str) -> Callabl
 
     undo: list = []
     grad_flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
-    created_state = state is None
     try:
-        if created_state:
-            state = PatchState()
-            state.original_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-            model.__dict__["peftfast_state"] = state
-            undo.append(lambda: model.__dict__.pop("peftfast_state", None))
+        state = _ensure_state(model, state, undo)
         installs = []
         for name in targets:
             module = model.get_submodule(name)
@@ -188,30 +183,45 @@ def _patch(model: nn.Module, config, adapter_name: str, backend: str) -> Callabl
             parent, attr = _parent(model, name)
             setattr(parent, attr, wrapper)
             undo.append(lambda p=parent, a=attr, m=module: setattr(p, a, m))
-        state.configs[adapter_name] = cfg
-        state.target_names[adapter_name] = list(targets)
-        undo.append(lambda: (state.configs.pop(adapter_name, None), state.target_names.pop(adapter_name, None)))
-        previous_active = list(state.active)
-        undo.append(lambda: setattr(state, "active", previous_active))
-        if not state.active:
-            state.active = [adapter_name]
-        _apply_trainable(model, state)
+        _register(model, state, cfg, adapter_name, targets, undo)
     except BaseException:
-        for step in reversed(undo):
-            step()
-        for p, flag in grad_flags.values():
-            p.requires_grad_(flag)
+        _undo(undo, grad_flags)
         raise
+    return lambda: _undo(undo, grad_flags, model)
 
-    def rollback() -> None:
-        for step in reversed(undo):
-            step()
-        if patch_state(model) is not None:
-            _set_layers_active(model, patch_state(model).active)
-        for p, flag in grad_flags.values():
-            p.requires_grad_(flag)
 
-    return rollback
+def _ensure_state(model: nn.Module, state: Optional[PatchState], undo: list) -> PatchState:
+    """The model's patch state, created (undoably) on its first patch."""
+    if state is not None:
+        return state
+    state = PatchState()
+    state.original_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.__dict__["peftfast_state"] = state
+    undo.append(lambda: model.__dict__.pop("peftfast_state", None))
+    return state
+
+
+def _register(model: nn.Module, state: PatchState, cfg, adapter_name: str, target_names, undo: list) -> None:
+    """Record an installed adapter, make it active if none is, and set what trains (undoably)."""
+    state.configs[adapter_name] = cfg
+    state.target_names[adapter_name] = list(target_names)
+    undo.append(lambda: (state.configs.pop(adapter_name, None), state.target_names.pop(adapter_name, None)))
+    previous_active = list(state.active)
+    undo.append(lambda: setattr(state, "active", previous_active))
+    if not state.active:
+        state.active = [adapter_name]
+    _apply_trainable(model, state)
+
+
+def _undo(undo: list, grad_flags: dict, model: Optional[nn.Module] = None) -> None:
+    """Run the undo steps newest first, then restore every parameter's requires_grad. With ``model``, the
+    wrappers that remain are also set back to the adapters active before (a later patch's rollback)."""
+    for step in reversed(undo):
+        step()
+    if model is not None and patch_state(model) is not None:
+        _set_layers_active(model, patch_state(model).active)
+    for p, flag in grad_flags.values():
+        p.requires_grad_(flag)
 
 
 LORA_WRAPPERS = (LoraLayer, LoraEmbedding, LoraConv)
@@ -232,11 +242,7 @@ def _patch_prompt_learning(model: nn.Module, cfg, adapter_name: str, backend: st
     undo: list = []
     grad_flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
     try:
-        if state is None:
-            state = PatchState()
-            state.original_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-            model.__dict__["peftfast_state"] = state
-            undo.append(lambda: model.__dict__.pop("peftfast_state", None))
+        state = _ensure_state(model, state, undo)
         undo.extend(add_prompt_learning(model, cfg, adapter_name, backend))
         for name in save_names:
             module = model.get_submodule(name)
@@ -249,28 +255,11 @@ def _patch_prompt_learning(model: nn.Module, cfg, adapter_name: str, backend: st
             parent, attr = _parent(model, name)
             setattr(parent, attr, wrapper)
             undo.append(lambda p=parent, a=attr, m=module: setattr(p, a, m))
-        state.configs[adapter_name] = cfg
-        state.target_names[adapter_name] = []
-        undo.append(lambda: (state.configs.pop(adapter_name, None), state.target_names.pop(adapter_name, None)))
-        previous_active = list(state.active)
-        undo.append(lambda: setattr(state, "active", previous_active))
-        if not state.active:
-            state.active = [adapter_name]
-        _apply_trainable(model, state)
+        _register(model, state, cfg, adapter_name, [], undo)
     except BaseException:
-        for step in reversed(undo):
-            step()
-        for p, flag in grad_flags.values():
-            p.requires_grad_(flag)
+        _undo(undo, grad_flags)
         raise
-
-    def rollback() -> None:
-        for step in reversed(undo):
-            step()
-        for p, flag in grad_flags.values():
-            p.requires_grad_(flag)
-
-    return rollback
+    return lambda: _undo(undo, grad_flags)
 
 
 def _add_adapter(wrapper: AdapterLayer, name: str, cfg, adapter_name: str) -> None:
