@@ -1,7 +1,7 @@
 """``peftfast tune``: time the LoRA GEMM's candidate configs on this GPU for a model's linear shapes.
 
     peftfast tune --model llama-3-8b --dry-run          # the table entries it would tune (no GPU needed)
-    peftfast tune --model path/to/config.json           # or a model folder holding config.json
+    peftfast tune --model path/to/config.json           # or a model folder holding config.json, or a Hub id
     peftfast tune --model llama-3-8b --batch-tokens 1,16,2048,8192 --dtype bf16 --passes fwd,bwd
 
     peftfast tune --model llama-3-8b --weight nf4 --passes fwd,bwd    # QLoRA: in-loop vs dequant + GEMM
@@ -100,24 +100,39 @@ class TuneTask:
 
 
 def model_dims(spec: str) -> Tuple[str, dict]:
-    """``(label, config dict)`` for a built-in name, a config.json file or a folder holding one."""
+    """``(label, config dict)`` for a built-in name, a config.json file, a folder holding one, or a Hugging
+    Face Hub model id (only its config.json is fetched, or read from the Hub cache)."""
     if spec in BUILTIN_MODELS:
         return f"{spec} (built-in)", dict(BUILTIN_MODELS[spec])
     path = Path(spec).expanduser()
     if path.is_dir():
         path = path / "config.json"
-    if not path.is_file():
-        raise TuneError(f"--model {spec!r} is neither a built-in name ({', '.join(sorted(BUILTIN_MODELS))}) "
-                        f"nor a transformers config.json or a folder holding one")
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise TuneError(f"cannot read {path}: {e}") from e
-    if not isinstance(cfg, dict):
-        raise TuneError(f"{path} is not a JSON object")
+    if path.is_file():
+        label = str(path)
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise TuneError(f"cannot read {path}: {e}") from e
+        if not isinstance(cfg, dict):
+            raise TuneError(f"{path} is not a JSON object")
+    else:
+        from transformers import AutoConfig
+
+        from .basemodel import BaseModelError, check_model_spec, load_failure
+
+        try:
+            check_model_spec(spec)
+        except BaseModelError:
+            raise TuneError(f"--model {spec!r} is neither a built-in name ({', '.join(sorted(BUILTIN_MODELS))}) "
+                            f"nor a transformers config.json, a folder holding one, or a Hub model id") from None
+        try:
+            cfg = AutoConfig.from_pretrained(spec).to_dict()
+        except (OSError, ValueError) as e:
+            raise TuneError(str(load_failure(spec, e))) from None
+        label = f"{spec} (Hugging Face Hub)"
     if "hidden_size" not in cfg and isinstance(cfg.get("text_config"), dict):  # multimodal wrappers
         cfg = cfg["text_config"]
-    return str(path), cfg
+    return label, cfg
 
 
 def linear_shapes(cfg: dict) -> List[LinearShape]:
@@ -496,7 +511,7 @@ def measure_task_4bit(task: TuneTask, inloop_configs: Sequence[dict], dense_conf
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="CONFIG_OR_PATH",
-                        help=f"a transformers config.json, a folder holding one, or a built-in name "
+                        help=f"a transformers config.json, a folder holding one, a Hugging Face Hub id, or a built-in name "
                              f"({', '.join(sorted(BUILTIN_MODELS))})")
     parser.add_argument("--batch-tokens", default=",".join(map(str, DEFAULT_BATCH_TOKENS)), metavar="M,M,...",
                         help="tokens per GEMM (batch x sequence) to tune for; bucketed, see kernels/configs/README.md "

@@ -284,6 +284,8 @@ def test_model_given_as_hub_id(tmp_path):
         "peftfast-test/tiny-chat"
     gen = _cli(["generate", "--adapter", "out", "--prompt", "hi", "--max-new-tokens", "2"], tmp_path, cache)
     assert gen.returncode == 0, gen.stderr[-2000:]
+    tune = _cli(["tune", "--model", "peftfast-test/tiny-chat", "--dry-run", "--batch-tokens", "8"], tmp_path, cache)
+    assert tune.returncode == 0 and "peftfast-test/tiny-chat (Hugging Face Hub)" in tune.stdout, tune.stderr[-2000:]
 
     missing = _cli(["train", "--model", "peftfast-test/no-such-model", "--output", "o2"], tmp_path, cache)
     assert missing.returncode == 2

@@ -62,7 +62,8 @@ def test_model_from_config_file_and_folder(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["--model", "no-such-model"], "neither a built-in name"),
+    (["--model", "./no/such/dir"], "neither a built-in name"),
+    (["--model", "no-such-model"], "not loadable from the Hugging Face Hub"),  # a Hub id; tests run offline
     (["--model", "llama-3-8b", "--batch-tokens", "1,x"], "comma-separated integers"),
     (["--model", "llama-3-8b", "--batch-tokens", "0"], "positive integers"),
     (["--model", "llama-3-8b", "--dtype", "int8"], "--dtype"),
