@@ -105,11 +105,12 @@ def quantize_4bit(
     nested: bool = True,
     quant_storage: torch.dtype = torch.uint8,
     skip: tuple = ("lm_head",),
+    compute_dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """Replace every nn.Linear (except names ending in ``skip``) by a bitsandbytes Linear4bit, in place, on CPU.
 
-    The 4-bit layers compute in float32 (``compute_dtype``), so the only error against the dense model is
-    bitsandbytes' quantization of the weights.
+    The 4-bit layers compute in ``compute_dtype`` (float32 by default, so that the only error against the
+    dense model is bitsandbytes' quantization of the weights).
     """
     import bitsandbytes as bnb
 
@@ -117,11 +118,11 @@ def quantize_4bit(
     for name in names:
         lin = model.get_submodule(name)
         q = bnb.nn.Linear4bit(
-            lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=torch.float32,
+            lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=compute_dtype,
             compress_statistics=nested, quant_type=quant_type, quant_storage=quant_storage, device="cpu",
         )
         q.weight = bnb.nn.Params4bit(
-            lin.weight.data.clone(), requires_grad=False, quant_type=quant_type, compress_statistics=nested,
+            lin.weight.data.float().clone(), requires_grad=False, quant_type=quant_type, compress_statistics=nested,
             quant_storage=quant_storage, module=q,  # bnb keeps the quant state on the module too (FSDP)
         )._quantize("cpu")
         if lin.bias is not None:
