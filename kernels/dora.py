@@ -173,7 +173,9 @@ if _mm is not None:
             b_w = tl.load(p_w + o_n64[:, None] * stride_wn + o_k[None, :] * stride_wk,
                           mask=m_n[:, None] & m_k[None, :], other=0.0).to(dtype).to(tl.float32)
             b_d = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-            for r0 in range(0, R, BLOCK_R):
+            # Not software-pipelined: one iteration for r <= 64, and its stages of A tiles at the
+            # adapters' stored width (fp32: 64 KB per [64, 256] tile) took 136 KB, past sm89's 99 KB.
+            for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
                 o_r = r0 + tl.arange(0, BLOCK_R)
                 m_r = o_r < R
                 b_b = tl.load(p_b + o_n64[:, None] * stride_bn + o_r[None, :] * stride_br,
@@ -302,9 +304,12 @@ if _mm is not None:
         """Shared memory the pruner counts for ``config`` at these launch arguments (named, flags included)."""
         kw, block_r = config.kwargs, int(args["BLOCK_R"])
         elem = max(args["p_x"].element_size(), args["p_w"].element_size())
+        # The epilogue's L and R tiles are staged at their stored width (fp32 adapters: 4 bytes), as in
+        # matmul._staged_widths: counting them at x's took 80 KB where 72 KB was estimated (sm80 compile).
+        lr_elem = max(elem, args["p_l"].element_size(), args["p_r"].element_size())
         n_x = 2 if (int(args["MODE"]) == _FWD and bool(args["DROPOUT"])) else 1
         main = config.num_stages * (n_x * kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]) * elem
-        epilogue = (kw["BLOCK_M"] * block_r + block_r * kw["BLOCK_N"]) * elem
+        epilogue = (kw["BLOCK_M"] * block_r + block_r * kw["BLOCK_N"]) * lr_elem
         return max(main, epilogue)
 
     def _make_pruner(max_smem: int):
@@ -355,14 +360,18 @@ def dora_weight_norm_triton(w: torch.Tensor, lora_A: torch.Tensor, lora_B: torch
     ``dtype`` (default: W's) is the compute dtype: W, A and B are rounded to it as the reference's casts
     do; everything after that accumulates in fp32, and the norms are rounded to it at the end.
     """
-    return _weight_norm_launch(w, lora_A, lora_B, scaling, dtype or w.dtype, _norm_blocks(w.device))
+    blocks = _norm_blocks(w.device, max(lora_A.element_size(), lora_B.element_size()))
+    return _weight_norm_launch(w, lora_A, lora_B, scaling, dtype or w.dtype, blocks)
 
 
-def _norm_blocks(device: torch.device) -> Tuple[int, int]:
-    """(BLOCK_N, BLOCK_K) of :func:`_dora_norm_kernel` on this device."""
-    # On GPUs: 16-row programs so that even N = 1024 gives 64 programs reading W (memory-bound); the
-    # interpreter prefers few, large blocks.
-    return (16, 256) if device.type == "cuda" else (64, 64)
+def _norm_blocks(device: torch.device, adapter_elem: int = 2) -> Tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) of :func:`_dora_norm_kernel` on this device, for adapters of ``adapter_elem`` bytes."""
+    # On GPUs: 16-row programs so that even N = 1024 gives 64 programs reading W (memory-bound); half as
+    # wide K blocks for fp32 adapters keep the [BLOCK_R, BLOCK_K] A tile at 32 KB. The interpreter
+    # prefers few, large blocks.
+    if device.type != "cuda":
+        return 64, 64
+    return 16, (256 if adapter_elem <= 2 else 128)
 
 
 def _weight_norm_launch(w, lora_A, lora_B, scaling, dtype, blocks) -> torch.Tensor:

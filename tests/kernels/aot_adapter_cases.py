@@ -259,7 +259,7 @@ def dora_norm(arch, wdt, xdt, rank, adt=None):
     adt = adt or xdt
     n, k = GEMM_N, GEMM_K
     w, lora_a, lora_b = _empty(n, k, dtype=wdt), _empty(rank, k, dtype=adt), _empty(n, rank, dtype=adt)
-    blocks = dora._norm_blocks(torch.device("cuda"))
+    blocks = dora._norm_blocks(torch.device("cuda"), max(lora_a.element_size(), lora_b.element_size()))
     case = f"norm w={wdt} compute={xdt} lora={adt} r={rank}"
     return _compile("_dora_norm_kernel", arch, case, {"BLOCK_N": blocks[0], "BLOCK_K": blocks[1]},
                     lambda: dora._weight_norm_launch(w, lora_a, lora_b, 2.0, _torch_dtype(xdt), blocks))
@@ -277,11 +277,12 @@ def dora_dropout(arch, xdt):
 def dora_jobs(archs, full):
     if not full:
         # The two-accumulator forward (two X tiles per W tile) everywhere; its dX twin with an fp32
-        # weight on the smallest shared memory; the norm and dropout kernels' fixed blocks.
+        # weight on the smallest shared memory; the norm kernel's fixed blocks with fp32 adapters (its
+        # widest staged tiles), and the dropout kernel's.
         jobs = []
         for arch in archs:
             jobs += [("dora_gemm", (arch, DORA_VARIANTS[3], "bf16", "bf16", 64), {"subset": True}),
-                     ("dora_norm", (arch, "fp32", "bf16", 64), {})]
+                     ("dora_norm", (arch, "fp32", "bf16", 64, "fp32"), {})]
         if "sm89" in archs:
             jobs.append(("dora_gemm", ("sm89", DORA_VARIANTS[5], "bf16", "fp32", 64), {"subset": True}))
         jobs += [("dora_dropout", (archs[-1], "bf16"), {})]

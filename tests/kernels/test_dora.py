@@ -15,6 +15,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 from peftfast.kernels import dora as dora_mod
 from peftfast.kernels.dora import dora_linear, dora_linear_reference, dora_weight_norm
@@ -290,16 +291,23 @@ def test_autotune_pruning_counts_dora_operands():
     from peftfast.kernels import matmul as mm
 
     y = torch.empty(1, 1, dtype=torch.bfloat16)
+    operands = {"M": 8192, "p_x": y, "p_w": y, "p_l": y, "p_r": y}
     configs = mm._gemm_configs("sm90")
     prune = dora_mod._make_pruner(227 * 1024)
     for mode in (dora_mod._FWD, dora_mod._DX, dora_mod._DM):
         for dropout in (False, True):
-            kept = prune(configs, {"M": 8192, "p_x": y, "p_w": y}, BLOCK_R=16, MODE=mode, DROPOUT=dropout)
+            kept = prune(configs, operands, BLOCK_R=16, MODE=mode, DROPOUT=dropout)
             assert kept
             if dropout and mode != dora_mod._DM:
                 assert all(2 * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 4096 * c.num_warps for c in kept)
-    assert len(prune(configs, {"M": 8192, "p_x": y, "p_w": y}, BLOCK_R=16, MODE=0, DROPOUT=True)) < len(
-        prune(configs, {"M": 8192, "p_x": y, "p_w": y}, BLOCK_R=16, MODE=0, DROPOUT=False))
+    assert len(prune(configs, operands, BLOCK_R=16, MODE=0, DROPOUT=True)) < len(
+        prune(configs, operands, BLOCK_R=16, MODE=0, DROPOUT=False))
+    # fp32 adapters: the epilogue's L/R tiles count at 4 bytes (BM=128, BN=256, BR=64: 96 KB, over sm89's 99 KB
+    # with nothing else; at 2 bytes it would be counted as 48 KB).
+    big = triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=1, num_warps=8)
+    lr32 = dict(operands, p_r=torch.empty(1, 1, dtype=torch.float32), BLOCK_R=64, MODE=dora_mod._DX, DROPOUT=False)
+    assert dora_mod._smem_bytes(big, lr32) == 98304
+    assert dora_mod._smem_bytes(big, dict(lr32, p_r=y)) == 49152
 
 
 # --------------------------------------------------------------------------------------------------
