@@ -82,8 +82,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast, and the frozen base in bf16 (bf16 weights, "
-                   "or bf16 compute for a 4-bit base); adapters stay fp32")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast, and the frozen base in bf16 (bf16 weights, or bf16 compute for a 4-bit "
+                   "base); adapters stay fp32 (default: on for a CUDA GPU with bf16, off on a CPU)")
     p.add_argument("--eval-fraction", type=float, default=0.05)
     p.add_argument("--logging-steps", type=int, default=10)
     p.add_argument("--save-steps", type=int, default=100, help="write a resumable checkpoint every N steps "
@@ -127,7 +128,8 @@ def _is_embedded_default(a) -> bool:
 
 
 def _resolve_defaults(a) -> None:
-    """Fill the length and learning rate the user left out (a resumed run has them from its checkpoint).
+    """Fill the length, learning rate and bf16 choice the user left out (a resumed run has them from its
+    checkpoint).
 
     Real models train at the usual LoRA rates for one epoch; the embedded tiny model gets its own recipe
     (:data:`EMBEDDED_STEPS`, :data:`EMBEDDED_LR`), else its loss would barely move in the 10 steps one
@@ -140,6 +142,10 @@ def _resolve_defaults(a) -> None:
             a.max_steps = EMBEDDED_STEPS
     if a.lr is None:
         a.lr = (EMBEDDED_LR.get(a.method, 3e-3) if embedded else DEFAULT_LR.get(a.method, 2e-4))
+    if a.bf16 is None:
+        # A GPU that has bf16 trains in it (fp32 there is several times slower and needs twice the memory);
+        # a CPU stays in fp32, where bf16 matmuls are slow.
+        a.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
 def _max_positions(a) -> Optional[int]:
@@ -412,7 +418,7 @@ def _run_train(args, ranks) -> dict:
     batches = iterate_batches(train_set, args.batch_size * ranks.world, tok.pad_id, args.seed,
                               skip=done * args.grad_accum)
     print(f"training: {args.method}, {steps} steps, batch {args.batch_size} x accum {args.grad_accum}, "
-          f"lr {args.lr:g}, device {device}" + (f", from step {done}" if done else ""))
+          f"lr {args.lr:g}, device {device}{', bf16' if args.bf16 else ''}" + (f", from step {done}" if done else ""))
 
     run_meta = {"args": _saved_args(args), "base_sha256": loaded["fingerprint"], "method": args.method}
     last_ckpt = found if meta is not None else None

@@ -308,3 +308,27 @@ def test_bf16_loads_the_frozen_base_in_bf16_and_keeps_adapters_fp32(tmp_path):
     assert "base in bfloat16" in json.loads((out / "train_log.json").read_text())["base_model"]
     with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+
+
+def test_bf16_defaults_to_the_device(monkeypatch):
+    """Left out, --bf16 is on where a CUDA GPU has bf16 and off on a CPU; --no-bf16 / --bf16 decide."""
+    import argparse
+
+    import torch
+
+    from peftfast import train as train_mod
+
+    p = argparse.ArgumentParser()
+    train_mod.add_arguments(p)
+
+    def resolved(argv):
+        a = p.parse_args(argv)
+        train_mod._resolve_defaults(a)
+        return a.bf16
+
+    assert resolved([]) is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolved([]) is True and resolved(["--no-bf16"]) is False
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100 or T4
+    assert resolved([]) is False and resolved(["--bf16"]) is True
