@@ -11,8 +11,8 @@ arch's limit. Default (4 compiles, ~25 s on 2 cores): bf16, an NF4 nested blocks
 QLoRA default), the admitted config with the largest estimate (the one nearest the limit), for the
 forward on sm80, the dX GEMM on sm89 and both on sm90 (the two layouts compile to the same shared
 memory in the full sweep). ``--all``: every admitted config, for that weight and for a non-nested one, blocksizes
-32 (two scale groups per 64-wide tile) and 256 (one block over several tiles), fp32 compute, and the
-bias + dropout epilogue. The last stdout line is a JSON list of records.
+32 (two scale groups per 64-wide tile) and 256 (one block over several tiles), fp32 compute, the
+bias + dropout epilogue, and fp32 adapters at rank 64. The last stdout line is a JSON list of records.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import aot  # noqa: E402
 _SUBSET_LAYOUTS = {"sm80": ("nk",), "sm89": ("kn",), "sm90": ("nk", "kn")}
 
 
-def _case_tensors(torch, *, m, n_w, k_w, blocksize, nested, layout, dtype, r):
+def _case_tensors(torch, *, m, n_w, k_w, blocksize, nested, layout, dtype, r, adapter_dtype=None):
     """CPU stand-ins shaped as lora.py passes them (never read: the launch only compiles)."""
     numel = n_w * k_w
     blocks = numel // blocksize
@@ -51,7 +51,8 @@ def _case_tensors(torch, *, m, n_w, k_w, blocksize, nested, layout, dtype, r):
     x = torch.zeros(m, k, dtype=dtype)
     left = torch.zeros(m, r, dtype=dtype)
     # Forward: right = lora_B^T (a transposed view); dX: right = lora_A [r, in], row-major.
-    right = torch.zeros(n, r, dtype=dtype).t() if layout == "nk" else torch.zeros(r, n, dtype=dtype)
+    adt = adapter_dtype or dtype
+    right = torch.zeros(n, r, dtype=adt).t() if layout == "nk" else torch.zeros(r, n, dtype=adt)
     y = torch.empty(m, n, dtype=dtype)
     return x, packed, absmax, code, code2, absmax2, offset, left, right, y
 
@@ -69,18 +70,21 @@ def main(argv=None) -> int:
 
     from peftfast.kernels import qmatmul as q
 
-    m, n_w, k_w, r = 8192, 1024, 4096, 16
-    # (blocksize, nested, dtype, bias + dropout epilogue): the QLoRA default first.
-    cases = [(64, True, torch.bfloat16, False)]
+    m, n_w, k_w = 8192, 1024, 4096
+    bf16, fp32 = torch.bfloat16, torch.float32
+    # (blocksize, nested, dtype, bias + dropout epilogue, adapter dtype, rank): the QLoRA default first.
+    cases = [(64, True, bf16, False, bf16, 16)]
     if args.all:
-        cases += [(64, False, torch.bfloat16, False), (32, True, torch.bfloat16, False),
-                  (256, False, torch.bfloat16, False), (64, True, torch.float32, False),
-                  (64, True, torch.bfloat16, True)]
+        cases += [(64, False, bf16, False, bf16, 16), (32, True, bf16, False, bf16, 16),
+                  (256, False, bf16, False, bf16, 16), (64, True, fp32, False, fp32, 16),
+                  (64, True, bf16, True, bf16, 16),
+                  # fp32 adapters (peftfast's default on a bf16 base) at the widest low-rank tile
+                  (64, True, bf16, False, fp32, 64)]
     records = []
     for arch in args.arch.split(","):
         limit = aot.SMEM_LIMIT[arch]
         layouts = q.LAYOUTS if args.all else _SUBSET_LAYOUTS[arch]
-        for (blocksize, nested, dtype, has_bias), layout in itertools.product(cases, layouts):
+        for (blocksize, nested, dtype, has_bias, adapter_dtype, r), layout in itertools.product(cases, layouts):
             dropout = has_bias
             elem = torch.empty(0, dtype=dtype).element_size()
             cfgs = q.candidates(m, elem, q._block_r(r), family=arch, max_smem=limit, blocksize=blocksize,
@@ -96,7 +100,7 @@ def main(argv=None) -> int:
             for cfg in cfgs:
                 x, packed, absmax, code, code2, absmax2, offset, left, right, y = _case_tensors(
                     torch, m=m, n_w=n_w, k_w=k_w, blocksize=blocksize, nested=nested, layout=layout, dtype=dtype,
-                    r=r)
+                    r=r, adapter_dtype=adapter_dtype)
                 bias = torch.zeros(y.shape[1], dtype=dtype) if has_bias else None
                 seed = torch.zeros(1, dtype=torch.int64) if dropout else None
                 launch_args, flags = q._launch_args(x, packed, absmax, code, code2, absmax2, offset,
@@ -105,6 +109,7 @@ def main(argv=None) -> int:
                 flags["PTX_MUL_RN"] = True  # what a CUDA launch on NVIDIA passes
                 rec = {"arch": arch, "config": cfg, "layout": layout, "blocksize": blocksize, "nested": nested,
                        "dtype": str(dtype).replace("torch.", ""), "bias": has_bias, "dropout": dropout,
+                       "adapters": str(adapter_dtype).replace("torch.", ""), "rank": r,
                        "limit": limit,
                        "estimate": q.smem_bytes(cfg, cfg["num_stages"], elem, q._block_r(r), blocksize=blocksize,
                                                 nested=nested, w_nk=layout == "nk")}
