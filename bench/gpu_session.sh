@@ -7,9 +7,11 @@
 # stages are sized to fit one 10-minute call each and pack their outputs into one archive per stage.
 # Writes into $OUT (the device tool's folder) or ./gpu-out:
 #   tests.log, tests.xml          pytest -m gpu (junit), every kernel against its reference at Llama shapes
+#   tests_models.xml              tests/kernels/test_models_triton.py: patched models, Triton vs reference
 #   bench.tar.gz, bench.log       bench/results/<gpu>/*.json + *.png (peftfast bench, full mode)
 #   tune.tar.gz, tune.log         kernels/configs/<gpu>.json measured for Llama-3-8B (dense bf16, NF4)
-#   train.log, train_log.json, train_loss.png   peftfast train --model --data (QLoRA, bf16) + generate
+#   train.log, train_log.json, train_loss.png   peftfast train --model --data (QLoRA, bf16) + generate,
+#                                 then the same with LoRA on a bf16 base
 # Back on the development machine: untar bench.tar.gz / tune.tar.gz at the repository root and commit
 # bench/results/<gpu>/ and kernels/configs/<gpu>.json with the logs' first lines (GPU, versions, command).
 #
@@ -53,8 +55,14 @@ run_stage() {
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
       ;;
     tests)
-      { versions; echo "command: pytest -m gpu -q tests --junitxml tests.xml"; } > "$out/tests.log"
+      { versions; echo "command: pytest -m gpu -q tests --junitxml tests.xml;" \
+          "pytest -q tests/kernels/test_models_triton.py --junitxml tests_models.xml"; } > "$out/tests.log"
       python3 -m pytest -m gpu -q -rs tests --junitxml "$out/tests.xml" >> "$out/tests.log" 2>&1
+      local rc=$?
+      # The model-level Triton-vs-reference tests run on CPU too; on a GPU they run the compiled kernels.
+      python3 -m pytest -q -rs tests/kernels/test_models_triton.py --junitxml "$out/tests_models.xml" \
+          >> "$out/tests.log" 2>&1 || rc=1
+      return $rc
       ;;
     bench)
       { versions; echo "command: peftfast bench"; } > "$out/bench.log"
