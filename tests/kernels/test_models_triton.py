@@ -4,8 +4,9 @@ gradients (on CPU the kernels run in Triton's interpreter).
 The kernel tests hold each op to its reference; these check what the wrappers feed the ops on the path a
 GPU takes by default (``backend="auto"`` is Triton on CUDA): the base weight as the kernels read it (a dense
 tensor or a bitsandbytes 4-bit weight, at its compute dtype), biases, fp32 adapters, the M <= 64 decode
-path and the GEMM path of a 4-bit base, and a second active adapter added on top of the first one's output.
-Dropout is 0: the two paths draw different masks. DoRA has its own model-level test in test_dora.py.
+path and the GEMM path of a 4-bit base, and a second active adapter added on top of the first one's output;
+and, in bf16, QLoRA and DoRA against the fp32 model under the 2x rule. Dropout is 0: the two paths draw
+different masks. DoRA's fp32 model-level test is in test_dora.py.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import peftfast
-from peftfast.kernels import ia3 as ia3_mod, lora as lora_mod
+from peftfast.kernels import dora as dora_mod, ia3 as ia3_mod, lora as lora_mod
 from peftfast.layers import AdapterLayer
 
 from helpers import assert_rel_close, rel_err
@@ -102,17 +103,18 @@ def test_patched_model_triton_matches_reference(case, seq, monkeypatch):
         assert_rel_close(g_fast[name], g_ref[name], TOL, name)
 
 
-def _qlora_bf16(compute_dtype, backend: str):
-    """The tiny Llama as QLoRA trains it: NF4 linears computing in ``compute_dtype``, the other weights in
-    that dtype too, fp32 adapters (peftfast.layers.adapter_dtype)."""
+def _half_model(method: str, dtype, backend: str):
+    """The tiny Llama as a GPU trains it in ``dtype``: every weight in it (``qlora``: NF4 linears computing
+    in it), fp32 adapters (peftfast.layers.adapter_dtype). ``dtype`` fp32 gives the oracle."""
     model = tiny_llama(attention_bias=True, mlp_bias=True)
-    quantize_4bit(model, compute_dtype=compute_dtype)
+    if method == "qlora":
+        quantize_4bit(model, compute_dtype=dtype)
     for p in model.parameters():
         if p.is_floating_point():
-            p.data = p.data.to(compute_dtype)
+            p.data = p.data.to(dtype)
     model.to(DEVICE)
     torch.manual_seed(7)
-    peftfast.patch(model, _lora(), backend=backend)
+    peftfast.patch(model, _lora(use_dora=method == "dora"), backend=backend)
     return model
 
 
@@ -126,9 +128,11 @@ def _flat(grads: dict) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["bf16", "bf16-autocast"])
-@pytest.mark.parametrize("seq", [9, 40], ids=["M18-decode", "M80-gemm"])
-def test_qlora_bf16_within_twice_the_pytorch_error(seq, autocast):
-    """QLoRA in bf16, as a GPU trains it (``autocast`` as ``peftfast train --bf16`` and HF Trainer run it):
+@pytest.mark.parametrize("method,seq", [("qlora", 9), ("qlora", 40), ("dora", 40)],
+                         ids=["qlora-M18-decode", "qlora-M80-gemm", "dora-M80"])
+def test_bf16_within_twice_the_pytorch_error(method, seq, autocast, monkeypatch):
+    """QLoRA (and DoRA on a bf16 base) in bf16, as a GPU trains it (``autocast`` as ``peftfast train --bf16``
+    and HF Trainer run it):
     measured against the same model computing in fp32, the Triton path's logits and adapter gradients may
     have at most twice the error of the reference path in bf16 (flash-attention's rule, at model level).
 
@@ -138,9 +142,14 @@ def test_qlora_bf16_within_twice_the_pytorch_error(seq, autocast):
     the kernel tests'. Without autocast the Triton path runs the low-rank branch in x's dtype (bf16) where
     the reference runs it at the fp32 adapters' width; that costs it up to ~1.4x here."""
     ids = torch.randint(1, 64, (2, seq), device=DEVICE, generator=torch.Generator().manual_seed(seq))
-    oracle_logits, oracle_grads = _run(_qlora_bf16(torch.float32, "reference"), ids)
-    ref_logits, ref_grads = _run_autocast(_qlora_bf16(torch.bfloat16, "reference"), ids, autocast)
-    fast_logits, fast_grads = _run_autocast(_qlora_bf16(torch.bfloat16, "triton"), ids, autocast)
+    oracle_logits, oracle_grads = _run(_half_model(method, torch.float32, "reference"), ids)
+    ref_logits, ref_grads = _run_autocast(_half_model(method, torch.bfloat16, "reference"), ids, autocast)
+    mod, entry = (dora_mod, "_triton_dora_linear") if method == "dora" else (lora_mod, "_triton_lora_linear")
+    calls, real = [], getattr(mod, entry)
+    monkeypatch.setattr(mod, entry, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    fast = _half_model(method, torch.bfloat16, "triton")
+    fast_logits, fast_grads = _run_autocast(fast, ids, autocast)
+    assert len(calls) == sum(isinstance(m, AdapterLayer) for m in fast.modules()), "not every layer ran Triton"
     assert fast_logits.dtype == torch.bfloat16 and {g.dtype for g in fast_grads.values()} == {torch.float32}
     assert fast_grads.keys() == oracle_grads.keys()
     for what, fast, ref, oracle in (("logits", fast_logits, ref_logits, oracle_logits),
