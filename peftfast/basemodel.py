@@ -91,6 +91,12 @@ def load_failure(spec: str, err: Exception, flag: str = "--model") -> BaseModelE
                           "first where the Hub can be reached (HF_HUB_OFFLINE=1 uses the local cache only)")
 
 
+def bf16_by_default() -> bool:
+    """Whether a command left without --bf16/--no-bf16 computes in bf16: on a CUDA GPU that has it (fp32
+    there is several times slower and needs twice the memory), not on a CPU (slow bf16 matmuls)."""
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
 def load_base(model_dir: Optional[str], *, load_in_4bit: bool, device: str = "cpu",
               compute_dtype: torch.dtype = torch.float32) -> dict:
     """Load a base model and its tokenizer.

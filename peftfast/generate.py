@@ -32,9 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(the tokenizer's, or peftfast's own for the byte tokenizer)")
     p.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None,
                    help="load the base in NF4 (default: as the adapter was trained)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="compute in bf16: a dense base loaded in bf16, a 4-bit one computing in it (default: on "
+                   "for a CUDA GPU with bf16, off on a CPU)")
 
 
-def load_with_adapter(model_dir: Optional[str], adapter: str, load_in_4bit: Optional[bool], device: str = "cpu") -> dict:
+def load_with_adapter(model_dir: Optional[str], adapter: str, load_in_4bit: Optional[bool], device: str = "cpu",
+                      compute_dtype: torch.dtype = torch.float32) -> dict:
     """Base (resolved as in :func:`peftfast.basemodel.resolve_base`) with the adapter loaded, in eval mode."""
     import os
 
@@ -47,7 +51,7 @@ def load_with_adapter(model_dir: Optional[str], adapter: str, load_in_4bit: Opti
     try:
         check_model_spec(model_dir)
         model_dir, four_bit, log = resolve_base(model_dir, adapter, load_in_4bit)
-        loaded = load_base(model_dir, load_in_4bit=four_bit, device=device)
+        loaded = load_base(model_dir, load_in_4bit=four_bit, device=device, compute_dtype=compute_dtype)
     except (FileNotFoundError, BaseModelError) as e:
         raise GenerateError(str(e)) from None
     try:
@@ -113,8 +117,12 @@ def run_generate(args) -> str:
         raise GenerateError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise GenerateError("--temperature must be >= 0 and --top-p in (0, 1]")
+    from .basemodel import bf16_by_default
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    loaded = load_with_adapter(args.model, args.adapter, args.load_in_4bit, device)
+    bf16 = bf16_by_default() if args.bf16 is None else args.bf16
+    loaded = load_with_adapter(args.model, args.adapter, args.load_in_4bit, device,
+                               torch.bfloat16 if bf16 else torch.float32)
     tok = loaded["tokenizer"]
     ids = encode_prompt(loaded, args.prompt, args.chat)
     new = generate_ids(loaded["model"], ids, args.max_new_tokens, tok.eos_id, tok.pad_id,

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from . import resume as ckpt
-from .basemodel import BaseModelError, check_model_spec, hub_kwargs, load_failure
+from .basemodel import BaseModelError, bf16_by_default, check_model_spec, hub_kwargs, load_failure
 from .data import DataError, iterate_batches, load_dataset, split
 from .fileio import replace_atomically
 from .lineplot import write_line_png
@@ -143,9 +143,7 @@ def _resolve_defaults(a) -> None:
     if a.lr is None:
         a.lr = (EMBEDDED_LR.get(a.method, 3e-3) if embedded else DEFAULT_LR.get(a.method, 2e-4))
     if a.bf16 is None:
-        # A GPU that has bf16 trains in it (fp32 there is several times slower and needs twice the memory);
-        # a CPU stays in fp32, where bf16 matmuls are slow.
-        a.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        a.bf16 = bf16_by_default()
 
 
 def _max_positions(a) -> Optional[int]:

@@ -80,6 +80,30 @@ def test_generate_sampling_and_chat(trained, capsys):
     gen_main(["--adapter", str(trained["lora"]), "--prompt", "hi", "--chat", "--max-new-tokens", "4"])
 
 
+def test_generate_bf16(trained, monkeypatch, capsys):
+    """--bf16 (the default on a CUDA GPU with bf16) loads a dense base in bf16 and a 4-bit one computing in
+    it; the adapter stays fp32."""
+    from peftfast import basemodel, generate
+    from peftfast.layers import AdapterLayer
+
+    for method in ("lora", "qlora"):
+        model = generate.load_with_adapter(None, str(trained[method]), None, "cpu", torch.bfloat16)["model"]
+        layer = next(m for m in model.modules() if isinstance(m, AdapterLayer))
+        if method == "lora":
+            assert layer.base_layer.weight.dtype == torch.bfloat16
+        else:
+            assert layer.base_layer.compute_dtype == torch.bfloat16
+        assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    seen = []
+    real = generate.load_with_adapter
+    monkeypatch.setattr(generate, "load_with_adapter", lambda *a: seen.append(a[-1]) or real(*a))
+    monkeypatch.setattr(basemodel, "bf16_by_default", lambda: True)
+    args = ["--adapter", str(trained["qlora"]), "--prompt", "The ", "--max-new-tokens", "4"]
+    generate.main(args)
+    generate.main([*args, "--no-bf16"])
+    assert seen == [torch.bfloat16, torch.float32]
+
+
 def test_generate_errors(trained, tmp_path, capsys):
     assert cli_main(["generate", "--adapter", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     assert "no such directory" in capsys.readouterr().err
