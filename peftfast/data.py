@@ -7,7 +7,8 @@ Formats:
       ``{"prompt": ..., "completion": ...}`` (labels are -100 on the prompt tokens, so the loss is on the
       completion only), or ``{"messages": [{"role": ..., "content": ...}, ...]}`` (a chat, rendered with
       the tokenizer's chat template; the loss is on the assistant turns only). Examples are truncated to
-      ``seq_len`` and padded per batch.
+      ``seq_len`` and padded per batch, or with ``--packing`` concatenated into rows of up to ``seq_len``
+      (:func:`pack_examples`; the held-out split is made first and stays one example per row).
 
 Chat without a chat template (the built-in byte tokenizer, or a transformers tokenizer that has none)
 uses peftfast's own template, every turn being::
@@ -189,6 +190,31 @@ def pack_text(tokenizer: Tokenizer, text: str, seq_len: int) -> list:
     if len(windows) > 1 and len(windows[-1]) < seq_len:
         windows.pop()
     return [{"input_ids": w, "labels": list(w)} for w in windows if len(w) >= 2]
+
+
+def pack_examples(examples: list, seq_len: int) -> list:
+    """Concatenate whole examples, in order, into rows of at most ``seq_len`` tokens (``--packing``).
+
+    An example is never split; each keeps its own labels (a prompt stays masked), and its first token's
+    label is -100, so no row learns to predict one example's start from the example before it. Examples
+    in one row attend to each other (as TRL's classic packing): fewer pad tokens, much faster training on
+    short examples, slightly different context than training them one per row.
+
+    Example:
+        >>> rows = pack_examples([{"input_ids": [1, 2], "labels": [1, 2]}, {"input_ids": [3], "labels": [3]}], 4)
+        >>> rows[0]["input_ids"], rows[0]["labels"]
+        ([1, 2, 3], [-100, 2, -100])
+    """
+    rows, ids, labels = [], [], []
+    for ex in examples:
+        if ids and len(ids) + len(ex["input_ids"]) > seq_len:
+            rows.append({"input_ids": ids, "labels": labels})
+            ids, labels = [], []
+        ids = ids + list(ex["input_ids"])
+        labels = labels + [IGNORE_INDEX] + list(ex["labels"][1:])
+    if ids:
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows
 
 
 def load_jsonl(tokenizer: Tokenizer, path: Path, seq_len: int) -> list:

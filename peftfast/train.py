@@ -28,7 +28,7 @@ import torch
 
 from . import resume as ckpt
 from .basemodel import BaseModelError, bf16_by_default, check_model_spec, hub_kwargs, load_failure
-from .data import DataError, iterate_batches, load_dataset, split
+from .data import DataError, iterate_batches, load_dataset, pack_examples, split
 from .fileio import replace_atomically
 from .lineplot import write_line_png
 
@@ -81,6 +81,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--packing", action="store_true", help="jsonl: concatenate whole training examples into rows "
+                   "of up to --seq-len tokens (fewer pad tokens; examples in a row attend to each other). "
+                   "Text files are always packed")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast, and the frozen base in bf16 (bf16 weights, or bf16 compute for a 4-bit "
@@ -382,9 +385,14 @@ def _run_train(args, ranks) -> dict:
     model, tok, desc = loaded["model"], loaded["tokenizer"], loaded["desc"]
     examples = load_dataset(args.data, tok, args.seq_len)
     train_set, eval_set = split(examples, args.eval_fraction, args.seed)
+    packed = ""
+    if args.packing and Path(args.data).suffix.lower() == ".jsonl":
+        n_train = len(train_set)
+        train_set = pack_examples(train_set, args.seq_len)
+        packed = f", packed into {len(train_set)} rows"
     print(f"base: {desc}")
-    print(f"data: {args.data}: {len(train_set)} training / {len(eval_set)} held-out examples "
-          f"(seq-len {args.seq_len})")
+    print(f"data: {args.data}: {n_train if packed else len(train_set)} training{packed} / {len(eval_set)} "
+          f"held-out examples (seq-len {args.seq_len})")
     peftfast.patch(model, config)
     peftfast.print_trainable_parameters(model)
     if args.gradient_checkpointing:

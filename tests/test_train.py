@@ -332,3 +332,33 @@ def test_bf16_defaults_to_the_device(monkeypatch):
     assert resolved([]) is True and resolved(["--no-bf16"]) is False
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100 or T4
     assert resolved([]) is False and resolved(["--bf16"]) is True
+
+
+def test_packing_keeps_every_trained_token_and_mask(tmp_path, capsys):
+    """--packing: whole examples concatenated in order into rows of at most --seq-len; the tokens trained on
+    are exactly those of the unpacked examples (prompts stay masked), none predicts an example's start."""
+    import random
+
+    from peftfast.data import collate, pack_examples
+
+    tok = byte_tokenizer()
+    rng = random.Random(0)
+    rows = [{"prompt": "Q" * rng.randint(1, 9), "completion": "A" * rng.randint(1, 7)} for _ in range(40)]
+    data = tmp_path / "pc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = load_dataset(data, tok, 32)
+    packed = pack_examples(examples, 32)
+    assert len(packed) < len(examples) / 2 and all(len(r["input_ids"]) <= 32 for r in packed)
+    assert [t for r in packed for t in r["input_ids"]] == [t for e in examples for t in e["input_ids"]]
+
+    def trained(rows_):  # the labels the loss sees, in order
+        b = collate(rows_, tok.pad_id)
+        keep = b["labels"] != -100
+        return b["labels"][keep].tolist()
+
+    assert trained(packed) == [t for e in examples for t in trained([e])]
+    res = train_main(["--data", str(data), "--packing", "--max-steps", "3", "--output", str(tmp_path / "o"),
+                      "--method", "lora", *FAST])
+    assert len(res["losses"]) == 3
+    assert "packed into" in capsys.readouterr().out
+    assert pack_examples([], 8) == []
