@@ -2,9 +2,10 @@
 
 The result loads with ``AutoModelForCausalLM.from_pretrained(OUT)`` and needs neither peftfast nor PEFT.
 A 4-bit (QLoRA) base is *not* requantized (``peftfast.unpatch(model, merge_adapters=True)`` on a 4-bit
-model would requantize the merged weight, losing the adapter's update to NF4 rounding): every NF4 layer
-is dequantized to fp32, the adapter is merged in fp32, and the model is saved in ``--dtype`` (bf16 by
-default for 4-bit bases), so it computes what the 4-bit base plus adapter computed, up to that rounding.
+model would requantize the merged weight, losing the adapter's update to NF4 rounding): one layer at a
+time, each NF4 layer is dequantized to fp32, the adapter is merged in fp32 and the result is cast to
+``--dtype`` (bf16 by default for 4-bit bases), so the model computes what the 4-bit base plus adapter
+computed, up to that rounding, and no more than one layer is ever held in fp32.
 Prefix and prompt tuning add virtual tokens, not weight updates: they cannot be merged.
 """
 from __future__ import annotations
@@ -40,25 +41,57 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty --output directory")
 
 
+def _dense_copy(m: nn.Module, dtype: torch.dtype) -> nn.Linear:
+    """An ``nn.Linear`` holding a bitsandbytes ``Linear4bit``'s dequantized weight (and bias) in ``dtype``."""
+    from .layers import dense_base_weight
+
+    w = dense_base_weight(m, torch.float32).to(dtype)
+    dense = nn.Linear(w.shape[1], w.shape[0], bias=m.bias is not None, device=w.device, dtype=dtype)
+    with torch.no_grad():
+        dense.weight.copy_(w)
+        if m.bias is not None:
+            dense.bias.copy_(m.bias.to(dtype))
+    return dense
+
+
+def _is_4bit_linear(m: nn.Module) -> bool:
+    from .layers import _bnb_classes
+
+    linear4bit = _bnb_classes()[0]
+    return bool(linear4bit) and isinstance(m, linear4bit)
+
+
 def dequantize_4bit_layers(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
     """Replace every bitsandbytes ``Linear4bit`` (also those inside adapter wrappers) by an ``nn.Linear``
     holding its dequantized weight; returns how many were replaced."""
-    from .layers import _bnb_classes, dense_base_weight
-
-    linear4bit = _bnb_classes()[0]
-    todo = [(name, m) for name, m in model.named_modules() if linear4bit and isinstance(m, linear4bit)]
+    todo = [(name, m) for name, m in model.named_modules() if _is_4bit_linear(m)]
     for name, m in todo:
-        w = dense_base_weight(m, torch.float32).to(dtype)
-        dense = nn.Linear(w.shape[1], w.shape[0], bias=m.bias is not None, device=w.device, dtype=dtype)
-        with torch.no_grad():
-            dense.weight.copy_(w)
-            if m.bias is not None:
-                dense.bias.copy_(m.bias.to(dtype))
         parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, dense)
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, _dense_copy(m, dtype))
     if todo:
         _forget_quantization(model)
     return len(todo)
+
+
+def merge_4bit_layer_by_layer(model: nn.Module, dtype: torch.dtype) -> int:
+    """Merge the active adapters into a 4-bit base one layer at a time, leaving plain ``dtype`` weights.
+
+    Each adapted layer is dequantized to fp32, merged in fp32 and cast to ``dtype`` before the next one, so
+    at most one layer is ever held in fp32 (dequantizing the whole model first would hold all of them:
+    32 GB for an 8B model, where its bf16 result is 16 GB). The other 4-bit layers are dequantized
+    straight to ``dtype``. Returns how many 4-bit layers were replaced.
+    """
+    from .layers import AdapterLayer
+
+    wrapped = [m for m in model.modules() if isinstance(m, AdapterLayer) and _is_4bit_linear(m.base_layer)]
+    for layer in wrapped:
+        layer.base_layer = _dense_copy(layer.base_layer, torch.float32)
+        layer.merge()
+        layer.base_layer.to(dtype)
+    rest = dequantize_4bit_layers(model, dtype)
+    if wrapped:
+        _forget_quantization(model)
+    return len(wrapped) + rest
 
 
 def _forget_quantization(model: nn.Module) -> None:
@@ -94,12 +127,14 @@ def merged_model(model_dir: Optional[str], adapter: str, load_in_4bit: Optional[
         raise MergeError(str(e)) from None
     model = loaded["model"]
     base_dtype = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
-    four_bit = dequantize_4bit_layers(model, torch.float32) > 0
-    peftfast.unpatch(model, merge_adapters=True)
+    four_bit = any(_is_4bit_linear(m) for m in model.modules())
     if dtype == "auto":
         target = torch.bfloat16 if four_bit else (base_dtype if isinstance(base_dtype, torch.dtype) else torch.float32)
     else:
         target = DTYPES[dtype]
+    if four_bit:
+        merge_4bit_layer_by_layer(model, target)
+    peftfast.unpatch(model, merge_adapters=True)  # merges what is left (a dense base), then unwraps
     model.to(target)
     model.config.dtype = target
     loaded["dtype"], loaded["was_4bit"] = target, four_bit

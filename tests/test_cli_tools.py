@@ -340,3 +340,46 @@ def test_chat_training_on_embedded_base(tmp_path):
     res = train_main(["--data", str(data), "--method", "lora", "--max-steps", "3", "--seq-len", "128",
                       "--batch-size", "4", "--output", str(tmp_path / "o")])
     assert len(res["losses"]) == 3
+
+
+def test_merge_4bit_holds_one_fp32_layer_at_a_time_and_equals_the_whole_model_merge(trained, monkeypatch):
+    """The 4-bit merge goes layer by layer (dequantize to fp32, merge, cast) and gives bit for bit what
+    dequantizing the whole model to fp32, merging and casting gives, with one fp32 layer held at a time."""
+    import torch.nn as nn
+
+    from peftfast.generate import load_with_adapter
+    from peftfast.layers import LoraLayer
+    from peftfast.merging import dequantize_4bit_layers, merged_model
+
+    peak = []
+    real_merge = LoraLayer.merge
+
+    def merge_and_count(self, *a, **k):
+        if isinstance(self.base_layer, nn.Linear) and not self.merged:  # a layer being merged (unpatch's
+            # later merge call finds them all merged): how many fp32 dense copies of 4-bit layers exist now
+            peak.append(sum(isinstance(m.base_layer, nn.Linear) and m.base_layer.weight.dtype == torch.float32
+                            for m in held[0].modules() if isinstance(m, LoraLayer)))
+        real_merge(self, *a, **k)
+
+    held = []
+    real_load = load_with_adapter
+
+    def load_and_hold(*a, **k):
+        loaded = real_load(*a, **k)
+        held.append(loaded["model"])
+        return loaded
+
+    monkeypatch.setattr("peftfast.generate.load_with_adapter", load_and_hold)
+    monkeypatch.setattr(LoraLayer, "merge", merge_and_count)
+    layered = merged_model(None, str(trained["qlora"]), None, "bf16")["model"]
+    assert peak == [1] * 14, peak  # 7 projections x 2 decoder layers, one fp32 copy at a time
+    monkeypatch.undo()
+
+    whole = real_load(None, str(trained["qlora"]), None)["model"]
+    dequantize_4bit_layers(whole, torch.float32)
+    peftfast.unpatch(whole, merge_adapters=True)
+    whole.to(torch.bfloat16)
+    a, b = layered.state_dict(), whole.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
