@@ -13,7 +13,7 @@ import json
 import re
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -98,7 +98,7 @@ def bf16_by_default() -> bool:
 
 
 def load_base(model_dir: Optional[str], *, load_in_4bit: bool, device: str = "cpu",
-              compute_dtype: torch.dtype = torch.float32) -> dict:
+              compute_dtype: Union[torch.dtype, str] = torch.float32) -> dict:
     """Load a base model and its tokenizer.
 
     Args:
@@ -108,6 +108,7 @@ def load_base(model_dir: Optional[str], *, load_in_4bit: bool, device: str = "cp
         device: where the base is loaded (loaded there directly: a large base never sits on the CPU first).
         compute_dtype: the 4-bit base's compute dtype; a dense base's weights are loaded in it too (frozen
             weights in bf16 take half the memory; adapters stay fp32, see peftfast.layers.adapter_dtype).
+            ``"auto"``: a dense base in the dtype its checkpoint was saved in, a 4-bit one computing in fp32.
 
     Returns:
         dict with ``model``, ``tokenizer`` (peftfast.data.Tokenizer), ``hf_tokenizer`` (None for the
@@ -122,7 +123,7 @@ def load_base(model_dir: Optional[str], *, load_in_4bit: bool, device: str = "cp
 
     kwargs = {"device_map": device}
     if load_in_4bit:
-        kwargs["quantization_config"] = quant_config(compute_dtype)
+        kwargs["quantization_config"] = quant_config(torch.float32 if compute_dtype == "auto" else compute_dtype)
     else:
         kwargs["dtype"] = compute_dtype
     fp = None
@@ -148,7 +149,7 @@ def load_base(model_dir: Optional[str], *, load_in_4bit: bool, device: str = "cp
         desc = str(model_dir)
     if load_in_4bit:
         desc += ", base in NF4 (bitsandbytes)"
-    elif compute_dtype != torch.float32:
+    elif isinstance(compute_dtype, torch.dtype) and compute_dtype != torch.float32:
         desc += f", base in {str(compute_dtype).replace('torch.', '')}"
     return {"model": model, "tokenizer": tok, "hf_tokenizer": hf_tok, "desc": desc, "fingerprint": fp}
 

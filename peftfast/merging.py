@@ -5,7 +5,8 @@ A 4-bit (QLoRA) base is *not* requantized (``peftfast.unpatch(model, merge_adapt
 model would requantize the merged weight, losing the adapter's update to NF4 rounding): one layer at a
 time, each NF4 layer is dequantized to fp32, the adapter is merged in fp32 and the result is cast to
 ``--dtype`` (bf16 by default for 4-bit bases), so the model computes what the 4-bit base plus adapter
-computed, up to that rounding, and no more than one layer is ever held in fp32.
+computed, up to that rounding, and no more than one layer is ever held in fp32. A dense base merged into
+its own dtype (``--dtype auto``) is loaded in that dtype, not fp32.
 Prefix and prompt tuning add virtual tokens, not weight updates: they cannot be merged.
 """
 from __future__ import annotations
@@ -121,15 +122,20 @@ def merged_model(model_dir: Optional[str], adapter: str, load_in_4bit: Optional[
     if peft_type in ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"):
         raise MergeError(f"{adapter} is a {peft_type} adapter: it adds virtual tokens, not weight updates, so it "
                          "cannot be merged into the base; load it with peftfast.load_adapter (or peftfast generate)")
+    # A dense base merged into its own dtype loads in it ("auto"): LoRA/IA3/DoRA merges add the update in
+    # fp32 and round once to the weight's dtype, so the result is bit for bit that of an fp32 load cast at
+    # the end, at half the memory for a bf16 checkpoint. Another --dtype loads fp32 and rounds once at the end.
     try:
-        loaded = load_with_adapter(model_dir, adapter, load_in_4bit, "cpu")
+        loaded = load_with_adapter(model_dir, adapter, load_in_4bit, "cpu",
+                                   "auto" if dtype == "auto" else torch.float32)
     except GenerateError as e:
         raise MergeError(str(e)) from None
     model = loaded["model"]
-    base_dtype = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
     four_bit = any(_is_4bit_linear(m) for m in model.modules())
     if dtype == "auto":
-        target = torch.bfloat16 if four_bit else (base_dtype if isinstance(base_dtype, torch.dtype) else torch.float32)
+        # A dense base was loaded in its checkpoint's dtype (transformers' "auto"); model.dtype is that of
+        # its first weights, the embeddings (the adapters, fp32, come later).
+        target = torch.bfloat16 if four_bit else model.dtype
     else:
         target = DTYPES[dtype]
     if four_bit:

@@ -383,3 +383,38 @@ def test_merge_4bit_holds_one_fp32_layer_at_a_time_and_equals_the_whole_model_me
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def test_merge_dense_bf16_base_loads_in_bf16_and_equals_the_fp32_merge(tmp_path, monkeypatch):
+    """A bf16 checkpoint merged into its own dtype is loaded in bf16 (half the memory of an fp32 load) and
+    gives bit for bit the fp32-load merge rounded to bf16 at the end: the merge adds the update in fp32 and
+    rounds once either way."""
+    from peftfast.generate import load_with_adapter
+    from peftfast.merging import merged_model
+    from tiny import byte_chat_tokenizer, tiny_llama_for
+
+    model_dir = tmp_path / "base"
+    tok = byte_chat_tokenizer()
+    tok.save_pretrained(model_dir)
+    tiny_llama_for(tok, intermediate_size=64).to(torch.bfloat16).save_pretrained(model_dir)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"sample {i} " * 3}) + "\n" for i in range(8)))
+    for method in ("lora", "dora", "ia3"):
+        adapter = tmp_path / method
+        train_main(["--model", str(model_dir), "--data", str(data), "--method", method, "--max-steps", "2",
+                    "--lr", "1e-2", "--output", str(adapter), *FAST])
+        seen = []
+        monkeypatch.setattr("peftfast.generate.load_with_adapter",
+                            lambda *a: seen.append(a[-1]) or load_with_adapter(*a))
+        merged = merged_model(str(model_dir), str(adapter), None, "auto")["model"]
+        monkeypatch.undo()
+        assert seen == ["auto"] and merged.dtype == torch.bfloat16
+        ref = load_with_adapter(str(model_dir), str(adapter), None)["model"]  # fp32 load
+        peftfast.unpatch(ref, merge_adapters=True)
+        ref.to(torch.bfloat16)
+        a, b = merged.state_dict(), ref.state_dict()
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (method, k)
+        base = type(ref).from_pretrained(str(model_dir)).state_dict()
+        assert any(not torch.equal(a[k], base[k]) for k in a), f"{method}: the merge changed nothing"
