@@ -20,6 +20,19 @@ class InspectError(ValueError):
     """Not an adapter directory."""
 
 
+def _summarize_targets(targets) -> str:
+    """Target modules by name: full paths (as PEFT saves an "all-linear" expansion: one per layer) are
+    grouped by their last component with a count, so a 32-layer model reads as 7 names, not 224 paths."""
+    if not isinstance(targets, list):
+        return str(targets)  # a regex
+    counts: dict = {}
+    for t in targets:
+        leaf = t.rsplit(".", 1)[-1]
+        counts[leaf] = counts.get(leaf, 0) + 1
+    if all(n == 1 for n in counts.values()):
+        return ", ".join(sorted(targets))
+    return ", ".join(f"{leaf} (x{n})" if n > 1 else leaf for leaf, n in sorted(counts.items()))
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapter", help="adapter directory (PEFT format)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -111,7 +124,7 @@ def format_text(info: dict) -> str:
                      f"{info['num_layers']} layers)")
     targets = info.get("target_modules")
     if targets:
-        lines.append(f"targets:      {', '.join(targets) if isinstance(targets, list) else targets}")
+        lines.append(f"targets:      {_summarize_targets(targets)}")
     if info.get("feedforward_modules"):
         lines.append(f"feedforward:  {info['feedforward_modules']}")
     if info.get("modules_to_save"):

@@ -193,14 +193,18 @@ def test_merge_module_does_not_shadow_api():
 def test_inspect_text_and_json(trained, capsys):
     assert cli_main(["inspect", str(trained["qlora"])]) == 0
     text = capsys.readouterr().out
-    for part in ("method:       LORA", "r=8, lora_alpha=16", "q_proj", "parameters:", "size on disk:",
-                 "peftfast:tiny-llama", "--method qlora, 4 steps"):
+    for part in ("method:       LORA", "r=8, lora_alpha=16", "parameters:", "size on disk:",
+                 "peftfast:tiny-llama", "--method qlora, 4 steps",
+                 # all-linear's per-layer paths, one line: each projection with its count of layers
+                 "targets:      down_proj (x2), gate_proj (x2), k_proj (x2), o_proj (x2), q_proj (x2), up_proj (x2), "
+                 "v_proj (x2)\n"):
         assert part in text, (part, text)
     assert cli_main(["inspect", str(trained["qlora"]), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     trainable, _ = peftfast.trainable_parameters(_patched_lora())
     assert info["parameters"] == trainable and info["r"] == 8 and info["lora_alpha"] == 16
     assert info["size_on_disk"] > info["weights_size"] > 0
+    assert len(info["target_modules"]) == 14  # --json keeps the full paths
     assert cli_main(["inspect", str(trained["prefix"]), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["method"] == "PREFIX_TUNING" and info["num_virtual_tokens"] == 4
