@@ -84,8 +84,8 @@ def load_failure(spec: str, err: Exception, flag: str = "--model") -> BaseModelE
     """A from_pretrained failure, said in terms of the flag (its first line carries transformers' reason)."""
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if is_local(spec):
-        return BaseModelError(f"{flag} {spec}: not a transformers causal-LM directory ({reason}); give the "
-                              "directory save_pretrained wrote (config.json, weights and tokenizer files)")
+        return BaseModelError(f"{flag} {spec}: cannot load it as a transformers causal LM ({reason}); it should "
+                              "be a directory save_pretrained wrote (config.json, weights and tokenizer files)")
     return BaseModelError(f"{flag} {spec}: not a local directory, and not loadable from the Hugging Face Hub "
                           f"({reason}); check the id, run `hf auth login` for a gated model, or download it "
                           "first where the Hub can be reached (HF_HUB_OFFLINE=1 uses the local cache only)")

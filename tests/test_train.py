@@ -166,6 +166,13 @@ def test_missing_model_path(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_model_dir_that_holds_no_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TrainError, match="empty: cannot load it as a transformers causal LM"):
+        train_main(["--model", str(tmp_path / "empty"), "--output", str(tmp_path / "o"), *FAST])
+    assert not (tmp_path / "o").exists()
+
+
 def test_seq_len_beyond_max_positions(tmp_path):
     # the embedded tiny Llama has 256 positions; prompt/prefix tuning's virtual tokens count too
     with pytest.raises(TrainError, match="exceeds the model's 256 positions.*--seq-len 256"):
