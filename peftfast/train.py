@@ -385,14 +385,13 @@ def _run_train(args, ranks) -> dict:
     model, tok, desc = loaded["model"], loaded["tokenizer"], loaded["desc"]
     examples = load_dataset(args.data, tok, args.seq_len)
     train_set, eval_set = split(examples, args.eval_fraction, args.seed)
-    packed = ""
+    n_train, packed = len(train_set), ""
     if args.packing and Path(args.data).suffix.lower() == ".jsonl":
-        n_train = len(train_set)
         train_set = pack_examples(train_set, args.seq_len)
         packed = f", packed into {len(train_set)} rows"
     print(f"base: {desc}")
-    print(f"data: {args.data}: {n_train if packed else len(train_set)} training{packed} / {len(eval_set)} "
-          f"held-out examples (seq-len {args.seq_len})")
+    print(f"data: {args.data}: {n_train} training{packed} / {len(eval_set)} held-out examples "
+          f"(seq-len {args.seq_len})")
     peftfast.patch(model, config)
     peftfast.print_trainable_parameters(model)
     if args.gradient_checkpointing:
