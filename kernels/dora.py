@@ -172,17 +172,11 @@ if _mm is not None:
             m_k = o_k < K
             b_w = tl.load(p_w + o_n64[:, None] * stride_wn + o_k[None, :] * stride_wk,
                           mask=m_n[:, None] & m_k[None, :], other=0.0).to(dtype).to(tl.float32)
-            b_d = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-            # Not software-pipelined: one iteration for r <= 64, and its stages of A tiles at the
-            # adapters' stored width (fp32: 64 KB per [64, 256] tile) took 136 KB, past sm89's 99 KB.
-            for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
-                o_r = r0 + tl.arange(0, BLOCK_R)
-                m_r = o_r < R
-                b_b = tl.load(p_b + o_n64[:, None] * stride_bn + o_r[None, :] * stride_br,
-                              mask=m_n[:, None] & m_r[None, :], other=0.0).to(dtype)
-                b_a = tl.load(p_a + o_r[:, None] * stride_ar + o_k[None, :] * stride_ak,
-                              mask=m_r[:, None] & m_k[None, :], other=0.0).to(dtype)
-                b_d = _dot(b_b, b_a, b_d, DOT_F32, IEEE)  # [BN, BR] @ [BR, BK] -> [BN, BK]
+            # B[o_n, :R] @ A[:R, o_k] -> [BN, BK], by the GEMM epilogues' unpipelined low-rank loop: its
+            # stages of A tiles at the adapters' stored width (fp32: 64 KB per [64, 256] tile) took
+            # 136 KB here when this loop was pipelined, past sm89's 99 KB.
+            b_d = _lowrank_tile(p_b, p_a, o_n64, o_k, m_n, m_k, R, stride_bn, stride_br, stride_ar, stride_ak,
+                                dtype, DOT_F32, IEEE, BLOCK_N, BLOCK_K, BLOCK_R)
             b_v = b_w + scale * b_d
             b_sq += tl.sum(b_v * b_v, axis=1)
         tl.store(p_out + o_n, tl.sqrt(b_sq).to(dtype), mask=m_n)
