@@ -103,6 +103,24 @@ def _largest(configs, estimate):
     return [max(configs, key=lambda c: (estimate(c), c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]))]
 
 
+def _compile_gemm_configs(kernel_fn, arch, case, cands, args, flags, m, n, estimate, subset):
+    """Compile a grouped-tile GEMM kernel (one program per BLOCK_M x BLOCK_N tile of [m, n]) with each
+    admitted config, or only the largest by ``estimate`` for the subset; one record per compile."""
+    import triton
+
+    if subset:
+        cands = _largest(cands, estimate)
+    records = []
+    for c in cands:
+        grid = (triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(n, c.kwargs["BLOCK_N"]),)
+
+        def launch(c=c, grid=grid):
+            kernel_fn[grid](*args, **flags, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+
+        records += _compile(kernel_fn.__name__, arch, case, _triton_config_dict(c), launch, estimate(c))
+    return records
+
+
 # --------------------------------------------------------------------------------------------------
 # IA3
 # --------------------------------------------------------------------------------------------------
@@ -150,18 +168,8 @@ def ia3_gemm(arch, variant, xdt, wdt, m=GEMM_M, subset=False):
     def estimate(c):
         return mm._smem_bytes(c.kwargs, c.num_stages, elem, 0)
 
-    if subset:
-        cands = _largest(cands, estimate)
-    case = f"{name} x={xdt} w={wdt} M={m}"
-    records = []
-    for c in cands:
-        grid = (triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(ng, c.kwargs["BLOCK_N"]),)
-
-        def launch(c=c, grid=grid):
-            ia3._ia3_matmul_kernel[grid](*args, **flags, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-
-        records += _compile("_ia3_matmul_kernel", arch, case, _triton_config_dict(c), launch, estimate(c))
-    return records
+    return _compile_gemm_configs(ia3._ia3_matmul_kernel, arch, f"{name} x={xdt} w={wdt} M={m}", cands, args, flags,
+                                 m, ng, estimate, subset)
 
 
 def ia3_jobs(archs, full):
@@ -236,19 +244,8 @@ def dora_gemm(arch, variant, xdt, wdt, rank, adt=None, m=GEMM_M, subset=False):
     def estimate(c):
         return dora._smem_bytes(c, named)
 
-    if subset:
-        cands = _largest(cands, estimate)
-    case = f"{name} x={xdt} w={wdt} lora={adt} r={rank} M={m}"
-    records = []
-    for c in cands:
-        grid = (triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(ng, c.kwargs["BLOCK_N"]),)
-
-        def launch(c=c, grid=grid):
-            dora._dora_matmul_kernel[grid](*args, **flags, **c.kwargs, num_warps=c.num_warps,
-                                           num_stages=c.num_stages)
-
-        records += _compile("_dora_matmul_kernel", arch, case, _triton_config_dict(c), launch, estimate(c))
-    return records
+    return _compile_gemm_configs(dora._dora_matmul_kernel, arch, f"{name} x={xdt} w={wdt} lora={adt} r={rank} M={m}",
+                                 cands, args, flags, m, ng, estimate, subset)
 
 
 def dora_norm(arch, wdt, xdt, rank, adt=None):
