@@ -297,10 +297,9 @@ if _mm is not None:
     def _smem_bytes(config, args: dict) -> int:
         """Shared memory the pruner counts for ``config`` at these launch arguments (named, flags included)."""
         kw, block_r = config.kwargs, int(args["BLOCK_R"])
-        elem = max(args["p_x"].element_size(), args["p_w"].element_size())
-        # The epilogue's L and R tiles are staged at their stored width (fp32 adapters: 4 bytes), as in
-        # matmul._staged_widths: counting them at x's took 80 KB where 72 KB was estimated (sm80 compile).
-        lr_elem = max(elem, args["p_l"].element_size(), args["p_r"].element_size())
+        # The main loop stages X and W tiles (Y is absent in the dm pass); L and R count at the adapters'
+        # width (fp32 adapters took 80 KB where counting them at x's said 72 KB: sm80 compile).
+        elem, lr_elem = _mm._staged_widths(args, main=("p_x", "p_w"))
         n_x = 2 if (int(args["MODE"]) == _FWD and bool(args["DROPOUT"])) else 1
         main = config.num_stages * (n_x * kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]) * elem
         epilogue = (kw["BLOCK_M"] * block_r + block_r * kw["BLOCK_N"]) * lr_elem

@@ -298,11 +298,11 @@ def _smem_bytes(kw: dict, num_stages: int, elem_bytes: int, block_r: int, lr_ele
     return max(main, epilogue)
 
 
-def _staged_widths(named_args: dict) -> Tuple[int, int]:
-    """Element sizes of the tiles a ``_matmul_lowrank_kernel`` launch stages in shared memory: the main
-    loop's X and W tiles (the wider of y's and W's dtype: a wider W is staged before its in-kernel cast),
-    and the epilogue's L and R tiles (the widest of those and both adapters' dtypes)."""
-    elem = max(named_args["p_y"].element_size(), named_args["p_w"].element_size())
+def _staged_widths(named_args: dict, main: Tuple[str, str] = ("p_y", "p_w")) -> Tuple[int, int]:
+    """Element sizes of the tiles a low-rank-epilogue GEMM launch stages in shared memory: the main
+    loop's X and W tiles (the wider of the two ``main`` operands' dtypes: a wider W is staged before its
+    in-kernel cast), and the epilogue's L and R tiles (the widest of those and both adapters' dtypes)."""
+    elem = max(named_args[main[0]].element_size(), named_args[main[1]].element_size())
     return elem, max(elem, named_args["p_l"].element_size(), named_args["p_r"].element_size())
 
 

@@ -210,8 +210,8 @@ def pack_examples(examples: list, seq_len: int) -> list:
         if ids and len(ids) + len(ex["input_ids"]) > seq_len:
             rows.append({"input_ids": ids, "labels": labels})
             ids, labels = [], []
-        ids = ids + list(ex["input_ids"])
-        labels = labels + [IGNORE_INDEX] + list(ex["labels"][1:])
+        ids.extend(ex["input_ids"])
+        labels.extend([IGNORE_INDEX, *ex["labels"][1:]])
     if ids:
         rows.append({"input_ids": ids, "labels": labels})
     return rows
