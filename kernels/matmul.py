@@ -298,12 +298,17 @@ def _smem_bytes(kw: dict, num_stages: int, elem_bytes: int, block_r: int, lr_ele
     return max(main, epilogue)
 
 
+def _tile_widths(a: torch.Tensor, w: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> Tuple[int, int]:
+    """Element sizes of the tiles a low-rank-epilogue GEMM stages in shared memory: the main loop's
+    (the wider of ``a``'s and W's dtypes: a wider W is staged before its in-kernel cast), and the
+    epilogue's L and R tiles (the widest of that and both adapters' dtypes)."""
+    elem = max(a.element_size(), w.element_size())
+    return elem, max(elem, left.element_size(), right.element_size())
+
+
 def _staged_widths(named_args: dict, main: Tuple[str, str] = ("p_y", "p_w")) -> Tuple[int, int]:
-    """Element sizes of the tiles a low-rank-epilogue GEMM launch stages in shared memory: the main
-    loop's X and W tiles (the wider of the two ``main`` operands' dtypes: a wider W is staged before its
-    in-kernel cast), and the epilogue's L and R tiles (the widest of those and both adapters' dtypes)."""
-    elem = max(named_args[main[0]].element_size(), named_args[main[1]].element_size())
-    return elem, max(elem, named_args["p_l"].element_size(), named_args["p_r"].element_size())
+    """:func:`_tile_widths` of a launch's named arguments, the main loop's two operands named ``main``."""
+    return _tile_widths(named_args[main[0]], named_args[main[1]], named_args["p_l"], named_args["p_r"])
 
 
 def _make_pruner(max_smem: int):
@@ -446,10 +451,10 @@ def _record_search_winner(kernel, timings_before, gpu_name: str, key: str,
     return cfg
 
 
-def _launch_cuda(args: tuple, flags: dict, m: int, n: int, k: int, dtype, wt, ww, y) -> None:
+def _launch_cuda(args: tuple, flags: dict, m: int, n: int, k: int, dtype, wt, y, widths: Tuple[int, int]) -> None:
     device_index = y.device.index if y.device.index is not None else torch.cuda.current_device()
     weight = _tuning.weight_format(wt)
-    elem, lr_elem = _staged_widths(dict(zip(_matmul_lowrank_kernel.arg_names, args)))
+    elem, lr_elem = widths
     memo_key = (device_index, _tuning.bucket_m(m), n, k, dtype, weight, elem, lr_elem, flags["BLOCK_R"])
     cfg = _SELECTED.get(memo_key, _MISSING)
     if cfg is _MISSING:
@@ -551,7 +556,7 @@ def matmul_lowrank(
     args, flags = _launch_args(x, wt, left, right, scale, bias, dropout_p, seed, y)
     ww = wt if has_w else right
     if y.device.type == "cuda":
-        _launch_cuda(args, flags, m, n, k, dtype, wt if has_w else None, ww, y)
+        _launch_cuda(args, flags, m, n, k, dtype, wt if has_w else None, y, _tile_widths(y, ww, left, right))
     else:
         cfg = _INTERPRET_CONFIG
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)

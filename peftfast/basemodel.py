@@ -92,8 +92,9 @@ def load_failure(spec: str, err: Exception, flag: str = "--model") -> BaseModelE
 
 
 def bf16_by_default() -> bool:
-    """Whether a command left without --bf16/--no-bf16 computes in bf16: on a CUDA GPU that has it (fp32
-    there is several times slower and needs twice the memory), not on a CPU (slow bf16 matmuls)."""
+    """Whether a command left without --bf16/--no-bf16 computes in bf16: on a CUDA GPU that has it (its
+    tensor cores take bf16, and fp32 weights need twice the memory), not on a CPU, where PyTorch's bf16
+    matmuls are emulated on many processors."""
     return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 

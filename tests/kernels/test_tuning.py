@@ -374,3 +374,24 @@ def test_select_config_variant_filter(tmp_path):
     assert tuning.select_config(key, **sel, variant="dequant") == (CFG, "table")
     tuning.cache_write(GPU, "h", key, CFG2, 0.1)  # unlabelled: taken by any variant
     assert tuning.select_config(key, **sel, variant="inloop") == (CFG2, "cache")
+
+
+def test_cuda_launch_selects_by_the_staged_widths(monkeypatch):
+    """matmul_lowrank's CUDA branch (run here with the device parts stubbed): the table lookup is told the
+    main-loop and epilogue widths, an fp32-adapter call is memoized apart from a bf16-adapter one, and
+    the selected config is launched."""
+    from types import SimpleNamespace
+
+    seen, launched = [], []
+    monkeypatch.setattr(mm, "_device_info", lambda index: ("NVIDIA H100 80GB HBM3", 232448))
+    monkeypatch.setattr(mm, "select_matmul_config",
+                        lambda *a, **kw: seen.append((kw["elem"], kw["lr_elem"])) or (CFG, "table"))
+    monkeypatch.setattr(mm, "_launch_config", lambda args, flags, m, n, cfg: launched.append(cfg))
+    monkeypatch.setattr(mm, "_SELECTED", {})
+    y = SimpleNamespace(device=SimpleNamespace(index=0))
+    wt = torch.empty(64, 32, dtype=torch.bfloat16).t()
+    for widths in ((2, 4), (2, 4), (2, 2)):
+        mm._launch_cuda((), {"BLOCK_R": 16}, 100, 64, 32, torch.bfloat16, wt, y, widths)
+    assert seen == [(2, 4), (2, 2)] and launched == [CFG] * 3
+    b16, f32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1, dtype=torch.float32)
+    assert mm._tile_widths(b16, b16, b16, f32) == (2, 4) and mm._tile_widths(b16, f32, b16, b16) == (4, 4)
