@@ -37,14 +37,17 @@ def tiny_llama_config():
 
 
 def load_4bit_base(model_dir: str):
-    """Load a saved model with its linear layers quantized to NF4 (nested absmax), on CPU."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    """Load a saved model with its linear layers quantized to NF4 (nested absmax), on CPU, kept in the
+    layout it was loaded in (see peftfast.layers.keep_4bit_layout)."""
+    from transformers import AutoModelForCausalLM
 
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, device_map="cpu")
+    from .basemodel import quant_config
+    from .layers import keep_4bit_layout
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant_config(torch.float32),
+                                                 device_map="cpu")
+    keep_4bit_layout(model)
+    return model
 
 
 def batches(ids: torch.Tensor, batch: int, seq: int, generator: torch.Generator):

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
-from .kernels.nf4 import is_4bit_weight
+from .kernels.nf4 import is_4bit_weight, quantization_settings
 
 try:  # transformers' GPT-2-style Conv1D stores its weight as [in, out]
     from transformers.pytorch_utils import Conv1D
@@ -102,8 +102,8 @@ def dense_base_weight(module: nn.Module, dtype: Optional[torch.dtype] = None) ->
         scb = w.SCB if getattr(w, "SCB", None) is not None else module.state.SCB
         dense = cb.float() * scb.float().view(-1, 1) / 127.0
         return dense.to(dtype or torch.float32)
-    if is_4bit_weight(w):
-        return kernels.dequantize_4bit(w, dtype=dtype or w.quant_state.dtype)
+    if is_4bit_weight(w):  # the view knows the compute dtype even where a CPU repack overwrote quant_state's
+        return kernels.dequantize_4bit(w, dtype=dtype)
     dense = w.t() if stores_transposed(module) else w
     return dense if dtype is None else dense.to(dtype)
 
@@ -114,10 +114,11 @@ def write_dense_base_weight(module: nn.Module, dense: torch.Tensor) -> None:
     if is_4bit_weight(w):
         import bitsandbytes as bnb
 
-        state = w.quant_state
+        # as it was quantized, not as a CPU repack left its state (nesting folded away, dtype bf16)
+        how = quantization_settings(w)
         new = bnb.nn.Params4bit(
-            dense.to("cpu", state.dtype), requires_grad=False, quant_type=state.quant_type,
-            blocksize=state.blocksize, compress_statistics=state.nested, quant_storage=w.dtype,
+            dense.to("cpu", how["compute_dtype"]), requires_grad=False, quant_type=how["quant_type"],
+            blocksize=how["blocksize"], compress_statistics=how["compress_statistics"], quant_storage=w.dtype,
         )
         module.weight = new._quantize(w.device) if w.device.type != "meta" else new
         return
@@ -129,6 +130,43 @@ def write_dense_base_weight(module: nn.Module, dense: torch.Tensor) -> None:
         return
     data = dense.t() if stores_transposed(module) else dense
     w.data.copy_(data.to(w.dtype))
+
+
+def keep_4bit_layout(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking ``model``'s 4-bit layers for its CPU kernel; returns how many.
+
+    bitsandbytes (>= 0.49) rewrites a ``Linear4bit`` in place on its first eval forward on a CPU with
+    AVX512-BF16, rounding the block scales to bf16 and computing in bf16 from then on. ``peftfast train``
+    and ``generate`` own the models they load and call this, so the base they evaluate, generate with
+    and train on afterwards is the one they loaded. ``patch`` does not: layers it wraps never reach that
+    code path (see :func:`base_4bit_forward_cpu`), and the others are the caller's.
+
+    Example:
+        >>> keep_4bit_layout(model)  # doctest: +SKIP
+    """
+    count = 0
+    for m in model.modules():
+        if isinstance(m, _bnb_classes()[0]) and hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def base_4bit_forward_cpu(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A bitsandbytes ``Linear4bit``'s own output on CPU, computed from the exactly decoded weight.
+
+    Not ``base(x)``: on a CPU with AVX512-BF16, bitsandbytes' forward in eval rewrites the weight in place
+    into its CPU-packed layout (rounding the block scales to bf16) and computes in bf16, and on CPUs
+    without it its dequantization is wrong where blocks straddle rows. Either way the output of a layer
+    with its adapters disabled would no longer be the adapted path's base term, and the repack would
+    change the weights every later read sees. Same dtype flow as the adapted path: x in the layer's
+    compute dtype, the result cast back to x's dtype.
+    """
+    compute_dtype = getattr(base, "compute_dtype", None) or x.dtype
+    x_c = x.to(compute_dtype) if x.is_floating_point() else x
+    w = kernels.dequantize_4bit(base_weight(base), dtype=x_c.dtype)
+    bias = base.bias.to(x_c.dtype) if base.bias is not None else None
+    return F.linear(x_c, w, bias).to(x.dtype)
 
 
 def adapter_dtype(base: nn.Module) -> torch.dtype:
@@ -194,6 +232,8 @@ class AdapterLayer(nn.Module):
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled and self.merged:
             self.unmerge()
+        if x.device.type == "cpu" and isinstance(self.base_layer, _bnb_classes()[0]):
+            return base_4bit_forward_cpu(self.base_layer, x)
         return self.base_layer(x)
 
 
