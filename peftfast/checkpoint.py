@@ -56,6 +56,10 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict:
         return out
     out = {}
     tag = f".{adapter_name}."
+    # A module reachable at two paths (weight tying, a layer placed twice) puts the same Parameter under
+    # both names in state_dict(). PEFT finds its layers through named_modules(), which visits each module
+    # once, so its file holds such a tensor once, under the first path; load_adapter fills the other paths.
+    emitted: set = set()
     for key, value in model.state_dict(keep_vars=True).items():
         saved = None
         if (".lora_A" + tag) in key or (".lora_B" + tag) in key:
@@ -69,7 +73,15 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict:
             saved = key.replace(f"modules_to_save{tag}", "")
         elif getattr(cfg, "bias", "none") != "none" and key.endswith("bias") and _bias_is_saved(model, key, cfg):
             saved = key
+            if cfg.bias == "all" and id(value) in emitted:
+                # PEFT takes bias="all" from the whole state_dict, every path included, and clones the
+                # aliases (safetensors refuses tensors that share memory).
+                out[PREFIX + saved] = value.detach().clone()
+                continue
         if saved is not None:
+            if id(value) in emitted:
+                continue
+            emitted.add(id(value))
             out[PREFIX + saved] = value.detach()
     out.update(_embedding_base_weights(model, state.target_names.get(adapter_name, [])))
     return out
@@ -244,7 +256,9 @@ def load_adapter(
                     f"{tuple(params[key].shape)}; the adapter was made for a different base model or rank"
                 )
             mapped[key] = tensor
-        missing = sorted(expected - set(mapped))
+        # A path that aliases a loaded tensor (the same module reachable twice) is filled by that load.
+        loaded = {id(params[k]) for k in mapped}
+        missing = sorted(k for k in expected - set(mapped) if id(params[k]) not in loaded)
         if missing:
             raise AdapterLoadError(
                 f"{path}: {len(missing)} adapter tensors are missing from {WEIGHTS_NAME}, e.g. {missing[:3]}; "

@@ -300,8 +300,10 @@ def _apply_trainable(model: nn.Module, state: PatchState) -> None:
                 if pname.endswith("bias") and ".modules_to_save." not in pname:
                     p.requires_grad_(True)
         elif bias == "lora_only":
+            # PEFT trains the bias of every LoRA-wrapped layer (convolutions and embeddings too), not just
+            # the linear ones.
             for _, module in _adapter_wrappers(model):
-                if isinstance(module, LoraLayer) and module.base_layer.bias is not None:
+                if isinstance(module, LORA_WRAPPERS) and getattr(module.base_layer, "bias", None) is not None:
                     module.base_layer.bias.requires_grad_(True)
 
 
