@@ -47,8 +47,13 @@ class LoraEmbedding(AdapterLayer):
         self.scaling: dict = {}
 
     def add_adapter(self, name: str, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
-                    use_dora: bool = False, init: object = True) -> None:
+                    use_dora: bool = False, init: object = True, lora_bias: bool = False) -> None:
         _check_options("embedding", use_dora)
+        if lora_bias:
+            raise ValueError(
+                "lora_bias=True is not supported on nn.Embedding (PEFT refuses it too); set lora_bias=False or leave "
+                "embeddings out of target_modules"
+            )
         base = self.base_layer
         kw = dict(device=base.weight.device, dtype=adapter_dtype(base))
         a = torch.randn(r, base.num_embeddings, **kw)
@@ -121,7 +126,7 @@ class LoraConv(AdapterLayer):
         self.lora_dropout_p: dict = {}
 
     def add_adapter(self, name: str, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
-                    use_dora: bool = False, init: object = True) -> None:
+                    use_dora: bool = False, init: object = True, lora_bias: bool = False) -> None:
         _check_options("convolution", use_dora)
         base = self.base_layer
         conv = type(base)
@@ -129,7 +134,8 @@ class LoraConv(AdapterLayer):
         ones = (1,) * (base.weight.dim() - 2)
         # PEFT's layout: A repeats the base's kernel, stride and padding (not its dilation); B is 1x1.
         a = conv(self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False, **kw)
-        b = conv(r, self.out_features, ones, ones, bias=False, **kw)
+        # lora_bias: B's bias, scaled with B's output (PEFT's layout); merging adds it to the base bias.
+        b = conv(r, self.out_features, ones, ones, bias=bool(lora_bias), **kw)
         with torch.no_grad():
             if init is True:
                 nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
@@ -137,6 +143,8 @@ class LoraConv(AdapterLayer):
             elif init == "gaussian":
                 nn.init.normal_(a.weight, std=1.0 / r)
                 nn.init.zeros_(b.weight)
+            if init is not False and b.bias is not None:
+                nn.init.zeros_(b.bias)
         self.lora_A[name], self.lora_B[name] = a, b
         self.r[name], self.lora_alpha[name] = r, alpha
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -164,12 +172,24 @@ class LoraConv(AdapterLayer):
         # B(A(x)) with a 1x1 B is a conv with kernel sum_r B[o, r] * A[r, i, *k].
         return torch.einsum("or,ri...->oi...", b.flatten(1), a) * self.scaling[name]
 
+    def _merge_bias(self, name: str, sign: float) -> None:
+        lora_b = self.lora_B[name].bias
+        if lora_b is not None:
+            bias = self.base_layer.bias
+            bias.copy_((bias.float() + sign * self.scaling[name] * lora_b.float()).to(bias.dtype))
+
     def merge(self, names: Optional[list] = None) -> None:
         names = [n for n in (names or self.active_adapters) if n not in self.merged_adapters and n in self.r]
+        if self.base_layer.bias is None and any(self.lora_B[n].bias is not None for n in names):
+            raise ValueError(
+                "cannot merge a LoRA adapter with lora_bias=True into a convolution without a bias (as in PEFT); "
+                "keep it unmerged, or train it with lora_bias=False"
+            )
         with torch.no_grad():
             w = self.base_layer.weight
             for name in names:
                 w.copy_((w.float() + self.delta_weight(name)).to(w.dtype))
+                self._merge_bias(name, 1.0)
                 self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -178,3 +198,4 @@ class LoraConv(AdapterLayer):
             while self.merged_adapters:
                 name = self.merged_adapters.pop()
                 w.copy_((w.float() - self.delta_weight(name)).to(w.dtype))
+                self._merge_bias(name, -1.0)

@@ -270,7 +270,7 @@ def _add_adapter(wrapper: AdapterLayer, name: str, cfg, adapter_name: str) -> No
             raise ConfigError(f"LoRA rank for {name} must be a positive integer, got {r!r}")
         wrapper.add_adapter(
             adapter_name, r, alpha, dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
-            init=cfg.init_lora_weights,
+            init=cfg.init_lora_weights, lora_bias=cfg.lora_bias,
         )
     else:
         wrapper.add_adapter(adapter_name, init=cfg.init_ia3_weights)

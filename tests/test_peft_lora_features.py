@@ -165,3 +165,78 @@ def test_module_at_two_paths_load_still_refuses_a_truly_missing_tensor(tmp_path)
     save_file(sd, path, metadata={"format": "pt"})
     with pytest.raises(peftfast.checkpoint.AdapterLoadError, match=r"blocks\.1\.fc\.lora_B"):
         peftfast.load_adapter(SharedTwice(), tmp_path / "peft")
+
+
+# --- lora_bias=True -------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """PEFT's test MLP shape: linears with and without a bias."""
+
+    def __init__(self, bias_out: bool = True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin0 = nn.Linear(10, 20)
+        self.lin1 = nn.Linear(20, 16)
+        self.out = nn.Linear(16, 3, bias=bias_out)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.lin1(torch.relu(self.lin0(x)))))
+
+
+def _x(n=10):
+    return torch.randn(6, n, generator=torch.Generator().manual_seed(4))
+
+
+def test_lora_bias_on_linear_matches_peft(tmp_path):
+    x = _x()
+    pm, ours = check_parity(tmp_path, MLP, lambda m: m(x),
+                            dict(r=4, lora_alpha=8, target_modules=["lin0", "lin1"], lora_bias=True))
+    saved = load_file(tmp_path / "ours" / WEIGHTS)
+    assert "base_model.model.lin0.lora_B.bias" in saved
+    assert ours.lin0.lora_B["default"].bias.requires_grad
+    assert_rel_close(ours.lin1.lora_B["default"].bias.detach(),
+                     pm.base_model.model.lin1.lora_B["default"].bias.detach(), TOL, "trained lora_B.bias")
+
+
+def test_lora_bias_on_conv_matches_peft(tmp_path):
+    def build():
+        torch.manual_seed(0)
+        return ConvHead(nn.Conv2d(3, 6, 3), 6 * 6 * 6)
+
+    x = _images()
+    check_parity(tmp_path, build, lambda m: m(x), dict(r=4, lora_alpha=8, target_modules=["conv"], lora_bias=True))
+
+
+def test_lora_bias_zero_at_init_and_refusals():
+    model = peftfast.patch(MLP(), peftfast.LoraConfig(r=2, target_modules=["lin0"], lora_bias=True))
+    assert torch.equal(model.lin0.lora_B["default"].bias, torch.zeros(20))  # a no-op at init, as PEFT
+    with pytest.raises(peftfast.ConfigError, match="DoRA"):
+        peftfast.LoraConfig(r=2, lora_bias=True, use_dora=True).validate()
+    with pytest.raises(peftfast.ConfigError, match="init_lora_weights"):
+        peftfast.LoraConfig(r=2, lora_bias=True, init_lora_weights="gaussian").validate()
+    emb = nn.Sequential(nn.Embedding(10, 4))
+    with pytest.raises(ValueError, match="lora_bias=True is not supported on nn.Embedding"):
+        peftfast.patch(emb, peftfast.LoraConfig(r=2, target_modules=["0"], lora_bias=True))
+    assert isinstance(emb[0], nn.Embedding)
+    # no base bias to fold into: merging is refused (PEFT's rule), and the weights stay as they were
+    with pytest.warns(UserWarning, match="without a bias"):
+        nobias = peftfast.patch(MLP(bias_out=False), peftfast.LoraConfig(r=2, target_modules=["out"], lora_bias=True,
+                                                                         init_lora_weights=False))
+    before = nobias.out.base_layer.weight.clone()
+    with pytest.raises(ValueError, match="without a bias"):
+        peftfast.merge(nobias)
+    assert torch.equal(nobias.out.base_layer.weight, before)
+
+
+def test_lora_bias_on_the_triton_path_matches_the_reference():
+    x = _x().requires_grad_(True)
+    grads = []
+    for backend in ("reference", "triton"):
+        model = peftfast.patch(MLP(), peftfast.LoraConfig(r=4, target_modules=["lin0"], lora_bias=True,
+                                                          init_lora_weights=False), backend=backend)
+        y = model(x)
+        y.square().sum().backward()
+        grads.append((y.detach(), model.lin0.lora_B["default"].bias.grad, model.lin0.lora_B["default"].weight.grad))
+    for ref, tri, what in zip(grads[0], grads[1], ("output", "dlora_B.bias", "dlora_B")):
+        assert_rel_close(tri, ref, 1e-5, what)
