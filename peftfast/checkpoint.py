@@ -21,6 +21,8 @@ from .config import CONFIG_NAME, PROMPT_LEARNING_CONFIGS, as_config, load_config
 from .layers import AdapterLayer, ModulesToSave
 from .patching import _apply_trainable, _patch, _require_state, patch_state
 from .prompt_learning import prompt_learning_of
+from .trainable_tokens import SAVED_SUFFIX as TOKENS_SAVED_SUFFIX
+from .trainable_tokens import TOKENS_PARAM
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -71,6 +73,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict:
             saved = key[: -len(f".{adapter_name}")]
         elif f".modules_to_save{tag}" in key or key.startswith(f"modules_to_save{tag}"):
             saved = key.replace(f"modules_to_save{tag}", "")
+        elif key.endswith(f".{TOKENS_PARAM}.{adapter_name}"):
+            saved = key[: -len(f".{TOKENS_PARAM}.{adapter_name}")] + TOKENS_SAVED_SUFFIX
         elif getattr(cfg, "bias", "none") != "none" and key.endswith("bias") and _bias_is_saved(model, key, cfg):
             saved = key
             if cfg.bias == "all" and id(value) in emitted:
@@ -199,6 +203,8 @@ def _model_key(saved_key: str, adapter_name: str, save_wrappers: list) -> str:
         return f"{key}.{adapter_name}.weight"
     if key.endswith((".ia3_l", ".lora_embedding_A", ".lora_embedding_B")):
         return f"{key}.{adapter_name}"
+    if key.endswith(TOKENS_SAVED_SUFFIX):
+        return f"{key[: -len(TOKENS_SAVED_SUFFIX)]}.{TOKENS_PARAM}.{adapter_name}"
     for wrapper in save_wrappers:
         if key.startswith(wrapper + "."):
             return f"{wrapper}.modules_to_save.{adapter_name}.{key[len(wrapper) + 1:]}"
@@ -343,4 +349,4 @@ def _is_adapter_key(key: str, adapter_name: str) -> bool:
         for part in (f".lora_A.{adapter_name}.", f".lora_B.{adapter_name}.", f".lora_magnitude_vector.{adapter_name}.",
                      f"modules_to_save.{adapter_name}.")
     ) or key.endswith((f".ia3_l.{adapter_name}", f".lora_embedding_A.{adapter_name}",
-                       f".lora_embedding_B.{adapter_name}"))
+                       f".lora_embedding_B.{adapter_name}", f".{TOKENS_PARAM}.{adapter_name}"))

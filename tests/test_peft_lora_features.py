@@ -240,3 +240,66 @@ def test_lora_bias_on_the_triton_path_matches_the_reference():
         grads.append((y.detach(), model.lin0.lora_B["default"].bias.grad, model.lin0.lora_B["default"].weight.grad))
     for ref, tri, what in zip(grads[0], grads[1], ("output", "dlora_B.bias", "dlora_B")):
         assert_rel_close(tri, ref, 1e-5, what)
+
+
+# --- trainable_token_indices ----------------------------------------------------------------------------
+
+
+def _llama(tied: bool = False):
+    from models import FAMILIES
+
+    model_cls, config_cls, kwargs, _ = FAMILIES["llama"]
+    config = config_cls(**kwargs, tie_word_embeddings=tied)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return model_cls(config).float().eval()
+
+
+def _llama_run():
+    from models import make_inputs, without_labels
+
+    inputs = without_labels(make_inputs("llama"))
+    ids = inputs["input_ids"]
+    # trained rows that the inputs use (the padding id 0 among them: its row gets no gradient)
+    chosen = sorted({0, int(ids[0, -1]), int(ids[1, -2])})
+    return (lambda m: m(**inputs).logits), chosen
+
+
+@pytest.mark.parametrize("form", ["list", "dict", "tied"])
+def test_trainable_token_indices_match_peft(tmp_path, form):
+    run, chosen = _llama_run()
+    spec = {"embed_tokens": chosen} if form == "dict" else chosen
+    build = (lambda: _llama(tied=True)) if form == "tied" else _llama
+    pm, ours = check_parity(tmp_path, build, run, dict(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                                       trainable_token_indices=spec))
+    saved = load_file(tmp_path / "ours" / WEIGHTS)
+    key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+    assert tuple(saved[key].shape) == (len(chosen), 32)
+    assert not any("lm_head" in k for k in saved)  # a tied head's rows are the embedding's, stored once
+    emb = ours.model.embed_tokens
+    base = _llama(tied=form == "tied").model.embed_tokens.weight
+    # only the chosen rows train: the base table is untouched, the chosen rows moved (but not the padding row)
+    assert torch.equal(emb.base_layer.weight, base)
+    values = emb.trainable_tokens_delta["default"].detach()
+    assert torch.equal(values[0], base[0])
+    assert not torch.equal(values[1:], base[chosen[1:]])
+    if form == "tied":
+        assert ours.lm_head.trainable_tokens_delta is emb.trainable_tokens_delta
+        assert pm.base_model.model.lm_head.token_adapter.trainable_tokens_delta["default"] is (
+            pm.base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta["default"])
+
+
+def test_trainable_token_indices_refusals_leave_the_model_unchanged():
+    from tiny import assert_unchanged, snapshot
+
+    model = _llama()
+    snap = snapshot(model)
+    for cfg, match in (
+        (dict(target_modules=["q_proj", "embed_tokens"], trainable_token_indices=[3]), "both LoRA targets"),
+        (dict(target_modules=["q_proj"], trainable_token_indices=[3, 500]), r"out of range: \[500\]"),
+        (dict(target_modules=["q_proj"], trainable_token_indices={"nope": [3]}), "no module of that name"),
+        (dict(target_modules=["q_proj"], trainable_token_indices={"embed_tokens": []}), "non-empty list"),
+    ):
+        with pytest.raises((ValueError, peftfast.ConfigError), match=match):
+            peftfast.patch(model, peftfast.LoraConfig(r=2, **cfg))
+        assert_unchanged(model, snap)
