@@ -46,7 +46,7 @@ def layer_features(module: nn.Module) -> tuple:
         return int(k), int(n)
     if isinstance(module, nn.Embedding):
         return int(module.num_embeddings), int(module.embedding_dim)
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return int(module.in_channels), int(module.out_channels)
     return int(module.in_features), int(module.out_features)
 

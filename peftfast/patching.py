@@ -15,7 +15,7 @@ import torch.nn as nn
 from .config import PROMPT_LEARNING_CONFIGS, AnyConfig, ConfigError, IA3Config, LoraConfig, as_config
 from .kernels.dispatch import check_backend
 from .layers import AdapterLayer, IA3Layer, LoraLayer, ModulesToSave, is_linear_like
-from .lora_conv_embedding import LoraConv, LoraEmbedding, is_lora_extra
+from .lora_conv_embedding import CONV_TYPES, LoraConv, LoraEmbedding, is_lora_extra
 from .prompt_learning import PromptLearning, add_prompt_learning, remove_prompt_learning
 from .trainable_tokens import TrainableTokensLayer
 from .targets import DEFAULT_IA3_TARGETS, model_type, name_matches, resolve_targets
@@ -289,7 +289,7 @@ LORA_WRAPPERS = (LoraLayer, LoraEmbedding, LoraConv)
 def _lora_wrapper(module: nn.Module) -> type:
     if isinstance(module, nn.Embedding):
         return LoraEmbedding
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+    if isinstance(module, CONV_TYPES):
         return LoraConv
     return LoraLayer
 

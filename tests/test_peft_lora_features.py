@@ -303,3 +303,32 @@ def test_trainable_token_indices_refusals_leave_the_model_unchanged():
         with pytest.raises((ValueError, peftfast.ConfigError), match=match):
             peftfast.patch(model, peftfast.LoraConfig(r=2, **cfg))
         assert_unchanged(model, snap)
+
+
+# --- LoRA on nn.Conv3d and on grouped convolutions -------------------------------------------------------
+
+
+def test_lora_on_conv3d_matches_peft(tmp_path):
+    def build():
+        torch.manual_seed(0)
+        return ConvHead(nn.Conv3d(2, 4, 3, stride=1, padding=1), 4 * 4 * 4 * 4)
+
+    x = _images((2, 2, 4, 4, 4))
+    check_parity(tmp_path, build, lambda m: m(x), dict(r=4, lora_alpha=8, target_modules=["conv"]))
+
+
+@pytest.mark.parametrize("dim", [1, 2])
+def test_lora_on_grouped_conv_matches_peft_and_refuses_to_merge(tmp_path, dim):
+    def build():
+        torch.manual_seed(0)
+        conv = nn.Conv2d(4, 6, 3, groups=2) if dim == 2 else nn.Conv1d(4, 6, 3, groups=2)
+        return ConvHead(conv, 6 * 6 * 6 if dim == 2 else 6 * 6)
+
+    x = _images((2, 4, 8, 8)) if dim == 2 else _images((2, 4, 8))
+    pm, ours = check_parity(tmp_path, build, lambda m: m(x), dict(r=4, lora_alpha=8, target_modules=["conv"]),
+                            merge=False)
+    assert ours.conv.lora_B["default"].groups == 2
+    before = ours.conv.base_layer.weight.clone()
+    with pytest.raises(ValueError, match="groups=2"):
+        peftfast.merge(ours)
+    assert torch.equal(ours.conv.base_layer.weight, before) and not ours.conv.merged
