@@ -10,6 +10,7 @@ Base weights are read from ``base_layer`` at every call, never cached: FSDP and 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -45,7 +46,7 @@ def layer_features(module: nn.Module) -> tuple:
         return int(k), int(n)
     if isinstance(module, nn.Embedding):
         return int(module.num_embeddings), int(module.embedding_dim)
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return int(module.in_channels), int(module.out_channels)
     return int(module.in_features), int(module.out_features)
 
@@ -259,15 +260,22 @@ class LoraLayer(AdapterLayer):
 
     def add_adapter(
         self, name: str, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
-        use_dora: bool = False, init: object = True,
+        use_dora: bool = False, init: object = True, lora_bias: bool = False,
     ) -> None:
         if r <= 0:
             raise ValueError(f"LoRA rank must be positive, got r={r}")
+        if lora_bias and use_dora:
+            raise ValueError("lora_bias=True is not supported with DoRA (as in PEFT); set use_dora=False")
+        if lora_bias and self.base_layer.bias is None:
+            warnings.warn(
+                f"lora_bias=True on a {type(self.base_layer).__name__} without a bias: it trains, but merging this "
+                "adapter will be impossible (PEFT's rule)", stacklevel=3,
+            )
         base_w = self.base_layer.weight
         device = base_w.device
         dtype = adapter_dtype(self.base_layer)
         a = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
-        b = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        b = nn.Linear(r, self.out_features, bias=bool(lora_bias), device=device, dtype=dtype)
         with torch.no_grad():
             if init is True:
                 nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
@@ -275,6 +283,8 @@ class LoraLayer(AdapterLayer):
             elif init == "gaussian":
                 nn.init.normal_(a.weight, std=1.0 / r)
                 nn.init.zeros_(b.weight)
+            if init is not False and b.bias is not None:
+                nn.init.zeros_(b.bias)
             # init False keeps nn.Linear's random init for both: B non-zero, the adapter is not a no-op
         self.lora_A[name] = a
         self.lora_B[name] = b
@@ -324,13 +334,39 @@ class LoraLayer(AdapterLayer):
                 )
             elif result is None:
                 result = kernels.lora_linear(
-                    x_in, weight, a, b, s, bias=bias, dropout_p=p, training=self.training, backend=self.backend
+                    x_in, weight, a, b, s, bias=self._with_lora_bias(bias, name, x_in), dropout_p=p,
+                    training=self.training, backend=self.backend,
                 )
             else:
                 result = result + kernels.lora_linear(
-                    x_in, None, a, b, s, dropout_p=p, training=self.training, backend=self.backend
+                    x_in, None, a, b, s, bias=self._with_lora_bias(None, name, x_in), dropout_p=p,
+                    training=self.training, backend=self.backend,
                 ).to(result.dtype)
         return result.to(x.dtype)
+
+    def _with_lora_bias(self, bias: Optional[torch.Tensor], name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """``bias + scaling * lora_B.bias``: PEFT scales lora_B's whole output, its bias included, so the
+        LoRA bias folds into the base bias the GEMM epilogue adds already (the fused path stays one GEMM,
+        and the kernel's dbias is lora_B.bias's gradient up to the scaling)."""
+        lora_b = self.lora_B[name].bias
+        if lora_b is None:
+            return bias
+        term = (lora_b * self.scaling[name]).to(x.dtype if x.is_floating_point() else lora_b.dtype)
+        return term if bias is None else bias.to(term.dtype) + term
+
+    def _merge_lora_bias(self, name: str, sign: float) -> None:
+        lora_b = self.lora_B[name].bias
+        if lora_b is None:
+            return
+        bias = self.base_layer.bias
+        bias.data.copy_((bias.float() + sign * self.scaling[name] * lora_b.float()).to(bias.dtype))
+
+    def _check_mergeable(self, names: list) -> None:
+        if self.base_layer.bias is None and any(self.lora_B[n].bias is not None for n in names):
+            raise ValueError(
+                "cannot merge a LoRA adapter with lora_bias=True into a layer without a bias (as in PEFT); keep "
+                "it unmerged, or train it with lora_bias=False"
+            )
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """``scaling * B @ A`` as a dense [N, K] fp32 tensor."""
@@ -342,11 +378,13 @@ class LoraLayer(AdapterLayer):
         names = [n for n in (names or self.active_adapters) if n not in self.merged_adapters and n in self.lora_A]
         if not names:
             return
+        self._check_mergeable(names)
         with torch.no_grad():
             w = dense_base_weight(self.base_layer, torch.float32)
             orig_dtype = w.dtype
             for name in names:
                 delta = self.delta_weight(name)
+                self._merge_lora_bias(name, 1.0)
                 if name in self.lora_magnitude_vector:
                     norm = torch.linalg.norm(w + delta, dim=1)
                     factor = self.lora_magnitude_vector[name].weight.float() / norm
@@ -365,6 +403,7 @@ class LoraLayer(AdapterLayer):
             while self.merged_adapters:
                 name = self.merged_adapters.pop()
                 delta = self.delta_weight(name)
+                self._merge_lora_bias(name, -1.0)
                 if name in self.lora_magnitude_vector:
                     norm = self._dora_norm_cache.pop(name)
                     factor = self.lora_magnitude_vector[name].weight.float() / norm

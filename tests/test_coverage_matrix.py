@@ -235,7 +235,7 @@ def test_layer_paths_follow_the_dispatch_predicates():
     assert cell.layers == {"emb": "reference", "lin": "fused", "conv": "reference", "int8": "reference"}
     assert cell.path == "fused + reference" and cell.reason is None
     assert coverage.layer_paths(toy, peftfast.IA3Config(target_modules=["lin"], feedforward_modules=[])).path == "fused"
-    assert coverage.layer_paths(toy, peftfast.LoraConfig(target_modules=["grouped"])).path == "unsupported"
+    assert coverage.layer_paths(toy, peftfast.LoraConfig(target_modules=["grouped"])).path == "reference"
     refused = coverage.layer_paths(toy, peftfast.LoraConfig(target_modules=["norm"]))
     assert refused.path == "unsupported" and "LayerNorm" in refused.reason
     assert coverage.layer_paths(toy, peftfast.IA3Config(target_modules=["emb"])).path == "unsupported"
