@@ -40,7 +40,8 @@ from peft.utils import get_peft_model_state_dict  # noqa: E402
 import peftfast  # noqa: E402
 from peftfast import coverage  # noqa: E402
 from peftfast.config import ConfigError  # noqa: E402
-from peftfast.layers import AdapterLayer, kernel_weight  # noqa: E402
+from peftfast.base_weight import kernel_weight  # noqa: E402
+from peftfast.layers import AdapterLayer  # noqa: E402
 from peftfast.lora_conv_embedding import is_lora_extra  # noqa: E402
 
 from bnb_oracle import dense_twin  # noqa: E402
