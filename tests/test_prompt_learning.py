@@ -24,11 +24,13 @@ from peftfast.config import ConfigError  # noqa: E402
 
 from helpers import assert_rel_close  # noqa: E402
 from models import make_inputs, make_model, without_labels  # noqa: E402
+import prompt_oracle as oracle  # noqa: E402
 from tiny import assert_unchanged, snapshot  # noqa: E402
 
 TOL = 1e-5
 FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "opt"]
 P = 5
+NEW_TOKENS = 6
 
 
 def peft_config(method: str, **kw):
@@ -63,21 +65,79 @@ def train_in_lockstep(pm, ours, inputs: dict, steps: int) -> None:
             opt.step()
 
 
+def prompt_embeddings(model) -> torch.Tensor:
+    """What the active adapter feeds the model: [P, 2L * Hkv * D] (prefix) or [P, hidden] (prompt)."""
+    return model.peftfast_prompt_learning.encoders["default"].prompt_embeddings().detach()
+
+
+def oracle_forward(base, ours, inputs: dict, method: str):
+    """The unpatched ``base`` with ``ours``' prefix/prompt fed by hand (tests/prompt_oracle.py)."""
+    if method == "prefix":
+        cfg = ours.peftfast_prompt_learning.configs["default"]
+        return oracle.prefix_forward(base, prompt_embeddings(ours), cfg.num_layers, cfg.num_attention_heads, **inputs)
+    return oracle.prompt_forward(base, prompt_embeddings(ours), **inputs)
+
+
+def oracle_greedy(base, ours, inputs: dict, method: str, new_tokens: int = NEW_TOKENS) -> tuple:
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    if method == "prefix":
+        cfg = ours.peftfast_prompt_learning.configs["default"]
+        return oracle.prefix_greedy(base, prompt_embeddings(ours), cfg.num_layers, cfg.num_attention_heads, ids, mask,
+                                    new_tokens)
+    return oracle.prompt_greedy(base, prompt_embeddings(ours), ids, mask, new_tokens)
+
+
+def assert_generation_matches(ours, pm, base, inputs: dict, method: str, new_tokens: int = NEW_TOKENS) -> None:
+    """Greedy generate() (KV cache) against the uncached oracle: same tokens, same logits at every step; and
+    against PEFT's generate() where PEFT can pass this transformers' model a cache (before 5.24: PEFT 0.21
+    hands ``past_key_values`` to a forward that takes ``cache``, and its generate() drops the prompt cache)."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    got, got_logits = oracle.generate_with_logits(ours, ids, mask, new_tokens)
+    expected, expected_logits = oracle_greedy(base, ours, inputs, method, new_tokens)
+    assert_rel_close(got_logits, expected_logits, TOL, "logits of every generated token")
+    assert torch.equal(got, expected)
+    if oracle.peft_speaks_cache_kwarg(base):
+        assert torch.equal(got, oracle.generate_with_logits(pm, ids, mask, new_tokens)[0])
+
+
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_and_generation_match_peft(family, method):
     pm, ours = twins(family, method)
+    base = make_model(family)
     inputs = without_labels(make_inputs(family, batch=3, seq=9))
     with torch.no_grad():
         expected, got = pm(**inputs).logits, ours(**inputs).logits
-        base_logits = make_model(family)(**inputs).logits
+        by_hand = oracle_forward(base, ours, inputs, method).logits
+        base_logits = base(**inputs).logits
     assert got.shape == expected.shape
     assert_rel_close(got, expected, TOL, f"{family}/{method} logits")
+    assert_rel_close(got, by_hand, TOL, f"{family}/{method} logits against the hand-fed base model")
     real = got[:, -base_logits.shape[1]:]  # prompt tuning also returns logits for the virtual tokens
     assert (real - base_logits).abs().max() > 1e-2, "the prefix/prompt changed nothing: the test would be vacuous"
-    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        assert torch.equal(ours.generate(**inputs, **gen), pm.generate(**inputs, **gen))
+    assert_generation_matches(ours, pm, base, inputs, method)
+
+
+def test_generation_oracle_sees_a_dropped_prompt():
+    """The generation check is not vacuous: a model that stops applying its prompt after the first generated
+    token (one way a hook that misses the cache argument goes wrong) fails it."""
+    pm, ours = twins("llama", "prompt")
+    base = make_model("llama")
+    inputs = without_labels(make_inputs("llama", batch=3, seq=9))
+
+    def first_step_only(module, args, kwargs):  # runs before peftfast's hook: later steps see no prompt
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and cache.get_seq_length() > 0:
+            ours.peftfast_prompt_learning.disabled = True
+        return None
+
+    handle = ours.register_forward_pre_hook(first_step_only, with_kwargs=True, prepend=True)
+    try:
+        with pytest.raises(AssertionError, match="logits of every generated token"):
+            assert_generation_matches(ours, pm, base, inputs, "prompt")
+    finally:
+        handle.remove()
+        ours.peftfast_prompt_learning.disabled = False
 
 
 @pytest.mark.parametrize("method,kw", [("prefix", {}), ("prefix", {"prefix_projection": True, "encoder_hidden_size": 12}),
