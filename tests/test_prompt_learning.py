@@ -55,11 +55,17 @@ def twins(family: str, method: str, **kw):
 
 def train_in_lockstep(pm, ours, inputs: dict, steps: int) -> None:
     """AdamW steps on the PEFT model and on ours with the same batch; every loss must agree."""
-    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (pm, ours)]
+    train_models_in_lockstep([ours, pm], inputs, steps)
+
+
+def train_models_in_lockstep(models: list, inputs: dict, steps: int) -> None:
+    """AdamW steps on every model with the same batch; each loss must agree with the first model's."""
+    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in models]
     for _ in range(steps):
-        lp, lo = pm(**inputs).loss, ours(**inputs).loss
-        assert_rel_close(lo.detach(), lp.detach(), TOL, "loss")
-        for opt, loss in zip(optimizers, (lp, lo)):
+        losses = [m(**inputs).loss for m in models]
+        for i, loss in enumerate(losses[1:], 1):
+            assert_rel_close(losses[0].detach(), loss.detach(), TOL, f"loss of {type(models[i]).__name__}")
+        for opt, loss in zip(optimizers, losses):
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -334,6 +340,51 @@ def cls_twins(family: str, method: str, **kw):
     return pm, ours
 
 
+def cls_head_name(model) -> str:
+    return "classifier" if hasattr(model, "classifier") else "score"
+
+
+class HandFedClassifier(torch.nn.Module):
+    """The oracle of classification prompt learning, trainable: an unpatched base whose head is the only
+    trainable module, plus the prompt (what the adapter feeds the model) as a plain parameter fed by hand
+    (tests/prompt_oracle.py). With a prefix encoder without projection, or prompt tuning, that parameter is
+    the adapter's own, so AdamW moves both identically."""
+
+    def __init__(self, family: str, method: str, prompt: torch.Tensor, head_state: dict, num_layers: int,
+                 kv_heads: int):
+        super().__init__()
+        self.base = make_model(family)
+        self.base.requires_grad_(False)
+        head = self.base.get_submodule(cls_head_name(self.base))
+        head.load_state_dict(head_state)
+        head.requires_grad_(True)
+        self.prompt = torch.nn.Parameter(prompt.detach().clone())
+        self.method, self.num_layers, self.kv_heads = method, num_layers, kv_heads
+
+    @classmethod
+    def like(cls, family: str, method: str, ours) -> "HandFedClassifier":
+        cfg = ours.peftfast_prompt_learning.configs["default"]
+        head = ours.get_submodule(cls_head_name(ours)).modules_to_save["default"]
+        return cls(family, method, prompt_embeddings(ours), head.state_dict(), cfg.num_layers, cfg.num_attention_heads)
+
+    def forward(self, **inputs):
+        if self.method == "prefix":
+            return oracle.prefix_forward(self.base, self.prompt, self.num_layers, self.kv_heads, **inputs)
+        return oracle.prompt_forward(self.base, self.prompt, **inputs)
+
+    def adapter_tensors(self) -> dict:
+        """This oracle's state under PEFT's checkpoint keys."""
+        name = cls_head_name(self.base)
+        head = {f"base_model.{name}.{k}": v for k, v in self.base.get_submodule(name).state_dict().items()}
+        return {"prompt_embeddings": self.prompt.detach(), **head}
+
+
+def peft_runs_cls(method: str, family: str) -> bool:
+    """Whether PEFT's classification forward runs here: PEFT 0.21 refuses prefix tuning on a model whose
+    forward takes the cache as ``cache`` (transformers 5.24+: "Model does not support past key values")."""
+    return method != "prefix" or oracle.peft_speaks_cache_kwarg(make_model(family))
+
+
 def _cls_inputs(family: str, token_types: bool) -> dict:
     inputs = make_inputs(family, batch=3, seq=8)
     if token_types:  # BERT keeps token types with prompt learning; PEFT gives the virtual tokens type 0
@@ -344,18 +395,33 @@ def _cls_inputs(family: str, token_types: bool) -> dict:
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
 @pytest.mark.parametrize("family", ["bert_cls", "llama_cls"])
 def test_classification_matches_peft(family, method):
+    """Logits, 3 AdamW steps and the saved tensors against the hand-fed oracle, and against PEFT where PEFT
+    runs this case (see peft_runs_cls)."""
     pm, ours = cls_twins(family, method)
+    hand = HandFedClassifier.like(family, method, ours)
+    with_peft = peft_runs_cls(method, family)
     inputs = _cls_inputs(family, token_types=family == "bert_cls")
-    assert peftfast.trainable_parameters(ours)[0] == sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    trainable = peftfast.trainable_parameters(ours)[0]
+    assert trainable == sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    assert trainable == sum(p.numel() for p in hand.parameters() if p.requires_grad)
     with torch.no_grad():
-        expected, got = pm(**without_labels(inputs)).logits, ours(**without_labels(inputs)).logits
-    assert_rel_close(got, expected, TOL, f"{family}/{method} logits")
-    train_in_lockstep(pm, ours, inputs, steps=3)
+        got = ours(**without_labels(inputs)).logits
+        assert_rel_close(got, hand(**without_labels(inputs)).logits, TOL, f"{family}/{method} logits, hand-fed")
+        plain = make_model(family)
+        name = cls_head_name(plain)
+        plain.get_submodule(name).load_state_dict(hand.base.get_submodule(name).state_dict())
+        assert (got - plain(**without_labels(inputs)).logits).abs().max() > 1e-2, "the prompt changed nothing"
+        if with_peft:
+            assert_rel_close(got, pm(**without_labels(inputs)).logits, TOL, f"{family}/{method} logits, PEFT")
+    train_models_in_lockstep([ours, hand] + ([pm] if with_peft else []), inputs, steps=3)
     theirs = get_peft_model_state_dict(pm)
     mine = peftfast.adapter_state_dict(ours)
     assert sorted(mine) == sorted(theirs)
-    for key in theirs:
-        assert_rel_close(mine[key], theirs[key], TOL, key)
+    by_hand = hand.adapter_tensors()
+    for key in mine:
+        assert_rel_close(mine[key], by_hand[key], TOL, f"{key} after training, hand-fed")
+        if with_peft:
+            assert_rel_close(mine[key], theirs[key], TOL, f"{key} after training, PEFT")
 
 
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
@@ -372,12 +438,19 @@ def test_classification_adapter_round_trip(tmp_path, method):
                                             "base_model.classifier.bias"}
     for key in theirs:
         assert_rel_close(mine[key], theirs[key], TOL, key)
+    cfg = ours.peftfast_prompt_learning.configs["default"]
+    head = {k.rsplit(".", 1)[-1]: v for k, v in theirs.items() if k != "prompt_embeddings"}
+    hand = HandFedClassifier("bert_cls", method, theirs["prompt_embeddings"], head, cfg.num_layers,
+                             cfg.num_attention_heads)
     with torch.no_grad():
-        expected = pm(**inputs).logits
-        from_ours = peft.PeftModel.from_pretrained(make_model("bert_cls"), tmp_path / "ours")(**inputs).logits
+        expected = hand(**inputs).logits
         loaded = peftfast.load_adapter(make_model("bert_cls"), tmp_path / "peft")
         from_peft = loaded(**inputs).logits
-    assert_rel_close(from_ours, expected, TOL, "PEFT loading peftfast's adapter")
+        assert_rel_close(ours(**inputs).logits, expected, TOL, "peftfast's adapter before saving, hand-fed")
+        if peft_runs_cls(method, "bert_cls"):
+            assert_rel_close(pm(**inputs).logits, expected, TOL, "PEFT's model, hand-fed")
+            from_ours = peft.PeftModel.from_pretrained(make_model("bert_cls"), tmp_path / "ours")(**inputs).logits
+            assert_rel_close(from_ours, expected, TOL, "PEFT loading peftfast's adapter")
     assert_rel_close(from_peft, expected, TOL, "peftfast loading PEFT's adapter")
     assert peftfast.trainable_parameters(loaded)[0] == 0
     trainable = peftfast.load_adapter(make_model("bert_cls"), tmp_path / "peft", is_trainable=True)
