@@ -89,16 +89,67 @@ def generation_positions(mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy(step, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> tuple:
+def greedy(step, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+           eos_token_id: Optional[int] = None, pad_token_id: int = 0) -> tuple:
     """Uncached greedy decoding: ``step(ids, mask)`` returns the logits of the whole sequence, whose last
-    position picks the next token. Returns (sequences [B, N + new], per-step logits [new, B, V])."""
+    position picks the next token; a row that emitted ``eos_token_id`` continues with ``pad_token_id`` and
+    decoding stops when every row has, as in generate(). Returns (sequences [B, N + steps], logits
+    [steps, B, V])."""
     ids, mask, logits = input_ids, attention_mask, []
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     for _ in range(max_new_tokens):
         last = step(ids, mask)[:, -1].float()
         logits.append(last)
-        ids = torch.cat([ids, last.argmax(-1, keepdim=True)], dim=1)
+        token = last.argmax(-1).masked_fill(done, pad_token_id)
+        if eos_token_id is not None:
+            done = done | (token == eos_token_id)
+        ids = torch.cat([ids, token[:, None]], dim=1)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        if done.all():  # generate() stops once every row has ended
+            break
     return ids, torch.stack(logits)
+
+
+def _eos(model: nn.Module) -> Optional[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):  # one stop token is all these tiny models have
+        eos = eos[0] if eos else None
+    return eos
+
+
+def seq2seq_prefix_cache(prompt_embeddings: torch.Tensor, num_layers: int, heads: int, batch: int):
+    """PEFT's prefix cache for encoder-decoder models, built by hand: the [P, 2L * H * D] table read as 2L
+    rows of [H, P, D] and doubled (4L rows); decoder layer ``i`` takes rows ``4i`` (keys) and ``4i + 1``
+    (values) of the doubled table, i.e. rows ``4i mod 2L`` and ``(4i + 1) mod 2L``; the cross-attention
+    part starts empty (PEFT discards the cross-attention rows, since the encoder output changes)."""
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    p = prompt_embeddings.shape[0]
+    kv = prompt_embeddings.view(p, 2 * num_layers, heads, -1).permute(1, 2, 0, 3)  # [2L, H, P, D]
+    self_attention = DynamicCache()
+    for i in range(num_layers):
+        keys = kv[(4 * i) % (2 * num_layers)].unsqueeze(0).expand(batch, -1, -1, -1).contiguous()
+        values = kv[(4 * i + 1) % (2 * num_layers)].unsqueeze(0).expand(batch, -1, -1, -1).contiguous()
+        self_attention.update(keys, values, i)
+    return EncoderDecoderCache(self_attention, DynamicCache())
+
+
+def seq2seq_prefix_greedy(base: nn.Module, prompt_embeddings: torch.Tensor, num_layers: int, heads: int,
+                          input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> tuple:
+    """Greedy decoding of an encoder-decoder model with a decoder prefix, rerunning encoder and decoder every
+    step. Returns (decoder sequences [B, 1 + new], per-step logits [new, B, V])."""
+    start = base.generation_config.decoder_start_token_id
+    if start is None:
+        start = base.config.decoder_start_token_id
+    batch = input_ids.shape[0]
+    decoder = torch.full((batch, 1), start, dtype=input_ids.dtype, device=input_ids.device)
+
+    def step(dec, _mask):
+        kwargs = {cache_kwarg(base): seq2seq_prefix_cache(prompt_embeddings, num_layers, heads, batch)}
+        return base(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=dec, **kwargs).logits
+
+    return greedy(step, decoder, torch.ones_like(decoder), max_new_tokens, eos_token_id=_eos(base),
+                  pad_token_id=base.generation_config.pad_token_id or 0)
 
 
 def prefix_greedy(base: nn.Module, prompt_embeddings: torch.Tensor, num_layers: int, kv_heads: int,
@@ -110,20 +161,20 @@ def prefix_greedy(base: nn.Module, prompt_embeddings: torch.Tensor, num_layers: 
         positions = generation_positions(mask) if takes_positions else None
         return prefix_forward(base, prompt_embeddings, num_layers, kv_heads, ids, mask, positions).logits
 
-    return greedy(step, input_ids, attention_mask, max_new_tokens)
+    return greedy(step, input_ids, attention_mask, max_new_tokens, eos_token_id=_eos(base))
 
 
 def prompt_greedy(base: nn.Module, prompt_embeddings: torch.Tensor, input_ids: torch.Tensor,
                   attention_mask: torch.Tensor, max_new_tokens: int) -> tuple:
     """Greedy decoding with virtual tokens; the model numbers positions itself (PEFT drops explicit ones)."""
     return greedy(lambda ids, mask: prompt_forward(base, prompt_embeddings, ids, mask).logits,
-                  input_ids, attention_mask, max_new_tokens)
+                  input_ids, attention_mask, max_new_tokens, eos_token_id=_eos(base))
 
 
 @torch.no_grad()
 def generate_with_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          max_new_tokens: int) -> tuple:
-    """model.generate (cached, greedy) as (sequences, per-step logits [new, B, V])."""
+    """model.generate (cached, greedy) as (sequences, per-step logits [steps, B, V])."""
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                          do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     return out.sequences, torch.stack([x.float() for x in out.logits])

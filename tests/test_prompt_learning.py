@@ -523,8 +523,17 @@ def test_seq2seq_matches_peft(family, method):
                      get_peft_model_state_dict(pm)["prompt_embeddings"], TOL, "prompt_embeddings after training")
     gen = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=5,
                do_sample=False)
+    if method == "prefix":  # against the uncached hand-fed oracle: PEFT's generate() loses the prefix on 5.24
+        cfg = ours.peftfast_prompt_learning.configs["default"]
+        got, got_logits = oracle.generate_with_logits(ours, gen["input_ids"], gen["attention_mask"], 5)
+        expected, expected_logits = oracle.seq2seq_prefix_greedy(
+            base, prompt_embeddings(ours), cfg.num_layers, cfg.num_attention_heads, gen["input_ids"],
+            gen["attention_mask"], 5)
+        assert_rel_close(got_logits, expected_logits, TOL, f"{family}: logits of every generated token")
+        assert torch.equal(got, expected)
     with torch.no_grad():
-        assert torch.equal(ours.generate(**gen), pm.generate(**gen))
+        if method == "prompt" or oracle.peft_speaks_cache_kwarg(base):
+            assert torch.equal(ours.generate(**gen), pm.generate(**gen))
         with peftfast.disable_adapters(ours):
             assert torch.equal(ours.generate(**gen), base.generate(**gen))
 
