@@ -634,18 +634,22 @@ def _cache_kwarg(model: nn.Module) -> str:
 
 
 def _pop_cache(model: nn.Module, kw: dict) -> tuple:
-    """(the cache the caller passed under either name, or None; the name the model's forward takes it by).
+    """Take the caller's cache out of ``kw``, under either name.
+
+    Returns:
+        (the cache or None, the name the model's forward takes it by, the name the caller used (for errors)).
 
     Example:
-        >>> cache, key = _pop_cache(model, kw)
+        >>> cache, key, _ = _pop_cache(model, kw)
         >>> kw[key] = cache
     """
-    found = None
+    declared = _cache_kwarg(model)
+    found, given = None, declared
     for key in CACHE_KWARGS:  # "cache" first: transformers prefers it when both are given
         value = kw.pop(key, None)
-        if found is None:
-            found = value
-    return found, _cache_kwarg(model)
+        if found is None and value is not None:
+            found, given = value, key
+    return found, declared, given
 
 
 def _batch_and_length(kw: dict) -> tuple:
@@ -671,12 +675,12 @@ def _prefix_hook(model: nn.Module, args: tuple, kwargs: dict):
     batch, n = _batch_and_length(kw)
     p = cfg.num_virtual_tokens
     cache_cls = prefix_cache_class()
-    cache, cache_key = _pop_cache(model, kw)
+    cache, cache_key, given = _pop_cache(model, kw)
     if cache is None or (not isinstance(cache, cache_cls) and _is_empty_cache(cache)):
         cache = cache_cls(p, cfg.num_layers)
     elif not isinstance(cache, cache_cls):
         raise ValueError(
-            f"{cache_key} holds tokens computed without the prefix; with prefix tuning pass no cache (or an empty "
+            f"{given} holds tokens computed without the prefix; with prefix tuning pass no cache (or an empty "
             "one) and let the model build its own"
         )
     real = cache.real_length()
@@ -729,7 +733,7 @@ def _prompt_hook(model: nn.Module, args: tuple, kwargs: dict):
     kw = _as_kwargs(model, args, kwargs)
     batch, n = _batch_and_length(kw)
     p = cfg.num_virtual_tokens * cfg.num_transformer_submodules
-    cache, cache_key = _pop_cache(model, kw)
+    cache, cache_key, _ = _pop_cache(model, kw)
     kw[cache_key] = cache
     prefill = cache is None or _is_empty_cache(cache)
     if kw.get("position_ids") is not None:
@@ -816,7 +820,7 @@ def _seq2seq_hook(holder: PromptLearning, model: nn.Module, args: tuple, kwargs:
         warnings.warn("token type ids are ignored with prompt learning on encoder-decoder models (as in PEFT)")
         kw["token_type_ids"] = None
     if isinstance(cfg, PrefixTuningConfig):
-        cache, cache_key = _pop_cache(model, kw)
+        cache, cache_key, _ = _pop_cache(model, kw)
         kw[cache_key] = cache
         if cache is None or _is_empty_cache(cache):
             batch = _seq2seq_batch(kw)

@@ -124,6 +124,28 @@ def test_logits_and_generation_match_peft(family, method):
     assert_generation_matches(ours, pm, base, inputs, method)
 
 
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_prefix_cache_is_found_under_either_name(name):
+    """A cache handed back continues the sequence under either argument name (transformers 5.24 renamed
+    ``past_key_values`` to ``cache`` and still takes both): one cached step equals the uncached forward."""
+    _, ours = twins("llama", "prefix")
+    inputs = without_labels(make_inputs("llama", batch=2, seq=7))
+    nxt = torch.randint(1, 90, (2, 1), generator=torch.Generator().manual_seed(3))
+    mask = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        full = ours(input_ids=torch.cat([inputs["input_ids"], nxt], dim=1), attention_mask=mask).logits[:, -1]
+        out = ours(**inputs, use_cache=True)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        step = ours(input_ids=nxt, attention_mask=mask, **{name: cache}).logits[:, -1]
+    assert_rel_close(step, full, TOL, f"one step with the cache passed as {name}")
+    from transformers import DynamicCache
+
+    foreign = DynamicCache()
+    foreign.update(torch.zeros(2, 2, 3, 16), torch.zeros(2, 2, 3, 16), 0)
+    with pytest.raises(ValueError, match=f"{name} holds tokens computed without the prefix"):
+        ours(input_ids=nxt, attention_mask=mask, **{name: foreign})
+
+
 def test_generation_oracle_sees_a_dropped_prompt():
     """The generation check is not vacuous: a model that stops applying its prompt after the first generated
     token (one way a hook that misses the cache argument goes wrong) fails it."""
