@@ -1,8 +1,8 @@
 """Prompt-learning oracles that need neither peftfast's hooks nor Hugging Face PEFT.
 
 PEFT is the parity oracle where it works, but on some transformers releases it refuses a case (prefix tuning
-on classification models once the forward's cache argument became ``cache``) or generates with a dropped
-cache. These functions compute the same semantics by hand on the *unpatched* base model:
+on classification models once the forward's cache argument became ``cache``) or generates wrongly (its
+generate() reads the cache from ``past_key_values``, which 5.24's generate() passes as ``cache``). These functions compute the same semantics by hand on the *unpatched* base model:
 
 * prefix tuning: the prefix K/V fed as a transformers ``DynamicCache`` of ``P`` past tokens (PEFT's layout:
   ``prompt_embeddings`` [P, 2L * Hkv * D] -> layer ``i`` keys are rows ``2i``, values ``2i + 1``), the mask
@@ -36,7 +36,7 @@ def cache_kwarg(model: nn.Module) -> str:
 def peft_speaks_cache_kwarg(model: nn.Module) -> bool:
     """Whether PEFT (which passes and inspects ``past_key_values`` only, up to 0.21 at least) can hand this
     model a cache: false once transformers renamed the argument, where PEFT refuses prefix classification and
-    its generate() loses the cache."""
+    its prompt-learning generate() goes wrong."""
     return cache_kwarg(model) == "past_key_values"
 
 

@@ -41,7 +41,8 @@ def test_generation_matches_peft(family):
     cfg = ours.peftfast_prompt_learning.configs["default"]
     prefix = ours.peftfast_prompt_learning.encoders["default"].prompt_embeddings().detach()
     got, got_logits = oracle.generate_with_logits(ours, ids, mask, 6)
-    expected, expected_logits = oracle.prefix_greedy(base, prefix, cfg.num_layers, cfg.num_attention_heads, ids, mask, 6)
+    expected, expected_logits = oracle.prefix_greedy(base, prefix, cfg.num_layers, cfg.num_attention_heads, ids, mask,
+                                                     6)
     with torch.no_grad():
         moved = (ours(input_ids=ids, attention_mask=mask).logits - base(input_ids=ids, attention_mask=mask).logits)
     assert moved.abs().max() > 1e-2, "the prefix changed nothing: the comparison would be vacuous"

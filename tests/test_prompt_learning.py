@@ -96,7 +96,7 @@ def oracle_greedy(base, ours, inputs: dict, method: str, new_tokens: int = NEW_T
 def assert_generation_matches(ours, pm, base, inputs: dict, method: str, new_tokens: int = NEW_TOKENS) -> None:
     """Greedy generate() (KV cache) against the uncached oracle: same tokens, same logits at every step; and
     against PEFT's generate() where PEFT can pass this transformers' model a cache (before 5.24: PEFT 0.21
-    hands ``past_key_values`` to a forward that takes ``cache``, and its generate() drops the prompt cache)."""
+    hands ``past_key_values`` to a forward that takes ``cache``, and its generate() looks for it in vain)."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     got, got_logits = oracle.generate_with_logits(ours, ids, mask, new_tokens)
     expected, expected_logits = oracle_greedy(base, ours, inputs, method, new_tokens)
@@ -545,7 +545,7 @@ def test_seq2seq_matches_peft(family, method):
                      get_peft_model_state_dict(pm)["prompt_embeddings"], TOL, "prompt_embeddings after training")
     gen = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=5,
                do_sample=False)
-    if method == "prefix":  # against the uncached hand-fed oracle: PEFT's generate() loses the prefix on 5.24
+    if method == "prefix":  # against the uncached hand-fed oracle: PEFT's generate() departs from it on 5.24
         cfg = ours.peftfast_prompt_learning.configs["default"]
         got, got_logits = oracle.generate_with_logits(ours, gen["input_ids"], gen["attention_mask"], 5)
         expected, expected_logits = oracle.seq2seq_prefix_greedy(
