@@ -44,6 +44,7 @@ from peftfast.base_weight import kernel_weight  # noqa: E402
 from peftfast.layers import AdapterLayer  # noqa: E402
 from peftfast.lora_conv_embedding import is_lora_extra  # noqa: E402
 
+import prompt_oracle  # noqa: E402
 from bnb_oracle import dense_twin  # noqa: E402
 from helpers import assert_rel_close, rel_err  # noqa: E402
 from models import matrix_inputs, matrix_model  # noqa: E402
@@ -142,6 +143,9 @@ def test_cell_matches_peft(family, method, tmp_path):
     base = matrix_model(family, method)
     oracle_base = dense_twin(base) if method == "lora-4bit" else base
     inputs = matrix_inputs(family)
+    if method == "prefix" and coverage.FAMILIES[family].task in ("SEQ_CLS", "TOKEN_CLS") \
+            and not prompt_oracle.peft_speaks_cache_kwarg(base):
+        return _prefix_cell_against_the_hand_fed_oracle(family, base, inputs)
     pm = peft.get_peft_model(copy.deepcopy(oracle_base), peft_config(family, method))
     with torch.no_grad():
         for name, p in pm.named_parameters():
@@ -188,6 +192,33 @@ def test_cell_matches_peft(family, method, tmp_path):
     # peftfast's kernels in the interpreter). A real slip still moves them by 1e-3 or more.
     with torch.no_grad():
         assert_rel_close(_out(fast, inputs), _out(pm, inputs), 2 * UPDATE_TOL, f"{family}/{method} logits after training")
+
+
+def _prefix_cell_against_the_hand_fed_oracle(family: str, base, inputs: dict) -> None:
+    """Prefix tuning on a classification model once transformers (5.24) renamed the cache argument: PEFT
+    passes ``past_key_values`` only and refuses these models. The oracle is then the unpatched base with the
+    adapter's prefix fed by hand as a cache of P past tokens (tests/prompt_oracle.py); training is checked
+    against that oracle in tests/test_prompt_learning.py. PEFT must still refuse: the day it does not, this
+    cell goes back to the comparison against PEFT."""
+    with pytest.raises(ValueError, match="past key values"), torch.no_grad():
+        peft.get_peft_model(copy.deepcopy(base), peft_config(family, "prefix"))(**inputs)
+    fast = peftfast.patch(copy.deepcopy(base), peftfast.PrefixTuningConfig(**coverage.method_kwargs(family, "prefix")))
+    with torch.no_grad():
+        for name, p in fast.named_parameters():
+            if p.requires_grad and "modules_to_save" not in name:
+                p.normal_(0.0, 0.5)
+    fast.eval()
+    _check_paths(fast, None, matrix()[(family, "prefix")], "prefix")
+    state = fast.peftfast_prompt_learning
+    cfg, prompt = state.configs["default"], state.encoders["default"].prompt_embeddings().detach()
+    fed = {k: v for k, v in inputs.items() if k != "labels"}
+    with torch.no_grad():
+        ref, got = _out(base, fed), _out(fast, fed)
+        want = prompt_oracle.prefix_forward(base, prompt, cfg.num_layers, cfg.num_attention_heads, **fed).logits
+    assert rel_err(want, ref) > 10 * TOL, "the prefix changes nothing: the comparison would be vacuous"
+    assert_rel_close(got, want, TOL, f"{family}/prefix logits against the hand-fed prefix")
+    losses = _train(fast, [matrix_inputs(family, seed=10 + i) for i in range(STEPS)])
+    assert losses[-1] != losses[0], "the loss did not move: nothing was trained"
 
 
 @pytest.mark.parametrize("family,method", _cells(peft_supported=False))
