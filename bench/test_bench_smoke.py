@@ -292,3 +292,12 @@ def test_plots_when_matplotlib_is_installed(tmp_path):
     e2e = {"suite": "e2e_qlora", "cases": [], "loss_curves": {"peftfast": [3.0, 2.0], "peft_bnb": [3.0, 2.1]},
            "loss_agreement": {"max_abs_diff": 0.1}}
     assert bench_report.plot_suite(e2e, tmp_path)
+
+
+def test_cli_profile_headline(tmp_path, capsys):
+    from peftfast.bench import main
+
+    assert main(["--smoke", "--profile", "headline", "--out", str(tmp_path), "--no-plots", "prefix_attention"]) == 0
+    data = json.loads((tmp_path / "cpu-smoke" / "prefix_attention.json").read_text())
+    assert data["profile"] == "headline" and [c["name"] for c in data["cases"]] == ["N=64 P=8 B=2"]
+    assert "--profile headline" in data["env"]["command"]

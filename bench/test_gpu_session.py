@@ -207,3 +207,43 @@ def test_bad_arguments_are_refused_with_the_fix(tmp_path, capsys):
     if not __import__("torch").cuda.is_available():
         assert gs.main(["--out", str(tmp_path / "o2")]) == 2
         assert "--dry-run runs the same steps" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- what a GPU would run
+def _gpu_session(tmp_path: Path) -> gs.Session:
+    facts = {"gpu": "NVIDIA H200 (sm 9.0, CUDA 13.0)", "driver": "580", "slug": "nvidia-h200"}
+    return gs.Session(out=tmp_path / "out", stage=tmp_path / "work" / "stage", dry_run=False, budget_s=540,
+                      t0=0.0, facts=facts, header=[], jobs=16, correctness_configs=1, ratio_configs=4)
+
+
+def test_gpu_commands(tmp_path):
+    """The commands a lent GPU runs (the dry run exercises their CPU twins): full sizes, no dry-run flags."""
+    s = _gpu_session(tmp_path)
+    kernels, models = gs.correctness_commands(s)
+    assert "-m" in kernels and "gpu" in kernels and all(t in kernels for t in gs.KERNEL_TESTS)
+    assert gs.MODEL_TESTS in models and "-k" not in models  # every model-level case, not the dry run's one
+    (ratios,) = gs.ratios_commands(s)
+    assert ratios[-4:] == ["--profile", "headline", "--out", str(s.stage / "bench" / "results")]
+    nf4, dense = gs.tune_commands(s)
+    for cmd in (nf4, dense):
+        assert "--dry-run" not in cmd and cmd[cmd.index("--out") + 1].endswith("kernels/configs/nvidia-h200.json")
+        assert cmd[cmd.index("--shapes") + 1] == gs.HEADLINE_SHAPES
+    assert nf4[-2:] == ["--weight", "nf4"] and "--weight" not in dense
+    build, lora, qlora, generate = gs.train_commands(s)
+    # The dense LoRA run comes before QLoRA (issue 20), both in bf16 on the GPU; generate uses QLoRA's adapter.
+    assert lora[lora.index("--method") + 1] == "lora" and qlora[qlora.index("--method") + 1] == "qlora"
+    assert "--bf16" in lora and "--bf16" in qlora
+    assert generate[generate.index("--adapter") + 1] == qlora[qlora.index("--output") + 1]
+    assert build[-3:-1] == ["1024", "8"]
+    env = gs.step_env(s, "train")
+    assert env["PEFTFAST_TUNING_TABLES"] == str(s.stage / "kernels" / "configs")  # the table tune just wrote
+
+
+def test_pytest_runs_across_the_cores_when_xdist_is_there(monkeypatch):
+    import types
+
+    monkeypatch.setitem(sys.modules, "xdist", types.ModuleType("xdist"))
+    assert gs._xdist_args(16) == ["-n", "16"]
+    assert gs._xdist_args(1) == []
+    monkeypatch.setitem(sys.modules, "xdist", None)  # not installed: serial, the step still runs
+    assert gs._xdist_args(16) == []
