@@ -21,7 +21,10 @@ the interpreter runs one fixed large-block config. Nothing here touches CUDA at 
 Before that search, a CUDA launch asks :mod:`.tuning` for a config without one: the shipped table
 ``configs/<gpu-slug>.json`` (written by ``peftfast tune``) first, then the on-disk cache of earlier
 searches' winners; a hit launches that single config. A search's winner goes into that cache, so a
-later process skips it. ``PEFTFAST_TUNING=off`` leaves only the search.
+later process skips it. ``PEFTFAST_TUNING=off`` leaves only the search. ``PEFTFAST_AUTOTUNE_CONFIGS=N``
+limits every search here (and IA3's, DoRA's, the 4-bit GEMM's, prefix attention's) to the first N
+candidates that survive pruning, for a GPU correctness run with no time to search; such a search's
+winner is not cached (:func:`.tuning.limited_pruner`).
 """
 from __future__ import annotations
 
