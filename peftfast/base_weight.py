@@ -10,6 +10,7 @@ forward away from the weights peftfast reads.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -25,7 +26,10 @@ except Exception:  # pragma: no cover
     Conv1D = ()
 
 
+@functools.lru_cache(maxsize=1)
 def _bnb_classes():
+    """(4-bit classes, 8-bit classes) of bitsandbytes; imported on first use (not at import: it is slow and
+    optional), then answered from the cache, since every wrapped forward asks."""
     try:
         import bitsandbytes as bnb
     except Exception:  # pragma: no cover - bitsandbytes missing or broken on this platform
