@@ -34,7 +34,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 TABLE_FORMAT = "peftfast.tuning-table"
@@ -534,7 +534,3 @@ def limited_pruner(prune):
 
     pruned.__wrapped__ = prune
     return pruned
-
-
-def iter_entries(data: dict) -> Iterable[Tuple[str, dict]]:
-    return sorted((data.get("entries") or {}).items())

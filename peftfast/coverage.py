@@ -395,11 +395,6 @@ def layer_paths(model: nn.Module, config) -> Cell:
     return Cell(layers)
 
 
-def family_cell(name: str, method: str) -> Cell:
-    """The :class:`Cell` of one (family, method) of the matrix, on the tiny model."""
-    return layer_paths(build_base(name, method), method_config(name, method))
-
-
 def coverage_matrix(families=None, methods=METHODS) -> dict:
     """``{(family, method): Cell}`` for the tiny families (4-bit cells need bitsandbytes)."""
     out = {}

@@ -58,6 +58,12 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     _round_bf16_to_nearest_in_the_interpreter()
 
 
+def pytest_addoption(parser):
+    parser.addoption("--aot-recompile", action="store_true",
+                     help="compile the ahead-of-time sweeps (tests/kernels/test_aot_*.py, test_qmatmul.py) even "
+                          "where tests/kernels/aot_results/ holds records made from the same inputs")
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

@@ -7,8 +7,6 @@ bitsandbytes ``Linear4bit`` layers on CPU.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn as nn
 import transformers as tf
@@ -133,19 +131,6 @@ def quantize_4bit(
     return model
 
 
-def count_4bit(model: nn.Module) -> int:
-    import bitsandbytes as bnb
-
-    return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
-
-
-def first_4bit_weight(model: nn.Module) -> Optional[torch.Tensor]:
-    import bitsandbytes as bnb
-
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            return m.weight
-    return None
 
 
 # ------------------------------------------------------------------------------------------------------

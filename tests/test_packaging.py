@@ -68,7 +68,6 @@ def _link_install(dists: dict, site: Path) -> None:
     (pkg / "kernels").symlink_to(ROOT / "kernels")
 
 
-@pytest.mark.slow
 def test_main_job_runs_on_the_runtime_dependencies_alone(tmp_path):
     site = tmp_path / "site"
     site.mkdir()

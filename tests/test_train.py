@@ -12,20 +12,33 @@ from peftfast.train import main as train_main
 FAST = ["--seq-len", "32", "--batch-size", "4", "--logging-steps", "100"]
 
 
-def test_default_run_saves_loadable_adapter(tmp_path, capsys):
+def test_default_run_saves_adapter_that_reproduces_the_trained_model(tmp_path, capsys):
+    """The saved adapter, loaded into the base the run trained on, computes what the trained model did:
+    its held-out loss is the run's eval loss (and the base alone gives another)."""
+    from peftfast.basemodel import load_base
+    from peftfast.train import evaluate
+
     out = tmp_path / "adapter"
-    res = train_main(["--max-steps", "5", "--output", str(out), *FAST])
+    argv = ["--max-steps", "5", "--output", str(out), *FAST]
+    res = train_main(argv)
     assert len(res["losses"]) == 5 and res["eval_loss"] > 0
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     printed = capsys.readouterr().out
     assert "eval loss" in printed and "tok/s" in printed
-    from transformers import LlamaForCausalLM
 
-    from peftfast.demo import load_4bit_base, tiny_llama_config
-
-    base_dir = tmp_path / "base"
-    LlamaForCausalLM(tiny_llama_config()).save_pretrained(base_dir)
-    peftfast.load_adapter(load_4bit_base(str(base_dir)), str(out))
+    a = _resolved(argv)
+    assert a.method == "qlora"  # the default: a 4-bit base, as the run loaded it
+    base = load_base(None, load_in_4bit=True)
+    assert base["fingerprint"] == json.loads((out / "train_log.json").read_text())["base_sha256"]
+    model = peftfast.load_adapter(base["model"], str(out))
+    tok = base["tokenizer"]
+    _, held = split(load_dataset(a.data, tok, a.seq_len), a.eval_fraction, a.seed)
+    reloaded = evaluate(model, held, a.batch_size, tok.pad_id, "cpu", bf16=False)
+    # Same base, same adapter tensors (fp32 saved and loaded), same batches: equal up to summation noise.
+    assert reloaded == pytest.approx(res["eval_loss"], rel=1e-6, abs=0)
+    with peftfast.disable_adapters(model):
+        base_loss = evaluate(model, held, a.batch_size, tok.pad_id, "cpu", bf16=False)
+    assert abs(base_loss - res["eval_loss"]) > 1e-3, (base_loss, res["eval_loss"])
 
 
 def test_loss_decreases(tmp_path):

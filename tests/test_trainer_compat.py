@@ -288,7 +288,6 @@ def test_bf16_autocast_cpu():
     assert all(g.dtype == torch.float32 for g in grads)  # adapter params stay fp32 under autocast
 
 
-@pytest.mark.slow
 def test_torch_compile_matches_eager():
     # ~30 s of Inductor compilation on a 2-core CPU; the graph is the whole patched Llama forward
     model = peftfast.patch(tiny_llama(), peftfast.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",

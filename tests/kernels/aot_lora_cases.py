@@ -51,7 +51,6 @@ from aot import SMEM_LIMIT, CompileFailed, compile_instead_of_launch  # noqa: E4
 from peftfast.kernels import lora, matmul as mm, nf4  # noqa: E402
 
 ARCHS = ("sm80", "sm89", "sm90")
-SMS = {"sm80": 108, "sm89": 128, "sm90": 132}  # only sizes the split-K grids
 META = torch.device("meta")
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 _NAMES = {BF16: "bf16", FP16: "fp16", FP32: "fp32"}

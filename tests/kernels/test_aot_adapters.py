@@ -4,8 +4,9 @@ The CPU interpreter never runs Triton's compiler, so a config that fails to lowe
 memory than a GPU has, would only show on that GPU ("out of resources" at launch). Here the launch paths
 are compiled to cubins with Triton's bundled ptxas (tests/kernels/aot.py) from the arguments and configs
 their CUDA branches pick, in a subprocess with the interpreter off: the representative subset of
-``aot_adapter_cases.py`` (the largest admissible configs, the widest heads, the fp32 backward);
-``python tests/kernels/aot_adapter_cases.py --all`` runs the full sweep.
+``aot_adapter_cases.py`` (the largest admissible configs, the widest heads, the fp32 backward), or its
+records from tests/kernels/aot_results/ when they were made from the same kernel sources, Triton and
+ptxas (``--aot-recompile`` compiles regardless). ``pytest -m slow`` runs the full sweep (``--all``).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import os
 
 import pytest
 
-from aot import CAPABILITY, run_in_subprocess, unavailable
+from aot import CAPABILITY, cached_sweep, run_in_subprocess, unavailable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "aot_adapter_cases.py")
@@ -33,9 +34,11 @@ def _describe(r) -> str:
     return f"{r['kernel']} on {r['arch']} [{r['case']}] ({cfg}): shared {r['shared']} / {r['limit']}{est}: {r['error']}"
 
 
-@pytest.fixture(scope="module")
-def records():
-    return run_in_subprocess(SCRIPT)
+@pytest.fixture(scope="module", params=["subset", pytest.param("all", marks=pytest.mark.slow)])
+def records(request):
+    if request.param == "all":  # the exhaustive run is the ground truth: never from the cache
+        return run_in_subprocess(SCRIPT, "--all", "--jobs", str(os.cpu_count() or 1), timeout=4 * 3600)
+    return cached_sweep(SCRIPT, recompile=request.config.getoption("--aot-recompile"))[0]
 
 
 def test_every_kernel_compiled_on_every_arch(records):

@@ -1,7 +1,9 @@
 """The LoRA / QLoRA kernels compile for sm80, sm89 and sm90, and fit their GPU's shared memory.
 
-Runs the default subset of tests/kernels/aot_lora_cases.py (``--all`` is the full sweep, run by hand)
-in a subprocess with the interpreter off (see tests/kernels/aot.py). Checks, per launch: it compiled
+Runs the default subset of tests/kernels/aot_lora_cases.py in a subprocess with the interpreter off
+(see tests/kernels/aot.py), or takes its records from tests/kernels/aot_results/ when they were made
+from the same kernel sources, Triton and ptxas (``--aot-recompile`` compiles regardless); the full
+sweep (``--all``, ~1,400 compiles) runs under ``pytest -m slow``. Checks, per launch: it compiled
 to a cubin; a config the launch path can pick needs no more shared memory than its GPU has; and for the
 GEMM, the autotuner's estimate (``matmul._smem_bytes``) is at least what the compiler allocated, so the
 pruner never admits a config that fails at launch with "out of resources".
@@ -12,16 +14,19 @@ import os
 
 import pytest
 
-from aot import run_in_subprocess, unavailable
+from aot import cached_sweep, run_in_subprocess, unavailable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "aot_lora_cases.py")
 pytestmark = pytest.mark.skipif(bool(unavailable()), reason=unavailable() or "can compile")
 
 
-@pytest.fixture(scope="module")
-def records() -> list:
-    # Module scope: one subprocess run for the four tests (pytest also keeps a failure for the module).
-    return run_in_subprocess(os.path.join(HERE, "aot_lora_cases.py"))
+@pytest.fixture(scope="module", params=["subset", pytest.param("all", marks=pytest.mark.slow)])
+def records(request) -> list:
+    # Module scope: one sweep for the four tests (pytest also keeps a failure for the module).
+    if request.param == "all":  # the exhaustive run is the ground truth: never from the cache
+        return run_in_subprocess(SCRIPT, "--all", "--jobs", str(os.cpu_count() or 1), timeout=4 * 3600)
+    return cached_sweep(SCRIPT, recompile=request.config.getoption("--aot-recompile"))[0]
 
 
 def _where(r: dict) -> str:

@@ -480,9 +480,11 @@ def test_interpreter_config_matches_matmul():
     assert qmm._INTERPRET_CONFIG == mm._INTERPRET_CONFIG
 
 
-def test_compiles_for_gpus_and_fits_shared_memory():
+@pytest.mark.parametrize("sweep", ["subset", pytest.param("all", marks=pytest.mark.slow)])
+def test_compiles_for_gpus_and_fits_shared_memory(sweep, request):
     """Every config the pruner admits (default: the one nearest the limit, sm80 forward, sm89 dX, sm90
-    both; set PEFTFAST_AOT_ALL=1 for the full sweep) compiles for sm80/sm89/sm90 in bf16, within the arch's shared
+    both, its records from tests/kernels/aot_results/ when made from the same inputs; ``pytest -m slow``:
+    the full sweep, always compiled) compiles for sm80/sm89/sm90 in bf16, within the arch's shared
     memory and within qmatmul.smem_bytes's estimate."""
     import aot
 
@@ -490,8 +492,10 @@ def test_compiles_for_gpus_and_fits_shared_memory():
         pytest.skip(aot.unavailable())
 
     script = os.path.join(os.path.dirname(__file__), "aot_qmatmul_cases.py")
-    argv = ["--all"] if os.environ.get("PEFTFAST_AOT_ALL") else []
-    records = aot.run_in_subprocess(script, *argv, timeout=3600)
+    if sweep == "all":
+        records = aot.run_in_subprocess(script, "--all", timeout=4 * 3600)
+    else:
+        records, _ = aot.cached_sweep(script, timeout=3600, recompile=request.config.getoption("--aot-recompile"))
     assert records
     archs = {r["arch"] for r in records}
     assert archs == {"sm80", "sm89", "sm90"}
