@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
+import warnings
 from typing import Optional
 
 import torch
@@ -27,6 +26,8 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 PROMPT_KEY = "prompt_embeddings"
 PROMPT_LEARNING_PREFIX = "base_model."
+# The sentence every README.md that save_adapter writes holds: only such a README is ever replaced.
+MODEL_CARD_TAG = "Saved by peftfast in Hugging Face PEFT's format"
 
 
 class AdapterLoadError(ValueError):
@@ -117,49 +118,85 @@ def _model_card(config: dict) -> str:
     method = str(config.get("peft_type", "")).lower()
     return (
         f"---\nbase_model: '{base}'\nlibrary_name: peft\ntags:\n- {method}\n- peftfast\n---\n\n"
-        f"# {method.upper()} adapter\n\nSaved by peftfast in Hugging Face PEFT's format: load it with "
+        f"# {method.upper()} adapter\n\n{MODEL_CARD_TAG}: load it with "
         "`peft.PeftModel.from_pretrained(base, path)` or `peftfast.load_adapter(base, path)`.\n"
     )
+
+
+def _is_our_model_card(path: str) -> bool:
+    """Whether ``path`` is a README.md that :func:`save_adapter` wrote (and may therefore replace)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return MODEL_CARD_TAG in f.read(4096)
+    except OSError:
+        return False
 
 
 def save_adapter(model: nn.Module, path: str, *, adapter_name: str = "default") -> None:
     """Write the adapter in PEFT's format, atomically.
 
-    A new directory appears complete or not at all (written beside it, then renamed); into an
-    existing directory each file is replaced atomically, weights before config.
+    The new directory is written whole beside ``path``, fsynced and swapped in with one rename (see
+    :func:`peftfast.fileio.staged_directory`), so a save killed at any point leaves the old adapter or the
+    new one, never a config of one with the weights of the other. Other files in an existing directory (a
+    training run's log and checkpoints) are kept, and so is a README.md that peftfast did not write.
 
     Args:
         model: a patched model.
-        path: the adapter directory.
+        path: the adapter directory (not empty; created if missing).
         adapter_name: which adapter to save.
+
+    Raises:
+        ValueError: an empty ``path`` (it would write into the current directory).
+        FileExistsError: ``path`` is a file.
 
     Example:
         >>> peftfast.save_adapter(model, "out/adapter")  # doctest: +SKIP
     """
     from safetensors.torch import save_file
 
+    from .fileio import staged_directory
+
+    path = os.fspath(path)
+    if not str(path).strip():
+        raise ValueError("save_adapter: the path is empty; give the adapter directory to write, e.g. 'out/adapter' "
+                         "(use '.' to mean the current directory)")
     tensors = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model, adapter_name).items()}
+    _check_saveable(tensors, adapter_name)
     config = _config_for_save(model, adapter_name)
-    path = os.path.abspath(os.fspath(path))
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".peftfast-save-", dir=parent)
-    try:
+    path = os.path.abspath(path)
+    keep_readme = os.path.isfile(os.path.join(path, "README.md")) and not _is_our_model_card(
+        os.path.join(path, "README.md"))
+    with staged_directory(path) as tmp:
         save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
-        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
-            f.write(_model_card(config))
-        if not os.path.exists(path):
-            os.rename(tmp, path)
-            return
-        if not os.path.isdir(path):
-            raise FileExistsError(f"{path} exists and is not a directory; choose another path")
-        for name in (WEIGHTS_NAME, "README.md", CONFIG_NAME):
-            os.replace(os.path.join(tmp, name), os.path.join(path, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not keep_readme:
+            with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+                f.write(_model_card(config))
+
+
+def _check_saveable(tensors: dict, adapter_name: str) -> None:
+    """Refuse adapters that would save as garbage: on the meta device (no values), or holding NaN/Inf."""
+    meta = sorted(k for k, v in tensors.items() if v.is_meta)
+    if meta:
+        raise ValueError(f"adapter {adapter_name!r} has tensors on the meta device (no values), e.g. {meta[:2]}; "
+                         "materialize the model (model.to_empty(device=...) and load its weights) before saving")
+    warn_non_finite(tensors, f"adapter {adapter_name!r} being saved")
+
+
+def warn_non_finite(tensors: dict, what: str) -> list:
+    """Warn (once, naming the tensors) when any floating tensor of ``tensors`` holds NaN or Inf.
+
+    Returns:
+        The names of the non-finite tensors.
+    """
+    bad = sorted(k for k, v in tensors.items()
+                 if v.is_floating_point() and not v.is_meta and not bool(torch.isfinite(v).all()))
+    if bad:
+        warnings.warn(f"{what}: {len(bad)} tensors hold NaN or Inf, e.g. {bad[:3]}; the adapter's outputs will be "
+                      "NaN (fp16 overflow or a diverged run?)", RuntimeWarning, stacklevel=3)
+    return bad
 
 
 def read_adapter_weights(path: str) -> dict:

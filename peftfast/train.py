@@ -105,10 +105,14 @@ def _check_args(a) -> None:
     for name in ("r", "batch_size", "grad_accum", "seq_len", "logging_steps", "save_steps", "num_virtual_tokens"):
         if getattr(a, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
-    if a.max_steps <= 0 and a.epochs is not None and a.epochs <= 0:
-        raise TrainError("give --max-steps > 0 or --epochs > 0")
-    if a.lr is not None and a.lr <= 0:
-        raise TrainError(f"--lr must be positive, got {a.lr}")
+    if a.max_steps == 0 or a.max_steps < -1:
+        raise TrainError(f"--max-steps must be at least 1 (or -1, the default: train for --epochs), got {a.max_steps}")
+    if a.epochs is not None and not (a.epochs > 0 and math.isfinite(a.epochs)):
+        raise TrainError(f"--epochs must be a positive number, got {a.epochs}")
+    if a.lr is not None and not (a.lr > 0 and math.isfinite(a.lr)):
+        raise TrainError(f"--lr must be a positive number, got {a.lr}")
+    if not math.isfinite(a.alpha):
+        raise TrainError(f"--alpha must be a finite number, got {a.alpha}")
     if not 0 <= a.dropout < 1:
         raise TrainError(f"--dropout must be in [0, 1), got {a.dropout}")
     if not 0 < a.eval_fraction < 1:
@@ -302,26 +306,56 @@ class _Progress:
         print(line, flush=True)
 
 
+_STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM") if hasattr(signal, n))
+
+
 class _DeferSigint:
-    """Hold Ctrl-C back while the optimizer updates the weights (a half-applied step cannot be
-    checkpointed); the interrupt is raised right after. A no-op outside the main thread."""
+    """Hold Ctrl-C and SIGTERM back while the optimizer updates the weights (a half-applied step cannot be
+    checkpointed) or while the emergency checkpoint is written (a second Ctrl-C must not cost the run its
+    checkpoint); the interrupt is raised right after, unless ``reraise`` is False. A no-op outside the
+    main thread."""
+
+    def __init__(self, reraise: bool = True):
+        self.reraise = reraise
 
     def __enter__(self):
-        self.pending, self.previous = False, None
+        self.pending, self.previous = False, {}
         if threading.current_thread() is threading.main_thread():
             def hold(signum, frame):
                 self.pending = True
+            for sig in _STOP_SIGNALS:
+                try:
+                    self.previous[sig] = signal.signal(sig, hold)
+                except (ValueError, OSError):  # pragma: no cover - embedded interpreters
+                    pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        if self.pending and self.reraise and exc[0] is None:
+            raise KeyboardInterrupt
+        return False
+
+
+class _SigtermAsInterrupt:
+    """Treat SIGTERM (``timeout``, ``docker stop``, SLURM preemption) as Ctrl-C while training, so the run
+    ends with a resumable checkpoint instead of dying without one. A no-op outside the main thread."""
+
+    def __enter__(self):
+        self.previous = None
+        if hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread():
+            def interrupt(signum, frame):
+                raise KeyboardInterrupt
             try:
-                self.previous = signal.signal(signal.SIGINT, hold)
+                self.previous = signal.signal(signal.SIGTERM, interrupt)
             except (ValueError, OSError):  # pragma: no cover - embedded interpreters
                 self.previous = None
         return self
 
     def __exit__(self, *exc):
         if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-        if self.pending and exc[0] is None:
-            raise KeyboardInterrupt
+            signal.signal(signal.SIGTERM, self.previous)
         return False
 
 
@@ -441,6 +475,8 @@ def _run_train(args, ranks) -> dict:
     progress = _Progress(done + 1)
     model.train()
     t_log, tok_log = time.time(), 0
+    stop_signals = _SigtermAsInterrupt()
+    stop_signals.__enter__()
     try:
         for step in range(done + 1, steps + 1):
             _before_step(step)
@@ -486,10 +522,13 @@ def _run_train(args, ranks) -> dict:
         progress.clear()
         opt.zero_grad(set_to_none=True)  # drop the half-accumulated step; the checkpoint is of step `done`
         if last_ckpt is None or last_ckpt.name != f"checkpoint-{done}":
-            last_ckpt = save(done, rng_next, wait=False)
+            with _DeferSigint(reraise=False):  # the run is stopping anyway; more signals must not cut the write
+                last_ckpt = save(done, rng_next, wait=False)
         print(f"\ninterrupted: checkpoint of step {done}/{steps} saved to {last_ckpt}\n"
               f"resume with: peftfast train --output {out} --resume", flush=True)
         raise TrainInterrupted(last_ckpt, done, str(out)) from None
+    finally:
+        stop_signals.__exit__(None, None, None)
     print(f"eval loss {eval_loss:.4f} (perplexity {math.exp(min(eval_loss, 50)):.2f}) "
           f"on {len(eval_set)} held-out examples")
 
