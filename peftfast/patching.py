@@ -344,30 +344,47 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             m.disabled = flag
 
 
-def merge(model: nn.Module, adapter_names: Optional[list] = None) -> None:
+def merge(model: nn.Module, adapter_names: Optional[list] = None, *, keep_original: bool = False) -> None:
     """Fold the active (or the named) adapters into the base weights; forward then skips the adapter math.
 
     4-bit and 8-bit bases are dequantized, merged and requantized (lossy, as in PEFT).
 
+    Args:
+        model: a patched model.
+        adapter_names: the adapters to merge (default: the active ones).
+        keep_original: keep a copy of each dense base weight (one more copy of the adapted layers in
+            memory) so that :func:`unmerge` and :func:`unpatch` restore it bit for bit; without it they
+            subtract the update again, which is exact only up to float rounding (~1e-7 relative in fp32).
+            Dense bases only (ValueError for a quantized one).
+
     Example:
-        >>> peftfast.merge(model)  # doctest: +SKIP
+        >>> peftfast.merge(model, keep_original=True)  # doctest: +SKIP
     """
     state = _require_state(model)
     names = adapter_names or state.active
-    for _, module in _adapter_wrappers(model):
-        if isinstance(module, AdapterLayer):
-            module.merge(list(names))
+    wrappers = [m for _, m in _adapter_wrappers(model) if isinstance(m, AdapterLayer)]
+    if keep_original:
+        try:  # every copy (or the refusal of a quantized weight) before anything merges
+            for module in wrappers:
+                module._keep_original()
+        except ValueError:
+            for module in wrappers:
+                module.__dict__.pop("_original", None)
+            raise
+    for module in wrappers:
+        module.merge(list(names))
 
 
 def unmerge(model: nn.Module) -> None:
-    """Undo :func:`merge` (exact up to float rounding).
+    """Undo :func:`merge`: bit for bit after ``merge(model, keep_original=True)``, otherwise exact up to
+    float rounding.
 
     Example:
         >>> peftfast.unmerge(model)  # doctest: +SKIP
     """
     _require_state(model)
     for _, module in _adapter_wrappers(model):
-        if isinstance(module, AdapterLayer):
+        if isinstance(module, AdapterLayer) and not module._restore_original():
             module.unmerge()
 
 
@@ -378,7 +395,8 @@ def unpatch(model: nn.Module, *, merge_adapters: bool = False) -> nn.Module:
         model: a patched model.
         merge_adapters: fold the active adapters into the base weights first (PEFT's
             ``merge_and_unload``); otherwise merged adapters are unmerged and the original modules and
-            ``requires_grad`` flags come back as they were.
+            ``requires_grad`` flags come back: bit for bit unless a :func:`merge` without
+            ``keep_original=True`` changed the weights (then up to float rounding, see :func:`merge`).
 
     Returns:
         The same model object.
@@ -396,7 +414,7 @@ def unpatch(model: nn.Module, *, merge_adapters: bool = False) -> nn.Module:
         except AttributeError:
             continue
         if isinstance(module, AdapterLayer):
-            if not merge_adapters:
+            if not merge_adapters and not module._restore_original():
                 module.unmerge()
             original = module.base_layer
         else:

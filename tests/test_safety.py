@@ -168,7 +168,10 @@ def test_second_ctrl_c_during_the_emergency_checkpoint_keeps_it(tmp_path, monkey
     monkeypatch.setattr(train_mod, "_before_step", hook)
     monkeypatch.setattr(resume, "flatten_optimizer", impatient)
     out = tmp_path / "run"
-    rc = cli_main(["train", "--max-steps", "4", "--save-steps", "100", "--output", str(out), *FAST])
+    try:
+        rc = cli_main(["train", "--max-steps", "4", "--save-steps", "100", "--output", str(out), *FAST])
+    except KeyboardInterrupt:
+        pytest.fail("the second Ctrl-C cut the emergency checkpoint short")
     assert rc == 130
     assert [p.name for p in out.iterdir()] == ["checkpoint-2"]
     assert (out / "checkpoint-2" / "training_state.safetensors").is_file()
