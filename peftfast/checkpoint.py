@@ -160,8 +160,9 @@ def save_adapter(model: nn.Module, path: str, *, adapter_name: str = "default") 
     if not str(path).strip():
         raise ValueError("save_adapter: the path is empty; give the adapter directory to write, e.g. 'out/adapter' "
                          "(use '.' to mean the current directory)")
-    tensors = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model, adapter_name).items()}
+    tensors = adapter_state_dict(model, adapter_name)
     _check_saveable(tensors, adapter_name)
+    tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
     config = _config_for_save(model, adapter_name)
     path = os.path.abspath(path)
     keep_readme = os.path.isfile(os.path.join(path, "README.md")) and not _is_our_model_card(
@@ -259,6 +260,8 @@ def load_adapter(
         raise FileNotFoundError(f"adapter directory {path} does not exist")
     config = as_config(load_config_file(path))
     weights = read_adapter_weights(path)
+    warn_non_finite(weights, path)
+    _warn_other_base(model, config, path)
     if isinstance(config, PROMPT_LEARNING_CONFIGS):
         return _load_prompt_learning(model, path, config, weights, adapter_name, is_trainable, backend)
     config.inference_mode = not is_trainable
@@ -281,6 +284,13 @@ def load_adapter(
                     f"{tuple(params[key].shape)}; the adapter was made for a different base model or rank"
                 )
             mapped[key] = tensor
+        on_meta = sorted(k for k in mapped if params[k].is_meta)
+        if on_meta:
+            raise AdapterLoadError(
+                f"{path}: the model is on the meta device (no storage), so the adapter's values cannot be loaded "
+                f"into it (e.g. {on_meta[:2]}); materialize the model first (load its weights, or "
+                "model.to_empty(device=...) and load them), then load the adapter"
+            )
         missing = sorted(expected - set(mapped))
         if missing:
             raise AdapterLoadError(
@@ -297,6 +307,26 @@ def load_adapter(
         rollback()
         raise
     return model
+
+
+def _base_name(name: str) -> str:
+    """A model's name for comparison: a Hub id or a local folder (a Hub cache snapshot reads as its id)."""
+    name = str(name).rstrip("/\\")
+    m = re.search(r"models--([^/\\]+)--([^/\\]+)", name)
+    if m:
+        return m.group(2).lower()
+    return re.split(r"[/\\]", name)[-1].lower()
+
+
+def _warn_other_base(model: nn.Module, config, path: str) -> None:
+    """Warn when the adapter names a base model other than the one it is loaded into (PEFT trusts the
+    caller here too, but a mismatch is almost always a mistake: shapes may even fit and the output is wrong)."""
+    wanted = getattr(config, "base_model_name_or_path", None)
+    have = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    if not wanted or not have or not isinstance(have, str) or _base_name(wanted) == _base_name(have):
+        return
+    warnings.warn(f"{path} was made for base model {wanted!r}, but it is being loaded into {have!r}; if that is not "
+                  "the same model, the adapter's outputs are meaningless", UserWarning, stacklevel=3)
 
 
 def _load_prompt_learning(model, path, config, weights, adapter_name, is_trainable, backend):

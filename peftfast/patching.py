@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from typing import Callable, Iterator, Optional, Union
 
 import torch.nn as nn
@@ -56,6 +57,21 @@ def _pattern_value(patterns: dict, name: str, default):
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
+
+
+def _warn_unused_patterns(cfg: LoraConfig, targets: list) -> None:
+    """PEFT applies a rank_pattern / alpha_pattern key to the targets it matches; a key that matches none
+    is almost always a typo, and the adapter then trains with the default rank or alpha."""
+    for field in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(cfg, field) or {}
+        unused = [key for key in patterns
+                  if not any(name == key or re.match(rf"(.*\.)?({key})$", name) for name in targets)]
+        if unused:
+            default = "r" if field == "rank_pattern" else "lora_alpha"
+            warnings.warn(f"{field} keys {unused} match none of the {len(targets)} target modules (e.g. "
+                          f"{targets[:3]}); those entries have no effect and every target uses {default}. Fix "
+                          "the keys (regexes matched at the end of a module name) or remove them",
+                          UserWarning, stacklevel=4)
 
 
 def _modules_to_save_names(model: nn.Module, config) -> list:
@@ -137,6 +153,8 @@ def _patch(model: nn.Module, config, adapter_name: str, backend: str) -> Callabl
                 cfg.feedforward_modules = ff
     supported = (lambda m: is_linear_like(m) or is_lora_extra(m)) if isinstance(cfg, LoraConfig) else is_linear_like
     targets = resolve_targets(model, cfg, supported)
+    if isinstance(cfg, LoraConfig):
+        _warn_unused_patterns(cfg, targets)
     if isinstance(cfg, IA3Config) and cfg.feedforward_modules:
         stray = [
             n for n, _ in model.named_modules()

@@ -498,7 +498,7 @@ def _run_train(args, ranks) -> dict:
                 tok_log += int(b["attention_mask"].sum())
             step_loss = ranks.total(step_loss)
             if not math.isfinite(step_loss):
-                raise TrainError(f"loss is {step_loss} at step {step}; try a lower --lr")
+                raise TrainError(_non_finite_loss(model, step_loss, step, done, last_ckpt))
             with _DeferSigint():
                 opt.step()
                 sched.step()
@@ -506,6 +506,13 @@ def _run_train(args, ranks) -> dict:
                 losses.append(step_loss)
                 done = step
                 rng_next = ckpt.rng_state()
+            if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):  # one sync
+                bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+                # The loss was finite but the update was not (fp16 overflow, a huge --lr): stop before a
+                # checkpoint or the adapter stores NaN.
+                raise TrainError(f"the adapter's weights hold NaN/Inf after step {step} (e.g. {bad[:2]}); lower "
+                                 "--lr, or train in bf16 or fp32. " + (f"The last good checkpoint is {last_ckpt}"
+                                                                       if last_ckpt else "No checkpoint was written"))
             dt = max(time.time() - t_log, 1e-9)
             line = (f"step {step:5d}/{steps}  epoch {epoch + 1}  loss {step_loss:.4f}  "
                     f"lr {sched.get_last_lr()[0]:.2e}  {tok_log / dt:,.0f} tok/s  {_memory(device)}")
@@ -539,6 +546,21 @@ def _run_train(args, ranks) -> dict:
     print(f"done in {time.time() - t_start:.1f} s")
     return {"losses": losses, "eval_loss": eval_loss, "output": os.path.abspath(out), "steps": steps,
             "checkpoint": str(last_ckpt)}
+
+
+def _non_finite_loss(model, loss: float, step: int, done: int, last_ckpt) -> str:
+    """Why the loss is NaN/Inf: a base weight that already is (no learning rate fixes that), the first step
+    before any update (the model or the data), or a diverging run."""
+    bad_base = next((n for n, p in model.named_parameters()
+                     if not p.requires_grad and p.is_floating_point() and not bool(torch.isfinite(p).all())), None)
+    if bad_base is not None:
+        return (f"loss is {loss} at step {step}: the base model's weights hold NaN/Inf (e.g. {bad_base}); the model "
+                "files are damaged or were saved after an overflow. Re-download or re-export the model")
+    if done == 0 and step == 1:
+        return (f"loss is {loss} at step 1, before any update: the model gives NaN/Inf on this data (try fp32, "
+                "i.e. --no-bf16, or check the model's files); the learning rate is not the cause")
+    where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
+    return f"loss is {loss} at step {step}; try a lower --lr{where}"
 
 
 def _write_outputs(peftfast, model, out: Path, losses, eval_loss, steps, args, loaded, meta, found) -> None:

@@ -216,3 +216,156 @@ def test_save_adapter_keeps_a_foreign_readme_and_replaces_its_own(tmp_path):
     (other / "README.md").write_text((other / "README.md").read_text().replace("lora", "LORA-OLD"))
     peftfast.save_adapter(_patched(), other)
     assert "LORA-OLD" not in (other / "README.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6, 7, 9: configs that would silently mean something else
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("targets", ["all-linear", r".*\.q_proj"])
+def test_layers_to_transform_with_a_string_target_is_refused(targets):
+    with pytest.raises(peftfast.ConfigError, match="layers_to_transform cannot be used with target_modules"):
+        LoraConfig(target_modules=targets, layers_to_transform=[0]).validate()
+    model = tiny_llama()
+    with pytest.raises(peftfast.ConfigError, match="layers_to_transform"):
+        peftfast.patch(model, {"peft_type": "LORA", "target_modules": targets, "layers_to_transform": [0]})
+    assert not hasattr(model, "peftfast_state")
+
+
+def test_layers_to_transform_out_of_range_is_named():
+    with pytest.raises(peftfast.ConfigError, match=r"none in layers_to_transform=\[7\]; the layer indices here are \[0, 1\]"):
+        peftfast.patch(tiny_llama(), LoraConfig(target_modules=["q_proj"], layers_to_transform=[7]))
+
+
+@pytest.mark.parametrize("field,value", [("use_rslora", "false"), ("lora_alpha", "16"), ("r", "8"),
+                                         ("lora_dropout", "0.1"), ("use_dora", 0), ("fan_in_fan_out", "no")])
+def test_config_values_of_the_wrong_json_type_are_refused_by_name(tmp_path, field, value):
+    path = tmp_path / "adapter"
+    peftfast.save_adapter(_patched(), path)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg[field] = value
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    model = tiny_llama()
+    with pytest.raises(peftfast.ConfigError, match=rf"LoraConfig\.{field} must be"):
+        peftfast.load_adapter(model, path)
+    assert not hasattr(model, "peftfast_state")
+
+
+def test_numbers_as_python_allows_them_still_load():
+    cfg = peftfast.as_config({"peft_type": "LORA", "lora_alpha": 16.0, "lora_dropout": 0, "r": 4})
+    assert cfg.lora_alpha == 16.0 and cfg.lora_dropout == 0
+
+
+def test_zero_alpha_is_refused():
+    with pytest.raises(peftfast.ConfigError, match="lora_alpha must be a non-zero"):
+        LoraConfig(lora_alpha=0).validate()
+    with pytest.raises(peftfast.ConfigError, match=r"alpha_pattern\['q_proj'\]"):
+        LoraConfig(alpha_pattern={"q_proj": 0}).validate()
+
+
+def test_pattern_keys_that_match_no_target_warn():
+    with pytest.warns(UserWarning, match=r"rank_pattern keys \['q_prj'\] match none"):
+        peftfast.patch(tiny_llama(), LoraConfig(target_modules=["q_proj"], rank_pattern={"q_prj": 4}))
+    with pytest.warns(UserWarning, match=r"alpha_pattern keys \['o_proj'\] match none"):
+        peftfast.patch(tiny_llama(), LoraConfig(target_modules=["q_proj"], alpha_pattern={"o_proj": 4}))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = peftfast.patch(tiny_llama(), LoraConfig(target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 4}))
+    assert model.model.layers[0].self_attn.q_proj.r["default"] == 4
+
+
+# ---------------------------------------------------------------------------------------------------
+# 8, 10: the meta device, another base, NaN/Inf
+# ---------------------------------------------------------------------------------------------------
+
+def test_load_into_a_meta_model_is_refused(tmp_path):
+    from tiny import tiny_llama as build
+
+    path = tmp_path / "adapter"
+    peftfast.save_adapter(_patched(), path)
+    with torch.device("meta"):
+        model = build()
+    with pytest.raises(peftfast.AdapterLoadError, match="meta device"):
+        peftfast.load_adapter(model, path)
+    assert not hasattr(model, "peftfast_state")
+    peftfast.patch(model, LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="meta device"):
+        peftfast.save_adapter(model, tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+
+
+def test_adapter_for_another_base_warns(tmp_path):
+    path = tmp_path / "adapter"
+    peftfast.save_adapter(_patched(), path)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "org/other-model"
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    model = tiny_llama()
+    model.config._name_or_path = "/models/models--org--my-model/snapshots/abc123"
+    with pytest.warns(UserWarning, match="made for base model 'org/other-model'"):
+        peftfast.load_adapter(model, path)
+    cfg["base_model_name_or_path"] = "org/my-model"  # the same model, from the Hub cache: no warning
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    import warnings
+
+    model = tiny_llama()
+    model.config._name_or_path = "/models/models--org--my-model/snapshots/abc123"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        peftfast.load_adapter(model, path)
+
+
+def test_nan_adapter_warns_on_save_and_load(tmp_path):
+    model = _patched()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.lora_B["default"].weight[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="NaN or Inf"):
+        peftfast.save_adapter(model, tmp_path / "a")
+    with pytest.warns(RuntimeWarning, match="NaN or Inf.*q_proj.lora_B"):
+        peftfast.load_adapter(tiny_llama(), tmp_path / "a")
+
+
+def test_max_steps_zero_is_refused(tmp_path, capsys):
+    rc = cli_main(["train", "--max-steps", "0", "--output", str(tmp_path / "o"), *FAST])
+    assert rc == 2 and "--max-steps must be at least 1" in capsys.readouterr().err
+    rc = cli_main(["train", "--lr", "nan", "--output", str(tmp_path / "o"), *FAST])
+    assert rc == 2 and "--lr must be a positive number, got nan" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_training_that_makes_the_adapter_nan_stops_before_saving_it(tmp_path, monkeypatch, capsys):
+    real = torch.optim.AdamW.step
+
+    def overflowing(self, *a, **k):
+        out = real(self, *a, **k)
+        if self.state and next(iter(self.state.values()))["step"] >= 2:  # step 2 overflows
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing)
+    out = tmp_path / "run"
+    rc = cli_main(["train", "--method", "lora", "--max-steps", "4", "--save-steps", "1", "--output", str(out), *FAST])
+    err = capsys.readouterr().err
+    assert rc == 2 and "weights hold NaN/Inf after step 2" in err and "checkpoint-1" in err
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-1"]
+    assert not (out / "adapter_model.safetensors").exists()
+
+
+def test_nan_in_the_base_is_not_blamed_on_the_learning_rate(tmp_path, monkeypatch, capsys):
+    import peftfast.train as train_mod
+
+    real = train_mod._load_model
+
+    def damaged(a, device):
+        loaded = real(a, device)
+        with torch.no_grad():
+            loaded["model"].model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+        return loaded
+
+    monkeypatch.setattr(train_mod, "_load_model", damaged)
+    rc = cli_main(["train", "--method", "lora", "--max-steps", "2", "--output", str(tmp_path / "o"), *FAST])
+    err = capsys.readouterr().err
+    assert rc == 2 and "base model's weights hold NaN/Inf" in err and "--lr" not in err
