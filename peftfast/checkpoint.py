@@ -201,15 +201,33 @@ def warn_non_finite(tensors: dict, what: str) -> list:
 
 
 def read_adapter_weights(path: str) -> dict:
-    """Load an adapter's tensors: safetensors, or a legacy ``.bin`` (weights only) when no safetensors exists."""
+    """Load an adapter's tensors: safetensors, or a legacy ``.bin`` (weights only) when no safetensors exists.
+
+    Raises:
+        FileNotFoundError: neither file exists.
+        AdapterLoadError: the file is truncated, not safetensors, or a ``.bin`` that holds pickled objects.
+    """
     from safetensors.torch import load_file
 
     st = os.path.join(path, WEIGHTS_NAME)
     if os.path.isfile(st):
-        return load_file(st)
+        try:
+            return load_file(st)
+        except Exception as e:  # safetensors' own error type (a truncated or foreign file) has no path
+            raise AdapterLoadError(f"{st} is not a readable safetensors file ({e}); it is truncated or damaged: "
+                                   "save the adapter again, or copy it again from where it came from") from None
     legacy = os.path.join(path, LEGACY_WEIGHTS_NAME)
     if os.path.isfile(legacy):
-        return torch.load(legacy, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as e:
+            # torch's message suggests weights_only=False, i.e. running the file's code: never here.
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise AdapterLoadError(
+                f"{legacy}: refused. peftfast reads .bin adapters only as plain tensors (torch.load with "
+                f"weights_only=True), never by unpickling arbitrary objects, which can run code; this file "
+                f"holds more than tensors or is damaged ({first}). Convert it to {WEIGHTS_NAME} where you trust it"
+            ) from None
     raise FileNotFoundError(
         f"{path} has no {WEIGHTS_NAME} (nor {LEGACY_WEIGHTS_NAME}); an adapter directory holds {CONFIG_NAME} "
         f"and {WEIGHTS_NAME}. Found: {sorted(os.listdir(path)) if os.path.isdir(path) else 'no such directory'}"

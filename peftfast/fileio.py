@@ -222,9 +222,14 @@ def staged_directory(target: PathLike, *, drop: Optional[Callable[[str], bool]] 
     drop = drop or _never
     if os.path.lexists(target) and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a directory; choose another path or remove it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    recover_stale_saves(target, drop)
-    stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{target.name}-{os.getpid()}-", dir=str(target.parent)))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        recover_stale_saves(target, drop)
+        stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{target.name}-{os.getpid()}-", dir=str(target.parent)))
+    except PermissionError as e:
+        # The error would name the staging folder, a path the caller never asked for.
+        raise PermissionError(e.errno, f"cannot write {target}: no permission to create files in "
+                              f"{target.parent} ({e.strerror})", str(target)) from None
     _ACTIVE.add(stage)
     swapped = False
     try:

@@ -135,4 +135,7 @@ def read_checkpoint(path) -> tuple:
         meta = json.load(f)
     if meta.get("version") != VERSION:
         raise ValueError(f"{path}: checkpoint format version {meta.get('version')} is not {VERSION}")
-    return load_file(str(path / STATE_TENSORS)), meta
+    try:
+        return load_file(str(path / STATE_TENSORS)), meta
+    except Exception as e:  # safetensors' error for a truncated file names neither the file nor the cause
+        raise ValueError(f"{path / STATE_TENSORS} is truncated or damaged ({e})") from None

@@ -402,7 +402,8 @@ def _run_train(args, ranks) -> dict:
             raise TrainError(f"--resume: no checkpoint-* with a training state in {where}; nothing to resume")
         try:
             state_tensors, meta = ckpt.read_checkpoint(found)
-        except (OSError, ValueError) as e:
+            meta["args"], meta["step"], meta["losses"]  # noqa: B018 - a truncated JSON may lack them
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise TrainError(f"--resume: cannot read {found}: {e}") from None
         args = _resume_args(args, meta["args"], found)
         _check_args(args)
@@ -426,7 +427,10 @@ def _run_train(args, ranks) -> dict:
     print(f"base: {desc}")
     print(f"data: {args.data}: {n_train} training{packed} / {len(eval_set)} held-out examples "
           f"(seq-len {args.seq_len})")
-    peftfast.patch(model, config)
+    try:
+        peftfast.patch(model, config)
+    except ValueError as e:  # ConfigError: --target-modules matching nothing, an unsupported layer, ...
+        raise TrainError(f"--target-modules {args.target_modules}: {e}" if _uses_target_modules(args) else str(e)) from None
     peftfast.print_trainable_parameters(model)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -465,8 +469,13 @@ def _run_train(args, ranks) -> dict:
     def save(step: int, rng: dict, wait: bool = True) -> Path:
         path = out / f"checkpoint-{step}"
         if ranks.is_main:
-            path = ckpt.save_checkpoint(out, step, model, opt, sched, rng, dict(
-                run_meta, losses=losses, batches_consumed=step * args.grad_accum))
+            try:
+                path = ckpt.save_checkpoint(out, step, model, opt, sched, rng, dict(
+                    run_meta, losses=losses, batches_consumed=step * args.grad_accum))
+            except OSError as e:  # disk full, quota, permissions: the previous checkpoint is intact
+                kept = f"; the previous checkpoint {last_ckpt} is intact" if last_ckpt else ""
+                raise TrainError(f"cannot write the checkpoint of step {step} in {out}: {e.strerror or e}{kept}. "
+                                 "Free space (or fix the permissions) and resume with --resume") from None
         if wait:
             ranks.barrier()
         return path
@@ -546,6 +555,11 @@ def _run_train(args, ranks) -> dict:
     print(f"done in {time.time() - t_start:.1f} s")
     return {"losses": losses, "eval_loss": eval_loss, "output": os.path.abspath(out), "steps": steps,
             "checkpoint": str(last_ckpt)}
+
+
+def _uses_target_modules(args) -> bool:
+    """Whether the run's adapter uses --target-modules (the prompt-learning methods do not)."""
+    return args.method not in PROMPT_METHODS
 
 
 def _non_finite_loss(model, loss: float, step: int, done: int, last_ckpt) -> str:

@@ -369,3 +369,108 @@ def test_nan_in_the_base_is_not_blamed_on_the_learning_rate(tmp_path, monkeypatc
     rc = cli_main(["train", "--method", "lora", "--max-steps", "2", "--output", str(tmp_path / "o"), *FAST])
     err = capsys.readouterr().err
     assert rc == 2 and "base model's weights hold NaN/Inf" in err and "--lr" not in err
+
+
+# ---------------------------------------------------------------------------------------------------
+# Unclear: one line where a traceback was
+# ---------------------------------------------------------------------------------------------------
+
+def _one_error_line(capsys, command: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    lines = [l for l in err if l.startswith(f"peftfast {command}: error:")]
+    assert len(lines) == 1 and "Traceback" not in "\n".join(err), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("suffix,content,wanted", [
+    (".txt", b"good line\nbad \xff byte\n", ":2: not valid UTF-8 (byte 0xff at column 5)"),
+    (".jsonl", b'{"text": "a"}\n{"text": "\xc3("}\n', ":2: not valid UTF-8"),
+    (".txt", b"GIF89a\n\x01\x00\x01\x00\x80\x00", ":2: holds NUL bytes; this is a binary file"),
+])
+def test_undecodable_data_names_the_line(tmp_path, capsys, suffix, content, wanted):
+    data = tmp_path / f"d{suffix}"
+    data.write_bytes(content)
+    assert cli_main(["train", "--data", str(data), "--output", str(tmp_path / "o"), *FAST]) == 2
+    assert wanted in _one_error_line(capsys, "train")
+
+
+def test_text_data_keeps_reading_crlf_as_newlines(tmp_path):
+    from peftfast.data import _read_text
+
+    (tmp_path / "d.txt").write_bytes("a\r\nb\rc\u00e9\n".encode())
+    assert _read_text(tmp_path / "d.txt") == "a\nb\nc\u00e9\n"
+
+
+def test_target_modules_matching_nothing_is_one_line(tmp_path, capsys):
+    rc = cli_main(["train", "--method", "lora", "--target-modules", "nope_proj", "--max-steps", "1",
+                   "--output", str(tmp_path / "o"), *FAST])
+    assert rc == 2
+    assert "--target-modules nope_proj: target_modules=['nope_proj'] matched no module" in _one_error_line(capsys, "train")
+
+
+def test_truncated_training_state_on_resume_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_main(["train", "--method", "lora", "--max-steps", "2", "--output", str(out), *FAST]) == 0
+    state = out / "checkpoint-2" / "training_state.safetensors"
+    state.write_bytes(state.read_bytes()[:100])
+    capsys.readouterr()
+    assert cli_main(["train", "--output", str(out), "--resume"]) == 2
+    assert "training_state.safetensors is truncated or damaged" in _one_error_line(capsys, "train")
+
+
+def test_disk_full_at_a_periodic_checkpoint_is_one_line_and_keeps_the_last(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import peftfast.resume as resume
+
+    real = resume.save_checkpoint
+
+    def full(output, step, *a, **k):
+        if step == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(output, step, *a, **k)
+
+    monkeypatch.setattr(resume, "save_checkpoint", full)
+    out = tmp_path / "run"
+    rc = cli_main(["train", "--method", "lora", "--max-steps", "3", "--save-steps", "1", "--output", str(out), *FAST])
+    assert rc == 2
+    line = _one_error_line(capsys, "train")
+    assert "No space left on device" in line and "checkpoint-1" in line and "intact" in line
+    assert (out / "checkpoint-1" / "training_state.json").is_file()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random"])
+def test_damaged_adapter_weights_name_the_file(tmp_path, capsys, damage):
+    path = tmp_path / "adapter"
+    peftfast.save_adapter(_patched(), path)
+    weights = path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200] if damage == "truncated" else os.urandom(512))
+    with pytest.raises(peftfast.AdapterLoadError, match=r"adapter_model\.safetensors is not a readable safetensors"):
+        peftfast.load_adapter(tiny_llama(), path)
+
+
+def test_a_pickle_bin_is_refused_with_the_reason(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pickle ran",))
+
+    path = tmp_path / "adapter"
+    peftfast.save_adapter(_patched(), path)
+    (path / "adapter_model.safetensors").unlink()
+    torch.save({"x": Evil()}, path / "adapter_model.bin")
+    with pytest.raises(peftfast.AdapterLoadError, match="refused") as info:
+        peftfast.load_adapter(tiny_llama(), path)
+    assert "weights_only=False" not in str(info.value) and "can run code" in str(info.value)
+
+
+def test_permission_error_names_the_path_asked_for(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    def denied(prefix="", dir=None, **k):  # what mkdtemp raises in a folder one may not write (even as root here)
+        raise PermissionError(errno.EACCES, "Permission denied", os.path.join(dir, prefix + "abc"))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", denied)
+    with pytest.raises(PermissionError) as info:
+        peftfast.save_adapter(_patched(), tmp_path / "adapter")
+    assert str(tmp_path / "adapter") in str(info.value) and ".peftfast-save" not in str(info.value)
