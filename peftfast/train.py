@@ -535,10 +535,10 @@ def _run_train(args, ranks) -> dict:
 
         eval_loss = evaluate(model, eval_set, args.batch_size, tok.pad_id, device, args.bf16)
     except KeyboardInterrupt:
-        progress.clear()
-        opt.zero_grad(set_to_none=True)  # drop the half-accumulated step; the checkpoint is of step `done`
-        if last_ckpt is None or last_ckpt.name != f"checkpoint-{done}":
-            with _DeferSigint(reraise=False):  # the run is stopping anyway; more signals must not cut the write
+        with _DeferSigint(reraise=False):  # the run is stopping anyway; more signals must not cut the checkpoint
+            progress.clear()
+            opt.zero_grad(set_to_none=True)  # drop the half-accumulated step; the checkpoint is of step `done`
+            if last_ckpt is None or last_ckpt.name != f"checkpoint-{done}":
                 last_ckpt = save(done, rng_next, wait=False)
         print(f"\ninterrupted: checkpoint of step {done}/{steps} saved to {last_ckpt}\n"
               f"resume with: peftfast train --output {out} --resume", flush=True)

@@ -474,3 +474,20 @@ def test_permission_error_names_the_path_asked_for(tmp_path, monkeypatch):
     with pytest.raises(PermissionError) as info:
         peftfast.save_adapter(_patched(), tmp_path / "adapter")
     assert str(tmp_path / "adapter") in str(info.value) and ".peftfast-save" not in str(info.value)
+
+
+def test_tuning_tables_use_the_one_atomic_writer_and_the_umask(tmp_path, monkeypatch):
+    import peftfast.fileio as fileio
+    from peftfast.kernels import tuning
+
+    used = []
+    real = fileio.replace_atomically
+    monkeypatch.setattr(fileio, "replace_atomically", lambda *a, **k: used.append(a[0]) or real(*a, **k))
+    old = os.umask(0o022)
+    try:
+        tuning._write_json_atomic(tmp_path / "cfg" / "gpu.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert used == [tmp_path / "cfg" / "gpu.json"]
+    assert json.loads((tmp_path / "cfg" / "gpu.json").read_text()) == {"a": 1}
+    assert (tmp_path / "cfg" / "gpu.json").stat().st_mode & 0o777 == 0o644
