@@ -447,6 +447,8 @@ def test_damaged_adapter_weights_name_the_file(tmp_path, capsys, damage):
     weights.write_bytes(weights.read_bytes()[:200] if damage == "truncated" else os.urandom(512))
     with pytest.raises(peftfast.AdapterLoadError, match=r"adapter_model\.safetensors is not a readable safetensors"):
         peftfast.load_adapter(tiny_llama(), path)
+    assert cli_main(["inspect", str(path)]) == 2
+    assert "adapter_model.safetensors is not a readable safetensors file" in _one_error_line(capsys, "inspect")
 
 
 def test_a_pickle_bin_is_refused_with_the_reason(tmp_path):
