@@ -47,6 +47,9 @@ SUITES = ("ceilings", "lora_decode", "lora_train", "ia3", "prefix_attention", "e
 LLAMA3_8B_SHAPES = ((4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096))
 LORA_R = 16
 LORA_ALPHA = 32
+# "full": every case of every suite (``peftfast bench``); "headline": the few cases that carry the headline
+# ratios, sized so that all suites fit a few minutes of a lent GPU (bench/gpu_session.py).
+PROFILES = ("full", "headline")
 
 
 # ----------------------------------------------------------------------------------------------- context
@@ -71,6 +74,11 @@ class Context:
     @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
+
+    @property
+    def headline(self) -> bool:
+        """Whether this run measures only the headline cases (``options["profile"] == "headline"``)."""
+        return self.options.get("profile") == "headline"
 
     def begin(self, suite: str, total: int) -> None:
         self._suite, self._total, self._done = suite, total, 0
@@ -109,6 +117,8 @@ def smoke_threads(fn):
 def make_context(smoke: Optional[bool] = None, progress=None, **options) -> Context:
     """A run context; ``smoke=None`` means smoke exactly when CUDA is unavailable."""
     has_cuda = torch.cuda.is_available()
+    if options.get("profile") not in (None, *PROFILES):
+        raise ValueError(f"profile must be one of {PROFILES}, got {options['profile']!r}")
     if smoke is None:
         smoke = not has_cuda
     if not smoke and not has_cuda:
@@ -484,8 +494,11 @@ def environment(ctx: Context, command: str, argv: Optional[List[str]] = None) ->
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "argv": list(argv if argv is not None else sys.argv),
+        # Everything that changes what runs: a limited autotuning search (PEFTFAST_AUTOTUNE_CONFIGS) or a forced
+        # QLoRA GEMM variant measures something else than the defaults do.
         "env": {k: os.environ[k] for k in ("PEFTFAST_BACKEND", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES",
-                                           "PEFTFAST_GIT_COMMIT")
+                                           "PEFTFAST_GIT_COMMIT", "PEFTFAST_AUTOTUNE_CONFIGS",
+                                           "PEFTFAST_QLORA_GEMM", "PEFTFAST_TUNING", "PEFTFAST_TUNING_TABLES")
                 if k in os.environ},
         "smoke": ctx.smoke,
         "backend": ctx.backend,
@@ -550,6 +563,7 @@ def suite_result(name: str, ctx: Context, cases: List[dict], *, config: dict, he
         "schema": SCHEMA,
         "status": status,
         "smoke": ctx.smoke,
+        "profile": ctx.options.get("profile") or "full",
         "device": str(ctx.device),
         "backend": ctx.backend,
         "ceilings": {k: ctx.ceilings[k] for k in ("copy_gbps", "matmul_bf16_tflops")} if ctx.ceilings else None,

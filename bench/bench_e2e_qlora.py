@@ -33,6 +33,10 @@ FULL = dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256,
             loss_steps=50, warmup=2, timed=6)
 SMOKE = dict(hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=320, layers=2, seq=32, batch=2,
              loss_steps=4, warmup=1, timed=2)
+# The headline profile: 2 layers, a 10-step loss curve, gradient checkpointing off only.
+HEADLINE = dict(FULL, layers=2, loss_steps=10, warmup=2, timed=4, checkpointing=("off",))
+SMOKE_HEADLINE = dict(SMOKE, loss_steps=2, timed=1, checkpointing=("off",))
+CHECKPOINTING = ("off", "on")
 LR = 1e-4
 CORPUS = Path(__file__).resolve().parent.parent / "peftfast" / "data" / "corpus.txt"
 
@@ -167,7 +171,7 @@ def train_side(ctx: Context, cfg: dict, side: str, init_state: Optional[dict] = 
     info["losses"] = losses
     runs = {}
     tokens = cfg["batch"] * cfg["seq"]
-    for ckpt in (False, True):
+    for ckpt in (c == "on" for c in cfg.get("checkpointing", CHECKPOINTING)):
         set_checkpointing(hf, ckpt)
         model.train()
         steps = batches(cfg, cfg["warmup"] + cfg["timed"], seed=1)
@@ -199,16 +203,26 @@ def train_side(ctx: Context, cfg: dict, side: str, init_state: Optional[dict] = 
     return {"info": info, "init": init}
 
 
+def sizes(ctx: Context) -> dict:
+    """The model and run of this context: full, headline or smoke sizes, then ``--e2e-*`` overrides."""
+    if ctx.smoke:
+        cfg = dict(SMOKE_HEADLINE if ctx.headline else SMOKE)
+    else:
+        cfg = dict(HEADLINE if ctx.headline else FULL)
+    cfg.setdefault("checkpointing", CHECKPOINTING)
+    if ctx.options.get("e2e_layers"):
+        cfg["layers"] = int(ctx.options["e2e_layers"])
+    if ctx.options.get("e2e_loss_steps"):
+        cfg["loss_steps"] = int(ctx.options["e2e_loss_steps"])
+    return cfg
+
+
 @smoke_threads
 def run(smoke: Optional[bool] = None, ctx: Optional[Context] = None) -> dict:
     ctx = ctx or make_context(smoke)
     if not ctx.ceilings:
         measure_ceilings(ctx)  # recorded with the results, as in every suite
-    cfg = dict(SMOKE if ctx.smoke else FULL)
-    if ctx.options.get("e2e_layers"):
-        cfg["layers"] = int(ctx.options["e2e_layers"])
-    if ctx.options.get("e2e_loss_steps"):
-        cfg["loss_steps"] = int(ctx.options["e2e_loss_steps"])
+    cfg = sizes(ctx)
     ctx.begin(NAME, 2)
     bnb, bnb_why = import_bnb()
     peft, peft_why = import_peft()
@@ -240,7 +254,7 @@ def run(smoke: Optional[bool] = None, ctx: Optional[Context] = None) -> dict:
 
     cases = []
     ratios = {}
-    for ckpt in ("off", "on"):
+    for ckpt in cfg["checkpointing"]:
         impls = {}
         for side, res in sides.items():
             impls[side] = res["runs"][ckpt] if "runs" in res else res
@@ -265,7 +279,7 @@ def run(smoke: Optional[bool] = None, ctx: Optional[Context] = None) -> dict:
                      "first_loss": {"peftfast": a[0], "peft_bnb": b[0]},
                      "last_loss": {"peftfast": a[-1], "peft_bnb": b[-1]}}
     heads = []
-    for ckpt in ("off", "on"):
+    for ckpt in cfg["checkpointing"]:
         heads.append(headline(f"tokens/s vs PEFT+bnb (checkpointing {ckpt})", ratios[ckpt]["tokens_per_s_vs_peft_bnb"],
                               "x", target=">= 2x"))
         heads.append(headline(f"peak memory vs PEFT+bnb (checkpointing {ckpt})", ratios[ckpt]["peak_mem_vs_peft_bnb"],

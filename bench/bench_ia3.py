@@ -29,6 +29,9 @@ NAME = "ia3"
 FULL_MODES = (("fwd", 16), ("fwd", 8192), ("fwd+bwd", 8192))
 SMOKE_SHAPES = ((128, 128), (256, 128))
 SMOKE_MODES = (("fwd", 4), ("fwd+bwd", 32))
+# The headline profile: the gate/up shape at a training-sized batch, forward and forward + backward.
+HEADLINE_SHAPES = ((4096, 14336),)
+HEADLINE_MODES = (("fwd", 8192), ("fwd+bwd", 8192))
 TARGET_OVERHEAD_PCT = 3.0
 
 
@@ -47,12 +50,18 @@ def _peft_ia3(base_layer, l, feedforward: bool):
     return layer
 
 
+def sizes(ctx: Context):
+    """``(shapes, modes)`` of this run: full, headline, or the smoke analogue of either."""
+    if ctx.smoke:
+        return (SMOKE_SHAPES[:1] if ctx.headline else SMOKE_SHAPES), SMOKE_MODES
+    return (HEADLINE_SHAPES, HEADLINE_MODES) if ctx.headline else (LLAMA3_8B_SHAPES, FULL_MODES)
+
+
 @smoke_threads
 def run(smoke: Optional[bool] = None, ctx: Optional[Context] = None) -> dict:
     ctx = ctx or make_context(smoke)
     ceilings = ctx.ceilings or measure_ceilings(ctx)
-    shapes = SMOKE_SHAPES if ctx.smoke else LLAMA3_8B_SHAPES
-    modes = SMOKE_MODES if ctx.smoke else FULL_MODES
+    shapes, modes = sizes(ctx)
     _, peft_why = import_peft()
     from peftfast.kernels import ia3 as ia3_mod
     from peftfast.kernels import ia3_linear

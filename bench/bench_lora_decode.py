@@ -29,6 +29,16 @@ NAME = "lora_decode"
 FULL_MS = (1, 4, 16, 64)
 SMOKE_SHAPES = ((128, 128), (128, 256))
 SMOKE_MS = (1, 4)
+# The headline profile: single-token decode through the two MLP shapes (gate/up and down).
+HEADLINE_SHAPES = ((4096, 14336), (14336, 4096))
+HEADLINE_MS = (1,)
+
+
+def sizes(ctx: Context):
+    """``(shapes, Ms)`` of this run: full, headline, or the smoke analogue of either."""
+    if ctx.smoke:
+        return (SMOKE_SHAPES[:1], SMOKE_MS[:1]) if ctx.headline else (SMOKE_SHAPES, SMOKE_MS)
+    return (HEADLINE_SHAPES, HEADLINE_MS) if ctx.headline else (LLAMA3_8B_SHAPES, FULL_MS)
 
 
 def _weight_set(ctx: Context, k: int, n: int, bnb_ok: bool, peft_ok: bool, peft_why: str):
@@ -53,8 +63,7 @@ def _weight_set(ctx: Context, k: int, n: int, bnb_ok: bool, peft_ok: bool, peft_
 def run(smoke: Optional[bool] = None, ctx: Optional[Context] = None) -> dict:
     ctx = ctx or make_context(smoke)
     ceilings = ctx.ceilings or measure_ceilings(ctx)
-    shapes = SMOKE_SHAPES if ctx.smoke else LLAMA3_8B_SHAPES
-    ms = SMOKE_MS if ctx.smoke else FULL_MS
+    shapes, ms = sizes(ctx)
     bnb, bnb_why = import_bnb()
     peft, peft_why = import_peft()
     from peftfast.kernels import lora_linear

@@ -39,6 +39,9 @@ NAME = "lora_train"
 FULL_MS = (2048, 8192)
 SMOKE_SHAPES = ((128, 128), (128, 256))
 SMOKE_MS = (32,)
+# The headline profile: a training-sized batch through the gate/up shape, on both bases.
+HEADLINE_SHAPES = ((4096, 14336),)
+HEADLINE_MS = (8192,)
 BASES = ("bf16", "nf4")
 # The two QLoRA GEMM variants, each forced for one row (kernels/qmatmul.py; "peftfast" is the default choice).
 QLORA_VARIANTS = ("dequant", "inloop")
@@ -56,6 +59,13 @@ def qlora_gemm(variant: str):
             os.environ.pop("PEFTFAST_QLORA_GEMM", None)
         else:
             os.environ["PEFTFAST_QLORA_GEMM"] = old
+
+
+def sizes(ctx: Context):
+    """``(shapes, Ms)`` of this run: full, headline, or the smoke analogue of either."""
+    if ctx.smoke:
+        return (SMOKE_SHAPES[:1] if ctx.headline else SMOKE_SHAPES), SMOKE_MS
+    return (HEADLINE_SHAPES, HEADLINE_MS) if ctx.headline else (LLAMA3_8B_SHAPES, FULL_MS)
 
 
 def _params(ctx: Context, k: int, n: int):
@@ -100,8 +110,7 @@ def _peft_params(s):
 def run(smoke: Optional[bool] = None, ctx: Optional[Context] = None) -> dict:
     ctx = ctx or make_context(smoke)
     ceilings = ctx.ceilings or measure_ceilings(ctx)
-    shapes = SMOKE_SHAPES if ctx.smoke else LLAMA3_8B_SHAPES
-    ms = SMOKE_MS if ctx.smoke else FULL_MS
+    shapes, ms = sizes(ctx)
     bnb, bnb_why = import_bnb()
     peft, peft_why = import_peft()
     from peftfast.kernels import lora_linear

@@ -31,6 +31,9 @@ from bench_common import (Context, derive, free_memory, geomean, headline, is_av
 NAME = "prefix_attention"
 FULL = dict(seqs=(512, 1024, 2048, 4096, 8192), prefixes=(16, 64, 128), hq=32, hkv=8, d=128, tokens=16384)
 SMOKE = dict(seqs=(32, 64), prefixes=(4, 8), hq=4, hkv=2, d=16, tokens=128)
+# The headline profile: one case, sequence 2048 with a 64-token prefix (batch 8).
+HEADLINE = dict(FULL, seqs=(2048,), prefixes=(64,))
+SMOKE_HEADLINE = dict(SMOKE, seqs=(64,), prefixes=(8,))
 
 
 def load_kernel():
@@ -93,11 +96,18 @@ def _flash_eligible(q, kk, vv) -> Optional[bool]:
         return None
 
 
+def sizes(ctx: Context) -> dict:
+    """The case grid of this run: full, headline, or the smoke analogue of either."""
+    if ctx.smoke:
+        return SMOKE_HEADLINE if ctx.headline else SMOKE
+    return HEADLINE if ctx.headline else FULL
+
+
 @smoke_threads
 def run(smoke: Optional[bool] = None, ctx: Optional[Context] = None) -> dict:
     ctx = ctx or make_context(smoke)
     ceilings = ctx.ceilings or measure_ceilings(ctx)
-    cfg = SMOKE if ctx.smoke else FULL
+    cfg = sizes(ctx)
     kernel, why = load_kernel()
     hq, hkv, d = cfg["hq"], cfg["hkv"], cfg["d"]
     ctx.begin(NAME, len(cfg["seqs"]) * len(cfg["prefixes"]))

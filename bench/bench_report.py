@@ -170,11 +170,22 @@ def headline_text(results: List[dict]) -> str:
     return "\n".join(out)
 
 
-def markdown_report(root: Path = RESULTS_DIR, include_smoke: bool = False) -> str:
-    """The README's performance section, generated from the JSON files under ``root``."""
+def markdown_report(root: Path = RESULTS_DIR, include_smoke: bool = False, where: Optional[str] = None) -> str:
+    """The README's performance section, generated from the JSON files under ``root``.
+
+    Args:
+        root: the results folder (``<root>/<gpu-slug>/<suite>.json``).
+        include_smoke: render smoke-mode files too (flagged as not figures).
+        where: how the text names ``root`` (default: its path relative to the working directory); a
+            staging copy that will be unpacked at the repository root is named ``bench/results/``.
+
+    Returns:
+        Markdown: per GPU, the versions line, the headline table and one table per suite.
+    """
     data = load_results(root, include_smoke=include_smoke)
+    where = where or _display(root)
     if not data:
-        return NO_RESULTS.format(where=_display(root)) + "\n"
+        return NO_RESULTS.format(where=where) + "\n"
     parts = []
     for slug, suites in data.items():
         any_env = next((s.get("env") for s in suites.values() if s.get("env")), {}) or {}
@@ -188,7 +199,7 @@ def markdown_report(root: Path = RESULTS_DIR, include_smoke: bool = False) -> st
             f"Measured {any_env.get('date', '?')} at commit `{commit}`{dirty}; driver {driver}, "
             f"torch {v.get('torch')}, triton {v.get('triton')}, bitsandbytes {v.get('bitsandbytes')}, "
             f"peft {v.get('peft')}, peftfast {v.get('peftfast')}. Command: `{any_env.get('command', '?')}`. "
-            f"Files: `{_display(root)}{slug}/`.\n")
+            f"Files: `{where}{slug}/`.\n")
         if any(s.get("smoke") for s in suites.values()):
             parts.append("**Smoke-mode results (CPU, tiny shapes): not figures.**\n")
         ordered = [suites[s] for s in SUITES if s in suites] + [v for k, v in suites.items() if k not in SUITES]
@@ -214,7 +225,7 @@ def _display(root: Path) -> str:
     try:
         return str(Path(root).resolve().relative_to(Path.cwd().resolve())) + "/"
     except ValueError:
-        return str(root)
+        return str(root).rstrip("/") + "/"
 
 
 # ------------------------------------------------------------------------------------------------- plots

@@ -341,7 +341,8 @@ if _mm is not None:
         return triton.autotune(
             configs=_mm._gemm_configs(_mm._device_family(device_index)),
             key=["M_KEY", "N", "K", "R", "MODE", "DROPOUT", "HAS_BIAS"],
-            prune_configs_by={"early_config_prune": _make_pruner(_mm._max_shared_memory(device_index))},
+            prune_configs_by={"early_config_prune": _mm._tuning.limited_pruner(
+                _make_pruner(_mm._max_shared_memory(device_index)))},
             **_mm._autotune_options(),
         )(_dora_matmul_kernel)
 

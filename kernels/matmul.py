@@ -21,7 +21,10 @@ the interpreter runs one fixed large-block config. Nothing here touches CUDA at 
 Before that search, a CUDA launch asks :mod:`.tuning` for a config without one: the shipped table
 ``configs/<gpu-slug>.json`` (written by ``peftfast tune``) first, then the on-disk cache of earlier
 searches' winners; a hit launches that single config. A search's winner goes into that cache, so a
-later process skips it. ``PEFTFAST_TUNING=off`` leaves only the search.
+later process skips it. ``PEFTFAST_TUNING=off`` leaves only the search. ``PEFTFAST_AUTOTUNE_CONFIGS=N``
+limits every search here (and IA3's, DoRA's, the 4-bit GEMM's, prefix attention's) to the first N
+candidates that survive pruning, for a GPU correctness run with no time to search; such a search's
+winner is not cached (:func:`.tuning.limited_pruner`).
 """
 from __future__ import annotations
 
@@ -371,7 +374,8 @@ def _tuned_matmul_lowrank(device_index: int):
     return triton.autotune(
         configs=_gemm_configs(_device_family(device_index)),
         key=["M_KEY", "N", "K", "R"],
-        prune_configs_by={"early_config_prune": _make_pruner(_max_shared_memory(device_index))},
+        prune_configs_by={"early_config_prune": _tuning.limited_pruner(
+            _make_pruner(_max_shared_memory(device_index)))},
         **_autotune_options(),
     )(_matmul_lowrank_kernel)
 
@@ -446,6 +450,10 @@ def _record_search_winner(kernel, timings_before, gpu_name: str, key: str,
         if isinstance(t, (int, float)) and t == t and t != float("inf"):
             ms = float(t)
     if not _tuning.tuning_enabled()[1]:
+        return None
+    if _tuning.search_limit() is not None:
+        # A search over a few candidates found the best of those, not this shape's winner: caching it would
+        # make every later process (a benchmark run, say) skip the full search.
         return None
     _tuning.cache_write(gpu_name, kernel_hash or _kernel_hash(), key, cfg, ms)
     return cfg

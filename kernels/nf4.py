@@ -66,14 +66,35 @@ def is_4bit_weight(weight) -> bool:
 
 
 def quant4bit_view(weight) -> Quant4bit:
-    """Read a ``Params4bit``'s storage into a :class:`Quant4bit`.
+    """Read a ``Params4bit``'s storage into a :class:`Quant4bit`, whatever state bitsandbytes left it in.
+
+    bitsandbytes keeps a 4-bit weight in one of these states, and every 4-bit read in peftfast goes
+    through this function so that none of them is misread:
+
+    - standard: the flat layout described at the top of this module, absmax fp32 or nested (uint8 +
+      ``state2``); the view shares storage with ``weight``.
+    - CPU-packed (bitsandbytes >= 0.49): ``Linear4bit.forward`` on a CPU with AVX512-BF16, in eval with an
+      input that needs no grad, rewrites the weight *in place* (``quant_state.packing_format_for_cpu``): the
+      codes as [N, K/2] in 32-row tiles with another nibble order, absmax as bf16 [K/blocksize, N] with the
+      nested state folded in. The view decodes that layout exactly (see :func:`unpack_cpu_4bit`); the
+      bf16 rounding of the scales is bitsandbytes' own and cannot be undone.
+    - anything else (a shard of the bytes, a layout of a newer bitsandbytes): refused with an error that
+      says what does not add up, rather than read as the standard layout.
 
     Args:
         weight: a bitsandbytes ``Params4bit`` that has been quantized (moved to a device or created
             with ``quant_state``). Any ``quant_storage`` dtype; its bytes are reinterpreted as uint8.
 
     Returns:
-        A :class:`Quant4bit` sharing storage with ``weight``.
+        A :class:`Quant4bit` in the standard layout (sharing storage with ``weight`` unless it was CPU-packed).
+
+    Raises:
+        TypeError / ValueError: the weight is not a quantized 4-bit weight, or its storage does not match
+            the layout its state describes.
+
+    Example:
+        >>> q = quant4bit_view(linear4bit.weight)  # doctest: +SKIP
+        >>> w = dequantize_4bit_reference(q, torch.float32)  # doctest: +SKIP
     """
     state = getattr(weight, "quant_state", None)
     if state is None:
@@ -85,12 +106,35 @@ def quant4bit_view(weight) -> Quant4bit:
         raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {state.quant_type!r}")
     if state.blocksize not in BLOCKSIZES:
         raise ValueError(f"bitsandbytes 4-bit blocksize must be one of {BLOCKSIZES}, got {state.blocksize}")
-    packed = weight.data.reshape(-1)
-    if packed.dtype != torch.uint8:
-        packed = packed.view(torch.uint8)
     shape = tuple(int(s) for s in state.shape)
+    if len(shape) != 2:
+        raise ValueError(f"a 4-bit linear weight is 2-D [N, K]; its quant_state says {shape}")
+    stored = weight.data
+    data = stored if stored.dtype == torch.uint8 else stored.view(torch.uint8)
+    if getattr(state, "packing_format_for_cpu", False):
+        return _cached_cpu_unpack(data, getattr(weight, "_version", 0), state, shape)
+    n = math.prod(shape)
+    n_blocks = -(-n // state.blocksize)
+    packed = data.reshape(-1)
+    if stored.dim() > 2 or (stored.dim() == 2 and stored.shape[1] != 1) or packed.numel() < (n + 1) // 2:
+        raise ValueError(
+            f"this 4-bit weight's storage is {tuple(stored.shape)} {stored.dtype} ({packed.numel()} bytes), but its quant_state "
+            f"describes the flat layout of a {shape} weight ({(n + 1) // 2} bytes as [bytes, 1]). It may be a "
+            "shard (FSDP/ZeRO: read it inside the owning module's forward) or a layout this bitsandbytes version "
+            "introduced; peftfast refuses to guess. Report the bitsandbytes version if it is the latter."
+        )
+    if state.absmax.numel() != n_blocks:
+        raise ValueError(
+            f"this 4-bit weight has {state.absmax.numel()} block scales; a {shape} weight in blocks of "
+            f"{state.blocksize} needs {n_blocks}: its quant_state does not describe its storage"
+        )
     if state.nested:
         s2 = state.state2
+        if s2.absmax.numel() != -(-n_blocks // int(s2.blocksize)):
+            raise ValueError(
+                f"this 4-bit weight's nested state has {s2.absmax.numel()} second-level scales; "
+                f"{n_blocks} block scales in blocks of {s2.blocksize} need {-(-n_blocks // int(s2.blocksize))}"
+            )
         return Quant4bit(
             packed=packed, absmax=state.absmax, code=state.code.float(), blocksize=int(state.blocksize),
             shape=shape, dtype=state.dtype, quant_type=state.quant_type, code2=s2.code.float(),
@@ -99,6 +143,90 @@ def quant4bit_view(weight) -> Quant4bit:
     return Quant4bit(
         packed=packed, absmax=state.absmax.float(), code=state.code.float(), blocksize=int(state.blocksize),
         shape=shape, dtype=state.dtype, quant_type=state.quant_type,
+    )
+
+
+# bitsandbytes' CPU packing puts 32 rows side by side: for each tile of 32 rows and each pair of columns
+# (2c, 2c+1), 32 bytes hold those 64 codes, rows 0-15 in the low nibbles and rows 16-31 in the high ones.
+CPU_PACK_ROWS = 32
+
+
+def unpack_cpu_4bit(packed: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """bitsandbytes' CPU-packed 4-bit codes [N, K/2] back to the standard flat layout, exactly.
+
+    Args:
+        packed: uint8 [N, K // 2], as ``functional._convert_weight_packed_for_cpu`` leaves ``weight.data``.
+        shape: (N, K) of the weight; N a multiple of 32, K even (bitsandbytes packs only those).
+
+    Returns:
+        uint8 [N * K // 2]: code 2i in the high nibble and 2i+1 in the low one of byte i, row-major.
+
+    Example:
+        >>> flat = unpack_cpu_4bit(linear4bit.weight.data, (4096, 4096))  # doctest: +SKIP
+    """
+    n, k = shape
+    if n % CPU_PACK_ROWS or k % 2 or tuple(packed.shape) != (n, k // 2):
+        raise ValueError(
+            f"a CPU-packed 4-bit weight of shape {(n, k)} is uint8 [{n}, {k // 2}] with N a multiple of "
+            f"{CPU_PACK_ROWS} and K even; got storage {tuple(packed.shape)}"
+        )
+    # One group = the 64 codes of (32 rows x 2 columns) in row-major order: (row, col) -> 2 * row + col.
+    groups = packed.reshape(-1, CPU_PACK_ROWS)  # [N/32 * K/2, 32] bytes
+    codes = torch.cat([groups & 0xF, groups >> 4], dim=1)  # [G, 64]: low nibbles hold entries 0..31
+    codes = codes.reshape(n // CPU_PACK_ROWS, k // 2, CPU_PACK_ROWS, 2)  # [tile, col pair, row, col]
+    codes = codes.permute(0, 2, 1, 3).reshape(-1)  # row-major [N * K]
+    return (codes[0::2] << 4) | codes[1::2]
+
+
+def _cpu_unpacked_view(data: torch.Tensor, state, shape: tuple) -> Quant4bit:
+    n, k = shape
+    blocksize = int(state.blocksize)
+    if k % blocksize or tuple(state.absmax.shape) != (k // blocksize, n):
+        raise ValueError(
+            f"a CPU-packed 4-bit weight of shape {shape} keeps its scales as [K/blocksize, N] = "
+            f"[{k // blocksize}, {n}]; got {tuple(state.absmax.shape)}: its quant_state does not describe it"
+        )
+    return Quant4bit(
+        packed=unpack_cpu_4bit(data, shape),
+        # [K/bs, N] -> [N, K/bs] -> flat block order (blocks never straddle rows here: bs divides K)
+        absmax=state.absmax.t().reshape(-1).float(),
+        code=state.code.float(), blocksize=blocksize, shape=shape,
+        # the packing overwrote state.dtype with bf16; the compute dtype chosen at quantization is kept here
+        dtype=getattr(state, "original_dtype", state.dtype), quant_type=state.quant_type,
+    )
+
+
+def _cached_cpu_unpack(data: torch.Tensor, version: int, state, shape: tuple) -> Quant4bit:
+    """The unpacked view, computed once per packed storage: each forward of a patched layer reads it.
+
+    The key is the storage (pointer, and the parameter's version counter, which in-place writes under
+    no_grad bump) and the scales' identity, so a repack, an in-place write or bitsandbytes turning the
+    weight back (a new ``.data``) all miss the cache.
+    """
+    key = (data.data_ptr(), version, id(state.absmax), state.absmax._version, shape)
+    cached = getattr(state, "_peftfast_unpacked", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    view = _cpu_unpacked_view(data, state, shape)
+    state._peftfast_unpacked = (key, view)
+    return view
+
+
+def quantization_settings(weight) -> dict:
+    """How a 4-bit weight was quantized, as ``Params4bit`` arguments to quantize a new one the same way.
+
+    A CPU-packed state has folded its nested scales away and overwritten its dtype; the originals are
+    recorded beside them and are what a requantization (merge) must use.
+
+    Returns:
+        ``dict(quant_type=..., blocksize=..., compress_statistics=..., compute_dtype=...)``.
+    """
+    state = weight.quant_state
+    packed = getattr(state, "packing_format_for_cpu", False)
+    return dict(
+        quant_type=state.quant_type, blocksize=int(state.blocksize),
+        compress_statistics=bool(getattr(state, "original_nested", state.nested) if packed else state.nested),
+        compute_dtype=getattr(state, "original_dtype", state.dtype) if packed else state.dtype,
     )
 
 

@@ -663,7 +663,7 @@ def _tuned_fwd(d_bucket: int, device_index: int):
     major, minor = torch.cuda.get_device_capability(device_index)
     prune = _fwd_pruner(_mm._max_shared_memory(device_index), 10 * major + minor)
     return triton.autotune(configs=_fwd_configs(d_bucket), key=["BLOCK_D", "CAUSAL", "NQ_KEY"],
-                           prune_configs_by={"early_config_prune": prune},
+                           prune_configs_by={"early_config_prune": _mm._tuning.limited_pruner(prune)},
                            **_mm._autotune_options())(_prefix_attn_fwd_kernel)
 
 

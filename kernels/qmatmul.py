@@ -237,7 +237,8 @@ def _tuned_kernel(device_index: int):
         configs=_triton_configs(_mm._device_family(device_index)),
         # The layout, blocksize and nesting change the decode work per tile: tune them apart.
         key=["M_KEY", "N", "K", "R", "W_NK", "BLOCKSIZE", "NESTED"],
-        prune_configs_by={"early_config_prune": _make_pruner(_max_shared_memory(device_index))},
+        prune_configs_by={"early_config_prune": _tuning.limited_pruner(
+            _make_pruner(_max_shared_memory(device_index)))},
         **_mm._autotune_options(),
     )(_matmul_lowrank_4bit_kernel)
 

@@ -463,5 +463,70 @@ def tuning_enabled() -> Tuple[bool, bool]:
     return True, True
 
 
+# How many candidates a fallback search may time (``PEFTFAST_AUTOTUNE_CONFIGS=N``: the first N that survive
+# each kernel's pruning). A correctness run on a freshly lent GPU sets it to keep compile and benchmark
+# time out of its budget; unset (the default) searches every candidate.
+ENV_SEARCH_LIMIT = "PEFTFAST_AUTOTUNE_CONFIGS"
+
+
+def search_limit() -> Optional[int]:
+    """The ``PEFTFAST_AUTOTUNE_CONFIGS`` limit on a search's candidates, or None for no limit.
+
+    Returns:
+        A positive int, or None when the variable is unset or empty.
+
+    Raises:
+        ValueError: the variable is set to anything but a positive integer.
+
+    Example:
+        >>> os.environ["PEFTFAST_AUTOTUNE_CONFIGS"] = "1"; search_limit()
+        1
+    """
+    raw = os.environ.get(ENV_SEARCH_LIMIT, "").strip()
+    if not raw:
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise ValueError(f"{ENV_SEARCH_LIMIT}={raw!r}: give a positive integer (how many autotuning candidates "
+                         f"each search may time), or unset it to search them all")
+    return n
+
+
+def limit_search(configs: list) -> list:
+    """The first :func:`search_limit` entries of an already pruned candidate list (all of them if unset).
+
+    Args:
+        configs: the candidates a kernel's pruner kept, best-first in its table's order.
+
+    Returns:
+        A new list; never empty when ``configs`` is not.
+
+    Example:
+        >>> limit_search([c1, c2, c3])   # PEFTFAST_AUTOTUNE_CONFIGS=2
+        [c1, c2]
+    """
+    n = search_limit()
+    return list(configs) if n is None else list(configs)[:n]
+
+
+def limited_pruner(prune):
+    """Wrap an autotuner's ``early_config_prune`` so that :func:`limit_search` applies after it.
+
+    Args:
+        prune: ``prune(configs, named_args, **kwargs) -> configs``, the kernel's own pruner.
+
+    Returns:
+        A pruner of the same signature; the limit is read at each search, not when the kernel is built.
+    """
+    def pruned(configs, named_args, **kwargs):
+        return limit_search(prune(configs, named_args, **kwargs))
+
+    pruned.__wrapped__ = prune
+    return pruned
+
+
 def iter_entries(data: dict) -> Iterable[Tuple[str, dict]]:
     return sorted((data.get("entries") or {}).items())

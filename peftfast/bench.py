@@ -3,6 +3,7 @@
     peftfast bench                      # every suite; full sizes on CUDA, smoke mode without CUDA
     peftfast bench lora_decode ia3      # some suites
     peftfast bench --smoke              # tiny sizes on CPU: exercises the code, records no figure
+    peftfast bench --profile headline   # only the cases behind the headline ratios (minutes, not ten)
     peftfast bench --list               # the suites and what they measure
     peftfast bench --table              # the markdown performance table from bench/results/*/*.json
 
@@ -60,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the markdown performance table from the results JSON files and exit")
     parser.add_argument("--include-smoke", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-plots", action="store_true", help="do not draw PNG plots")
+    parser.add_argument("--profile", choices=("full", "headline"), default=None,
+                        help="full: every case (default); headline: only the cases behind the headline ratios "
+                             "(what bench/gpu_session.sh runs on a lent GPU)")
     parser.add_argument("--e2e-layers", type=int, default=None, metavar="N",
                         help="decoder layers of the e2e_qlora model (default 4; smoke: 2)")
     parser.add_argument("--e2e-loss-steps", type=int, default=None, metavar="N",
@@ -100,6 +104,8 @@ def _canonical_argv(args) -> List[str]:
         argv += ["--out", args.out]
     if args.no_plots:
         argv.append("--no-plots")
+    if args.profile is not None:
+        argv += ["--profile", args.profile]
     if args.e2e_layers is not None:
         argv += ["--e2e-layers", str(args.e2e_layers)]
     if args.e2e_loss_steps is not None:
@@ -138,7 +144,7 @@ def run_bench(args, stdout=None) -> int:
     if smoke is None and not torch.cuda.is_available():
         print("peftfast bench: no CUDA GPU: running in smoke mode (tiny sizes, no figure recorded)", file=sys.stderr)
         smoke = True
-    options = {"e2e_layers": args.e2e_layers, "e2e_loss_steps": args.e2e_loss_steps}
+    options = {"e2e_layers": args.e2e_layers, "e2e_loss_steps": args.e2e_loss_steps, "profile": args.profile}
     try:
         ctx = common.make_context(smoke=bool(smoke), progress=Progress(), **options)
     except RuntimeError as e:

@@ -20,6 +20,8 @@ from .config import CONFIG_NAME, PROMPT_LEARNING_CONFIGS, as_config, load_config
 from .layers import AdapterLayer, ModulesToSave
 from .patching import _apply_trainable, _patch, _require_state, patch_state
 from .prompt_learning import prompt_learning_of
+from .trainable_tokens import SAVED_SUFFIX as TOKENS_SAVED_SUFFIX
+from .trainable_tokens import TOKENS_PARAM
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -57,6 +59,10 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict:
         return out
     out = {}
     tag = f".{adapter_name}."
+    # A module reachable at two paths (weight tying, a layer placed twice) puts the same Parameter under
+    # both names in state_dict(). PEFT finds its layers through named_modules(), which visits each module
+    # once, so its file holds such a tensor once, under the first path; load_adapter fills the other paths.
+    emitted: set = set()
     for key, value in model.state_dict(keep_vars=True).items():
         saved = None
         if (".lora_A" + tag) in key or (".lora_B" + tag) in key:
@@ -68,9 +74,19 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict:
             saved = key[: -len(f".{adapter_name}")]
         elif f".modules_to_save{tag}" in key or key.startswith(f"modules_to_save{tag}"):
             saved = key.replace(f"modules_to_save{tag}", "")
+        elif key.endswith(f".{TOKENS_PARAM}.{adapter_name}"):
+            saved = key[: -len(f".{TOKENS_PARAM}.{adapter_name}")] + TOKENS_SAVED_SUFFIX
         elif getattr(cfg, "bias", "none") != "none" and key.endswith("bias") and _bias_is_saved(model, key, cfg):
             saved = key
+            if cfg.bias == "all" and id(value) in emitted:
+                # PEFT takes bias="all" from the whole state_dict, every path included, and clones the
+                # aliases (safetensors refuses tensors that share memory).
+                out[PREFIX + saved] = value.detach().clone()
+                continue
         if saved is not None:
+            if id(value) in emitted:
+                continue
+            emitted.add(id(value))
             out[PREFIX + saved] = value.detach()
     out.update(_embedding_base_weights(model, state.target_names.get(adapter_name, [])))
     return out
@@ -243,6 +259,8 @@ def _model_key(saved_key: str, adapter_name: str, save_wrappers: list) -> str:
         return f"{key}.{adapter_name}.weight"
     if key.endswith((".ia3_l", ".lora_embedding_A", ".lora_embedding_B")):
         return f"{key}.{adapter_name}"
+    if key.endswith(TOKENS_SAVED_SUFFIX):
+        return f"{key[: -len(TOKENS_SAVED_SUFFIX)]}.{TOKENS_PARAM}.{adapter_name}"
     for wrapper in save_wrappers:
         if key.startswith(wrapper + "."):
             return f"{wrapper}.modules_to_save.{adapter_name}.{key[len(wrapper) + 1:]}"
@@ -309,7 +327,9 @@ def load_adapter(
                 f"into it (e.g. {on_meta[:2]}); materialize the model first (load its weights, or "
                 "model.to_empty(device=...) and load them), then load the adapter"
             )
-        missing = sorted(expected - set(mapped))
+        # A path that aliases a loaded tensor (the same module reachable twice) is filled by that load.
+        loaded = {id(params[k]) for k in mapped}
+        missing = sorted(k for k in expected - set(mapped) if id(params[k]) not in loaded)
         if missing:
             raise AdapterLoadError(
                 f"{path}: {len(missing)} adapter tensors are missing from {WEIGHTS_NAME}, e.g. {missing[:3]}; "
@@ -414,4 +434,4 @@ def _is_adapter_key(key: str, adapter_name: str) -> bool:
         for part in (f".lora_A.{adapter_name}.", f".lora_B.{adapter_name}.", f".lora_magnitude_vector.{adapter_name}.",
                      f"modules_to_save.{adapter_name}.")
     ) or key.endswith((f".ia3_l.{adapter_name}", f".lora_embedding_A.{adapter_name}",
-                       f".lora_embedding_B.{adapter_name}"))
+                       f".lora_embedding_B.{adapter_name}", f".{TOKENS_PARAM}.{adapter_name}"))

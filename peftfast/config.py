@@ -25,10 +25,10 @@ _INERT_FIELDS = {
     "alora_invocation_tokens": (None,), "arrow_config": (None,), "corda_config": (None,),
     "eva_config": (None,), "kasa_config": (None,), "layer_replication": (None,), "loftq_config": ({}, None),
     "lora_ga_config": (None,), "megatron_config": (None,), "megatron_core": ("megatron.core", None),
-    "monteclora_config": (None,), "target_parameters": (None, []), "trainable_token_indices": (None,),
+    "monteclora_config": (None,), "target_parameters": (None, []),
     "use_bdlora": (None, False), "use_qalora": (False,), "qalora_group_size": None, "velora_config": (None,),
     "ensure_weight_tying": (False,), "auto_mapping": None, "peft_version": None, "runtime_config": None,
-    "inference_mode": None, "lora_bias": (False,), "use_dora_for_embedding": None,
+    "inference_mode": None, "use_dora_for_embedding": None,
 }
 
 
@@ -141,6 +141,10 @@ class LoraConfig(_BaseConfig):
         lora_dropout: dropout on the LoRA branch's input.
         fan_in_fan_out: the base stores [in, out] (GPT-2's Conv1D); set automatically for Conv1D.
         bias: "none", "all" or "lora_only": which biases train.
+        lora_bias: give lora_B a trainable bias (zero at init), scaled like the LoRA term; merging adds it
+            to the base layer's bias. Not with DoRA, nor on embeddings (as in PEFT).
+        trainable_token_indices: train only these rows of the input embedding (a list of token ids), or of
+            the named embeddings (``{"embed_tokens": [ids]}``); a tied output head follows (PEFT's format).
         use_rslora, use_dora: the variants.
         init_lora_weights: True (PEFT: A Kaiming-uniform, B zero), "gaussian" (A normal(1/r)), or False
             (random non-zero B, for tests).
@@ -167,6 +171,8 @@ class LoraConfig(_BaseConfig):
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
     use_dora: bool = False
+    lora_bias: bool = False
+    trainable_token_indices: Optional[Union[list, dict]] = None
     peft_type_name = "LORA"
 
     def validate(self) -> None:
@@ -205,8 +211,30 @@ class LoraConfig(_BaseConfig):
                 f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r} "
                 "(PiSSA/OLoRA/LoftQ initialisations are not implemented in peftfast)"
             )
+        if self.lora_bias and self.init_lora_weights not in (True, False):
+            raise ConfigError(
+                f"lora_bias=True needs init_lora_weights True or False, got {self.init_lora_weights!r} (as in PEFT)"
+            )
+        if self.lora_bias and self.use_dora:
+            raise ConfigError("lora_bias=True is not supported with DoRA (as in PEFT); set use_dora=False")
         _check_targets("target_modules", self.target_modules)
         _check_targets("exclude_modules", self.exclude_modules)
+        _check_token_indices(self.trainable_token_indices)
+
+
+def _check_token_indices(value) -> None:
+    if value is None:
+        return
+    lists = value.values() if isinstance(value, dict) else [value]
+    ok = (not isinstance(value, dict) or all(isinstance(k, str) for k in value)) and all(
+        isinstance(v, (list, tuple)) and v and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+        for v in lists
+    )
+    if not ok:
+        raise ConfigError(
+            "trainable_token_indices must be a non-empty list of token ids, or a dict of embedding module names to "
+            f"such lists, got {value!r}"
+        )
 
 
 @dataclass

@@ -31,6 +31,7 @@ from typing import Callable, Optional
 import torch
 
 IGNORE_INDEX = -100
+BYTE_BOS = 256  # the byte tokenizer's BOS = EOS = PAD id, one past the 256 byte values
 
 
 class DataError(ValueError):
@@ -48,17 +49,25 @@ class Tokenizer:
     eos_id: Optional[int]
     pad_id: int
     render_chat: Optional[Callable[[list, bool], str]] = None  # (messages, add_generation_prompt) -> text
+    decode: Optional[Callable[[list], str]] = None  # ids -> text, special ids dropped
 
 
 def byte_tokenizer() -> Tokenizer:
-    """The UTF-8 byte tokenizer of the embedded demo model (BOS = EOS = PAD = 256)."""
-    from .demo import BOS
+    """The UTF-8 byte tokenizer of the embedded tiny Llama (BOS = EOS = PAD = 256): the only one in peftfast.
+
+    Example:
+        >>> byte_tokenizer().decode(byte_tokenizer().encode("hé"))
+        'hé'
+    """
 
     def encode(text: str, add_bos: bool = True) -> list:
         ids = list(text.encode("utf-8"))
-        return [BOS] + ids if add_bos else ids
+        return [BYTE_BOS] + ids if add_bos else ids
 
-    return Tokenizer(encode=encode, eos_id=BOS, pad_id=BOS)
+    def decode(ids) -> str:
+        return bytes(i for i in ids if i < BYTE_BOS).decode("utf-8", errors="replace")
+
+    return Tokenizer(encode=encode, eos_id=BYTE_BOS, pad_id=BYTE_BOS, decode=decode)
 
 
 def hf_tokenizer(tok) -> Tokenizer:

@@ -14,16 +14,11 @@ from pathlib import Path
 
 import torch
 
+from .data import BYTE_BOS, byte_tokenizer
+
 CORPUS = Path(__file__).parent / "data" / "corpus.txt"
-BOS = 256
-
-
-def encode(text: str) -> list:
-    return [BOS] + list(text.encode("utf-8"))
-
-
-def decode(ids) -> str:
-    return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+BOS = BYTE_BOS
+_TOKENIZER = byte_tokenizer()
 
 
 def tiny_llama_config():
@@ -37,14 +32,17 @@ def tiny_llama_config():
 
 
 def load_4bit_base(model_dir: str):
-    """Load a saved model with its linear layers quantized to NF4 (nested absmax), on CPU."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    """Load a saved model with its linear layers quantized to NF4 (nested absmax), on CPU, kept in the
+    layout it was loaded in (see peftfast.base_weight.keep_4bit_layout)."""
+    from transformers import AutoModelForCausalLM
 
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, device_map="cpu")
+    from .basemodel import quant_config
+    from .base_weight import keep_4bit_layout
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant_config(torch.float32),
+                                                 device_map="cpu")
+    keep_4bit_layout(model)
+    return model
 
 
 def batches(ids: torch.Tensor, batch: int, seq: int, generator: torch.Generator):
@@ -55,11 +53,11 @@ def batches(ids: torch.Tensor, batch: int, seq: int, generator: torch.Generator)
 
 @torch.no_grad()
 def greedy(model, prompt: str, n: int) -> str:
-    ids = torch.tensor([encode(prompt)])
+    ids = torch.tensor([_TOKENIZER.encode(prompt, True)])
     for _ in range(n):
         nxt = model(ids).logits[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, nxt], dim=1)
-    return decode(ids[0, 1:].tolist())
+    return _TOKENIZER.decode(ids[0, 1:].tolist())
 
 
 def run_demo(steps: int = 200, output: str = "out/demo-adapter", seed: int = 0, log_every: int = 20) -> dict:
@@ -87,7 +85,7 @@ def run_demo(steps: int = 200, output: str = "out/demo-adapter", seed: int = 0, 
     t0 = time.time()
     torch.manual_seed(seed)
     text = CORPUS.read_text(encoding="utf-8")
-    ids = torch.tensor(encode(text))
+    ids = torch.tensor(_TOKENIZER.encode(text, True))
     with tempfile.TemporaryDirectory() as base_dir:
         LlamaForCausalLM(tiny_llama_config()).save_pretrained(base_dir)
         model = load_4bit_base(base_dir)

@@ -79,9 +79,7 @@ def encode_prompt(loaded: dict, prompt: str, chat: bool) -> list:
 
 def decode(loaded: dict, ids: list) -> str:
     if loaded["hf_tokenizer"] is None:
-        from .demo import decode as byte_decode
-
-        return byte_decode(ids)
+        return loaded["tokenizer"].decode(ids)
     return loaded["hf_tokenizer"].decode(ids, skip_special_tokens=True)
 
 

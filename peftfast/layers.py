@@ -5,32 +5,24 @@ its adapters in dicts keyed by adapter name, with the attribute names Hugging Fa
 (``lora_A.<name>.weight``, ``lora_B.<name>.weight``, ``lora_magnitude_vector.<name>.weight``,
 ``ia3_l.<name>``), so state-dict keys map one to one onto PEFT's checkpoints.
 
-Base weights are read from ``base_layer`` at every call, never cached: FSDP and ZeRO swap storage.
+Base weights are read from ``base_layer`` at every call through ``peftfast.base_weight``, never cached:
+FSDP and ZeRO swap storage.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import kernels
+from .base_weight import (
+    Conv1D, _bnb_classes, base_4bit_forward_cpu, dense_base_weight, is_zero3_partitioned, kernel_weight,
+    write_dense_base_weight,
+)
 from .kernels.nf4 import is_4bit_weight
-
-try:  # transformers' GPT-2-style Conv1D stores its weight as [in, out]
-    from transformers.pytorch_utils import Conv1D
-except Exception:  # pragma: no cover
-    Conv1D = ()
-
-
-def _bnb_classes():
-    try:
-        import bitsandbytes as bnb
-    except Exception:  # pragma: no cover - bitsandbytes missing or broken on this platform
-        return (), ()
-    return (bnb.nn.Linear4bit,), (bnb.nn.Linear8bitLt,)
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -45,90 +37,9 @@ def layer_features(module: nn.Module) -> tuple:
         return int(k), int(n)
     if isinstance(module, nn.Embedding):
         return int(module.num_embeddings), int(module.embedding_dim)
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return int(module.in_channels), int(module.out_channels)
     return int(module.in_features), int(module.out_features)
-
-
-def is_8bit(module: nn.Module) -> bool:
-    return isinstance(module, _bnb_classes()[1])
-
-
-def stores_transposed(module: nn.Module) -> bool:
-    return bool(Conv1D) and isinstance(module, Conv1D)
-
-
-def is_zero3_partitioned(weight) -> bool:
-    """A DeepSpeed ZeRO-3 parameter (it carries a ``ds_id``); no deepspeed import needed."""
-    return hasattr(weight, "ds_id")
-
-
-def base_weight(module: nn.Module):
-    """``module.weight``, with a bitsandbytes 4-bit layer's quant state put back when a sharding engine
-    (FSDP) has swapped the ``Params4bit`` for a plain tensor of the packed bytes: bnb keeps a copy of the
-    state on the module for this case, and its own forward recovers it the same way. The module is not
-    modified (the engine owns its parameters); the returned ``Params4bit`` shares the tensor's storage."""
-    w = module.weight
-    state = getattr(module, "quant_state", None)
-    if state is None or is_4bit_weight(w) or w.dim() != 2 or w.shape[1] != 1:
-        return w
-    import bitsandbytes as bnb
-
-    view = bnb.nn.Params4bit(w.data, requires_grad=False, quant_storage=w.dtype, bnb_quantized=True)
-    view.quant_state = state
-    return view
-
-
-def kernel_weight(module: nn.Module):
-    """The base weight in the form the kernels read: [N, K] dense view or a 4-bit Params4bit.
-
-    None for bases the kernels cannot read (bitsandbytes 8-bit), and for DeepSpeed ZeRO-3 parameters:
-    ZeRO-3 keeps each weight as a shard and gathers it only inside the owning module's own forward and
-    backward hooks, so the wrapper then calls the base module (unfused) and adds the adapter term.
-    """
-    if is_8bit(module) or is_zero3_partitioned(module.weight):
-        return None
-    w = base_weight(module)
-    if is_4bit_weight(w):
-        return w
-    return w.t() if stores_transposed(module) else w
-
-
-def dense_base_weight(module: nn.Module, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """The base weight as a dense [N, K] tensor (dequantized for bitsandbytes bases)."""
-    w = base_weight(module)
-    if is_8bit(module):
-        cb = w.CB if getattr(w, "CB", None) is not None else w.data
-        scb = w.SCB if getattr(w, "SCB", None) is not None else module.state.SCB
-        dense = cb.float() * scb.float().view(-1, 1) / 127.0
-        return dense.to(dtype or torch.float32)
-    if is_4bit_weight(w):
-        return kernels.dequantize_4bit(w, dtype=dtype or w.quant_state.dtype)
-    dense = w.t() if stores_transposed(module) else w
-    return dense if dtype is None else dense.to(dtype)
-
-
-def write_dense_base_weight(module: nn.Module, dense: torch.Tensor) -> None:
-    """Store a dense [N, K] weight back into the base module, requantizing bitsandbytes weights."""
-    w = module.weight
-    if is_4bit_weight(w):
-        import bitsandbytes as bnb
-
-        state = w.quant_state
-        new = bnb.nn.Params4bit(
-            dense.to("cpu", state.dtype), requires_grad=False, quant_type=state.quant_type,
-            blocksize=state.blocksize, compress_statistics=state.nested, quant_storage=w.dtype,
-        )
-        module.weight = new._quantize(w.device) if w.device.type != "meta" else new
-        return
-    if is_8bit(module):
-        import bitsandbytes as bnb
-
-        new = bnb.nn.Int8Params(dense.to("cpu", torch.float16), requires_grad=False, has_fp16_weights=False)
-        module.weight = new.to(w.device)  # Int8Params quantizes when moved to a device, CPU included
-        return
-    data = dense.t() if stores_transposed(module) else dense
-    w.data.copy_(data.to(w.dtype))
 
 
 def adapter_dtype(base: nn.Module) -> torch.dtype:
@@ -220,6 +131,8 @@ class AdapterLayer(nn.Module):
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled and self.merged:
             self.unmerge()
+        if x.device.type == "cpu" and isinstance(self.base_layer, _bnb_classes()[0]):
+            return base_4bit_forward_cpu(self.base_layer, x)
         return self.base_layer(x)
 
 
@@ -245,15 +158,22 @@ class LoraLayer(AdapterLayer):
 
     def add_adapter(
         self, name: str, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
-        use_dora: bool = False, init: object = True,
+        use_dora: bool = False, init: object = True, lora_bias: bool = False,
     ) -> None:
         if r <= 0:
             raise ValueError(f"LoRA rank must be positive, got r={r}")
+        if lora_bias and use_dora:
+            raise ValueError("lora_bias=True is not supported with DoRA (as in PEFT); set use_dora=False")
+        if lora_bias and self.base_layer.bias is None:
+            warnings.warn(
+                f"lora_bias=True on a {type(self.base_layer).__name__} without a bias: it trains, but merging this "
+                "adapter will be impossible (PEFT's rule)", stacklevel=3,
+            )
         base_w = self.base_layer.weight
         device = base_w.device
         dtype = adapter_dtype(self.base_layer)
         a = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
-        b = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        b = nn.Linear(r, self.out_features, bias=bool(lora_bias), device=device, dtype=dtype)
         with torch.no_grad():
             if init is True:
                 nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
@@ -261,6 +181,8 @@ class LoraLayer(AdapterLayer):
             elif init == "gaussian":
                 nn.init.normal_(a.weight, std=1.0 / r)
                 nn.init.zeros_(b.weight)
+            if init is not False and b.bias is not None:
+                nn.init.zeros_(b.bias)
             # init False keeps nn.Linear's random init for both: B non-zero, the adapter is not a no-op
         self.lora_A[name] = a
         self.lora_B[name] = b
@@ -310,13 +232,39 @@ class LoraLayer(AdapterLayer):
                 )
             elif result is None:
                 result = kernels.lora_linear(
-                    x_in, weight, a, b, s, bias=bias, dropout_p=p, training=self.training, backend=self.backend
+                    x_in, weight, a, b, s, bias=self._with_lora_bias(bias, name, x_in), dropout_p=p,
+                    training=self.training, backend=self.backend,
                 )
             else:
                 result = result + kernels.lora_linear(
-                    x_in, None, a, b, s, dropout_p=p, training=self.training, backend=self.backend
+                    x_in, None, a, b, s, bias=self._with_lora_bias(None, name, x_in), dropout_p=p,
+                    training=self.training, backend=self.backend,
                 ).to(result.dtype)
         return result.to(x.dtype)
+
+    def _with_lora_bias(self, bias: Optional[torch.Tensor], name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """``bias + scaling * lora_B.bias``: PEFT scales lora_B's whole output, its bias included, so the
+        LoRA bias folds into the base bias the GEMM epilogue adds already (the fused path stays one GEMM,
+        and the kernel's dbias is lora_B.bias's gradient up to the scaling)."""
+        lora_b = self.lora_B[name].bias
+        if lora_b is None:
+            return bias
+        term = (lora_b * self.scaling[name]).to(x.dtype if x.is_floating_point() else lora_b.dtype)
+        return term if bias is None else bias.to(term.dtype) + term
+
+    def _merge_lora_bias(self, name: str, sign: float) -> None:
+        lora_b = self.lora_B[name].bias
+        if lora_b is None:
+            return
+        bias = self.base_layer.bias
+        bias.data.copy_((bias.float() + sign * self.scaling[name] * lora_b.float()).to(bias.dtype))
+
+    def _check_mergeable(self, names: list) -> None:
+        if self.base_layer.bias is None and any(self.lora_B[n].bias is not None for n in names):
+            raise ValueError(
+                "cannot merge a LoRA adapter with lora_bias=True into a layer without a bias (as in PEFT); keep "
+                "it unmerged, or train it with lora_bias=False"
+            )
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """``scaling * B @ A`` as a dense [N, K] fp32 tensor."""
@@ -328,11 +276,13 @@ class LoraLayer(AdapterLayer):
         names = [n for n in (names or self.active_adapters) if n not in self.merged_adapters and n in self.lora_A]
         if not names:
             return
+        self._check_mergeable(names)
         with torch.no_grad():
             w = dense_base_weight(self.base_layer, torch.float32)
             orig_dtype = w.dtype
             for name in names:
                 delta = self.delta_weight(name)
+                self._merge_lora_bias(name, 1.0)
                 if name in self.lora_magnitude_vector:
                     norm = torch.linalg.norm(w + delta, dim=1)
                     factor = self.lora_magnitude_vector[name].weight.float() / norm
@@ -351,6 +301,7 @@ class LoraLayer(AdapterLayer):
             while self.merged_adapters:
                 name = self.merged_adapters.pop()
                 delta = self.delta_weight(name)
+                self._merge_lora_bias(name, -1.0)
                 if name in self.lora_magnitude_vector:
                     norm = self._dora_norm_cache.pop(name)
                     factor = self.lora_magnitude_vector[name].weight.float() / norm

@@ -1,4 +1,4 @@
-"""LoRA on ``nn.Embedding`` and on ``nn.Conv1d`` / ``nn.Conv2d`` (reference path, PEFT's layout).
+"""LoRA on ``nn.Embedding`` and on ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (reference path, PEFT's layout).
 
 * Embedding: ``y = E[x] + scaling * A^T[x] @ B^T`` with ``lora_embedding_A`` [r, num_embeddings] and
   ``lora_embedding_B`` [dim, r] (parameters, not modules: PEFT's keys ``...lora_embedding_A``). A
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .layers import AdapterLayer, adapter_dtype
 
-CONV_TYPES = (nn.Conv1d, nn.Conv2d)
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def is_lora_extra(module: nn.Module) -> bool:
@@ -47,8 +47,13 @@ class LoraEmbedding(AdapterLayer):
         self.scaling: dict = {}
 
     def add_adapter(self, name: str, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
-                    use_dora: bool = False, init: object = True) -> None:
+                    use_dora: bool = False, init: object = True, lora_bias: bool = False) -> None:
         _check_options("embedding", use_dora)
+        if lora_bias:
+            raise ValueError(
+                "lora_bias=True is not supported on nn.Embedding (PEFT refuses it too); set lora_bias=False or leave "
+                "embeddings out of target_modules"
+            )
         base = self.base_layer
         kw = dict(device=base.weight.device, dtype=adapter_dtype(base))
         a = torch.randn(r, base.num_embeddings, **kw)
@@ -102,16 +107,16 @@ class LoraEmbedding(AdapterLayer):
 
 
 class LoraConv(AdapterLayer):
-    """LoRA over an ``nn.Conv1d`` / ``nn.Conv2d`` (groups == 1)."""
+    """LoRA over an ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``, grouped ones included.
+
+    With ``groups > 1`` PEFT's layout is kept: A is an ungrouped conv to r channels and B a grouped 1x1
+    conv (r divisible by groups). Their product mixes every input channel into every group, which a
+    grouped base kernel cannot hold, so such an adapter trains and saves but does not merge (as in PEFT).
+    """
 
     adapter_param_names = ("lora_A", "lora_B")
 
     def __init__(self, base_layer: nn.Module, backend: str = "auto"):
-        if base_layer.groups != 1:
-            raise ValueError(
-                f"LoRA on a {type(base_layer).__name__} with groups={base_layer.groups} is not supported by peftfast; "
-                "exclude it from target_modules"
-            )
         super().__init__(base_layer, backend)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -121,15 +126,22 @@ class LoraConv(AdapterLayer):
         self.lora_dropout_p: dict = {}
 
     def add_adapter(self, name: str, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
-                    use_dora: bool = False, init: object = True) -> None:
+                    use_dora: bool = False, init: object = True, lora_bias: bool = False) -> None:
         _check_options("convolution", use_dora)
         base = self.base_layer
+        if r % base.groups:
+            raise ValueError(
+                f"LoRA on a {type(base).__name__} with groups={base.groups} needs a rank divisible by the groups "
+                f"(PEFT's rule), got r={r}; choose r as a multiple of {base.groups} (rank_pattern can set it for "
+                "this layer alone) or exclude the layer from target_modules"
+            )
         conv = type(base)
         kw = dict(device=base.weight.device, dtype=adapter_dtype(base))
         ones = (1,) * (base.weight.dim() - 2)
         # PEFT's layout: A repeats the base's kernel, stride and padding (not its dilation); B is 1x1.
         a = conv(self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False, **kw)
-        b = conv(r, self.out_features, ones, ones, bias=False, **kw)
+        # lora_bias: B's bias, scaled with B's output (PEFT's layout); merging adds it to the base bias.
+        b = conv(r, self.out_features, ones, ones, groups=base.groups, bias=bool(lora_bias), **kw)
         with torch.no_grad():
             if init is True:
                 nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
@@ -137,6 +149,8 @@ class LoraConv(AdapterLayer):
             elif init == "gaussian":
                 nn.init.normal_(a.weight, std=1.0 / r)
                 nn.init.zeros_(b.weight)
+            if init is not False and b.bias is not None:
+                nn.init.zeros_(b.bias)
         self.lora_A[name], self.lora_B[name] = a, b
         self.r[name], self.lora_alpha[name] = r, alpha
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -158,18 +172,36 @@ class LoraConv(AdapterLayer):
         return result.to(x.dtype)
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """The change of the base kernel, [out, in, *kernel] fp32."""
+        """The change of the base kernel, [out, in, *kernel] fp32 (ungrouped bases only)."""
         a = self.lora_A[name].weight.float()  # [r, in, *k]
         b = self.lora_B[name].weight.float()  # [out, r, *1]
         # B(A(x)) with a 1x1 B is a conv with kernel sum_r B[o, r] * A[r, i, *k].
         return torch.einsum("or,ri...->oi...", b.flatten(1), a) * self.scaling[name]
 
+    def _merge_bias(self, name: str, sign: float) -> None:
+        lora_b = self.lora_B[name].bias
+        if lora_b is not None:
+            bias = self.base_layer.bias
+            bias.copy_((bias.float() + sign * self.scaling[name] * lora_b.float()).to(bias.dtype))
+
     def merge(self, names: Optional[list] = None) -> None:
         names = [n for n in (names or self.active_adapters) if n not in self.merged_adapters and n in self.r]
+        if names and self.base_layer.groups > 1:
+            raise ValueError(
+                f"cannot merge LoRA into a {type(self.base_layer).__name__} with groups={self.base_layer.groups}: the "
+                "adapter's product spans all input channels, which a grouped kernel cannot hold (PEFT does not merge "
+                "it either); keep the adapter unmerged"
+            )
+        if self.base_layer.bias is None and any(self.lora_B[n].bias is not None for n in names):
+            raise ValueError(
+                "cannot merge a LoRA adapter with lora_bias=True into a convolution without a bias (as in PEFT); "
+                "keep it unmerged, or train it with lora_bias=False"
+            )
         with torch.no_grad():
             w = self.base_layer.weight
             for name in names:
                 w.copy_((w.float() + self.delta_weight(name)).to(w.dtype))
+                self._merge_bias(name, 1.0)
                 self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -178,3 +210,4 @@ class LoraConv(AdapterLayer):
             while self.merged_adapters:
                 name = self.merged_adapters.pop()
                 w.copy_((w.float() - self.delta_weight(name)).to(w.dtype))
+                self._merge_bias(name, -1.0)

@@ -16,8 +16,9 @@ import torch.nn as nn
 from .config import PROMPT_LEARNING_CONFIGS, AnyConfig, ConfigError, IA3Config, LoraConfig, as_config
 from .kernels.dispatch import check_backend
 from .layers import AdapterLayer, IA3Layer, LoraLayer, ModulesToSave, is_linear_like
-from .lora_conv_embedding import LoraConv, LoraEmbedding, is_lora_extra
+from .lora_conv_embedding import CONV_TYPES, LoraConv, LoraEmbedding, is_lora_extra
 from .prompt_learning import PromptLearning, add_prompt_learning, remove_prompt_learning
+from .trainable_tokens import TrainableTokensLayer
 from .targets import DEFAULT_IA3_TARGETS, model_type, name_matches, resolve_targets
 
 
@@ -189,6 +190,8 @@ def _patch(model: nn.Module, config, adapter_name: str, backend: str) -> Callabl
                 installs.append((name, module, wrapper))
             else:
                 undo.append(lambda w=wrapper: w.delete_adapter(adapter_name))
+        if isinstance(cfg, LoraConfig) and cfg.trainable_token_indices is not None:
+            _add_trainable_tokens(model, cfg, adapter_name, backend, targets, save_names, installs, undo)
         for name in save_names:
             module = model.get_submodule(name)
             wrapper, fresh = (module, False) if isinstance(module, ModulesToSave) else (ModulesToSave(module), True)
@@ -206,6 +209,62 @@ def _patch(model: nn.Module, config, adapter_name: str, backend: str) -> Callabl
         _undo(undo, grad_flags)
         raise
     return lambda: _undo(undo, grad_flags, model)
+
+
+def _token_layer_names(model: nn.Module, cfg: LoraConfig) -> dict:
+    """trainable_token_indices as {module name: token ids}; a bare list means the input embedding."""
+    spec = cfg.trainable_token_indices
+    if not isinstance(spec, dict):
+        get_in = getattr(model, "get_input_embeddings", None)
+        layer = get_in() if callable(get_in) else None
+        names = [n for n, m in model.named_modules() if layer is not None and m is layer]
+        if not names:
+            raise ConfigError(
+                "trainable_token_indices is a list, which means the input embedding, but this "
+                f"{type(model).__name__} has no get_input_embeddings(); pass a dict {{'<embedding name>': [ids]}}"
+            )
+        return {names[0]: list(spec)}
+    found = {}
+    for key, ids in spec.items():
+        hits = [n for n, _ in model.named_modules() if n == key or n.endswith("." + key)]
+        if not hits:
+            raise ConfigError(f"trainable_token_indices names {key!r}, but the model has no module of that name")
+        for n in hits:
+            found[n] = list(ids)
+    return found
+
+
+def _add_trainable_tokens(model, cfg, adapter_name, backend, targets, save_names, installs, undo) -> None:
+    """Wrap the embeddings named by trainable_token_indices (and a head tied to one), undoably."""
+    layers = _token_layer_names(model, cfg)
+    clash = [n for n in layers if n in targets or n in save_names]
+    if clash:
+        raise ConfigError(
+            f"{clash} are both LoRA targets / modules_to_save and in trainable_token_indices; PEFT refuses this "
+            "too: train the layer one way (drop it from target_modules / modules_to_save, or from "
+            "trainable_token_indices)"
+        )
+    fresh_by_module = {}
+    for name, ids in layers.items():
+        module = model.get_submodule(name)
+        if isinstance(module, TrainableTokensLayer):
+            wrapper = module
+            wrapper.add_adapter(adapter_name, ids)
+            undo.append(lambda w=wrapper: w.delete_adapter(adapter_name))
+            continue
+        wrapper = TrainableTokensLayer(module, backend=backend)
+        wrapper.add_adapter(adapter_name, ids)
+        installs.append((name, module, wrapper))
+        fresh_by_module[id(module)] = wrapper
+    # A head whose weight *is* a wrapped embedding's (tied word embeddings) shows the same trained rows.
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if head is None or isinstance(head, AdapterLayer):
+        return
+    owner = next((w for w in fresh_by_module.values() if w.base_layer.weight is getattr(head, "weight", None)), None)
+    head_names = [n for n, m in model.named_modules() if m is head]
+    if owner is not None and head_names and head_names[0] not in layers and isinstance(head, nn.Linear):
+        installs.append((head_names[0], head, TrainableTokensLayer(head, backend=backend, tied_to=owner)))
 
 
 def _ensure_state(model: nn.Module, state: Optional[PatchState], undo: list) -> PatchState:
@@ -248,7 +307,7 @@ LORA_WRAPPERS = (LoraLayer, LoraEmbedding, LoraConv)
 def _lora_wrapper(module: nn.Module) -> type:
     if isinstance(module, nn.Embedding):
         return LoraEmbedding
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+    if isinstance(module, CONV_TYPES):
         return LoraConv
     return LoraLayer
 
@@ -288,7 +347,7 @@ def _add_adapter(wrapper: AdapterLayer, name: str, cfg, adapter_name: str) -> No
             raise ConfigError(f"LoRA rank for {name} must be a positive integer, got {r!r}")
         wrapper.add_adapter(
             adapter_name, r, alpha, dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
-            init=cfg.init_lora_weights,
+            init=cfg.init_lora_weights, lora_bias=cfg.lora_bias,
         )
     else:
         wrapper.add_adapter(adapter_name, init=cfg.init_ia3_weights)
@@ -318,8 +377,10 @@ def _apply_trainable(model: nn.Module, state: PatchState) -> None:
                 if pname.endswith("bias") and ".modules_to_save." not in pname:
                     p.requires_grad_(True)
         elif bias == "lora_only":
+            # PEFT trains the bias of every LoRA-wrapped layer (convolutions and embeddings too), not just
+            # the linear ones.
             for _, module in _adapter_wrappers(model):
-                if isinstance(module, LoraLayer) and module.base_layer.bias is not None:
+                if isinstance(module, LORA_WRAPPERS) and getattr(module.base_layer, "bias", None) is not None:
                     module.base_layer.bias.requires_grad_(True)
 
 

@@ -610,6 +610,48 @@ def _as_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     return out
 
 
+# The forward argument that carries the KV cache: ``past_key_values`` up to transformers 5.23, ``cache`` from 5.24
+# (which still takes ``past_key_values`` with a deprecation warning, but drops it when ``cache`` is given too, as
+# generate() does). The hooks read either and write back the name the model's forward declares.
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+@functools.lru_cache(maxsize=None)
+def _declared_cache_kwarg(model_cls: type) -> Optional[str]:
+    params = inspect.signature(model_cls.forward).parameters
+    return next((key for key in CACHE_KWARGS if key in params), None)
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """The name ``model``'s forward takes its KV cache by. Classification heads (BertForSequenceClassification)
+    often declare neither and pass ``**kwargs`` on to their backbone, whose forward then decides."""
+    for module in (model, getattr(model, "base_model", None)):
+        if isinstance(module, nn.Module):
+            key = _declared_cache_kwarg(type(module))
+            if key is not None:
+                return key
+    return "past_key_values"
+
+
+def _pop_cache(model: nn.Module, kw: dict) -> tuple:
+    """Take the caller's cache out of ``kw``, under either name.
+
+    Returns:
+        (the cache or None, the name the model's forward takes it by, the name the caller used (for errors)).
+
+    Example:
+        >>> cache, key, _ = _pop_cache(model, kw)
+        >>> kw[key] = cache
+    """
+    declared = _cache_kwarg(model)
+    found, given = None, declared
+    for key in CACHE_KWARGS:  # "cache" first: transformers prefers it when both are given
+        value = kw.pop(key, None)
+        if found is None and value is not None:
+            found, given = value, key
+    return found, declared, given
+
+
 def _batch_and_length(kw: dict) -> tuple:
     x = kw.get("input_ids")
     if x is None:
@@ -633,16 +675,16 @@ def _prefix_hook(model: nn.Module, args: tuple, kwargs: dict):
     batch, n = _batch_and_length(kw)
     p = cfg.num_virtual_tokens
     cache_cls = prefix_cache_class()
-    cache = kw.get("past_key_values")
+    cache, cache_key, given = _pop_cache(model, kw)
     if cache is None or (not isinstance(cache, cache_cls) and _is_empty_cache(cache)):
         cache = cache_cls(p, cfg.num_layers)
     elif not isinstance(cache, cache_cls):
         raise ValueError(
-            "past_key_values holds tokens computed without the prefix; with prefix tuning pass no cache (or an empty "
+            f"{given} holds tokens computed without the prefix; with prefix tuning pass no cache (or an empty "
             "one) and let the model build its own"
         )
     real = cache.real_length()
-    kw["past_key_values"] = cache
+    kw[cache_key] = cache
     mask = kw.get("attention_mask")
     mask_is_2d = mask is None or mask.dim() == 2
     if mask is not None and mask.dim() == 2 and mask.shape[1] == real + n:
@@ -691,7 +733,8 @@ def _prompt_hook(model: nn.Module, args: tuple, kwargs: dict):
     kw = _as_kwargs(model, args, kwargs)
     batch, n = _batch_and_length(kw)
     p = cfg.num_virtual_tokens * cfg.num_transformer_submodules
-    cache = kw.get("past_key_values")
+    cache, cache_key, _ = _pop_cache(model, kw)
+    kw[cache_key] = cache
     prefill = cache is None or _is_empty_cache(cache)
     if kw.get("position_ids") is not None:
         warnings.warn("position ids are ignored with prompt tuning (as in PEFT); the model numbers the virtual tokens too")
@@ -777,12 +820,13 @@ def _seq2seq_hook(holder: PromptLearning, model: nn.Module, args: tuple, kwargs:
         warnings.warn("token type ids are ignored with prompt learning on encoder-decoder models (as in PEFT)")
         kw["token_type_ids"] = None
     if isinstance(cfg, PrefixTuningConfig):
-        cache = kw.get("past_key_values")
+        cache, cache_key, _ = _pop_cache(model, kw)
+        kw[cache_key] = cache
         if cache is None or _is_empty_cache(cache):
             batch = _seq2seq_batch(kw)
             if batch is None:
                 raise ValueError("the model was called without inputs (input_ids, inputs_embeds or decoder inputs)")
-            kw["past_key_values"] = _seq2seq_prefix_cache(cfg, encoder, batch, _model_dtype(model))
+            kw[cache_key] = _seq2seq_prefix_cache(cfg, encoder, batch, _model_dtype(model))
             dmask = kw.get("decoder_attention_mask")
             dec = kw.get("decoder_input_ids")
             if dec is None:

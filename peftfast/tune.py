@@ -3,6 +3,7 @@
     peftfast tune --model llama-3-8b --dry-run          # the table entries it would tune (no GPU needed)
     peftfast tune --model path/to/config.json           # or a model folder holding config.json, or a Hub id
     peftfast tune --model llama-3-8b --batch-tokens 1,16,2048,8192 --dtype bf16 --passes fwd,bwd
+    peftfast tune --model llama-3-8b --shapes 14336x4096,4096x14336 --batch-tokens 8192   # some shapes only
 
     peftfast tune --model llama-3-8b --weight nf4 --passes fwd,bwd    # QLoRA: in-loop vs dequant + GEMM
 
@@ -157,6 +158,45 @@ def linear_shapes(cfg: dict) -> List[LinearShape]:
     for name, n, k in named:
         order.setdefault((int(n), int(k)), []).append(name)
     return [LinearShape(n, k, tuple(mods)) for (n, k), mods in order.items()]
+
+
+def select_shapes(shapes: Sequence[LinearShape], spec: Optional[str]) -> List[LinearShape]:
+    """The shapes ``spec`` names (``"OUTxIN,..."``), in its order; all of ``shapes`` when ``spec`` is None.
+
+    Args:
+        shapes: the model's distinct linear shapes (:func:`linear_shapes`).
+        spec: a comma list of ``out x in`` pairs, or None.
+
+    Returns:
+        The selected shapes (a headline run tunes the few that matter first).
+
+    Raises:
+        TuneError: a malformed pair, or one the model does not have (the error lists those it has).
+
+    Example:
+        >>> [s.modules for s in select_shapes(linear_shapes(BUILTIN_MODELS["llama-3-8b"]), "4096x14336")]
+        [('down_proj',)]
+    """
+    if spec is None:
+        return list(shapes)
+    have = {(s.n, s.k): s for s in shapes}
+    listing = ", ".join(f"{s.n}x{s.k} ({','.join(s.modules)})" for s in shapes)
+    out: List[LinearShape] = []
+    for item in (t.strip() for t in str(spec).split(",")):
+        if not item:
+            continue
+        parts = item.lower().split("x")
+        try:
+            n, k = (int(p) for p in parts)
+        except ValueError:
+            raise TuneError(f"--shapes takes OUTxIN pairs such as 14336x4096, got {item!r}") from None
+        if (n, k) not in have:
+            raise TuneError(f"--shapes {item}: the model has no {n}x{k} linear layer; its shapes are {listing}")
+        if have[(n, k)] not in out:
+            out.append(have[(n, k)])
+    if not out:
+        raise TuneError(f"--shapes names no shape; the model's are {listing}")
+    return out
 
 
 def m_buckets(batch_tokens: Sequence[int]) -> List[Tuple[int, Tuple[int, ...]]]:
@@ -516,6 +556,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-tokens", default=",".join(map(str, DEFAULT_BATCH_TOKENS)), metavar="M,M,...",
                         help="tokens per GEMM (batch x sequence) to tune for; bucketed, see kernels/configs/README.md "
                              "(default %(default)s)")
+    parser.add_argument("--shapes", default=None, metavar="OUTxIN,...",
+                        help="tune only these of the model's linear shapes, out_features x in_features (e.g. "
+                             "14336x4096,4096x14336 for Llama-3-8B's gate/up and down), in the order given "
+                             "(default: every distinct shape)")
     parser.add_argument("--dtype", default="bf16", help="compute dtype: bf16, fp16 or fp32 (default bf16)")
     parser.add_argument("--passes", default="fwd", metavar="fwd,bwd",
                         help="fwd: Y = X W^T (+LoRA); bwd: the dX GEMM dY W (+LoRA) of training (default fwd)")
@@ -549,7 +593,7 @@ def _parse_quant(args) -> Optional[QuantSpec]:
 
 def _parse(args) -> Tuple[str, List[LinearShape], List[int], str, List[str]]:
     label, cfg = model_dims(args.model)
-    shapes = linear_shapes(cfg)
+    shapes = select_shapes(linear_shapes(cfg), getattr(args, "shapes", None))
     try:
         tokens = [int(t) for t in str(args.batch_tokens).split(",") if t.strip()]
     except ValueError as e:

@@ -15,6 +15,13 @@ Cells:
 * peftfast refuses (``coverage`` says "unsupported"): strict xfail with peftfast's reason, so a cell
   that starts working turns the run red until the table is regenerated;
 * the rest must match PEFT, and the layers peftfast wraps must be those ``coverage`` names.
+
+4-bit cells: PEFT runs on the fp32 twin of the 4-bit base (every ``Linear4bit`` replaced by an
+``nn.Linear`` holding its independently decoded weight, tests/bnb_oracle.py), peftfast on the 4-bit base
+itself. On CPU, PEFT on bitsandbytes is no oracle: bitsandbytes' eval forward repacks the weight and
+computes in bf16 (~3e-3 off), crashes on these tiny layers (N not a multiple of 32, K below the
+blocksize), and its CPU dequantize is wrong where blocks straddle rows. PEFT's LoRA on the exactly
+decoded weights is what peftfast's number must be, to float32 rounding.
 """
 from __future__ import annotations
 
@@ -33,9 +40,12 @@ from peft.utils import get_peft_model_state_dict  # noqa: E402
 import peftfast  # noqa: E402
 from peftfast import coverage  # noqa: E402
 from peftfast.config import ConfigError  # noqa: E402
-from peftfast.layers import AdapterLayer, kernel_weight  # noqa: E402
+from peftfast.base_weight import kernel_weight  # noqa: E402
+from peftfast.layers import AdapterLayer  # noqa: E402
 from peftfast.lora_conv_embedding import is_lora_extra  # noqa: E402
 
+import prompt_oracle  # noqa: E402
+from bnb_oracle import dense_twin  # noqa: E402
 from helpers import assert_rel_close, rel_err  # noqa: E402
 from models import matrix_inputs, matrix_model  # noqa: E402
 
@@ -131,8 +141,12 @@ def _check_paths(fast, pm, cell, method) -> None:
 @pytest.mark.parametrize("family,method", _cells(peft_supported=True))
 def test_cell_matches_peft(family, method, tmp_path):
     base = matrix_model(family, method)
+    oracle_base = dense_twin(base) if method == "lora-4bit" else base
     inputs = matrix_inputs(family)
-    pm = peft.get_peft_model(copy.deepcopy(base), peft_config(family, method))
+    if method == "prefix" and coverage.FAMILIES[family].task in ("SEQ_CLS", "TOKEN_CLS") \
+            and not prompt_oracle.peft_speaks_cache_kwarg(base):
+        return _prefix_cell_against_the_hand_fed_oracle(family, base, inputs)
+    pm = peft.get_peft_model(copy.deepcopy(oracle_base), peft_config(family, method))
     with torch.no_grad():
         for name, p in pm.named_parameters():
             if ".ia3_l." in name:  # PEFT's init_ia3_weights=False is N(1, 0.02): too close to a no-op to test
@@ -147,7 +161,7 @@ def test_cell_matches_peft(family, method, tmp_path):
     _check_paths(fast, pm, matrix()[(family, method)], method)
 
     with torch.no_grad():
-        ref, want, got = _out(base, inputs), _out(pm, inputs), _out(fast, inputs)
+        ref, want, got = _out(oracle_base, inputs), _out(pm, inputs), _out(fast, inputs)
     assert got.shape == want.shape
     tail = want[:, -ref.shape[1]:] if want.shape != ref.shape else want  # prompt tuning adds virtual-token logits
     assert rel_err(tail, ref) > 10 * TOL, "the adapter changes nothing: the comparison would be vacuous"
@@ -173,8 +187,38 @@ def test_cell_matches_peft(family, method, tmp_path):
         rounding = STEPS * torch.finfo(torch.float32).eps * after_peft[k].double().norm().item()
         assert err <= UPDATE_TOL * max(d.norm().item(), floor) + rounding, \
             f"update of {k}: error {err:.3e}, size {d.norm().item():.3e}"
+    # After training the adapters themselves may differ by UPDATE_TOL (compounded rounding, above); the
+    # logits inherit that, amplified a little by layer norms (measured: 7e-5 for ViT on a 4-bit base, with
+    # peftfast's kernels in the interpreter). A real slip still moves them by 1e-3 or more.
     with torch.no_grad():
-        assert_rel_close(_out(fast, inputs), _out(pm, inputs), TOL, f"{family}/{method} logits after training")
+        assert_rel_close(_out(fast, inputs), _out(pm, inputs), 2 * UPDATE_TOL, f"{family}/{method} logits after training")
+
+
+def _prefix_cell_against_the_hand_fed_oracle(family: str, base, inputs: dict) -> None:
+    """Prefix tuning on a classification model once transformers (5.24) renamed the cache argument: PEFT
+    passes ``past_key_values`` only and refuses these models. The oracle is then the unpatched base with the
+    adapter's prefix fed by hand as a cache of P past tokens (tests/prompt_oracle.py); training is checked
+    against that oracle in tests/test_prompt_learning.py. PEFT must still refuse: the day it does not, this
+    cell goes back to the comparison against PEFT."""
+    with pytest.raises(ValueError, match="past key values"), torch.no_grad():
+        peft.get_peft_model(copy.deepcopy(base), peft_config(family, "prefix"))(**inputs)
+    fast = peftfast.patch(copy.deepcopy(base), peftfast.PrefixTuningConfig(**coverage.method_kwargs(family, "prefix")))
+    with torch.no_grad():
+        for name, p in fast.named_parameters():
+            if p.requires_grad and "modules_to_save" not in name:
+                p.normal_(0.0, 0.5)
+    fast.eval()
+    _check_paths(fast, None, matrix()[(family, "prefix")], "prefix")
+    state = fast.peftfast_prompt_learning
+    cfg, prompt = state.configs["default"], state.encoders["default"].prompt_embeddings().detach()
+    fed = {k: v for k, v in inputs.items() if k != "labels"}
+    with torch.no_grad():
+        ref, got = _out(base, fed), _out(fast, fed)
+        want = prompt_oracle.prefix_forward(base, prompt, cfg.num_layers, cfg.num_attention_heads, **fed).logits
+    assert rel_err(want, ref) > 10 * TOL, "the prefix changes nothing: the comparison would be vacuous"
+    assert_rel_close(got, want, TOL, f"{family}/prefix logits against the hand-fed prefix")
+    losses = _train(fast, [matrix_inputs(family, seed=10 + i) for i in range(STEPS)])
+    assert losses[-1] != losses[0], "the loss did not move: nothing was trained"
 
 
 @pytest.mark.parametrize("family,method", _cells(peft_supported=False))
@@ -223,7 +267,7 @@ def test_layer_paths_follow_the_dispatch_predicates():
     assert cell.layers == {"emb": "reference", "lin": "fused", "conv": "reference", "int8": "reference"}
     assert cell.path == "fused + reference" and cell.reason is None
     assert coverage.layer_paths(toy, peftfast.IA3Config(target_modules=["lin"], feedforward_modules=[])).path == "fused"
-    assert coverage.layer_paths(toy, peftfast.LoraConfig(target_modules=["grouped"])).path == "unsupported"
+    assert coverage.layer_paths(toy, peftfast.LoraConfig(target_modules=["grouped"])).path == "reference"
     refused = coverage.layer_paths(toy, peftfast.LoraConfig(target_modules=["norm"]))
     assert refused.path == "unsupported" and "LayerNorm" in refused.reason
     assert coverage.layer_paths(toy, peftfast.IA3Config(target_modules=["emb"])).path == "unsupported"

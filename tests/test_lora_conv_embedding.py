@@ -125,11 +125,11 @@ def test_embedding_keeps_padding_idx_and_unpatch_restores():
     assert_unchanged(model, snap)
 
 
-def test_grouped_conv_is_refused_and_model_unchanged():
+def test_grouped_conv_with_indivisible_rank_is_refused_and_model_unchanged():
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
     snap = snapshot(model)
-    with pytest.raises(ValueError, match="groups=2"):
-        peftfast.patch(model, peftfast.LoraConfig(r=2, target_modules=["0"]))
+    with pytest.raises(ValueError, match="groups=2 needs a rank divisible"):
+        peftfast.patch(model, peftfast.LoraConfig(r=3, target_modules=["0"]))
     assert_unchanged(model, snap)
     with pytest.raises(ValueError, match="DoRA on embedding"):
         peftfast.patch(make_model("llama"), peftfast.LoraConfig(r=2, target_modules=["embed_tokens"], use_dora=True))

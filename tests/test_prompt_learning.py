@@ -24,11 +24,13 @@ from peftfast.config import ConfigError  # noqa: E402
 
 from helpers import assert_rel_close  # noqa: E402
 from models import make_inputs, make_model, without_labels  # noqa: E402
+import prompt_oracle as oracle  # noqa: E402
 from tiny import assert_unchanged, snapshot  # noqa: E402
 
 TOL = 1e-5
 FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "opt"]
 P = 5
+NEW_TOKENS = 6
 
 
 def peft_config(method: str, **kw):
@@ -53,31 +55,117 @@ def twins(family: str, method: str, **kw):
 
 def train_in_lockstep(pm, ours, inputs: dict, steps: int) -> None:
     """AdamW steps on the PEFT model and on ours with the same batch; every loss must agree."""
-    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (pm, ours)]
+    train_models_in_lockstep([ours, pm], inputs, steps)
+
+
+def train_models_in_lockstep(models: list, inputs: dict, steps: int) -> None:
+    """AdamW steps on every model with the same batch; each loss must agree with the first model's."""
+    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in models]
     for _ in range(steps):
-        lp, lo = pm(**inputs).loss, ours(**inputs).loss
-        assert_rel_close(lo.detach(), lp.detach(), TOL, "loss")
-        for opt, loss in zip(optimizers, (lp, lo)):
+        losses = [m(**inputs).loss for m in models]
+        for i, loss in enumerate(losses[1:], 1):
+            assert_rel_close(losses[0].detach(), loss.detach(), TOL, f"loss of {type(models[i]).__name__}")
+        for opt, loss in zip(optimizers, losses):
             opt.zero_grad()
             loss.backward()
             opt.step()
+
+
+def prompt_embeddings(model) -> torch.Tensor:
+    """What the active adapter feeds the model: [P, 2L * Hkv * D] (prefix) or [P, hidden] (prompt)."""
+    return model.peftfast_prompt_learning.encoders["default"].prompt_embeddings().detach()
+
+
+def oracle_forward(base, ours, inputs: dict, method: str):
+    """The unpatched ``base`` with ``ours``' prefix/prompt fed by hand (tests/prompt_oracle.py)."""
+    if method == "prefix":
+        cfg = ours.peftfast_prompt_learning.configs["default"]
+        return oracle.prefix_forward(base, prompt_embeddings(ours), cfg.num_layers, cfg.num_attention_heads, **inputs)
+    return oracle.prompt_forward(base, prompt_embeddings(ours), **inputs)
+
+
+def oracle_greedy(base, ours, inputs: dict, method: str, new_tokens: int = NEW_TOKENS) -> tuple:
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    if method == "prefix":
+        cfg = ours.peftfast_prompt_learning.configs["default"]
+        return oracle.prefix_greedy(base, prompt_embeddings(ours), cfg.num_layers, cfg.num_attention_heads, ids, mask,
+                                    new_tokens)
+    return oracle.prompt_greedy(base, prompt_embeddings(ours), ids, mask, new_tokens)
+
+
+def assert_generation_matches(ours, pm, base, inputs: dict, method: str, new_tokens: int = NEW_TOKENS) -> None:
+    """Greedy generate() (KV cache) against the uncached oracle: same tokens, same logits at every step; and
+    against PEFT's generate() where PEFT can pass this transformers' model a cache (before 5.24: PEFT 0.21
+    hands ``past_key_values`` to a forward that takes ``cache``, and its generate() looks for it in vain)."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    got, got_logits = oracle.generate_with_logits(ours, ids, mask, new_tokens)
+    expected, expected_logits = oracle_greedy(base, ours, inputs, method, new_tokens)
+    assert_rel_close(got_logits, expected_logits, TOL, "logits of every generated token")
+    assert torch.equal(got, expected)
+    if oracle.peft_speaks_cache_kwarg(base):
+        assert torch.equal(got, oracle.generate_with_logits(pm, ids, mask, new_tokens)[0])
 
 
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_and_generation_match_peft(family, method):
     pm, ours = twins(family, method)
+    base = make_model(family)
     inputs = without_labels(make_inputs(family, batch=3, seq=9))
     with torch.no_grad():
         expected, got = pm(**inputs).logits, ours(**inputs).logits
-        base_logits = make_model(family)(**inputs).logits
+        by_hand = oracle_forward(base, ours, inputs, method).logits
+        base_logits = base(**inputs).logits
     assert got.shape == expected.shape
     assert_rel_close(got, expected, TOL, f"{family}/{method} logits")
+    assert_rel_close(got, by_hand, TOL, f"{family}/{method} logits against the hand-fed base model")
     real = got[:, -base_logits.shape[1]:]  # prompt tuning also returns logits for the virtual tokens
     assert (real - base_logits).abs().max() > 1e-2, "the prefix/prompt changed nothing: the test would be vacuous"
-    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert_generation_matches(ours, pm, base, inputs, method)
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_prefix_cache_is_found_under_either_name(name):
+    """A cache handed back continues the sequence under either argument name (transformers 5.24 renamed
+    ``past_key_values`` to ``cache`` and still takes both): one cached step equals the uncached forward."""
+    _, ours = twins("llama", "prefix")
+    inputs = without_labels(make_inputs("llama", batch=2, seq=7))
+    nxt = torch.randint(1, 90, (2, 1), generator=torch.Generator().manual_seed(3))
+    mask = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], dim=1)
     with torch.no_grad():
-        assert torch.equal(ours.generate(**inputs, **gen), pm.generate(**inputs, **gen))
+        full = ours(input_ids=torch.cat([inputs["input_ids"], nxt], dim=1), attention_mask=mask).logits[:, -1]
+        out = ours(**inputs, use_cache=True)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        step = ours(input_ids=nxt, attention_mask=mask, **{name: cache}).logits[:, -1]
+    assert_rel_close(step, full, TOL, f"one step with the cache passed as {name}")
+    from transformers import DynamicCache
+
+    foreign = DynamicCache()
+    foreign.update(torch.zeros(2, 2, 3, 16), torch.zeros(2, 2, 3, 16), 0)
+    with pytest.raises(ValueError, match=f"{name} holds tokens computed without the prefix"):
+        ours(input_ids=nxt, attention_mask=mask, **{name: foreign})
+
+
+def test_generation_oracle_sees_a_dropped_prompt():
+    """The generation check is not vacuous: a model that stops applying its prompt after the first generated
+    token (one way a hook that misses the cache argument goes wrong) fails it."""
+    pm, ours = twins("llama", "prompt")
+    base = make_model("llama")
+    inputs = without_labels(make_inputs("llama", batch=3, seq=9))
+
+    def first_step_only(module, args, kwargs):  # runs before peftfast's hook: later steps see no prompt
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and cache.get_seq_length() > 0:
+            ours.peftfast_prompt_learning.disabled = True
+        return None
+
+    handle = ours.register_forward_pre_hook(first_step_only, with_kwargs=True, prepend=True)
+    try:
+        with pytest.raises(AssertionError, match="logits of every generated token"):
+            assert_generation_matches(ours, pm, base, inputs, "prompt")
+    finally:
+        handle.remove()
+        ours.peftfast_prompt_learning.disabled = False
 
 
 @pytest.mark.parametrize("method,kw", [("prefix", {}), ("prefix", {"prefix_projection": True, "encoder_hidden_size": 12}),
@@ -274,6 +362,51 @@ def cls_twins(family: str, method: str, **kw):
     return pm, ours
 
 
+def cls_head_name(model) -> str:
+    return "classifier" if hasattr(model, "classifier") else "score"
+
+
+class HandFedClassifier(torch.nn.Module):
+    """The oracle of classification prompt learning, trainable: an unpatched base whose head is the only
+    trainable module, plus the prompt (what the adapter feeds the model) as a plain parameter fed by hand
+    (tests/prompt_oracle.py). With a prefix encoder without projection, or prompt tuning, that parameter is
+    the adapter's own, so AdamW moves both identically."""
+
+    def __init__(self, family: str, method: str, prompt: torch.Tensor, head_state: dict, num_layers: int,
+                 kv_heads: int):
+        super().__init__()
+        self.base = make_model(family)
+        self.base.requires_grad_(False)
+        head = self.base.get_submodule(cls_head_name(self.base))
+        head.load_state_dict(head_state)
+        head.requires_grad_(True)
+        self.prompt = torch.nn.Parameter(prompt.detach().clone())
+        self.method, self.num_layers, self.kv_heads = method, num_layers, kv_heads
+
+    @classmethod
+    def like(cls, family: str, method: str, ours) -> "HandFedClassifier":
+        cfg = ours.peftfast_prompt_learning.configs["default"]
+        head = ours.get_submodule(cls_head_name(ours)).modules_to_save["default"]
+        return cls(family, method, prompt_embeddings(ours), head.state_dict(), cfg.num_layers, cfg.num_attention_heads)
+
+    def forward(self, **inputs):
+        if self.method == "prefix":
+            return oracle.prefix_forward(self.base, self.prompt, self.num_layers, self.kv_heads, **inputs)
+        return oracle.prompt_forward(self.base, self.prompt, **inputs)
+
+    def adapter_tensors(self) -> dict:
+        """This oracle's state under PEFT's checkpoint keys."""
+        name = cls_head_name(self.base)
+        head = {f"base_model.{name}.{k}": v for k, v in self.base.get_submodule(name).state_dict().items()}
+        return {"prompt_embeddings": self.prompt.detach(), **head}
+
+
+def peft_runs_cls(method: str, family: str) -> bool:
+    """Whether PEFT's classification forward runs here: PEFT 0.21 refuses prefix tuning on a model whose
+    forward takes the cache as ``cache`` (transformers 5.24+: "Model does not support past key values")."""
+    return method != "prefix" or oracle.peft_speaks_cache_kwarg(make_model(family))
+
+
 def _cls_inputs(family: str, token_types: bool) -> dict:
     inputs = make_inputs(family, batch=3, seq=8)
     if token_types:  # BERT keeps token types with prompt learning; PEFT gives the virtual tokens type 0
@@ -284,18 +417,33 @@ def _cls_inputs(family: str, token_types: bool) -> dict:
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
 @pytest.mark.parametrize("family", ["bert_cls", "llama_cls"])
 def test_classification_matches_peft(family, method):
+    """Logits, 3 AdamW steps and the saved tensors against the hand-fed oracle, and against PEFT where PEFT
+    runs this case (see peft_runs_cls)."""
     pm, ours = cls_twins(family, method)
+    hand = HandFedClassifier.like(family, method, ours)
+    with_peft = peft_runs_cls(method, family)
     inputs = _cls_inputs(family, token_types=family == "bert_cls")
-    assert peftfast.trainable_parameters(ours)[0] == sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    trainable = peftfast.trainable_parameters(ours)[0]
+    assert trainable == sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    assert trainable == sum(p.numel() for p in hand.parameters() if p.requires_grad)
     with torch.no_grad():
-        expected, got = pm(**without_labels(inputs)).logits, ours(**without_labels(inputs)).logits
-    assert_rel_close(got, expected, TOL, f"{family}/{method} logits")
-    train_in_lockstep(pm, ours, inputs, steps=3)
+        got = ours(**without_labels(inputs)).logits
+        assert_rel_close(got, hand(**without_labels(inputs)).logits, TOL, f"{family}/{method} logits, hand-fed")
+        plain = make_model(family)
+        name = cls_head_name(plain)
+        plain.get_submodule(name).load_state_dict(hand.base.get_submodule(name).state_dict())
+        assert (got - plain(**without_labels(inputs)).logits).abs().max() > 1e-2, "the prompt changed nothing"
+        if with_peft:
+            assert_rel_close(got, pm(**without_labels(inputs)).logits, TOL, f"{family}/{method} logits, PEFT")
+    train_models_in_lockstep([ours, hand] + ([pm] if with_peft else []), inputs, steps=3)
     theirs = get_peft_model_state_dict(pm)
     mine = peftfast.adapter_state_dict(ours)
     assert sorted(mine) == sorted(theirs)
-    for key in theirs:
-        assert_rel_close(mine[key], theirs[key], TOL, key)
+    by_hand = hand.adapter_tensors()
+    for key in mine:
+        assert_rel_close(mine[key], by_hand[key], TOL, f"{key} after training, hand-fed")
+        if with_peft:
+            assert_rel_close(mine[key], theirs[key], TOL, f"{key} after training, PEFT")
 
 
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
@@ -312,12 +460,19 @@ def test_classification_adapter_round_trip(tmp_path, method):
                                             "base_model.classifier.bias"}
     for key in theirs:
         assert_rel_close(mine[key], theirs[key], TOL, key)
+    cfg = ours.peftfast_prompt_learning.configs["default"]
+    head = {k.rsplit(".", 1)[-1]: v for k, v in theirs.items() if k != "prompt_embeddings"}
+    hand = HandFedClassifier("bert_cls", method, theirs["prompt_embeddings"], head, cfg.num_layers,
+                             cfg.num_attention_heads)
     with torch.no_grad():
-        expected = pm(**inputs).logits
-        from_ours = peft.PeftModel.from_pretrained(make_model("bert_cls"), tmp_path / "ours")(**inputs).logits
+        expected = hand(**inputs).logits
         loaded = peftfast.load_adapter(make_model("bert_cls"), tmp_path / "peft")
         from_peft = loaded(**inputs).logits
-    assert_rel_close(from_ours, expected, TOL, "PEFT loading peftfast's adapter")
+        assert_rel_close(ours(**inputs).logits, expected, TOL, "peftfast's adapter before saving, hand-fed")
+        if peft_runs_cls(method, "bert_cls"):
+            assert_rel_close(pm(**inputs).logits, expected, TOL, "PEFT's model, hand-fed")
+            from_ours = peft.PeftModel.from_pretrained(make_model("bert_cls"), tmp_path / "ours")(**inputs).logits
+            assert_rel_close(from_ours, expected, TOL, "PEFT loading peftfast's adapter")
     assert_rel_close(from_peft, expected, TOL, "peftfast loading PEFT's adapter")
     assert peftfast.trainable_parameters(loaded)[0] == 0
     trainable = peftfast.load_adapter(make_model("bert_cls"), tmp_path / "peft", is_trainable=True)
@@ -390,8 +545,17 @@ def test_seq2seq_matches_peft(family, method):
                      get_peft_model_state_dict(pm)["prompt_embeddings"], TOL, "prompt_embeddings after training")
     gen = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=5,
                do_sample=False)
+    if method == "prefix":  # against the uncached hand-fed oracle: PEFT's generate() departs from it on 5.24
+        cfg = ours.peftfast_prompt_learning.configs["default"]
+        got, got_logits = oracle.generate_with_logits(ours, gen["input_ids"], gen["attention_mask"], 5)
+        expected, expected_logits = oracle.seq2seq_prefix_greedy(
+            base, prompt_embeddings(ours), cfg.num_layers, cfg.num_attention_heads, gen["input_ids"],
+            gen["attention_mask"], 5)
+        assert_rel_close(got_logits, expected_logits, TOL, f"{family}: logits of every generated token")
+        assert torch.equal(got, expected)
     with torch.no_grad():
-        assert torch.equal(ours.generate(**gen), pm.generate(**gen))
+        if method == "prompt" or oracle.peft_speaks_cache_kwarg(base):
+            assert torch.equal(ours.generate(**gen), pm.generate(**gen))
         with peftfast.disable_adapters(ours):
             assert torch.equal(ours.generate(**gen), base.generate(**gen))
 
@@ -425,7 +589,8 @@ def ptuning_twins(family: str, kind: str, task_type: str = "CAUSAL_LM"):
 @pytest.mark.parametrize("kind", ["MLP", "LSTM"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_ptuning_matches_peft(family, kind):
-    """Logits, greedy generate(), 3 AdamW steps (losses, final encoder parameters) and the saved tensor."""
+    """Logits, greedy generate() (against the hand-fed oracle, and PEFT where it keeps the cache), 3 AdamW steps
+    (losses, final encoder parameters) and the saved tensor."""
     pm, ours, base = ptuning_twins(family, kind)
     assert peftfast.trainable_parameters(ours)[0] == pm.get_nb_trainable_parameters()[0]
     inputs = make_inputs(family, batch=3, seq=9)
@@ -435,9 +600,10 @@ def test_ptuning_matches_peft(family, kind):
     assert got.shape == expected.shape
     assert_rel_close(got, expected, TOL, f"{family}/{kind} logits")
     assert (got[:, P:] - base_logits).abs().max() > 1e-2, "the prompt changed nothing: the test would be vacuous"
-    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        assert torch.equal(ours.generate(**without_labels(inputs), **gen), pm.generate(**without_labels(inputs), **gen))
+        by_hand = oracle_forward(base, ours, without_labels(inputs), "prompt").logits
+    assert_rel_close(got, by_hand, TOL, f"{family}/{kind} logits against the hand-fed base model")
+    assert_generation_matches(ours, pm, base, without_labels(inputs), "prompt")
     train_in_lockstep(pm, ours, inputs, steps=3)
     theirs = dict(pm.prompt_encoder["default"].named_parameters())
     mine = dict(ours.peftfast_prompt_learning.encoders["default"].named_parameters())
