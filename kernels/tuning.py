@@ -31,7 +31,6 @@ import inspect
 import json
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -199,21 +198,14 @@ def _warn(msg: str) -> None:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    """Write ``data`` to ``path`` atomically (:func:`peftfast.fileio.replace_atomically`), creating its folder."""
+    from ..fileio import replace_atomically  # the one atomic writer; imported late, kernels load first
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with replace_atomically(path, text=True) as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.write("\n")
 
 
 # --------------------------------------------------------------------------------------------------

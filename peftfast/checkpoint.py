@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
+import warnings
 from typing import Optional
 
 import torch
@@ -29,6 +28,8 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 PROMPT_KEY = "prompt_embeddings"
 PROMPT_LEARNING_PREFIX = "base_model."
+# The sentence every README.md that save_adapter writes holds: only such a README is ever replaced.
+MODEL_CARD_TAG = "Saved by peftfast in Hugging Face PEFT's format"
 
 
 class AdapterLoadError(ValueError):
@@ -133,61 +134,116 @@ def _model_card(config: dict) -> str:
     method = str(config.get("peft_type", "")).lower()
     return (
         f"---\nbase_model: '{base}'\nlibrary_name: peft\ntags:\n- {method}\n- peftfast\n---\n\n"
-        f"# {method.upper()} adapter\n\nSaved by peftfast in Hugging Face PEFT's format: load it with "
+        f"# {method.upper()} adapter\n\n{MODEL_CARD_TAG}: load it with "
         "`peft.PeftModel.from_pretrained(base, path)` or `peftfast.load_adapter(base, path)`.\n"
     )
+
+
+def _is_our_model_card(path: str) -> bool:
+    """Whether ``path`` is a README.md that :func:`save_adapter` wrote (and may therefore replace)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return MODEL_CARD_TAG in f.read(4096)
+    except OSError:
+        return False
 
 
 def save_adapter(model: nn.Module, path: str, *, adapter_name: str = "default") -> None:
     """Write the adapter in PEFT's format, atomically.
 
-    A new directory appears complete or not at all (written beside it, then renamed); into an
-    existing directory each file is replaced atomically, weights before config.
+    The new directory is written whole beside ``path``, fsynced and swapped in with one rename (see
+    :func:`peftfast.fileio.staged_directory`), so a save killed at any point leaves the old adapter or the
+    new one, never a config of one with the weights of the other. Other files in an existing directory (a
+    training run's log and checkpoints) are kept, and so is a README.md that peftfast did not write.
 
     Args:
         model: a patched model.
-        path: the adapter directory.
+        path: the adapter directory (not empty; created if missing).
         adapter_name: which adapter to save.
+
+    Raises:
+        ValueError: an empty ``path`` (it would write into the current directory).
+        FileExistsError: ``path`` is a file.
 
     Example:
         >>> peftfast.save_adapter(model, "out/adapter")  # doctest: +SKIP
     """
     from safetensors.torch import save_file
 
-    tensors = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model, adapter_name).items()}
+    from .fileio import staged_directory
+
+    path = os.fspath(path)
+    if not str(path).strip():
+        raise ValueError("save_adapter: the path is empty; give the adapter directory to write, e.g. 'out/adapter' "
+                         "(use '.' to mean the current directory)")
+    tensors = adapter_state_dict(model, adapter_name)
+    _check_saveable(tensors, adapter_name)
+    tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
     config = _config_for_save(model, adapter_name)
-    path = os.path.abspath(os.fspath(path))
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".peftfast-save-", dir=parent)
-    try:
+    path = os.path.abspath(path)
+    keep_readme = os.path.isfile(os.path.join(path, "README.md")) and not _is_our_model_card(
+        os.path.join(path, "README.md"))
+    with staged_directory(path) as tmp:
         save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
-        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
-            f.write(_model_card(config))
-        if not os.path.exists(path):
-            os.rename(tmp, path)
-            return
-        if not os.path.isdir(path):
-            raise FileExistsError(f"{path} exists and is not a directory; choose another path")
-        for name in (WEIGHTS_NAME, "README.md", CONFIG_NAME):
-            os.replace(os.path.join(tmp, name), os.path.join(path, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not keep_readme:
+            with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+                f.write(_model_card(config))
+
+
+def _check_saveable(tensors: dict, adapter_name: str) -> None:
+    """Refuse adapters that would save as garbage: on the meta device (no values), or holding NaN/Inf."""
+    meta = sorted(k for k, v in tensors.items() if v.is_meta)
+    if meta:
+        raise ValueError(f"adapter {adapter_name!r} has tensors on the meta device (no values), e.g. {meta[:2]}; "
+                         "materialize the model (model.to_empty(device=...) and load its weights) before saving")
+    warn_non_finite(tensors, f"adapter {adapter_name!r} being saved")
+
+
+def warn_non_finite(tensors: dict, what: str) -> list:
+    """Warn (once, naming the tensors) when any floating tensor of ``tensors`` holds NaN or Inf.
+
+    Returns:
+        The names of the non-finite tensors.
+    """
+    bad = sorted(k for k, v in tensors.items()
+                 if v.is_floating_point() and not v.is_meta and not bool(torch.isfinite(v).all()))
+    if bad:
+        warnings.warn(f"{what}: {len(bad)} tensors hold NaN or Inf, e.g. {bad[:3]}; the adapter's outputs will be "
+                      "NaN (fp16 overflow or a diverged run?)", RuntimeWarning, stacklevel=3)
+    return bad
 
 
 def read_adapter_weights(path: str) -> dict:
-    """Load an adapter's tensors: safetensors, or a legacy ``.bin`` (weights only) when no safetensors exists."""
+    """Load an adapter's tensors: safetensors, or a legacy ``.bin`` (weights only) when no safetensors exists.
+
+    Raises:
+        FileNotFoundError: neither file exists.
+        AdapterLoadError: the file is truncated, not safetensors, or a ``.bin`` that holds pickled objects.
+    """
     from safetensors.torch import load_file
 
     st = os.path.join(path, WEIGHTS_NAME)
     if os.path.isfile(st):
-        return load_file(st)
+        try:
+            return load_file(st)
+        except Exception as e:  # safetensors' own error type (a truncated or foreign file) has no path
+            raise AdapterLoadError(f"{st} is not a readable safetensors file ({e}); it is truncated or damaged: "
+                                   "save the adapter again, or copy it again from where it came from") from None
     legacy = os.path.join(path, LEGACY_WEIGHTS_NAME)
     if os.path.isfile(legacy):
-        return torch.load(legacy, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as e:
+            # torch's message suggests weights_only=False, i.e. running the file's code: never here.
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise AdapterLoadError(
+                f"{legacy}: refused. peftfast reads .bin adapters only as plain tensors (torch.load with "
+                f"weights_only=True), never by unpickling arbitrary objects, which can run code; this file "
+                f"holds more than tensors or is damaged ({first}). Convert it to {WEIGHTS_NAME} where you trust it"
+            ) from None
     raise FileNotFoundError(
         f"{path} has no {WEIGHTS_NAME} (nor {LEGACY_WEIGHTS_NAME}); an adapter directory holds {CONFIG_NAME} "
         f"and {WEIGHTS_NAME}. Found: {sorted(os.listdir(path)) if os.path.isdir(path) else 'no such directory'}"
@@ -240,6 +296,8 @@ def load_adapter(
         raise FileNotFoundError(f"adapter directory {path} does not exist")
     config = as_config(load_config_file(path))
     weights = read_adapter_weights(path)
+    warn_non_finite(weights, path)
+    _warn_other_base(model, config, path)
     if isinstance(config, PROMPT_LEARNING_CONFIGS):
         return _load_prompt_learning(model, path, config, weights, adapter_name, is_trainable, backend)
     config.inference_mode = not is_trainable
@@ -262,6 +320,13 @@ def load_adapter(
                     f"{tuple(params[key].shape)}; the adapter was made for a different base model or rank"
                 )
             mapped[key] = tensor
+        on_meta = sorted(k for k in mapped if params[k].is_meta)
+        if on_meta:
+            raise AdapterLoadError(
+                f"{path}: the model is on the meta device (no storage), so the adapter's values cannot be loaded "
+                f"into it (e.g. {on_meta[:2]}); materialize the model first (load its weights, or "
+                "model.to_empty(device=...) and load them), then load the adapter"
+            )
         # A path that aliases a loaded tensor (the same module reachable twice) is filled by that load.
         loaded = {id(params[k]) for k in mapped}
         missing = sorted(k for k in expected - set(mapped) if id(params[k]) not in loaded)
@@ -280,6 +345,26 @@ def load_adapter(
         rollback()
         raise
     return model
+
+
+def _base_name(name: str) -> str:
+    """A model's name for comparison: a Hub id or a local folder (a Hub cache snapshot reads as its id)."""
+    name = str(name).rstrip("/\\")
+    m = re.search(r"models--([^/\\]+)--([^/\\]+)", name)
+    if m:
+        return m.group(2).lower()
+    return re.split(r"[/\\]", name)[-1].lower()
+
+
+def _warn_other_base(model: nn.Module, config, path: str) -> None:
+    """Warn when the adapter names a base model other than the one it is loaded into (PEFT trusts the
+    caller here too, but a mismatch is almost always a mistake: shapes may even fit and the output is wrong)."""
+    wanted = getattr(config, "base_model_name_or_path", None)
+    have = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    if not wanted or not have or not isinstance(have, str) or _base_name(wanted) == _base_name(have):
+        return
+    warnings.warn(f"{path} was made for base model {wanted!r}, but it is being loaded into {have!r}; if that is not "
+                  "the same model, the adapter's outputs are meaningless", UserWarning, stacklevel=3)
 
 
 def _load_prompt_learning(model, path, config, weights, adapter_name, is_trainable, backend):

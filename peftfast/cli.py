@@ -42,12 +42,14 @@ def main(argv: Optional[list] = None) -> int:
 
         return run_tune(args)
     if args.command == "train":
+        from .checkpoint import AdapterLoadError
+        from .config import ConfigError
         from .data import DataError
         from .train import TrainError, TrainInterrupted, run_train
 
         try:
             run_train(args)
-        except (TrainError, DataError) as e:
+        except (TrainError, DataError, ConfigError, AdapterLoadError, OSError) as e:
             print(f"peftfast train: error: {e}", file=sys.stderr)
             return 2
         except TrainInterrupted:
@@ -55,13 +57,14 @@ def main(argv: Optional[list] = None) -> int:
         return 0
     if args.command in ("generate", "merge", "inspect"):
         from .checkpoint import AdapterLoadError
+        from .config import ConfigError
 
         run = {"generate": generate_mod.run_generate, "merge": merge_mod.run_merge,
                "inspect": inspect_adapter.run_inspect}[args.command]
         try:
             run(args)
         except (generate_mod.GenerateError, merge_mod.MergeError, inspect_adapter.InspectError, AdapterLoadError,
-                FileNotFoundError) as e:
+                ConfigError, OSError) as e:
             print(f"peftfast {args.command}: error: {e}", file=sys.stderr)
             return 2
         return 0

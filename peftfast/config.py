@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -35,6 +36,37 @@ class ConfigError(ValueError):
     """A configuration that peftfast cannot honour, with the reason and the fix in its message."""
 
 
+# JSON types of the fields with a plain type ("Optional[X]" also takes null). A field that must hold a number
+# but holds a string (``"lora_alpha": "16"``) or a bool written as a string (``"use_rslora": "false"``, which
+# Python reads as true) is refused by name instead of failing later or meaning something else.
+_JSON_TYPES = {"bool": ((bool,), "true or false"), "int": ((int,), "an integer"),
+               "float": ((int, float), "a number"), "str": ((str,), "a string"), "dict": ((dict,), "an object"),
+               "list": ((list,), "a list")}
+# Fields whose annotation is narrower than what PEFT writes (lora_alpha is often 16.0).
+_TYPE_OVERRIDES = {"lora_alpha": "float"}
+
+
+def _check_field_types(config) -> None:
+    for f in dataclasses.fields(config):
+        spec = _TYPE_OVERRIDES.get(f.name, f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
+        optional = spec.startswith("Optional[") and spec.endswith("]")
+        kind = spec[len("Optional["):-1] if optional else spec
+        if kind not in _JSON_TYPES:
+            continue
+        value = getattr(config, f.name)
+        if value is None and optional:
+            continue
+        types, words = _JSON_TYPES[kind]
+        if not isinstance(value, types) or (kind in ("int", "float") and isinstance(value, bool)):
+            raise ConfigError(
+                f"{type(config).__name__}.{f.name} must be {words}{' or null' if optional else ''}, got {value!r} "
+                f"({type(value).__name__})" + (
+                    f"; in adapter_config.json write it without quotes, e.g. \"{f.name}\": "
+                    f"{json.dumps(f.default) if f.default is not dataclasses.MISSING else '...'}"
+                    if isinstance(value, str) else "")
+            )
+
+
 @dataclass
 class _BaseConfig:
     peft_type: str = ""
@@ -49,6 +81,7 @@ class _BaseConfig:
             raise ConfigError(f"task_type must be one of {TASK_TYPES}, got {self.task_type!r}")
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
+        _check_field_types(self)
 
     def effective_modules_to_save(self) -> list:
         """``modules_to_save`` plus the heads PEFT adds for classification tasks."""
@@ -147,8 +180,28 @@ class LoraConfig(_BaseConfig):
         if not isinstance(self.r, int) or self.r <= 0:
             raise ConfigError(f"LoRA rank r must be a positive integer, got {self.r!r}")
         for key, rank in (self.rank_pattern or {}).items():
-            if not isinstance(rank, int) or rank <= 0:
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
                 raise ConfigError(f"rank_pattern[{key!r}] must be a positive integer, got {rank!r}")
+        # alpha 0 makes the scaling 0: the adapter's output and its gradients are zero, so it never trains.
+        if self.lora_alpha == 0 or not math.isfinite(self.lora_alpha):
+            raise ConfigError(f"lora_alpha must be a non-zero finite number, got {self.lora_alpha!r} (scaling = "
+                              "lora_alpha / r: 0 gives an adapter that outputs nothing and never trains)")
+        for key, alpha in (self.alpha_pattern or {}).items():
+            if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha == 0 or not math.isfinite(alpha):
+                raise ConfigError(f"alpha_pattern[{key!r}] must be a non-zero finite number, got {alpha!r}")
+        if self.layers_to_transform is not None:
+            layers = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
+            if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+                raise ConfigError(f"layers_to_transform must be a layer index or a list of them, got "
+                                  f"{self.layers_to_transform!r}")
+            if isinstance(self.target_modules, str):
+                # PEFT refuses this too: a regex (or "all-linear") is matched against whole names and
+                # layers_to_transform would be silently ignored.
+                raise ConfigError(
+                    f"layers_to_transform cannot be used with target_modules={self.target_modules!r} (a regex or "
+                    "'all-linear'); give target_modules as a list of names (e.g. ['q_proj', 'v_proj']), or put the "
+                    "layer indices into the regex"
+                )
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if not 0.0 <= float(self.lora_dropout) < 1.0:

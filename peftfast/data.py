@@ -226,44 +226,66 @@ def pack_examples(examples: list, seq_len: int) -> list:
     return rows
 
 
+def _decoded_lines(path: Path):
+    """(line number, text) of a UTF-8 file; invalid UTF-8 or NUL bytes (a binary file) are a DataError that
+    names the line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            yield lineno, _decode_line(path, lineno, raw)
+
+
+def _decode_line(path: Path, lineno: int, raw: bytes) -> str:
+    if b"\0" in raw:
+        raise DataError(f"{path}:{lineno}: holds NUL bytes; this is a binary file, not UTF-8 text or jsonl")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                        "save the file as UTF-8") from None
+
+
+def _read_text(path: Path) -> str:
+    text = "".join(text for _, text in _decoded_lines(path))
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # as text mode's universal newlines did
+
+
 def load_jsonl(tokenizer: Tokenizer, path: Path, seq_len: int) -> list:
     examples, skipped = [], 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    for lineno, line in _decoded_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        if "messages" in obj:
+            problem = check_messages(obj["messages"])
+            if problem:
+                raise DataError(f"{path}:{lineno}: {problem}")
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            if "messages" in obj:
-                problem = check_messages(obj["messages"])
-                if problem:
-                    raise DataError(f"{path}:{lineno}: {problem}")
-                try:
-                    ex = chat_example(tokenizer, obj["messages"], seq_len)
-                except DataError:
-                    raise
-                except Exception as e:  # a chat template that fails on this conversation
-                    raise DataError(f"{path}:{lineno}: cannot render the chat: {e}") from None
-            elif "prompt" in obj or "completion" in obj:
-                p, c = obj.get("prompt"), obj.get("completion")
-                if not isinstance(p, str) or not isinstance(c, str):
-                    raise DataError(f"{path}:{lineno}: 'prompt' and 'completion' must both be strings")
-                ex = prompt_completion_example(tokenizer, p, c, seq_len)
-            elif "text" in obj:
-                if not isinstance(obj["text"], str):
-                    raise DataError(f"{path}:{lineno}: 'text' must be a string")
-                ex = text_example(tokenizer, obj["text"], seq_len)
-            else:
-                raise DataError(f"{path}:{lineno}: expected a 'text' field, 'prompt' and 'completion' fields, or "
-                                f"'messages', got keys {sorted(obj)}")
-            if len(ex["input_ids"]) < 2 or all(x == IGNORE_INDEX for x in ex["labels"][1:]):
-                skipped += 1  # nothing to learn from (e.g. the prompt fills seq_len)
-                continue
-            examples.append(ex)
+                ex = chat_example(tokenizer, obj["messages"], seq_len)
+            except DataError:
+                raise
+            except Exception as e:  # a chat template that fails on this conversation
+                raise DataError(f"{path}:{lineno}: cannot render the chat: {e}") from None
+        elif "prompt" in obj or "completion" in obj:
+            p, c = obj.get("prompt"), obj.get("completion")
+            if not isinstance(p, str) or not isinstance(c, str):
+                raise DataError(f"{path}:{lineno}: 'prompt' and 'completion' must both be strings")
+            ex = prompt_completion_example(tokenizer, p, c, seq_len)
+        elif "text" in obj:
+            if not isinstance(obj["text"], str):
+                raise DataError(f"{path}:{lineno}: 'text' must be a string")
+            ex = text_example(tokenizer, obj["text"], seq_len)
+        else:
+            raise DataError(f"{path}:{lineno}: expected a 'text' field, 'prompt' and 'completion' fields, or "
+                            f"'messages', got keys {sorted(obj)}")
+        if len(ex["input_ids"]) < 2 or all(x == IGNORE_INDEX for x in ex["labels"][1:]):
+            skipped += 1  # nothing to learn from (e.g. the prompt fills seq_len)
+            continue
+        examples.append(ex)
     if skipped:
         print(f"note: {skipped} example(s) of {path} have no trained token within --seq-len {seq_len}; skipped")
     return examples
@@ -283,7 +305,7 @@ def load_dataset(path, tokenizer: Tokenizer, seq_len: int) -> list:
     if path.suffix.lower() == ".jsonl":
         examples = load_jsonl(tokenizer, path, seq_len)
     else:
-        text = path.read_text(encoding="utf-8")
+        text = _read_text(path)
         examples = pack_text(tokenizer, text, seq_len) if text.strip() else []
     if not examples:
         raise DataError(f"dataset {path} is empty: no training example could be made from it")

@@ -80,7 +80,12 @@ def describe(path) -> dict:
     if weights.is_file():
         from safetensors import safe_open
 
-        with safe_open(str(weights), framework="pt") as f:
+        try:
+            opened = safe_open(str(weights), framework="pt")
+        except Exception as e:  # safetensors' own error names neither the file nor what to do
+            raise InspectError(f"{weights} is not a readable safetensors file ({e}); it is truncated or "
+                               "damaged") from None
+        with opened as f:
             for key in f.keys():
                 t = f.get_slice(key)
                 shape = t.get_shape()

@@ -102,6 +102,32 @@ class AdapterLayer(nn.Module):
     def _use_base_only(self) -> bool:
         return self.disabled or not self.active_adapters or self.merged
 
+    def _keep_original(self) -> None:
+        """Copy the dense base weight (and bias) before a merge, so :meth:`_restore_original` can put it back
+        exactly (``w + d - d`` in floating point is not ``w``). A layer already merged keeps what it has (its
+        weight is no longer the original)."""
+        if self.merged_adapters:
+            return
+        w = self.base_layer.weight
+        if type(w) not in (nn.Parameter, torch.Tensor):  # bitsandbytes 4-/8-bit: requantized anyway
+            raise ValueError(f"merge(keep_original=True) keeps dense weights only; this layer's base weight is a "
+                             f"{type(w).__name__} (quantized), whose merge requantizes and cannot be undone exactly")
+        bias = self.base_layer.bias
+        self.__dict__["_original"] = (w.detach().clone(), None if bias is None else bias.detach().clone())
+
+    def _restore_original(self) -> bool:
+        """Unmerge by putting back the weight kept by :meth:`_keep_original`; False when none was kept."""
+        kept = self.__dict__.pop("_original", None)
+        if kept is None or not self.merged_adapters:
+            return False
+        with torch.no_grad():
+            self.base_layer.weight.copy_(kept[0])
+            if kept[1] is not None:
+                self.base_layer.bias.copy_(kept[1])
+        self.merged_adapters.clear()
+        getattr(self, "_dora_norm_cache", {}).clear()
+        return True
+
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled and self.merged:
             self.unmerge()

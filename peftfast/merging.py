@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
+import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn as nn
+
+from .fileio import staged_directory
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -154,26 +154,44 @@ def run_merge(args) -> str:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     out = Path(args.output)
+    _check_output(out, args)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.overwrite)):
         raise MergeError(f"--output {out} exists and is not an empty directory; pass --overwrite to replace it")
     loaded = merged_model(args.model, args.adapter, args.load_in_4bit, args.dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".peftfast-merge-", dir=out.parent))
-    try:
+    # --overwrite replaces what save_pretrained writes (an older merge's weight shards and index included);
+    # every other file in the folder stays.
+    with staged_directory(out, drop=_is_model_weights) as tmp:
         loaded["model"].save_pretrained(tmp)
         if loaded["hf_tokenizer"] is not None:
             loaded["hf_tokenizer"].save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     kind = "4-bit base dequantized, " if loaded["was_4bit"] else ""
     print(f"merged {args.adapter} into {loaded['desc']} ({kind}saved in {str(loaded['dtype']).replace('torch.', '')}) "
           f"-> {out}; load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
     if loaded["hf_tokenizer"] is None:
         print("note: the embedded model's tokenizer is UTF-8 bytes (BOS/EOS/PAD = 256); no tokenizer files written")
     return str(out)
+
+
+_WEIGHT_FILE = re.compile(r"^(model|pytorch_model|tf_model|flax_model)(-\d+-of-\d+)?\.(safetensors|bin|h5|msgpack)"
+                          r"(\.index\.json)?$")
+
+
+def _is_model_weights(name: str) -> bool:
+    return bool(_WEIGHT_FILE.match(name))
+
+
+def _check_output(out: Path, args) -> None:
+    """Refuse an --output that is, or holds, one of the command's inputs: writing it would replace the adapter
+    (or the base) being merged."""
+    target = out.resolve()
+    for flag, value in (("--adapter", args.adapter), ("--model", args.model)):
+        if value is None or not Path(value).exists():
+            continue
+        source = Path(value).resolve()
+        if target == source or source.is_relative_to(target):
+            raise MergeError(f"--output {out} {'is' if target == source else 'holds'} the {flag} "
+                             f"directory {value}; writing there would replace the files being merged. Choose an "
+                             "--output outside it")
 
 
 def main(argv: Optional[list] = None) -> str:

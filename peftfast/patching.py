@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from typing import Callable, Iterator, Optional, Union
 
 import torch.nn as nn
@@ -57,6 +58,21 @@ def _pattern_value(patterns: dict, name: str, default):
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
+
+
+def _warn_unused_patterns(cfg: LoraConfig, targets: list) -> None:
+    """PEFT applies a rank_pattern / alpha_pattern key to the targets it matches; a key that matches none
+    is almost always a typo, and the adapter then trains with the default rank or alpha."""
+    for field in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(cfg, field) or {}
+        unused = [key for key in patterns
+                  if not any(name == key or re.match(rf"(.*\.)?({key})$", name) for name in targets)]
+        if unused:
+            default = "r" if field == "rank_pattern" else "lora_alpha"
+            warnings.warn(f"{field} keys {unused} match none of the {len(targets)} target modules (e.g. "
+                          f"{targets[:3]}); those entries have no effect and every target uses {default}. Fix "
+                          "the keys (regexes matched at the end of a module name) or remove them",
+                          UserWarning, stacklevel=4)
 
 
 def _modules_to_save_names(model: nn.Module, config) -> list:
@@ -138,6 +154,8 @@ def _patch(model: nn.Module, config, adapter_name: str, backend: str) -> Callabl
                 cfg.feedforward_modules = ff
     supported = (lambda m: is_linear_like(m) or is_lora_extra(m)) if isinstance(cfg, LoraConfig) else is_linear_like
     targets = resolve_targets(model, cfg, supported)
+    if isinstance(cfg, LoraConfig):
+        _warn_unused_patterns(cfg, targets)
     if isinstance(cfg, IA3Config) and cfg.feedforward_modules:
         stray = [
             n for n, _ in model.named_modules()
@@ -405,30 +423,47 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             m.disabled = flag
 
 
-def merge(model: nn.Module, adapter_names: Optional[list] = None) -> None:
+def merge(model: nn.Module, adapter_names: Optional[list] = None, *, keep_original: bool = False) -> None:
     """Fold the active (or the named) adapters into the base weights; forward then skips the adapter math.
 
     4-bit and 8-bit bases are dequantized, merged and requantized (lossy, as in PEFT).
 
+    Args:
+        model: a patched model.
+        adapter_names: the adapters to merge (default: the active ones).
+        keep_original: keep a copy of each dense base weight (one more copy of the adapted layers in
+            memory) so that :func:`unmerge` and :func:`unpatch` restore it bit for bit; without it they
+            subtract the update again, which is exact only up to float rounding (~1e-7 relative in fp32).
+            Dense bases only (ValueError for a quantized one).
+
     Example:
-        >>> peftfast.merge(model)  # doctest: +SKIP
+        >>> peftfast.merge(model, keep_original=True)  # doctest: +SKIP
     """
     state = _require_state(model)
     names = adapter_names or state.active
-    for _, module in _adapter_wrappers(model):
-        if isinstance(module, AdapterLayer):
-            module.merge(list(names))
+    wrappers = [m for _, m in _adapter_wrappers(model) if isinstance(m, AdapterLayer)]
+    if keep_original:
+        try:  # every copy (or the refusal of a quantized weight) before anything merges
+            for module in wrappers:
+                module._keep_original()
+        except ValueError:
+            for module in wrappers:
+                module.__dict__.pop("_original", None)
+            raise
+    for module in wrappers:
+        module.merge(list(names))
 
 
 def unmerge(model: nn.Module) -> None:
-    """Undo :func:`merge` (exact up to float rounding).
+    """Undo :func:`merge`: bit for bit after ``merge(model, keep_original=True)``, otherwise exact up to
+    float rounding.
 
     Example:
         >>> peftfast.unmerge(model)  # doctest: +SKIP
     """
     _require_state(model)
     for _, module in _adapter_wrappers(model):
-        if isinstance(module, AdapterLayer):
+        if isinstance(module, AdapterLayer) and not module._restore_original():
             module.unmerge()
 
 
@@ -439,7 +474,8 @@ def unpatch(model: nn.Module, *, merge_adapters: bool = False) -> nn.Module:
         model: a patched model.
         merge_adapters: fold the active adapters into the base weights first (PEFT's
             ``merge_and_unload``); otherwise merged adapters are unmerged and the original modules and
-            ``requires_grad`` flags come back as they were.
+            ``requires_grad`` flags come back: bit for bit unless a :func:`merge` without
+            ``keep_original=True`` changed the weights (then up to float rounding, see :func:`merge`).
 
     Returns:
         The same model object.
@@ -457,7 +493,7 @@ def unpatch(model: nn.Module, *, merge_adapters: bool = False) -> nn.Module:
         except AttributeError:
             continue
         if isinstance(module, AdapterLayer):
-            if not merge_adapters:
+            if not merge_adapters and not module._restore_original():
                 module.unmerge()
             original = module.base_layer
         else:

@@ -9,8 +9,8 @@ A checkpoint is a directory ``<output>/checkpoint-<step>`` holding:
 * ``training_state.json``: the step, the losses so far, how many batches were consumed, the optimizer's
   param groups and non-tensor state, the LR scheduler's state and the run's arguments.
 
-It is written beside its final name and renamed into place, so a checkpoint exists complete or not at
-all; older ``checkpoint-*`` directories are removed once the new one is in place.
+It is written beside its final name and swapped into place (:func:`peftfast.fileio.staged_directory`), so
+a checkpoint exists complete or not at all; older ``checkpoint-*`` directories are removed once the new one is in place.
 """
 from __future__ import annotations
 
@@ -18,11 +18,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from .fileio import staged_directory
 
 STATE_JSON = "training_state.json"
 STATE_TENSORS = "training_state.safetensors"
@@ -99,8 +100,9 @@ def save_checkpoint(output, step: int, model, opt, sched, rng: dict, meta: dict,
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     final = output / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=output))
-    try:
+    # The same step may be saved twice (an interrupt right after a periodic save): the staged swap
+    # replaces it whole, and the older checkpoints are removed only once the new one is in place.
+    with staged_directory(final) as tmp:
         peftfast.save_adapter(model, str(tmp))
         tensors, opt_structure = flatten_optimizer(opt)
         tensors.update({k: v.contiguous() for k, v in rng.items()})
@@ -109,17 +111,6 @@ def save_checkpoint(output, step: int, model, opt, sched, rng: dict, meta: dict,
         data = dict(meta, version=VERSION, step=step, optimizer=opt_structure, scheduler=sched_state)
         with open(tmp / STATE_JSON, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1)
-        if final.exists():  # the same step saved twice (interrupt right after a periodic save)
-            old = output / f".old-checkpoint-{step}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     others = [c for c in checkpoints(output) if c != final]
     for stale in others[: max(0, len(others) - (keep - 1))]:
         shutil.rmtree(stale, ignore_errors=True)
@@ -144,4 +135,7 @@ def read_checkpoint(path) -> tuple:
         meta = json.load(f)
     if meta.get("version") != VERSION:
         raise ValueError(f"{path}: checkpoint format version {meta.get('version')} is not {VERSION}")
-    return load_file(str(path / STATE_TENSORS)), meta
+    try:
+        return load_file(str(path / STATE_TENSORS)), meta
+    except Exception as e:  # safetensors' error for a truncated file names neither the file nor the cause
+        raise ValueError(f"{path / STATE_TENSORS} is truncated or damaged ({e})") from None

@@ -148,6 +148,15 @@ def resolve_targets(model: nn.Module, config, is_supported) -> list:
                     "Narrow target_modules (or add it to exclude_modules)"
                 )
             chosen.append(name)
+    layers = getattr(config, "layers_to_transform", None)
+    if not chosen and layers is not None and not isinstance(targets, str):
+        by_name = [n for n, _ in model.named_modules() if n and name_matches(targets, n)]
+        if by_name:
+            found = sorted({i for i in (layer_index(n, config.layers_pattern) for n in by_name) if i is not None})
+            raise ConfigError(
+                f"target_modules={targets!r} matches {len(by_name)} modules, but none in layers_to_transform="
+                f"{layers!r}; the layer indices here are {found if found else 'not found (set layers_pattern)'}"
+            )
     if not chosen:
         leaf_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and is_supported(m)})
         raise ConfigError(

@@ -105,10 +105,14 @@ def _check_args(a) -> None:
     for name in ("r", "batch_size", "grad_accum", "seq_len", "logging_steps", "save_steps", "num_virtual_tokens"):
         if getattr(a, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
-    if a.max_steps <= 0 and a.epochs is not None and a.epochs <= 0:
-        raise TrainError("give --max-steps > 0 or --epochs > 0")
-    if a.lr is not None and a.lr <= 0:
-        raise TrainError(f"--lr must be positive, got {a.lr}")
+    if a.max_steps == 0 or a.max_steps < -1:
+        raise TrainError(f"--max-steps must be at least 1 (or -1, the default: train for --epochs), got {a.max_steps}")
+    if a.epochs is not None and not (a.epochs > 0 and math.isfinite(a.epochs)):
+        raise TrainError(f"--epochs must be a positive number, got {a.epochs}")
+    if a.lr is not None and not (a.lr > 0 and math.isfinite(a.lr)):
+        raise TrainError(f"--lr must be a positive number, got {a.lr}")
+    if not math.isfinite(a.alpha):
+        raise TrainError(f"--alpha must be a finite number, got {a.alpha}")
     if not 0 <= a.dropout < 1:
         raise TrainError(f"--dropout must be in [0, 1), got {a.dropout}")
     if not 0 < a.eval_fraction < 1:
@@ -302,26 +306,56 @@ class _Progress:
         print(line, flush=True)
 
 
+_STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM") if hasattr(signal, n))
+
+
 class _DeferSigint:
-    """Hold Ctrl-C back while the optimizer updates the weights (a half-applied step cannot be
-    checkpointed); the interrupt is raised right after. A no-op outside the main thread."""
+    """Hold Ctrl-C and SIGTERM back while the optimizer updates the weights (a half-applied step cannot be
+    checkpointed) or while the emergency checkpoint is written (a second Ctrl-C must not cost the run its
+    checkpoint); the interrupt is raised right after, unless ``reraise`` is False. A no-op outside the
+    main thread."""
+
+    def __init__(self, reraise: bool = True):
+        self.reraise = reraise
 
     def __enter__(self):
-        self.pending, self.previous = False, None
+        self.pending, self.previous = False, {}
         if threading.current_thread() is threading.main_thread():
             def hold(signum, frame):
                 self.pending = True
+            for sig in _STOP_SIGNALS:
+                try:
+                    self.previous[sig] = signal.signal(sig, hold)
+                except (ValueError, OSError):  # pragma: no cover - embedded interpreters
+                    pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        if self.pending and self.reraise and exc[0] is None:
+            raise KeyboardInterrupt
+        return False
+
+
+class _SigtermAsInterrupt:
+    """Treat SIGTERM (``timeout``, ``docker stop``, SLURM preemption) as Ctrl-C while training, so the run
+    ends with a resumable checkpoint instead of dying without one. A no-op outside the main thread."""
+
+    def __enter__(self):
+        self.previous = None
+        if hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread():
+            def interrupt(signum, frame):
+                raise KeyboardInterrupt
             try:
-                self.previous = signal.signal(signal.SIGINT, hold)
+                self.previous = signal.signal(signal.SIGTERM, interrupt)
             except (ValueError, OSError):  # pragma: no cover - embedded interpreters
                 self.previous = None
         return self
 
     def __exit__(self, *exc):
         if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-        if self.pending and exc[0] is None:
-            raise KeyboardInterrupt
+            signal.signal(signal.SIGTERM, self.previous)
         return False
 
 
@@ -368,7 +402,8 @@ def _run_train(args, ranks) -> dict:
             raise TrainError(f"--resume: no checkpoint-* with a training state in {where}; nothing to resume")
         try:
             state_tensors, meta = ckpt.read_checkpoint(found)
-        except (OSError, ValueError) as e:
+            meta["args"], meta["step"], meta["losses"]  # noqa: B018 - a truncated JSON may lack them
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise TrainError(f"--resume: cannot read {found}: {e}") from None
         args = _resume_args(args, meta["args"], found)
         _check_args(args)
@@ -392,7 +427,10 @@ def _run_train(args, ranks) -> dict:
     print(f"base: {desc}")
     print(f"data: {args.data}: {n_train} training{packed} / {len(eval_set)} held-out examples "
           f"(seq-len {args.seq_len})")
-    peftfast.patch(model, config)
+    try:
+        peftfast.patch(model, config)
+    except ValueError as e:  # ConfigError: --target-modules matching nothing, an unsupported layer, ...
+        raise TrainError(f"--target-modules {args.target_modules}: {e}" if _uses_target_modules(args) else str(e)) from None
     peftfast.print_trainable_parameters(model)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -431,8 +469,13 @@ def _run_train(args, ranks) -> dict:
     def save(step: int, rng: dict, wait: bool = True) -> Path:
         path = out / f"checkpoint-{step}"
         if ranks.is_main:
-            path = ckpt.save_checkpoint(out, step, model, opt, sched, rng, dict(
-                run_meta, losses=losses, batches_consumed=step * args.grad_accum))
+            try:
+                path = ckpt.save_checkpoint(out, step, model, opt, sched, rng, dict(
+                    run_meta, losses=losses, batches_consumed=step * args.grad_accum))
+            except OSError as e:  # disk full, quota, permissions: the previous checkpoint is intact
+                kept = f"; the previous checkpoint {last_ckpt} is intact" if last_ckpt else ""
+                raise TrainError(f"cannot write the checkpoint of step {step} in {out}: {e.strerror or e}{kept}. "
+                                 "Free space (or fix the permissions) and resume with --resume") from None
         if wait:
             ranks.barrier()
         return path
@@ -441,6 +484,8 @@ def _run_train(args, ranks) -> dict:
     progress = _Progress(done + 1)
     model.train()
     t_log, tok_log = time.time(), 0
+    stop_signals = _SigtermAsInterrupt()
+    stop_signals.__enter__()
     try:
         for step in range(done + 1, steps + 1):
             _before_step(step)
@@ -462,7 +507,7 @@ def _run_train(args, ranks) -> dict:
                 tok_log += int(b["attention_mask"].sum())
             step_loss = ranks.total(step_loss)
             if not math.isfinite(step_loss):
-                raise TrainError(f"loss is {step_loss} at step {step}; try a lower --lr")
+                raise TrainError(_non_finite_loss(model, step_loss, step, done, last_ckpt))
             with _DeferSigint():
                 opt.step()
                 sched.step()
@@ -470,6 +515,13 @@ def _run_train(args, ranks) -> dict:
                 losses.append(step_loss)
                 done = step
                 rng_next = ckpt.rng_state()
+            if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):  # one sync
+                bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+                # The loss was finite but the update was not (fp16 overflow, a huge --lr): stop before a
+                # checkpoint or the adapter stores NaN.
+                raise TrainError(f"the adapter's weights hold NaN/Inf after step {step} (e.g. {bad[:2]}); lower "
+                                 "--lr, or train in bf16 or fp32. " + (f"The last good checkpoint is {last_ckpt}"
+                                                                       if last_ckpt else "No checkpoint was written"))
             dt = max(time.time() - t_log, 1e-9)
             line = (f"step {step:5d}/{steps}  epoch {epoch + 1}  loss {step_loss:.4f}  "
                     f"lr {sched.get_last_lr()[0]:.2e}  {tok_log / dt:,.0f} tok/s  {_memory(device)}")
@@ -483,13 +535,16 @@ def _run_train(args, ranks) -> dict:
 
         eval_loss = evaluate(model, eval_set, args.batch_size, tok.pad_id, device, args.bf16)
     except KeyboardInterrupt:
-        progress.clear()
-        opt.zero_grad(set_to_none=True)  # drop the half-accumulated step; the checkpoint is of step `done`
-        if last_ckpt is None or last_ckpt.name != f"checkpoint-{done}":
-            last_ckpt = save(done, rng_next, wait=False)
+        with _DeferSigint(reraise=False):  # the run is stopping anyway; more signals must not cut the checkpoint
+            progress.clear()
+            opt.zero_grad(set_to_none=True)  # drop the half-accumulated step; the checkpoint is of step `done`
+            if last_ckpt is None or last_ckpt.name != f"checkpoint-{done}":
+                last_ckpt = save(done, rng_next, wait=False)
         print(f"\ninterrupted: checkpoint of step {done}/{steps} saved to {last_ckpt}\n"
               f"resume with: peftfast train --output {out} --resume", flush=True)
         raise TrainInterrupted(last_ckpt, done, str(out)) from None
+    finally:
+        stop_signals.__exit__(None, None, None)
     print(f"eval loss {eval_loss:.4f} (perplexity {math.exp(min(eval_loss, 50)):.2f}) "
           f"on {len(eval_set)} held-out examples")
 
@@ -500,6 +555,26 @@ def _run_train(args, ranks) -> dict:
     print(f"done in {time.time() - t_start:.1f} s")
     return {"losses": losses, "eval_loss": eval_loss, "output": os.path.abspath(out), "steps": steps,
             "checkpoint": str(last_ckpt)}
+
+
+def _uses_target_modules(args) -> bool:
+    """Whether the run's adapter uses --target-modules (the prompt-learning methods do not)."""
+    return args.method not in PROMPT_METHODS
+
+
+def _non_finite_loss(model, loss: float, step: int, done: int, last_ckpt) -> str:
+    """Why the loss is NaN/Inf: a base weight that already is (no learning rate fixes that), the first step
+    before any update (the model or the data), or a diverging run."""
+    bad_base = next((n for n, p in model.named_parameters()
+                     if not p.requires_grad and p.is_floating_point() and not bool(torch.isfinite(p).all())), None)
+    if bad_base is not None:
+        return (f"loss is {loss} at step {step}: the base model's weights hold NaN/Inf (e.g. {bad_base}); the model "
+                "files are damaged or were saved after an overflow. Re-download or re-export the model")
+    if done == 0 and step == 1:
+        return (f"loss is {loss} at step 1, before any update: the model gives NaN/Inf on this data (try fp32, "
+                "i.e. --no-bf16, or check the model's files); the learning rate is not the cause")
+    where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
+    return f"loss is {loss} at step {step}; try a lower --lr{where}"
 
 
 def _write_outputs(peftfast, model, out: Path, losses, eval_loss, steps, args, loaded, meta, found) -> None:

@@ -124,7 +124,7 @@ def test_second_adapter_inactive_until_set(tmp_path):
     assert q.lora_A["b"].weight.requires_grad and not q.lora_A["default"].weight.requires_grad
 
 
-def test_unpatch_restores_bit_for_bit_after_merge_cycle():
+def test_unpatch_restores_bit_for_bit():
     model = tiny_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     peftfast.patch(model, LoraConfig(target_modules="all-linear", init_lora_weights=False))
@@ -132,6 +132,35 @@ def test_unpatch_restores_bit_for_bit_after_merge_cycle():
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("config", [LoraConfig(target_modules="all-linear", init_lora_weights=False),
+                                    LoraConfig(target_modules="all-linear", init_lora_weights=False, use_dora=True),
+                                    IA3Config(target_modules="all-linear", init_ia3_weights=False)],
+                         ids=["lora", "dora", "ia3"])
+def test_unpatch_restores_bit_for_bit_after_merge_cycle(config):
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    peftfast.patch(model, config)
+    peftfast.merge(model, keep_original=True)
+    merged = model.model.layers[0].self_attn.q_proj.base_layer.weight
+    assert not torch.equal(merged, before["model.layers.0.self_attn.q_proj.weight"])  # the merge did change it
+    peftfast.unpatch(model)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_unmerge_without_keep_original_is_exact_only_up_to_rounding():
+    model = tiny_llama()
+    w0 = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    peftfast.patch(model, LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
+    peftfast.merge(model)
+    peftfast.unmerge(model)
+    w1 = model.model.layers[0].self_attn.q_proj.base_layer.weight
+    torch.testing.assert_close(w1, w0, rtol=1e-6, atol=1e-6)
+    peftfast.merge(model, keep_original=True)
+    peftfast.unmerge(model)
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.base_layer.weight, w1)
 
 
 def test_unpatch_merge_adapters_matches_patched_output():
