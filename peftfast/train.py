@@ -30,7 +30,6 @@ from . import resume as ckpt
 from .basemodel import BaseModelError, bf16_by_default, check_model_spec, hub_kwargs, load_failure
 from .data import DataError, iterate_batches, load_dataset, pack_examples, split
 from .fileio import replace_atomically
-from .lineplot import write_line_png
 
 DEFAULT_DATA = Path(__file__).parent / "data" / "corpus.txt"
 METHODS = ("lora", "qlora", "dora", "ia3", "prefix", "prompt")
@@ -548,10 +547,13 @@ def _run_train(args, ranks) -> dict:
     print(f"eval loss {eval_loss:.4f} (perplexity {math.exp(min(eval_loss, 50)):.2f}) "
           f"on {len(eval_set)} held-out examples")
 
+    plotted = False
     if ranks.is_main:
-        _write_outputs(peftfast, model, out, losses, eval_loss, steps, args, loaded, meta, found if meta else None)
+        plotted = _write_outputs(peftfast, model, out, losses, eval_loss, steps, args, loaded, meta,
+                                 found if meta else None)
     ranks.barrier()
-    print(f"adapter saved to {out}, loss plot {out / 'loss.png'}; resumable checkpoint {last_ckpt}")
+    plot = f", loss plot {out / 'loss.png'}" if plotted else ""
+    print(f"adapter saved to {out}{plot}; resumable checkpoint {last_ckpt}")
     print(f"done in {time.time() - t_start:.1f} s")
     return {"losses": losses, "eval_loss": eval_loss, "output": os.path.abspath(out), "steps": steps,
             "checkpoint": str(last_ckpt)}
@@ -577,14 +579,45 @@ def _non_finite_loss(model, loss: float, step: int, done: int, last_ckpt) -> str
     return f"loss is {loss} at step {step}; try a lower --lr{where}"
 
 
-def _write_outputs(peftfast, model, out: Path, losses, eval_loss, steps, args, loaded, meta, found) -> None:
+def write_loss_plot(losses: list, path: Path, title: str) -> bool:
+    """Plot the per-step training loss to ``path`` (PNG) with matplotlib; False, saying once how to get the
+    plot, when matplotlib is not installed (it is the optional ``plot`` extra: ``pip install 'peftfast[plot]'``).
+
+    Example:
+        >>> write_loss_plot([2.3, 1.9, 1.4], Path("out/loss.png"), "lora")  # doctest: +SKIP
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display needed, and none is touched
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no loss plot: matplotlib is not installed (pip install 'peftfast[plot]'); "
+              "the losses are in train_log.json")
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    ax.plot(range(1, len(losses) + 1), losses, linewidth=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    try:
+        with replace_atomically(path) as f:
+            fig.savefig(f, format="png")
+    finally:
+        plt.close(fig)
+    return True
+
+
+def _write_outputs(peftfast, model, out: Path, losses, eval_loss, steps, args, loaded, meta, found) -> bool:
     peftfast.save_adapter(model, str(out))
     with replace_atomically(out / "train_log.json", text=True) as f:
         json.dump({"losses": losses, "eval_loss": eval_loss, "steps": steps, "method": args.method,
                    "base_model": loaded["desc"], "base_sha256": loaded["fingerprint"],
                    "resumed_from": str(found) if meta is not None else None,
                    "args": _saved_args(args)}, f, indent=1)
-    write_line_png(losses, out / "loss.png", title=f"{args.method}: training loss (eval {eval_loss:.3f})")
+    return write_loss_plot(losses, out / "loss.png", f"{args.method}: training loss (eval {eval_loss:.3f})")
 
 
 def _restore_adapter(model, path: Path) -> None:

@@ -382,3 +382,29 @@ def test_packing_keeps_every_trained_token_and_mask(tmp_path, capsys):
     assert len(res["losses"]) == 3
     assert "packed into" in capsys.readouterr().out
     assert pack_examples([], 8) == []
+
+
+def test_without_matplotlib_the_run_says_how_to_get_the_plot(tmp_path, capsys, monkeypatch):
+    """matplotlib is the optional `plot` extra: without it training still saves everything else, says once
+    how to get the plot, and does not claim one was written."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    out = tmp_path / "run"
+    train_main(["--max-steps", "2", "--output", str(out), *FAST])
+    printed = capsys.readouterr().out
+    assert printed.count("pip install 'peftfast[plot]'") == 1
+    assert "loss plot" not in printed.split("no loss plot")[-1]
+    assert not (out / "loss.png").exists() and (out / "adapter_model.safetensors").is_file()
+
+
+def test_loss_plot_is_drawn_from_the_losses(tmp_path):
+    """The plot is a real PNG of the curve: two different loss curves give different images."""
+    pytest.importorskip("matplotlib")
+    from peftfast.train import write_loss_plot
+
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    assert write_loss_plot([3.0, 2.0, 1.0], a, "t") and write_loss_plot([1.0, 2.0, 3.0], b, "t")
+    assert a.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and a.read_bytes() != b.read_bytes()
