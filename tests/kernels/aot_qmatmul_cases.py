@@ -68,7 +68,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from peftfast.kernels import qmatmul as q
+    from peftfast.kernels import launch
+    from peftfast.kernels.experimental import qmatmul as q
 
     m, n_w, k_w = 8192, 1024, 4096
     bf16, fp32 = torch.bfloat16, torch.float32
@@ -87,11 +88,11 @@ def main(argv=None) -> int:
         for (blocksize, nested, dtype, has_bias, adapter_dtype, r), layout in itertools.product(cases, layouts):
             dropout = has_bias
             elem = torch.empty(0, dtype=dtype).element_size()
-            cfgs = q.candidates(m, elem, q._block_r(r), family=arch, max_smem=limit, blocksize=blocksize,
+            cfgs = q.candidates(m, elem, launch.block_r(r), family=arch, max_smem=limit, blocksize=blocksize,
                                 nested=nested, layout=layout)
             if not args.all:
                 def estimate(c, bs=blocksize, nested=nested, layout=layout, elem=elem):
-                    return q.smem_bytes(c, c["num_stages"], elem, q._block_r(r), blocksize=bs, nested=nested,
+                    return q.smem_bytes(c, c["num_stages"], elem, launch.block_r(r), blocksize=bs, nested=nested,
                                         w_nk=layout == "nk")
 
                 cfgs = sorted(cfgs, key=estimate, reverse=True)[:1]
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
                        "dtype": str(dtype).replace("torch.", ""), "bias": has_bias, "dropout": dropout,
                        "adapters": str(adapter_dtype).replace("torch.", ""), "rank": r,
                        "limit": limit,
-                       "estimate": q.smem_bytes(cfg, cfg["num_stages"], elem, q._block_r(r), blocksize=blocksize,
+                       "estimate": q.smem_bytes(cfg, cfg["num_stages"], elem, launch.block_r(r), blocksize=blocksize,
                                                 nested=nested, w_nk=layout == "nk")}
                 t0 = time.time()
                 try:
