@@ -92,7 +92,8 @@ def triton_module(name: str):
     """The Triton half of an op (``<package>.<name>``, e.g. ``lora_triton``), or None without Triton.
 
     The Triton kernels sit at the top level of their own modules, which import Triton; the op's front
-    module (API, checks, PyTorch reference) asks for its Triton half here at the end of its import, so
+    module (API, checks, PyTorch reference) asks for its Triton half here at the end of its own import
+    (``nf4`` asks at call time: its Triton half imports its types), so
     ``import peftfast`` works where Triton is not installed (it is a Linux-only dependency) and those
     ops then run their reference path. Importing a Triton module compiles nothing and touches no GPU.
 

@@ -12,11 +12,11 @@ The Triton path (``backend="triton"``, in ``lora_triton.py``; building blocks in
 implementations and an autograd formula, so ``torch.compile`` traces it without graph breaks:
 
 * forward: ``xa = dropout(x) A^T`` ([M, r], kept for dB), then one GEMM with the LoRA term and bias in
-  its epilogue; a 4-bit base is dequantized into a temporary first, or, for M <= ``DECODE_MAX_M``,
+  its epilogue; a 4-bit base is dequantized into a temporary first, or, for M <= ``lora_triton.DECODE_MAX_M``,
   read directly as 4-bit codes by a fused dequant-GEMV (split-K) kernel;
 * a 4-bit base at M > ``DECODE_MAX_M`` (forward and the backward's dX GEMM) runs one of two variants,
-  chosen per shape bucket by ``qmatmul.qlora_gemm_variant``: ``"dequant"`` (the default: dequantize,
-  then the fused GEMM) or ``"inloop"`` (``qmatmul.matmul_lowrank_4bit``, the codes decoded in the GEMM's
+  chosen per shape bucket by ``experimental.qmatmul.qlora_gemm_variant``: ``"dequant"`` (the default: dequantize,
+  then the fused GEMM) or ``"inloop"`` (``experimental.qmatmul.matmul_lowrank_4bit``, the codes decoded in the GEMM's
   K loop), as a tuned table entry says; ``PEFTFAST_QLORA_GEMM=inloop|dequant|auto`` overrides it;
 * backward: ``g = s dY B`` once; ``dX = dY W + keep * (g A) / (1-p)`` with the same fused GEMM,
   ``dA = g^T dropout(x)``, ``dB = s dY^T xa`` with ``dbias`` summed in the same pass over dY.
@@ -98,10 +98,6 @@ def lora_linear(
     w = dense_weight(weight, x.dtype, backend)
     return lora_linear_reference(x, w, lora_A, lora_B, scaling, bias=bias, dropout_p=dropout_p, training=training)
 
-
-# Decode-sized batches read a 4-bit weight once with the fused dequant-GEMV instead of writing and
-# re-reading a dense copy (see _decode_lora_nf4_kernel).
-DECODE_MAX_M = 64
 
 
 def _triton_supports(x, weight, lora_A, lora_B, dropout_p, bias=None):

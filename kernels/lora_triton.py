@@ -17,10 +17,13 @@ from . import matmul as _mm
 from . import nf4_triton as _nf4k
 from .dispatch import interpreting
 from .experimental import qmatmul as _qmm
-from .lora import DECODE_MAX_M
 from .nf4_triton import decode_4bit_tile, to_bf16_rtne
 from .tiles import dot
 from .weights import dense_base, quant_args
+
+# Decode-sized batches read a 4-bit weight once with the fused dequant-GEMV instead of writing and
+# re-reading a dense copy (see _decode_lora_4bit_kernel).
+DECODE_MAX_M = 64
 
 # ==================================================================================================
 # Triton path
@@ -37,7 +40,7 @@ from .weights import dense_base, quant_args
 
 
 def _qlora_inloop(m: int, n: int, k: int, dtype, meta, quant_type, code2, layout: str, device) -> bool:
-    """Whether this 4-bit GEMM (forward ``"nk"`` or dX ``"kn"``) decodes W in its K loop (see qmatmul)."""
+    """Whether this 4-bit GEMM (forward ``"nk"`` or dX ``"kn"``) decodes W in its K loop (see experimental.qmatmul)."""
     if not meta or m <= DECODE_MAX_M:
         return False
     return _qmm.qlora_gemm_variant(m, n, k, dtype, meta, quant_type, code2 is not None, layout, device) == "inloop"

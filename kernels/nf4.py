@@ -283,8 +283,8 @@ def dequantize_4bit(
         raise ValueError(f"dequantize_4bit produces fp16, bf16 or fp32, not {out_dtype}")
     if out is not None:
         check_out(q, out, out_dtype)
-    if resolve_backend(backend, q.device, supported=_kernels is not None) == "triton":
-        return _kernels.triton_dequantize(q, out_dtype, out=out)
+    if resolve_backend(backend, q.device, supported=triton_module("nf4_triton") is not None) == "triton":
+        return triton_module("nf4_triton").triton_dequantize(q, out_dtype, out=out)
     result = dequantize_4bit_reference(q, out_dtype)
     if out is None:
         return result
@@ -303,6 +303,3 @@ def check_out(q: Quant4bit, out: torch.Tensor, dtype: torch.dtype) -> None:
     if out.device != q.device:
         raise ValueError(f"out is on {out.device}, the weight on {q.device}")
 
-
-# The Triton kernel (None without Triton); imported last, as it uses this module's names.
-_kernels = triton_module("nf4_triton")

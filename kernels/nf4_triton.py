@@ -51,8 +51,8 @@ def to_bf16_rtne(x):
     return b_hi.to(tl.bfloat16, bitcast=True)
 
 
-# Tile decode shared by the kernels that read the packed weight inside their K loop (qmatmul's GEMM and
-# lora.py's decode GEMV): scales in bitsandbytes' order of operations, codes through a register LUT.
+# Tile decode shared by the kernels that read the packed weight inside their K loop (experimental.qmatmul's GEMM
+# and lora_triton.py's decode GEMV): scales in bitsandbytes' order of operations, codes through a register LUT.
 
 
 @triton.jit

@@ -20,7 +20,7 @@ a ``lora_matmul_4bit`` key and both QLoRA GEMM variants are timed on a random 4-
 ``dequantize_4bit`` launch into a reused workspace, then each of matmul's candidates). The faster
 variant and its config are recorded as the entry (``"variant"``); when ``dequant`` wins, its dense
 GEMM config is written under that GEMM's own ``lora_matmul`` key too, which is what the dequant path
-looks up. M buckets that the decode kernel serves (M <= ``lora.DECODE_MAX_M``) are skipped.
+looks up. M buckets that the decode kernel serves (M <= ``lora_triton.DECODE_MAX_M``) are skipped.
 """
 from __future__ import annotations
 
@@ -171,7 +171,7 @@ def m_buckets(batch_tokens: Sequence[int]) -> List[Tuple[int, Tuple[int, ...]]]:
 
 def decode_max_m() -> int:
     """The largest M the fused 4-bit decode kernel serves (its buckets have no 4-bit GEMM to tune)."""
-    from peftfast.kernels.lora import DECODE_MAX_M
+    from peftfast.kernels.lora_triton import DECODE_MAX_M
 
     return DECODE_MAX_M
 

@@ -1,4 +1,4 @@
-"""Compile the in-loop QLoRA GEMM (kernels/qmatmul.py) for sm80/sm89/sm90 without a GPU.
+"""Compile the in-loop QLoRA GEMM (kernels/experimental/qmatmul.py) for sm80/sm89/sm90 without a GPU.
 
 Run by tests/kernels/test_qmatmul.py through ``aot.run_in_subprocess`` (TRITON_INTERPRET unset):
 
@@ -34,7 +34,7 @@ _SUBSET_LAYOUTS = {"sm80": ("nk",), "sm89": ("kn",), "sm90": ("nk", "kn")}
 
 
 def _case_tensors(torch, *, m, n_w, k_w, blocksize, nested, layout, dtype, r, adapter_dtype=None):
-    """CPU stand-ins shaped as lora.py passes them (never read: the launch only compiles)."""
+    """CPU stand-ins shaped as lora_triton.py passes them (never read: the launch only compiles)."""
     numel = n_w * k_w
     blocks = numel // blocksize
     packed = torch.zeros((numel + 1) // 2, dtype=torch.uint8)

@@ -1,4 +1,4 @@
-"""Triton LoRA linear (kernels/lora.py, kernels/matmul.py) against the PyTorch reference.
+"""Triton LoRA linear (kernels/lora.py, lora_triton.py, matmul.py) against the PyTorch reference.
 
 Every comparison uses flash-attention's rule (``tests.helpers.dtype_error_bound``): the kernel's error
 against the float64 reference may be at most twice that of the same computation run by PyTorch in the

@@ -1,4 +1,4 @@
-"""The in-loop QLoRA GEMM (kernels/qmatmul.py) and how lora.py chooses between it and dequant + GEMM.
+"""The in-loop QLoRA GEMM (kernels/experimental/qmatmul.py) and how lora_triton.py chooses between it and dequant + GEMM.
 
 On CPU the kernel runs in Triton's interpreter with the same fixed blocks as ``matmul_lowrank``, so
 the two variants accumulate in the same order there and must agree *bitwise*; on a GPU (different
@@ -24,7 +24,6 @@ import torch
 
 from peftfast import tune
 from peftfast.kernels import launch, lora_triton, weights  # noqa: E402
-from peftfast.kernels import lora as lora_mod
 from peftfast.kernels import matmul as mm
 from peftfast.kernels.experimental import qmatmul as qmm
 from peftfast.kernels import tuning
@@ -353,9 +352,9 @@ def test_cache_entry_variant(monkeypatch):
 
 def test_small_m_and_undecodable_weights_never_run_inloop(monkeypatch):
     monkeypatch.setenv(qmm.ENV_VARIANT, "inloop")
-    assert not lora_triton._qlora_inloop(lora_mod.DECODE_MAX_M, 40, 128, FP16, [64, 256, 40, 128], "nf4", None, "kn",
+    assert not lora_triton._qlora_inloop(lora_triton.DECODE_MAX_M, 40, 128, FP16, [64, 256, 40, 128], "nf4", None, "kn",
                                       torch.device(DEVICE))
-    assert lora_triton._qlora_inloop(lora_mod.DECODE_MAX_M + 1, 40, 128, FP16, [64, 256, 40, 128], "nf4", None, "nk",
+    assert lora_triton._qlora_inloop(lora_triton.DECODE_MAX_M + 1, 40, 128, FP16, [64, 256, 40, 128], "nf4", None, "nk",
                                   torch.device(DEVICE))
     with pytest.warns(RuntimeWarning, match="straddle"):
         assert _variant(meta=(64, 256, 40, 96), k=96) == "dequant"
