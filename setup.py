@@ -4,8 +4,13 @@
 from setuptools import setup
 
 setup(
-    packages=["peftfast", "peftfast.kernels", "peftfast.kernels.configs"],
-    package_dir={"peftfast": "peftfast", "peftfast.kernels": "kernels", "peftfast.kernels.configs": "kernels/configs"},
+    packages=["peftfast", "peftfast.kernels", "peftfast.kernels.configs", "peftfast.kernels.experimental"],
+    package_dir={
+        "peftfast": "peftfast",
+        "peftfast.kernels": "kernels",
+        "peftfast.kernels.configs": "kernels/configs",
+        "peftfast.kernels.experimental": "kernels/experimental",
+    },
     package_data={"peftfast.kernels.configs": ["*.json"], "peftfast": ["data/*"]},
     include_package_data=True,
 )

@@ -15,7 +15,7 @@ Implementations:
                         table says otherwise)
     peftfast_dequant    (NF4) the same with PEFTFAST_QLORA_GEMM=dequant: dequantize_4bit, then the fused GEMM
     peftfast_inloop     (NF4) the same with PEFTFAST_QLORA_GEMM=inloop: the 4-bit codes decoded in the fused
-                        GEMM's K loop (kernels/qmatmul.py), forward and dX
+                        GEMM's K loop (kernels/experimental/qmatmul.py), forward and dX
     peft                Hugging Face PEFT's LoRA layer on nn.Linear (bf16 base) / bitsandbytes Linear4bit (NF4)
     dequant_cublas      (NF4) bnb dequantize_4bit, F.linear, LoRA added by torch.addmm; autograd backward
     plain_addmm         (bf16) F.linear, LoRA added by torch.addmm; autograd backward
@@ -43,7 +43,7 @@ SMOKE_MS = (32,)
 HEADLINE_SHAPES = ((4096, 14336),)
 HEADLINE_MS = (8192,)
 BASES = ("bf16", "nf4")
-# The two QLoRA GEMM variants, each forced for one row (kernels/qmatmul.py; "peftfast" is the default choice).
+# The two QLoRA GEMM variants, each forced for one row (kernels/experimental/qmatmul.py; "peftfast" is the default choice).
 QLORA_VARIANTS = ("dequant", "inloop")
 
 

@@ -1,6 +1,8 @@
 """peftfast.kernels: pure tensor functions, each with its PyTorch reference beside it.
 
 Nothing here knows about nn.Module or transformers; wrappers in ``peftfast`` call one function per op.
+Each op's front module (``lora``, ``ia3``, ``dora``, ``prefix_attention``, ``nf4``) imports no Triton:
+its kernels live in ``<op>_triton`` and are loaded through ``dispatch.triton_module`` when Triton imports.
 """
 from .dispatch import BACKENDS, interpreting, resolve_backend
 from .nf4 import Quant4bit, dequantize_4bit, dequantize_4bit_reference, is_4bit_weight, quant4bit_view

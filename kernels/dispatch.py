@@ -87,30 +87,25 @@ def resolve_backend(backend: str, device: torch.device, supported: bool = True, 
     return "triton" if (runnable and supported) else "reference"
 
 
-def triton_matmul_module():
-    """``kernels.matmul`` (the shared Triton building blocks) when Triton imports, else None; the ops
-    then offer their reference path only."""
+@functools.lru_cache(maxsize=None)
+def triton_module(name: str):
+    """The Triton half of an op (``<package>.<name>``, e.g. ``lora_triton``), or None without Triton.
+
+    The Triton kernels sit at the top level of their own modules, which import Triton; the op's front
+    module (API, checks, PyTorch reference) asks for its Triton half here at the end of its own import
+    (``nf4`` asks at call time: its Triton half imports its types), so
+    ``import peftfast`` works where Triton is not installed (it is a Linux-only dependency) and those
+    ops then run their reference path. Importing a Triton module compiles nothing and touches no GPU.
+
+    Args:
+        name: the module's name inside this package.
+
+    Returns:
+        The imported module, or None when ``import triton`` fails on this platform.
+
+    Example:
+        >>> _kernels = triton_module("lora_triton")  # doctest: +SKIP
+    """
     if not triton_available():  # pragma: no cover - platforms without Triton
         return None
-    from . import matmul
-
-    return matmul
-
-
-def canonical_ops(module_name: str, names: tuple, define):
-    """An op module's ``torch.library`` ops, registered once per process.
-
-    With the repository root on ``sys.path`` an op file can also be imported as the top-level
-    ``kernels.<op>`` (transformers probes for a ``kernels`` package). A second registration would replace
-    the first with that copy's functions and globals, so such a copy reuses the ops of
-    ``peftfast.kernels.<op>`` (fetched by module name: the package attribute may be a function of the
-    same name). ``define()`` registers them when this is the canonical module or no package exists.
-    """
-    canonical = "peftfast.kernels." + module_name.rsplit(".", 1)[-1]
-    if module_name != canonical:
-        try:
-            module = importlib.import_module(canonical)
-            return tuple(getattr(module, n) for n in names)
-        except ImportError:  # the directory used on its own, without the peftfast package
-            pass
-    return define()
+    return importlib.import_module(f"{__package__}.{name}")

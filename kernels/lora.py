@@ -7,16 +7,16 @@ the second and later of several active adapters).
 The reference mirrors Hugging Face PEFT's arithmetic order (``lora_B(lora_A(dropout(x))) * scaling``,
 the LoRA branch run in the adapter's dtype and cast back), so logits match PEFT to float rounding.
 
-The Triton path (``backend="triton"``, building blocks in ``matmul.py``) is registered as the
+The Triton path (``backend="triton"``, in ``lora_triton.py``; building blocks in ``matmul.py``) is registered as the
 ``torch.library`` custom ops ``peftfast::lora_linear`` / ``peftfast::lora_linear_backward`` with fake
 implementations and an autograd formula, so ``torch.compile`` traces it without graph breaks:
 
 * forward: ``xa = dropout(x) A^T`` ([M, r], kept for dB), then one GEMM with the LoRA term and bias in
-  its epilogue; a 4-bit base is dequantized into a temporary first, or, for M <= ``DECODE_MAX_M``,
+  its epilogue; a 4-bit base is dequantized into a temporary first, or, for M <= ``lora_triton.DECODE_MAX_M``,
   read directly as 4-bit codes by a fused dequant-GEMV (split-K) kernel;
 * a 4-bit base at M > ``DECODE_MAX_M`` (forward and the backward's dX GEMM) runs one of two variants,
-  chosen per shape bucket by ``qmatmul.qlora_gemm_variant``: ``"dequant"`` (the default: dequantize,
-  then the fused GEMM) or ``"inloop"`` (``qmatmul.matmul_lowrank_4bit``, the codes decoded in the GEMM's
+  chosen per shape bucket by ``experimental.qmatmul.qlora_gemm_variant``: ``"dequant"`` (the default: dequantize,
+  then the fused GEMM) or ``"inloop"`` (``experimental.qmatmul.matmul_lowrank_4bit``, the codes decoded in the GEMM's
   K loop), as a tuned table entry says; ``PEFTFAST_QLORA_GEMM=inloop|dequant|auto`` overrides it;
 * backward: ``g = s dY B`` once; ``dX = dY W + keep * (g A) / (1-p)`` with the same fused GEMM,
   ``dA = g^T dropout(x)``, ``dB = s dY^T xa`` with ``dbias`` summed in the same pass over dY.
@@ -26,14 +26,13 @@ implementations and an autograd formula, so ``torch.compile`` traces it without 
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .dispatch import interpreting, resolve_backend
-from .nf4 import Quant4bit, dequantize_4bit, is_4bit_weight, quant4bit_view
-from .weights import base_weight_problem, bias_problem, dense_weight, float_operands_problem, weight_shape
+from .dispatch import resolve_backend, triton_module
+from .weights import base_weight_problem, bias_problem, check_lora_shapes, dense_weight, float_operands_problem
 
 
 def lora_linear_reference(
@@ -56,20 +55,6 @@ def lora_linear_reference(
     w = dense_weight(weight, x.dtype, backend="reference")
     y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
     return y + lora_out.to(y.dtype)
-
-
-def _check_shapes(x, weight, lora_A, lora_B):
-    r, k = lora_A.shape
-    if lora_B.shape[1] != r:
-        raise ValueError(f"lora_B must be [N, r={r}], got {tuple(lora_B.shape)} for lora_A {tuple(lora_A.shape)}")
-    if x.shape[-1] != k:
-        raise ValueError(f"x has {x.shape[-1]} features but lora_A expects {k}")
-    if weight is not None:
-        n, kw = weight_shape(weight)
-        if (n, kw) != (lora_B.shape[0], k):
-            raise ValueError(
-                f"base weight is {(n, kw)} but the adapter expects ({lora_B.shape[0]}, {k}) (lora_B rows, lora_A cols)"
-            )
 
 
 def lora_linear(
@@ -104,7 +89,7 @@ def lora_linear(
     Example:
         >>> y = lora_linear(x, layer.weight, A, B, 2.0, bias=layer.bias)  # doctest: +SKIP
     """
-    _check_shapes(x, weight, lora_A, lora_B)
+    check_lora_shapes(x, weight, lora_A, lora_B)
     supported, why = _triton_supports(x, weight, lora_A, lora_B, dropout_p if training else 0.0, bias)
     if resolve_backend(backend, x.device, supported, why) == "triton":
         return _triton_lora_linear(x, weight, lora_A, lora_B, scaling, bias=bias, dropout_p=dropout_p if training else 0.0)
@@ -114,383 +99,10 @@ def lora_linear(
     return lora_linear_reference(x, w, lora_A, lora_B, scaling, bias=bias, dropout_p=dropout_p, training=training)
 
 
-# ==================================================================================================
-# Triton path
-#
-# Forward (large M):  xa = dropout(x) @ A^T                 [M, r], kept for dB
-#                     y  = x @ W^T + (xa) @ (s B^T) + bias   one GEMM, LoRA in its epilogue
-# Backward:           g  = s * dY @ B                        [M, r], once, for dA and dX
-#                     dX = dY @ W + keep * (g @ A) / (1-p)   the same fused GEMM, W read with swapped strides
-#                     dA = g^T @ dropout(x)                  dB = s * dY^T @ xa   (+ dbias = dY.sum(0))
-# Saved: x, xa, the seed and the base weight *as stored* (a 4-bit weight is dequantized again in the
-# backward: keeping its dense copy would cost 4x the 4-bit storage for the whole step).
-# ==================================================================================================
-
-# Decode-sized batches read a 4-bit weight once with the fused dequant-GEMV instead of writing and
-# re-reading a dense copy (see _decode_lora_nf4_kernel).
-DECODE_MAX_M = 64
-
-from .dispatch import canonical_ops, triton_matmul_module
-
-_mm = triton_matmul_module()
-if _mm is not None:
-    from . import qmatmul as _qmm
-else:  # pragma: no cover - platforms without Triton
-    _qmm = None
-
-
-def _quant_args(weight):
-    """Split a base weight into the custom op's tensor arguments.
-
-    Returns ``(w, absmax, code, code2, absmax2, offset, meta, quant_type)``: ``w`` is the dense
-    weight or the packed uint8 codes; ``meta`` is ``[]`` for dense weights and
-    ``[blocksize, blocksize2, N, K]`` for 4-bit ones.
-    """
-    if weight is None or not (isinstance(weight, Quant4bit) or is_4bit_weight(weight)):
-        return weight, None, None, None, None, None, [], ""
-    q = weight if isinstance(weight, Quant4bit) else quant4bit_view(weight)
-    n, k = q.shape
-    offset = q.offset
-    if q.nested and not torch.is_tensor(offset):  # some bitsandbytes versions keep a Python float
-        offset = torch.tensor(float(offset), device=q.packed.device, dtype=torch.float32)
-    return (q.packed, q.absmax, q.code, q.code2, q.absmax2, offset,
-            [q.blocksize, q.blocksize2, int(n), int(k)], q.quant_type)
-
-
-def _dense_base(w, absmax, code, code2, absmax2, offset, meta, quant_type, dtype) -> Optional[torch.Tensor]:
-    """The [N, K] base weight: the tensor itself when dense (cast in-kernel), else a fresh dequantization."""
-    if w is None or not meta:
-        return w
-    blocksize, blocksize2, n, k = meta
-    q = Quant4bit(packed=w, absmax=absmax, code=code, blocksize=blocksize, shape=(n, k), dtype=dtype,
-                  quant_type=quant_type, code2=code2, absmax2=absmax2, blocksize2=blocksize2, offset=offset)
-    return dequantize_4bit(q, dtype=dtype, backend="auto")
-
-
-def _qlora_inloop(m: int, n: int, k: int, dtype, meta, quant_type, code2, layout: str, device) -> bool:
-    """Whether this 4-bit GEMM (forward ``"nk"`` or dX ``"kn"``) decodes W in its K loop (see qmatmul)."""
-    if _qmm is None or not meta or m <= DECODE_MAX_M:
-        return False
-    return _qmm.qlora_gemm_variant(m, n, k, dtype, meta, quant_type, code2 is not None, layout, device) == "inloop"
-
-
-def _lora_forward_impl(x, weight, lora_A, lora_B, bias, seed, absmax, code, code2, absmax2, offset,
-                       meta, quant_type, scaling, dropout_p):
-    k = x.shape[-1]
-    r, n = lora_A.shape[0], lora_B.shape[0]
-    lead = x.shape[:-1]
-    # A view whenever the leading dims merge; the kernels take any 2-D strides.
-    x2 = x.reshape(-1, k)
-    xa = _mm.lowrank_project(x2, lora_A.t(), dropout_p=dropout_p, seed=seed)
-    if (weight is not None and meta and x2.shape[0] <= DECODE_MAX_M and _decode_supported(meta, quant_type)
-            and x2.shape[0] > 0):
-        y = _decode_lora_4bit(x2, weight, absmax, code, code2, absmax2, offset, meta, xa, lora_B, bias, scaling)
-    elif weight is not None and _qlora_inloop(x2.shape[0], n, k, x.dtype, meta, quant_type, code2, "nk", x.device):
-        y = _qmm.matmul_lowrank_4bit(x2, weight, absmax, code, code2, absmax2, offset, meta, quant_type, xa,
-                                     lora_B.t(), scaling, bias=bias, layout="nk", out_dtype=x.dtype)
-    else:
-        w = _dense_base(weight, absmax, code, code2, absmax2, offset, meta, quant_type, x.dtype)
-        y = _mm.matmul_lowrank(x2, None if w is None else w.t(), xa, lora_B.t(), scaling, bias=bias,
-                               out_dtype=x.dtype)
-    return y.view(*lead, n), xa.view(*lead, r)
-
-
-def _lora_backward_impl(dy, x, xa, weight, lora_A, lora_B, seed, absmax, code, code2, absmax2, offset,
-                        meta, quant_type, scaling, dropout_p, needs):
-    k = x.shape[-1]
-    r, n = lora_A.shape[0], lora_B.shape[0]
-    dtype = x.dtype
-    x2 = x.reshape(-1, k)
-    xa2 = xa.reshape(-1, r)
-    dy2 = dy.reshape(-1, n)
-    if dy2.dtype != dtype:
-        dy2 = dy2.to(dtype)
-    need_dx, need_da, need_db, need_dbias = needs
-    # Outputs that are not needed are distinct empty tensors: a custom op's outputs may not alias.
-    dx, da, db, dbias = (x.new_empty(0) for _ in range(4))
-    if need_dx or need_da:
-        # g carries the scaling, so neither consumer multiplies by it again.
-        g = _mm.lowrank_project(dy2, lora_B, scale=scaling)
-        if need_dx:
-            if weight is not None and _qlora_inloop(dy2.shape[0], k, n, dtype, meta, quant_type, code2, "kn",
-                                                    x.device):
-                dx = _qmm.matmul_lowrank_4bit(dy2, weight, absmax, code, code2, absmax2, offset, meta, quant_type,
-                                              g, lora_A, 1.0, dropout_p=dropout_p, seed=seed, layout="kn",
-                                              out_dtype=dtype)
-            else:
-                w = _dense_base(weight, absmax, code, code2, absmax2, offset, meta, quant_type, dtype)
-                dx = _mm.matmul_lowrank(dy2, w, g, lora_A, 1.0, dropout_p=dropout_p, seed=seed, out_dtype=dtype)
-            dx = dx.view(x.shape)
-        if need_da:
-            da = torch.empty(lora_A.shape, device=x.device, dtype=lora_A.dtype)
-            _mm.lowrank_wgrad(g, x2, da, dropout_p=dropout_p, seed=seed)
-    if need_db or need_dbias:
-        db = torch.empty(lora_B.shape, device=x.device, dtype=lora_B.dtype)
-        if need_dbias:
-            dbias = torch.empty(n, device=x.device, dtype=torch.float32)
-        # dB^T = s * xa^T @ dY, written through dB's transposed view; dbias rides on the same read of dY.
-        _mm.lowrank_wgrad(xa2, dy2, db.t(), scale=scaling, colsum=dbias if need_dbias else None)
-        if not need_db:
-            db = x.new_empty(0)
-    return dx, da, db, dbias
-
-
-def _define_ops():
-    """Register ``peftfast::lora_linear`` (+ fake, autograd) and its backward op; returns both."""
-
-    @torch.library.custom_op("peftfast::lora_linear", mutates_args=())
-    def _lora_linear_op(
-        x: torch.Tensor,
-        weight: Optional[torch.Tensor],
-        lora_A: torch.Tensor,
-        lora_B: torch.Tensor,
-        bias: Optional[torch.Tensor],
-        seed: Optional[torch.Tensor],
-        absmax: Optional[torch.Tensor],
-        code: Optional[torch.Tensor],
-        code2: Optional[torch.Tensor],
-        absmax2: Optional[torch.Tensor],
-        offset: Optional[torch.Tensor],
-        meta: List[int],
-        quant_type: str,
-        scaling: float,
-        dropout_p: float,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Triton LoRA linear forward; returns ``(y, xa)``. ``xa`` is an internal output kept for dB.
-
-        ``weight`` is the dense [N, K] base, the packed uint8 codes of a 4-bit one (then ``meta`` is
-        ``[blocksize, blocksize2, N, K]`` and ``absmax``..``offset`` describe the scales), or None.
-        ``seed`` (int64 [1]) drives the dropout mask; None when ``dropout_p == 0``.
-        """
-        return _lora_forward_impl(x, weight, lora_A, lora_B, bias, seed, absmax, code, code2, absmax2, offset,
-                                  meta, quant_type, scaling, dropout_p)
-
-    @_lora_linear_op.register_fake
-    def _(x, weight, lora_A, lora_B, bias, seed, absmax, code, code2, absmax2, offset, meta, quant_type,
-          scaling, dropout_p):
-        lead = x.shape[:-1]
-        return x.new_empty((*lead, lora_B.shape[0])), x.new_empty((*lead, lora_A.shape[0]))
-
-    @torch.library.custom_op("peftfast::lora_linear_backward", mutates_args=())
-    def _lora_linear_backward_op(
-        dy: torch.Tensor,
-        x: torch.Tensor,
-        xa: torch.Tensor,
-        weight: Optional[torch.Tensor],
-        lora_A: torch.Tensor,
-        lora_B: torch.Tensor,
-        seed: Optional[torch.Tensor],
-        absmax: Optional[torch.Tensor],
-        code: Optional[torch.Tensor],
-        code2: Optional[torch.Tensor],
-        absmax2: Optional[torch.Tensor],
-        offset: Optional[torch.Tensor],
-        meta: List[int],
-        quant_type: str,
-        scaling: float,
-        dropout_p: float,
-        needs: List[bool],
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(dx, dA, dB, dbias_fp32)``; an entry whose ``needs`` flag is False is an empty tensor."""
-        return _lora_backward_impl(dy, x, xa, weight, lora_A, lora_B, seed, absmax, code, code2, absmax2, offset,
-                                   meta, quant_type, scaling, dropout_p, needs)
-
-    @_lora_linear_backward_op.register_fake
-    def _(dy, x, xa, weight, lora_A, lora_B, seed, absmax, code, code2, absmax2, offset, meta, quant_type,
-          scaling, dropout_p, needs):
-        return (
-            x.new_empty(x.shape) if needs[0] else x.new_empty(0),
-            lora_A.new_empty(lora_A.shape) if needs[1] else x.new_empty(0),
-            lora_B.new_empty(lora_B.shape) if needs[2] else x.new_empty(0),
-            x.new_empty((lora_B.shape[0],), dtype=torch.float32) if needs[3] else x.new_empty(0),
-        )
-
-    def _setup_context(ctx, inputs, output):
-        (x, weight, lora_A, lora_B, bias, seed, absmax, code, code2, absmax2, offset, meta, quant_type,
-         scaling, dropout_p) = inputs
-        ctx.save_for_backward(x, output[1], weight, lora_A, lora_B, seed, absmax, code, code2, absmax2, offset)
-        ctx.meta, ctx.quant_type, ctx.scaling, ctx.dropout_p = list(meta), quant_type, scaling, dropout_p
-        ctx.bias_dtype = None if bias is None else bias.dtype
-
-    def _backward(ctx, dy, dxa):
-        # dxa is ignored: xa is an internal product, only returned so that the backward can reuse it.
-        x, xa, weight, lora_A, lora_B, seed, absmax, code, code2, absmax2, offset = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        needs = [bool(need[0]), bool(need[2]), bool(need[3]), bool(need[4]) and ctx.bias_dtype is not None]
-        dx, da, db, dbias = _lora_linear_backward_op(
-            dy, x, xa, weight, lora_A, lora_B, seed, absmax, code, code2, absmax2, offset,
-            ctx.meta, ctx.quant_type, ctx.scaling, ctx.dropout_p, needs,
-        )
-        return (
-            dx if needs[0] else None, None, da if needs[1] else None, db if needs[2] else None,
-            dbias.to(ctx.bias_dtype) if needs[3] else None,
-            None, None, None, None, None, None, None, None, None, None,
-        )
-
-    torch.library.register_autograd("peftfast::lora_linear", _backward, setup_context=_setup_context)
-
-    return _lora_linear_op, _lora_linear_backward_op
-
-
-_lora_linear_op, _lora_linear_backward_op = canonical_ops(
-    __name__, ("_lora_linear_op", "_lora_linear_backward_op"), _define_ops)
-
-
-def _triton_lora_linear_impl(
-    x: torch.Tensor,
-    weight,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    *,
-    bias: Optional[torch.Tensor] = None,
-    dropout_p: float = 0.0,
-) -> torch.Tensor:
-    """The Triton LoRA linear (the body of ``lora_linear(..., backend="triton")``).
-
-    ``dropout_p`` is the effective probability (0 outside training). The dropout seed is drawn from
-    PyTorch's generator of x's device, so ``torch.manual_seed`` makes the mask reproducible; p == 0
-    draws nothing and compiles no dropout code.
-    """
-    w, absmax, code, code2, absmax2, offset, meta, quant_type = _quant_args(weight)
-    seed = None
-    if dropout_p > 0:
-        seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
-    y, _ = _lora_linear_op(x, w, lora_A, lora_B, bias, seed, absmax, code, code2, absmax2, offset,
-                           meta, quant_type, float(scaling), float(dropout_p))
-    return y
-
-
-# --------------------------------------------------------------------------------------------------
-# Decode: fused 4-bit dequant-GEMV (filled in below when available)
-# --------------------------------------------------------------------------------------------------
-
-
-def _decode_supported(meta, quant_type) -> bool:
-    """The fused decode kernel needs rows that start on byte and scale-block boundaries."""
-    blocksize, _, _, k = meta
-    return _mm is not None and k % 2 == 0 and k % blocksize == 0
-
-
-if _mm is not None:
-    import triton
-    import triton.language as tl
-
-    from . import nf4 as _nf4
-    from .matmul import _dot
-    from .nf4 import _decode_4bit_tile, _to_bf16_rtne
-
-    @triton.jit
-    def _decode_lora_4bit_kernel(
-        p_x, p_q, p_absmax, p_code, p_code2, p_absmax2, p_offset, p_l, p_r, p_bias, p_y,
-        M, N, K, R, k_per_split,
-        stride_xm, stride_xk, stride_lm, stride_lr, stride_rr, stride_rn, stride_ys, stride_ym, stride_yn,
-        scale,
-        BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
-        DOT_F32: tl.constexpr, IEEE: tl.constexpr, PTX_MUL_RN: tl.constexpr, SOFT_BF16: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    ):
-        """Y[s, M, N] = X[:, K_s] @ dequant(Wq)[N, K_s]^T (+ scale * L @ R + bias on split 0).
-
-        Decode is bound by reading W, so W is read once, as 4-bit codes, and decoded by the same tile
-        decode as the in-loop GEMM (nf4._decode_4bit_tile: a register LUT, one scale per block and row,
-        bitsandbytes' rounding). The output is computed transposed ([BN, BM]) so that the weight tile is
-        the dot's left operand without a transpose, and small M pads only the 16-wide right side.
-        Split-K programs write fp32 partials (summed by the caller: deterministic) so that a few output
-        tiles still fill the GPU; a split starts on a BLOCK_K boundary.
-        """
-        i_n, i_s = tl.program_id(0), tl.program_id(1)
-        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        o_m = tl.arange(0, BLOCK_M)
-        o_kb = tl.arange(0, BLOCK_K)
-        m_n = o_n < N
-        m_m = o_m < M
-        o_n64 = o_n.to(tl.int64)
-        dtype = p_x.dtype.element_ty
-        k_start = i_s * k_per_split
-        k_end = min(k_start + k_per_split, K)
-        b_lut = tl.broadcast_to(tl.load(p_code + tl.arange(0, 16))[:, None], [16, BLOCK_K])  # [16, BK] fp32
-
-        b_acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for k0 in range(k_start, k_end, BLOCK_K):
-            # Columns past k_end (the next split's) decode too, but meet X entries masked to zero.
-            b_w32 = _decode_4bit_tile(p_q, p_absmax, b_lut, p_code2, p_absmax2, p_offset, o_n64, m_n, k0, K,
-                                      BLOCK_N, BLOCK_K, BLOCKSIZE, BLOCKSIZE2, NESTED, PTX_MUL_RN)  # [BN, BK]
-            if SOFT_BF16:
-                b_w = _to_bf16_rtne(b_w32)
-            else:
-                b_w = b_w32.to(dtype)
-            o_k = k0 + o_kb
-            b_xt = tl.load(p_x + o_k[:, None] * stride_xk + o_m[None, :] * stride_xm,
-                           mask=(o_k < k_end)[:, None] & m_m[None, :], other=0.0)
-            b_acc = _dot(b_w, b_xt, b_acc, DOT_F32, IEEE)  # [BN, BK] @ [BK, BM] -> [BN, BM]
-
-        if i_s == 0:
-            b_lr = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            for r0 in range(0, R, BLOCK_R):
-                o_r = r0 + tl.arange(0, BLOCK_R)
-                m_r = o_r < R
-                b_rt = tl.load(p_r + o_r[None, :] * stride_rr + o_n[:, None] * stride_rn,
-                               mask=m_n[:, None] & m_r[None, :], other=0.0).to(dtype)
-                b_lt = tl.load(p_l + o_r[:, None] * stride_lr + o_m[None, :] * stride_lm,
-                               mask=m_r[:, None] & m_m[None, :], other=0.0).to(dtype)
-                b_lr = _dot(b_rt, b_lt, b_lr, DOT_F32, IEEE)  # [BN, BR] @ [BR, BM] -> [BN, BM]
-            b_acc += b_lr * scale
-            if HAS_BIAS:
-                b_acc += tl.load(p_bias + o_n, mask=m_n, other=0.0).to(tl.float32)[:, None]
-
-        tl.store(p_y + i_s * stride_ys + o_m[None, :] * stride_ym + o_n64[:, None] * stride_yn,
-                 b_acc.to(p_y.dtype.element_ty), mask=m_n[:, None] & m_m[None, :])
-
-
-# BLOCK_K of the decode kernel by x's element size, capped at the blocksize (so one scale per row and
-# tile; QLoRA's default blocksize is 64 anyway). Not yet tuned on a GPU. With the LUT in registers the
-# shared memory is the pipelined dot operands: compiled, bf16 at M=1 needs 25 KB at 64 and 50 KB at 128;
-# fp32 at M=64 needs 54 KB at 64 and 108 KB at 128 (over sm86/sm89's 99 KB), hence 32 there.
-_DECODE_BLOCK_K = {2: 64, 4: 32}
-
-
-def _decode_lora_4bit(x2, packed, absmax, code, code2, absmax2, offset, meta, xa, lora_B, bias, scaling,
-                      splits: Optional[int] = None) -> torch.Tensor:
-    """Fused dequant-GEMV for M <= DECODE_MAX_M rows and a 4-bit base: [M, K] -> [M, N] in x's dtype."""
-    blocksize, blocksize2, n, k = meta
-    m, r = x2.shape[0], xa.shape[1]
-    dtype = x2.dtype
-    block_m = max(16, triton.next_power_of_2(m))
-    block_n = 64
-    block_k = min(blocksize, _DECODE_BLOCK_K[x2.element_size()])
-    block_r = _mm._block_r(r)
-    n_tiles = triton.cdiv(n, block_n)
-    k_tiles = triton.cdiv(k, block_k)
-    if splits is None:
-        splits = 1 if x2.device.type != "cuda" else triton.cdiv(2 * _mm._num_sms(x2.device), n_tiles)
-    splits = max(1, min(splits, k_tiles))
-    k_per_split = triton.cdiv(k_tiles, splits) * block_k
-    splits = triton.cdiv(k, k_per_split)
-    y = torch.empty((m, n), device=x2.device, dtype=dtype)
-    dst = y if splits == 1 else torch.empty((splits, m, n), device=x2.device, dtype=torch.float32)
-    dst_strides = (0, y.stride(0), y.stride(1)) if splits == 1 else dst.stride()
-    nested = code2 is not None
-    right = lora_B.t()
-    _decode_lora_4bit_kernel[(n_tiles, splits)](
-        x2, packed, absmax, code, code2 if nested else code, absmax2 if nested else code,
-        offset if nested else code, xa, right, bias if bias is not None else code, dst,
-        m, n, k, r, k_per_split,
-        x2.stride(0), x2.stride(1), xa.stride(0), xa.stride(1), right.stride(0), right.stride(1), *dst_strides,
-        float(scaling),
-        BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested, HAS_BIAS=bias is not None,
-        **_mm._dot_flags(dtype), PTX_MUL_RN=_nf4._ptx_mul_rn(x2.device),
-        SOFT_BF16=dtype == torch.bfloat16 and interpreting(),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4,
-    )
-    if splits > 1:
-        y.copy_(dst.sum(0))
-    return y
-
 
 def _triton_supports(x, weight, lora_A, lora_B, dropout_p, bias=None):
     """``(True, "")`` when the Triton path handles this call, else ``(False, why)``."""
-    if _triton_lora_linear is None:
+    if _kernels is None:
         return False, "Triton is not importable on this platform"
     if not 0.0 <= dropout_p < 1.0:
         return False, f"dropout_p={dropout_p} (the kernel handles 0 <= p < 1)"
@@ -501,5 +113,12 @@ def _triton_supports(x, weight, lora_A, lora_B, dropout_p, bias=None):
     return not why, why
 
 
-# The entry lora_linear dispatches to; None where Triton cannot be imported.
-_triton_lora_linear = _triton_lora_linear_impl if _mm is not None else None
+
+
+def _triton_lora_linear(x, weight, lora_A, lora_B, scaling, *, bias=None, dropout_p=0.0):
+    """The entry lora_linear dispatches to (``lora_triton.triton_lora_linear``; tests spy on it)."""
+    return _kernels.triton_lora_linear(x, weight, lora_A, lora_B, scaling, bias=bias, dropout_p=dropout_p)
+
+
+# The Triton half (None without Triton); imported last, as it uses this module's names.
+_kernels = triton_module("lora_triton")

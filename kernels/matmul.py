@@ -29,89 +29,15 @@ winner is not cached (:func:`.tuning.limited_pruner`).
 from __future__ import annotations
 
 import functools
-import inspect
-import json
-import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from . import launch
 from . import tuning as _tuning
-from .dispatch import interpreting
-
-_CONFIG_FILE = os.path.join(os.path.dirname(__file__), "configs", "lora_matmul.json")
-
-
-# --------------------------------------------------------------------------------------------------
-# Triton helpers
-# --------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _grouped_tile(i_pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(row block, column block) of program ``i_pid`` in grouped launch order: GROUP_M row blocks sweep
-    the columns together, so their row tiles and the column tiles they share stay in L2."""
-    n_m = tl.cdiv(M, BLOCK_M)
-    n_n = tl.cdiv(N, BLOCK_N)
-    n_in_group = GROUP_M * n_n
-    first_m = (i_pid // n_in_group) * GROUP_M
-    group_size = min(n_m - first_m, GROUP_M)
-    return first_m + ((i_pid % n_in_group) % group_size), (i_pid % n_in_group) // group_size
-
-
-@triton.jit
-def _dot(b_a, b_b, b_acc, DOT_F32: tl.constexpr, IEEE: tl.constexpr):
-    """``b_acc + b_a @ b_b`` in fp32; ``IEEE`` keeps fp32 operands off TF32 (PyTorch's default too)."""
-    if DOT_F32:
-        b_a = b_a.to(tl.float32)
-        b_b = b_b.to(tl.float32)
-    if IEEE:
-        return tl.dot(b_a, b_b, b_acc, input_precision="ieee")
-    return tl.dot(b_a, b_b, b_acc)
-
-
-@triton.jit
-def _lowrank_tile(p_l, p_r, o_m64, o_n, m_m, m_n, R, stride_lm, stride_lr, stride_rr, stride_rn,
-                  dtype: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """``L[o_m, :R] @ R[:R, o_n]`` in fp32 ([BM, BN]): the low-rank term of the GEMM epilogues
-    (LoRA, in-loop 4-bit, DoRA), computed while their output tile is still in registers.
-
-    Operands are cast to ``dtype`` (x's) first: adapters may be fp32 while x is bf16/fp16, and the
-    branch runs in x's dtype as the GEMM does. The loop is not software-pipelined (num_stages=1): one
-    or two iterations gain nothing from it, and its stages of L and R tiles at their stored width (fp32
-    adapters) took more shared memory than the main loop (BLOCK_R 64 > BLOCK_K 32): up to 208 KB,
-    past sm80/sm89's limits (found by compiling: tests/kernels/aot_lora_cases.py).
-    """
-    b_lr = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
-        o_r = r0 + tl.arange(0, BLOCK_R)
-        m_r = o_r < R
-        b_l = tl.load(p_l + o_m64[:, None] * stride_lm + o_r[None, :] * stride_lr,
-                      mask=m_m[:, None] & m_r[None, :], other=0.0).to(dtype)
-        b_r = tl.load(p_r + o_r[:, None] * stride_rr + o_n[None, :] * stride_rn,
-                      mask=m_r[:, None] & m_n[None, :], other=0.0).to(dtype)
-        b_lr = _dot(b_l, b_r, b_lr, DOT_F32, IEEE)  # [BM, BR] @ [BR, BN] -> [BM, BN]
-    return b_lr
-
-
-@triton.jit
-def _dropout_keep(p_seed, o_row, o_col, n_cols, dropout_p):
-    """Keep-mask of the dropout on the LoRA input for rows ``o_row`` x columns ``o_col``.
-
-    int64 offsets: ``row * n_cols`` overflows int32 past 2^31 elements, and for offsets below 2^32
-    Philox gives the same numbers for int32 and int64, so small and large calls agree.
-    """
-    seed = tl.load(p_seed)
-    o_rand = o_row.to(tl.int64)[:, None] * n_cols + o_col[None, :]
-    return tl.rand(seed, o_rand) >= dropout_p
-
-
-# --------------------------------------------------------------------------------------------------
-# Kernels
-# --------------------------------------------------------------------------------------------------
+from .tiles import dot, dropout_keep, grouped_tile, lowrank_tile
 
 
 @triton.jit
@@ -129,7 +55,7 @@ def _matmul_lowrank_kernel(
     ``M_KEY`` (M rounded up to a power of two) is only an autotuning key: keying on M itself would
     re-tune for every new sequence length.
     """
-    i_m, i_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    i_m, i_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -149,16 +75,16 @@ def _matmul_lowrank_kernel(
             b_x = tl.load(p_xb, mask=m_m[:, None] & m_k[None, :], other=0.0)
             # The base weight may be stored in another dtype (fp32 master copy, fp16 checkpoint).
             b_w = tl.load(p_wb, mask=m_k[:, None] & m_n[None, :], other=0.0).to(dtype)
-            b_acc = _dot(b_x, b_w, b_acc, DOT_F32, IEEE)  # [BM, BK] @ [BK, BN] -> [BM, BN]
+            b_acc = dot(b_x, b_w, b_acc, DOT_F32, IEEE)  # [BM, BK] @ [BK, BN] -> [BM, BN]
             p_xb += BLOCK_K * stride_xk
             p_wb += BLOCK_K * stride_wk
 
     # Low-rank epilogue: while the tile is still in registers, so Y is written once.
-    b_lr = _lowrank_tile(p_l, p_r, o_m64, o_n, m_m, m_n, R, stride_lm, stride_lr, stride_rr, stride_rn,
+    b_lr = lowrank_tile(p_l, p_r, o_m64, o_n, m_m, m_n, R, stride_lm, stride_lr, stride_rr, stride_rn,
                          dtype, DOT_F32, IEEE, BLOCK_M, BLOCK_N, BLOCK_R) * scale
     if DROPOUT:
         # Backward of dropout on the LoRA input: dX's LoRA part only passes where the input was kept.
-        b_keep = _dropout_keep(p_seed, o_m, o_n, N, dropout_p)
+        b_keep = dropout_keep(p_seed, o_m, o_n, N, dropout_p)
         b_lr = tl.where(b_keep, b_lr / (1.0 - dropout_p), 0.0)
     b_acc += b_lr
     if HAS_BIAS:
@@ -194,10 +120,10 @@ def _lowrank_project_kernel(
                       mask=m_m[:, None] & m_k[None, :], other=0.0)
         if DROPOUT:
             # Zeroing instead of scaling here: the 1/(1-p) goes into the fp32 ``scale`` at the end.
-            b_x = tl.where(_dropout_keep(p_seed, o_m, k0 + o_k, K, dropout_p), b_x, 0.0)
+            b_x = tl.where(dropout_keep(p_seed, o_m, k0 + o_k, K, dropout_p), b_x, 0.0)
         b_a = tl.load(p_a + (k0 + o_k)[:, None] * stride_ak + o_r[None, :] * stride_ar,
                       mask=m_k[:, None] & m_r[None, :], other=0.0).to(dtype)
-        b_acc = _dot(b_x, b_a, b_acc, DOT_F32, IEEE)  # [BM, BK] @ [BK, BR] -> [BM, BR]
+        b_acc = dot(b_x, b_a, b_acc, DOT_F32, IEEE)  # [BM, BK] @ [BK, BR] -> [BM, BR]
 
     tl.store(p_o + o_m64[:, None] * stride_om + o_r[None, :] * stride_or,
              (b_acc * scale).to(p_o.dtype.element_ty), mask=m_m[:, None] & m_r[None, :])
@@ -242,8 +168,8 @@ def _lowrank_wgrad_kernel(
         if HAS_COLSUM:
             b_colsum += tl.sum(b_x.to(tl.float32), axis=0)
         if DROPOUT:
-            b_x = tl.where(_dropout_keep(p_seed, o_m, o_c, C, dropout_p), b_x, 0.0)
-        b_acc = _dot(b_lt, b_x, b_acc, DOT_F32, IEEE)  # [BR, BM] @ [BM, BC] -> [BR, BC]
+            b_x = tl.where(dropout_keep(p_seed, o_m, o_c, C, dropout_p), b_x, 0.0)
+        b_acc = dot(b_lt, b_x, b_acc, DOT_F32, IEEE)  # [BR, BM] @ [BM, BC] -> [BR, BC]
 
     tl.store(p_o + i_s * stride_os + o_r[:, None] * stride_or + o_c[None, :] * stride_oc,
              (b_acc * scale).to(p_o.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
@@ -256,140 +182,22 @@ def _lowrank_wgrad_kernel(
 # Configs and autotuning (CUDA only)
 # --------------------------------------------------------------------------------------------------
 
-# One fixed config in the interpreter: big blocks keep the Python-level loop short, and a sweep would
-# only time the interpreter.
-_INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
-
-
-@functools.lru_cache(maxsize=None)
-def _config_table() -> Dict[str, List[dict]]:
-    with open(_CONFIG_FILE) as f:
-        return json.load(f)
-
-
-def _family(capability: tuple) -> str:
-    """The config-table key for a CUDA capability.
-
-    sm86/sm87 share sm89's ~100 KB of shared memory per block, so they use its list; anything older
-    than sm80 gets sm80's, which the shared-memory pruning then trims.
-    """
-    major, minor = capability
-    if major >= 9:
-        return "sm90"
-    if major == 8 and minor != 0:
-        return "sm89"
-    return "sm80"
-
-
-def _max_shared_memory(device_index: int) -> int:
-    try:
-        props = triton.runtime.driver.active.utils.get_device_properties(device_index)
-        return int(props["max_shared_mem"])
-    except Exception:  # older Triton drivers: fall back to PyTorch's view of the device
-        props = torch.cuda.get_device_properties(device_index)
-        return int(getattr(props, "shared_memory_per_block_optin", 99 * 1024))
-
-
-def _smem_bytes(kw: dict, num_stages: int, elem_bytes: int, block_r: int, lr_elem_bytes: Optional[int] = None) -> int:
-    """Shared memory a config needs: the larger of the main loop's ``num_stages`` X and W tiles and the
-    epilogue's L and R tiles (that loop is not pipelined; see the kernel). The L and R tiles are staged
-    at their stored width, ``lr_elem_bytes`` (default ``elem_bytes``; see :func:`_staged_widths`): fp32
-    adapters under a bf16 GEMM took 80 KB where counting them at 2 bytes said 72 KB. Checked against the
-    compiler for every config of every family by tests/kernels/aot_lora_cases.py."""
-    main = num_stages * (kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]) * elem_bytes
-    epilogue = (kw["BLOCK_M"] * block_r + block_r * kw["BLOCK_N"]) * (lr_elem_bytes or elem_bytes)
-    return max(main, epilogue)
-
-
-def _tile_widths(a: torch.Tensor, w: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> Tuple[int, int]:
-    """Element sizes of the tiles a low-rank-epilogue GEMM stages in shared memory: the main loop's
-    (the wider of ``a``'s and W's dtypes: a wider W is staged before its in-kernel cast), and the
-    epilogue's L and R tiles (the widest of that and both adapters' dtypes)."""
-    elem = max(a.element_size(), w.element_size())
-    return elem, max(elem, left.element_size(), right.element_size())
-
-
-def _staged_widths(named_args: dict, main: Tuple[str, str] = ("p_y", "p_w")) -> Tuple[int, int]:
-    """:func:`_tile_widths` of a launch's named arguments, the main loop's two operands named ``main``."""
-    return _tile_widths(named_args[main[0]], named_args[main[1]], named_args["p_l"], named_args["p_r"])
-
-
-def _make_pruner(max_smem: int):
-    def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        m = int(args["M"])
-        elem, lr_elem = _staged_widths(args)
-        block_r = int(args["BLOCK_R"])
-
-        def need(c):
-            return _smem_bytes(c.kwargs, c.num_stages, elem, block_r, lr_elem)
-
-        fits = [c for c in configs if need(c) <= max_smem]
-        fits = fits or [min(configs, key=need)]
-        return _keep_rows_fitting(fits, m)
-
-    return prune
-
-
-def _keep_rows_fitting(configs: list, rows: int) -> list:
-    """The configs whose ``BLOCK_M`` is at most ``rows`` (rounded up to a power of two, at least 16), or
-    those with the shortest ``BLOCK_M`` if none is: row blocks far taller than the problem (decode,
-    short prompts) only multiply padding."""
-    cap = max(16, triton.next_power_of_2(int(rows)))
-    short = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
-    if short:
-        return short
-    lowest = min(c.kwargs["BLOCK_M"] for c in configs)
-    return [c for c in configs if c.kwargs["BLOCK_M"] == lowest]
-
-
-def _as_triton_configs(entries: List[dict]) -> list:
-    """Config-table entries (``configs/*.json``) as ``triton.Config`` objects."""
-    return [triton.Config({k: e[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")},
-                          num_warps=e["num_warps"], num_stages=e["num_stages"])
-            for e in entries]
-
-
-def _gemm_configs(family: str) -> list:
-    """The autotuning candidates of the X-by-W tile loop (this GEMM's, and IA3's and DoRA's, which share
-    its main loop) for one GPU family (``"sm80"``, ``"sm89"``, ``"sm90"``)."""
-    return _as_triton_configs(_config_table()[family])
-
-
-def _device_family(device_index: int) -> str:
-    return _family(torch.cuda.get_device_capability(device_index))
-
-
-def _autotune_options() -> dict:
-    """Options every ``triton.autotune`` here gets: Triton >= 3.2 can keep each winner in its on-disk
-    cache (JSON, not pickle) across processes."""
-    if "cache_results" in inspect.signature(triton.autotune).parameters:
-        return {"cache_results": True}
-    return {}
-
-
 @functools.lru_cache(maxsize=None)
 def _tuned_matmul_lowrank(device_index: int):
     """The autotuned kernel for one CUDA device, built on first use so that import never touches CUDA."""
     return triton.autotune(
-        configs=_gemm_configs(_device_family(device_index)),
+        configs=launch.gemm_configs(launch.device_family(device_index)),
         key=["M_KEY", "N", "K", "R"],
         prune_configs_by={"early_config_prune": _tuning.limited_pruner(
-            _make_pruner(_max_shared_memory(device_index)))},
-        **_autotune_options(),
+            launch.make_gemm_pruner(launch.max_shared_memory(device_index)))},
+        **launch.autotune_options(),
     )(_matmul_lowrank_kernel)
 
 
 @functools.lru_cache(maxsize=None)
 def _kernel_hash() -> str:
     """Source hash of the kernel and its helpers: part of the tuning-cache key, so edits invalidate it."""
-    return _tuning.source_hash(_matmul_lowrank_kernel, _dot, _dropout_keep, _grouped_tile, _lowrank_tile)
-
-
-@functools.lru_cache(maxsize=None)
-def _device_info(device_index: int) -> Tuple[str, int]:
-    """(GPU name, shared memory per block) of a CUDA device; asked on first launch, never at import."""
-    return torch.cuda.get_device_name(device_index), _max_shared_memory(device_index)
+    return _tuning.source_hash(_matmul_lowrank_kernel, dot, dropout_keep, grouped_tile, lowrank_tile)
 
 
 def select_matmul_config(m: int, n: int, k: int, dtype, weight: str, *, gpu_name: str, max_smem: int,
@@ -401,7 +209,7 @@ def select_matmul_config(m: int, n: int, k: int, dtype, weight: str, *, gpu_name
         dtype: compute dtype. weight: :func:`tuning.weight_format` of the base operand.
         gpu_name: ``torch.cuda.get_device_name``. max_smem: shared memory per block, in bytes.
         elem, lr_elem: element sizes of the main loop's and the epilogue's staged tiles (see
-            :func:`_staged_widths`; ``lr_elem`` defaults to ``elem``); block_r: the launch's ``BLOCK_R``.
+            :func:`launch.staged_widths`; ``lr_elem`` defaults to ``elem``); block_r: the launch's ``BLOCK_R``.
 
     Returns:
         ``(config, "table" | "cache")``, or None when the shape is untuned here (the caller searches).
@@ -413,7 +221,7 @@ def select_matmul_config(m: int, n: int, k: int, dtype, weight: str, *, gpu_name
         return None
 
     def fits(cfg: dict) -> bool:
-        return _smem_bytes(cfg, cfg["num_stages"], elem, block_r, lr_elem) <= max_smem
+        return launch.gemm_smem_bytes(cfg, cfg["num_stages"], elem, block_r, lr_elem) <= max_smem
 
     return _tuning.select_config(key, gpu_name=gpu_name, kernel_hash=_kernel_hash(), fits=fits,
                                  use_table=use_table, use_cache=use_cache)
@@ -426,39 +234,6 @@ _MISSING = object()
 _tuning.on_clear(_SELECTED.clear)
 
 
-def _record_search_winner(kernel, timings_before, gpu_name: str, key: str,
-                          kernel_hash: Optional[str] = None) -> Optional[dict]:
-    """After an autotuned launch: the config it ran, written to the tuning cache with its time, under
-    ``kernel_hash`` (default: this GEMM's; qmatmul passes the in-loop kernel's).
-
-    ``best_config`` is set by every Triton 3.x autotuner run; ``configs_timings`` is only replaced when
-    this run benchmarked (a stale dict from an earlier key is not this key's timing), so the time is
-    recorded only then.
-    """
-    best = getattr(kernel, "best_config", None)
-    if best is None:
-        return None
-    try:
-        cfg = _tuning.config_to_dict(best)
-    except (KeyError, TypeError, ValueError):
-        return None
-    ms = None
-    timings = getattr(kernel, "configs_timings", None)
-    if isinstance(timings, dict) and timings is not timings_before and best in timings:
-        t = timings[best]
-        t = t[0] if isinstance(t, (list, tuple)) else t
-        if isinstance(t, (int, float)) and t == t and t != float("inf"):
-            ms = float(t)
-    if not _tuning.tuning_enabled()[1]:
-        return None
-    if _tuning.search_limit() is not None:
-        # A search over a few candidates found the best of those, not this shape's winner: caching it would
-        # make every later process (a benchmark run, say) skip the full search.
-        return None
-    _tuning.cache_write(gpu_name, kernel_hash or _kernel_hash(), key, cfg, ms)
-    return cfg
-
-
 def _launch_cuda(args: tuple, flags: dict, m: int, n: int, k: int, dtype, wt, y, widths: Tuple[int, int]) -> None:
     device_index = y.device.index if y.device.index is not None else torch.cuda.current_device()
     weight = _tuning.weight_format(wt)
@@ -466,7 +241,7 @@ def _launch_cuda(args: tuple, flags: dict, m: int, n: int, k: int, dtype, wt, y,
     memo_key = (device_index, _tuning.bucket_m(m), n, k, dtype, weight, elem, lr_elem, flags["BLOCK_R"])
     cfg = _SELECTED.get(memo_key, _MISSING)
     if cfg is _MISSING:
-        gpu_name, max_smem = _device_info(device_index)
+        gpu_name, max_smem = launch.device_info(device_index)
         hit = select_matmul_config(m, n, k, dtype, weight, gpu_name=gpu_name, max_smem=max_smem, elem=elem,
                                    block_r=flags["BLOCK_R"], lr_elem=lr_elem)
         cfg = hit[0] if hit is not None else None
@@ -479,16 +254,8 @@ def _launch_cuda(args: tuple, flags: dict, m: int, n: int, k: int, dtype, wt, y,
     timings_before = getattr(kernel, "configs_timings", None)
     kernel[grid](*args, **flags)
     key = _tuning.shape_key(_tuning.OP_LORA_MATMUL, m, n, k, dtype, weight)
-    _SELECTED[memo_key] = _record_search_winner(kernel, timings_before, _device_info(device_index)[0], key)
-
-
-def _dot_flags(dtype: torch.dtype) -> dict:
-    return {"DOT_F32": interpreting() and dtype == torch.bfloat16, "IEEE": dtype == torch.float32}
-
-
-def _block_r(r: int) -> int:
-    # tl.dot needs every dimension >= 16; ranks above 64 loop in chunks rather than grow registers.
-    return max(16, min(64, triton.next_power_of_2(max(r, 1))))
+    _SELECTED[memo_key] = launch.record_search_winner(kernel, timings_before, launch.device_info(device_index)[0], key,
+                                                     _kernel_hash())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -511,8 +278,8 @@ def _launch_args(x, wt, left, right, scale, bias, dropout_p, seed, y) -> Tuple[t
         left.stride(0), left.stride(1), right.stride(0), right.stride(1), y.stride(0), y.stride(1),
         float(scale), float(dropout_p),
     )
-    flags = dict(HAS_W=has_w, HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0, BLOCK_R=_block_r(r),
-                 **_dot_flags(y.dtype))
+    flags = dict(HAS_W=has_w, HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0, BLOCK_R=launch.block_r(r),
+                 **launch.dot_flags(y.dtype))
     return args, flags
 
 
@@ -564,9 +331,9 @@ def matmul_lowrank(
     args, flags = _launch_args(x, wt, left, right, scale, bias, dropout_p, seed, y)
     ww = wt if has_w else right
     if y.device.type == "cuda":
-        _launch_cuda(args, flags, m, n, k, dtype, wt if has_w else None, y, _tile_widths(y, ww, left, right))
+        _launch_cuda(args, flags, m, n, k, dtype, wt if has_w else None, y, launch.tile_widths(y, ww, left, right))
     else:
-        cfg = _INTERPRET_CONFIG
+        cfg = launch.INTERPRET_CONFIG
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         _matmul_lowrank_kernel[grid](*args, **flags, **cfg)
     return y
@@ -610,7 +377,7 @@ def lowrank_project(
         return out
     if dropout_p > 0:
         scale = scale / (1.0 - dropout_p)
-    block_r = _block_r(r)
+    block_r = launch.block_r(r)
     elem = max(x.element_size(), at.element_size())
     block_m, block_k, warps = _project_blocks(m, elem, x.device.type == "cuda")
     grid = (triton.cdiv(m, block_m), triton.cdiv(r, block_r))
@@ -619,15 +386,9 @@ def lowrank_project(
         x.stride(0), x.stride(1), at.stride(0), at.stride(1), out.stride(0), out.stride(1),
         float(scale), float(dropout_p),
         DROPOUT=dropout_p > 0, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps,
-        **_dot_flags(x.dtype),
+        **launch.dot_flags(x.dtype),
     )
     return out
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _wgrad_blocks(elem: int, on_gpu: bool) -> Tuple[int, int, int]:
@@ -664,11 +425,11 @@ def lowrank_wgrad(
     c = x.shape[1]
     if dropout_p > 0:
         scale = scale / (1.0 - dropout_p)
-    block_r = _block_r(r)
+    block_r = launch.block_r(r)
     block_m, block_c, warps = _wgrad_blocks(max(left.element_size(), x.element_size()), x.device.type == "cuda")
     n_tiles = triton.cdiv(c, block_c) * triton.cdiv(r, block_r)
     if splits is None:
-        splits = max(1, min(triton.cdiv(m, 4 * block_m), triton.cdiv(2 * _num_sms(x.device), n_tiles)))
+        splits = max(1, min(triton.cdiv(m, 4 * block_m), triton.cdiv(2 * launch.num_sms(x.device), n_tiles)))
     splits = max(1, min(splits, triton.cdiv(max(m, 1), block_m)))
     rows_per_split = triton.cdiv(triton.cdiv(max(m, 1), splits), block_m) * block_m
     if splits == 1:
@@ -687,7 +448,7 @@ def lowrank_wgrad(
         left.stride(0), left.stride(1), x.stride(0), x.stride(1), *dst_strides, cs_stride,
         float(scale), float(dropout_p),
         DROPOUT=dropout_p > 0, HAS_COLSUM=colsum is not None, BLOCK_M=block_m, BLOCK_C=block_c,
-        BLOCK_R=block_r, num_warps=warps, **_dot_flags(x.dtype),
+        BLOCK_R=block_r, num_warps=warps, **launch.dot_flags(x.dtype),
     )
     if splits > 1:
         out.copy_(dst.sum(0))

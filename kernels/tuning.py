@@ -11,7 +11,7 @@ Two sources of a launch config, consulted in this order before any autotuning se
    or an edited kernel never reuses a stale winner.
 
 Ops: ``lora_matmul`` (``matmul.matmul_lowrank``) and ``lora_matmul_4bit`` (the GEMM with a 4-bit base at
-training / prefill sizes, :mod:`.qmatmul`), whose entries may also say which of its two variants runs
+training / prefill sizes, :mod:`.experimental.qmatmul`), whose entries may also say which of its two variants runs
 (``"variant": "inloop" | "dequant"``; see configs/README.md).
 
 Bucketing (:func:`bucket_m`): M (tokens) rounds up to a power of two, at least 16 and at most 8192.
@@ -47,7 +47,7 @@ M_MAX = 8192    # the largest bucket: every M past it uses it
 CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 
 OP_LORA_MATMUL = "lora_matmul"
-# The 4-bit base GEMM of a LoRA linear at M > DECODE_MAX_M (kernels/qmatmul.py). Its entries may name a
+# The 4-bit base GEMM of a LoRA linear at M > DECODE_MAX_M (kernels/experimental/qmatmul.py). Its entries may name a
 # ``variant``: "inloop" (the weight decoded in the K loop) or "dequant" (one dequantization launch, then
 # ``lora_matmul``); their launch fields are that variant's GEMM config.
 OP_LORA_MATMUL_4BIT = "lora_matmul_4bit"

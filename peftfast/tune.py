@@ -21,7 +21,7 @@ a ``lora_matmul_4bit`` key and both QLoRA GEMM variants are timed on a random 4-
 ``dequantize_4bit`` launch into a reused workspace, then each of matmul's candidates). The faster
 variant and its config are recorded as the entry (``"variant"``); when ``dequant`` wins, its dense
 GEMM config is written under that GEMM's own ``lora_matmul`` key too, which is what the dequant path
-looks up. M buckets that the decode kernel serves (M <= ``lora.DECODE_MAX_M``) are skipped.
+looks up. M buckets that the decode kernel serves (M <= ``lora_triton.DECODE_MAX_M``) are skipped.
 """
 from __future__ import annotations
 
@@ -211,7 +211,7 @@ def m_buckets(batch_tokens: Sequence[int]) -> List[Tuple[int, Tuple[int, ...]]]:
 
 def decode_max_m() -> int:
     """The largest M the fused 4-bit decode kernel serves (its buckets have no 4-bit GEMM to tune)."""
-    from peftfast.kernels.lora import DECODE_MAX_M
+    from peftfast.kernels.lora_triton import DECODE_MAX_M
 
     return DECODE_MAX_M
 
@@ -298,14 +298,14 @@ def candidates(m: int, elem: int, block_r: int, *, family: str, max_smem: int) -
     import torch
     import triton
 
-    from peftfast.kernels import matmul as mm, tuning
+    from peftfast.kernels import launch, tuning
 
     configs = [triton.Config({k: e[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")},
                              num_warps=e["num_warps"], num_stages=e["num_stages"])
-               for e in mm._config_table()[family]]
+               for e in launch.gemm_config_table()[family]]
     probe_y = torch.empty(0, dtype={2: torch.bfloat16, 4: torch.float32}.get(elem, torch.bfloat16))
     probe_adapter = torch.empty(0, dtype=torch.float32)  # fp32 adapters, as _make_inputs makes them
-    pruned = mm._make_pruner(max_smem)(configs, {"M": m, "p_y": probe_y, "p_w": probe_y, "p_l": probe_y,
+    pruned = launch.make_gemm_pruner(max_smem)(configs, {"M": m, "p_y": probe_y, "p_w": probe_y, "p_l": probe_y,
                                                  "p_r": probe_adapter, "BLOCK_R": block_r})
     return [tuning.config_to_dict(c) for c in pruned]
 
@@ -437,7 +437,7 @@ def _make_inputs_4bit(task: TuneTask, rank: int, device, gen) -> dict:
     """As :func:`_make_inputs`, with a random 4-bit weight W [out, in] instead of a dense one."""
     import torch
 
-    from peftfast.kernels import qmatmul as qmm
+    from peftfast.kernels.experimental import qmatmul as qmm
 
     dt = _torch_dtype(task.dtype)
     m, n, k = task.m, task.n, task.k
@@ -476,7 +476,8 @@ def measure_task_4bit(task: TuneTask, inloop_configs: Sequence[dict], dense_conf
     """
     import torch
 
-    from peftfast.kernels import matmul as mm, qmatmul as qmm, tuning
+    from peftfast.kernels import matmul as mm, tuning
+    from peftfast.kernels.experimental import qmatmul as qmm
     from peftfast.kernels.nf4 import dequantize_4bit, dequantize_4bit_reference
 
     gen = torch.Generator(device=device)
@@ -670,18 +671,19 @@ def run_tune(args) -> int:
 def _tune_on_cuda(args, label, shapes, tokens, dtype, passes, tasks, quant: Optional[QuantSpec] = None) -> int:
     import torch
 
-    from peftfast.kernels import matmul as mm, qmatmul as qmm, tuning
+    from peftfast.kernels import launch, matmul as mm, tuning
+    from peftfast.kernels.experimental import qmatmul as qmm
 
     dev = torch.cuda.current_device()
     gpu_name = torch.cuda.get_device_name(dev)
     slug = tuning.gpu_slug(gpu_name)
     out = Path(args.out) if args.out else tuning.CONFIG_DIR / f"{slug}.json"
-    family = mm._family(torch.cuda.get_device_capability(dev))
-    max_smem = mm._max_shared_memory(dev)
+    family = launch.gpu_family(torch.cuda.get_device_capability(dev))
+    max_smem = launch.max_shared_memory(dev)
     props = torch.cuda.get_device_properties(dev)
     l2 = int(getattr(props, "L2_cache_size", 0) or (64 << 20))
     elem = torch.empty(0, dtype=_torch_dtype(dtype)).element_size()
-    block_r = mm._block_r(args.rank)
+    block_r = launch.block_r(args.rank)
     _print_plan(label, shapes, tokens, dtype, passes, args.rank, tasks, quant=quant)
     print(f"GPU: {gpu_name} ({family}, {max_smem} B shared memory per block, L2 {l2 >> 20} MiB) -> {out}")
     meta = {"tuned_by": "peftfast tune", "triton": tuning.triton_version(), "torch": torch.__version__,

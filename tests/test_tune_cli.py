@@ -284,7 +284,7 @@ def test_measure_task_4bit_records_the_faster_variant(times, winner):
 
 
 def test_measure_task_4bit_drops_wrong_inloop_results(monkeypatch):
-    from peftfast.kernels import qmatmul as qmm
+    from peftfast.kernels.experimental import qmatmul as qmm
 
     real = qmm._launch_config
 

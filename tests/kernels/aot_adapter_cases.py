@@ -23,7 +23,6 @@ Needs ``TRITON_INTERPRET`` unset (the test runs it through ``aot.run_in_subproce
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import json
 import os
@@ -45,7 +44,7 @@ DTYPE_NAMES = ("bf16", "fp16", "fp32")
 GEMM_M, GEMM_N, GEMM_K = 4096, 4096, 4096
 # Cases name x's dtype and the base weight's: a dense weight is cast in-kernel (an fp32 master copy
 # under bf16 is loaded at 4 bytes); a 4-bit base reaches the GEMMs dequantized to x's dtype
-# (kernels.lora._dense_base), i.e. as the w == x case.
+# (kernels.weights.dense_base), i.e. as the w == x case.
 HEAD_DIMS = (64, 80, 96, 128, 256)
 
 
@@ -144,8 +143,7 @@ IA3_VARIANTS = (
 def ia3_gemm(arch, variant, xdt, wdt, m=GEMM_M, subset=False):
     import triton
 
-    from peftfast.kernels import ia3
-    from peftfast.kernels import matmul as mm
+    from peftfast.kernels import ia3_triton, launch
 
     name, scale_a, scale_out, has_bias, coldot, store, layout = variant
     n, k = GEMM_N, GEMM_K
@@ -158,17 +156,17 @@ def ia3_gemm(arch, variant, xdt, wdt, m=GEMM_M, subset=False):
     bias = _empty(ng, dtype=xdt) if has_bias else None
     g = _empty(m, ng, dtype=xdt) if coldot else None
     y = _empty(m, ng, dtype=xdt) if store else None
-    part = _empty(triton.cdiv(m, ia3._SUB_M), ng, dtype="fp32") if coldot else None
-    args, flags = ia3._launch_args(a, b, scale, scale_a, scale_out, bias, g, y, part)
+    part = _empty(triton.cdiv(m, ia3_triton._SUB_M), ng, dtype="fp32") if coldot else None
+    args, flags = ia3_triton._launch_args(a, b, scale, scale_a, scale_out, bias, g, y, part)
     limit = SMEM_LIMIT[arch]
-    cands, named = _autotune_candidates(mm._gemm_configs(arch), ia3._make_pruner(limit), ia3._ia3_matmul_kernel,
+    cands, named = _autotune_candidates(launch.gemm_configs(arch), ia3_triton._make_pruner(limit), ia3_triton._ia3_matmul_kernel,
                                         args, flags)
     elem = max(a.element_size(), b.element_size())
 
     def estimate(c):
-        return mm._smem_bytes(c.kwargs, c.num_stages, elem, 0)
+        return launch.gemm_smem_bytes(c.kwargs, c.num_stages, elem, 0)
 
-    return _compile_gemm_configs(ia3._ia3_matmul_kernel, arch, f"{name} x={xdt} w={wdt} M={m}", cands, args, flags,
+    return _compile_gemm_configs(ia3_triton._ia3_matmul_kernel, arch, f"{name} x={xdt} w={wdt} M={m}", cands, args, flags,
                                  m, ng, estimate, subset)
 
 
@@ -213,7 +211,7 @@ def dora_gemm(arch, variant, xdt, wdt, rank, adt=None, m=GEMM_M, subset=False):
     import torch
     import triton
 
-    from peftfast.kernels import dora, matmul as mm
+    from peftfast.kernels import dora_triton, launch
 
     name, mode, dropout, has_bias = variant
     adt = adt or xdt
@@ -222,53 +220,53 @@ def dora_gemm(arch, variant, xdt, wdt, rank, adt=None, m=GEMM_M, subset=False):
     lora_a, lora_b = _empty(rank, k, dtype=adt), _empty(n, rank, dtype=adt)
     p = 0.1 if dropout else 0.0
     seed = torch.zeros(1, dtype=torch.int64)
-    if mode == dora._FWD:
+    if mode == dora_triton._FWD:
         x, wt, left, right = _empty(m, k, dtype=xdt), w.t(), _empty(m, rank, dtype=xdt), lora_b.t()
         c = _empty(n, dtype="fp32")
         xd = _empty(m, k, dtype=xdt) if dropout else None
         bias = _empty(n, dtype=xdt) if has_bias else None
         g, y, part = None, _empty(m, n, dtype=xdt), None
-    elif mode == dora._DX:
+    elif mode == dora_triton._DX:
         x, wt, left, right = _empty(m, n, dtype=xdt), w, _empty(m, rank, dtype=xdt), lora_a
         c, xd, bias, g = _empty(n, dtype="fp32"), None, None, None
         y, part = _empty(m, k, dtype=xdt), None
     else:
         x, wt, left, right = _empty(m, k, dtype=xdt), w.t(), _empty(m, rank, dtype=xdt), lora_b.t()
         c, xd, bias, g = None, None, None, _empty(m, n, dtype=xdt)
-        y, part = None, _empty(triton.cdiv(m, dora._SUB_M), n, dtype="fp32")
-    args, flags = dora._launch_args(x, wt, left, right, c, mode, 2.0, xd, bias, g, p, seed, y, part)
+        y, part = None, _empty(triton.cdiv(m, dora_triton._SUB_M), n, dtype="fp32")
+    args, flags = dora_triton._launch_args(x, wt, left, right, c, mode, 2.0, xd, bias, g, p, seed, y, part)
     ng = wt.shape[1]
-    cands, named = _autotune_candidates(mm._gemm_configs(arch), dora._make_pruner(SMEM_LIMIT[arch]),
-                                        dora._dora_matmul_kernel, args, flags)
+    cands, named = _autotune_candidates(launch.gemm_configs(arch), dora_triton._make_pruner(SMEM_LIMIT[arch]),
+                                        dora_triton._dora_matmul_kernel, args, flags)
 
     def estimate(c):
-        return dora._smem_bytes(c, named)
+        return dora_triton._smem_bytes(c, named)
 
-    return _compile_gemm_configs(dora._dora_matmul_kernel, arch, f"{name} x={xdt} w={wdt} lora={adt} r={rank} M={m}",
+    return _compile_gemm_configs(dora_triton._dora_matmul_kernel, arch, f"{name} x={xdt} w={wdt} lora={adt} r={rank} M={m}",
                                  cands, args, flags, m, ng, estimate, subset)
 
 
 def dora_norm(arch, wdt, xdt, rank, adt=None):
     import torch
 
-    from peftfast.kernels import dora, matmul as mm
+    from peftfast.kernels import dora_triton
 
     adt = adt or xdt
     n, k = GEMM_N, GEMM_K
     w, lora_a, lora_b = _empty(n, k, dtype=wdt), _empty(rank, k, dtype=adt), _empty(n, rank, dtype=adt)
-    blocks = dora._norm_blocks(torch.device("cuda"), max(lora_a.element_size(), lora_b.element_size()))
+    blocks = dora_triton._norm_blocks(torch.device("cuda"), max(lora_a.element_size(), lora_b.element_size()))
     case = f"norm w={wdt} compute={xdt} lora={adt} r={rank}"
     return _compile("_dora_norm_kernel", arch, case, {"BLOCK_N": blocks[0], "BLOCK_K": blocks[1]},
-                    lambda: dora._weight_norm_launch(w, lora_a, lora_b, 2.0, _torch_dtype(xdt), blocks))
+                    lambda: dora_triton._weight_norm_launch(w, lora_a, lora_b, 2.0, _torch_dtype(xdt), blocks))
 
 
 def dora_dropout(arch, xdt):
     import torch
 
-    from peftfast.kernels import dora, matmul as mm
+    from peftfast.kernels import dora_triton
 
     x, seed = _empty(GEMM_M, GEMM_K, dtype=xdt), torch.zeros(1, dtype=torch.int64)
-    return _compile("_dropout_kernel", arch, f"dropout x={xdt}", {}, lambda: dora._dropout(x, seed, 0.1))
+    return _compile("_dropout_kernel", arch, f"dropout x={xdt}", {}, lambda: dora_triton._dropout(x, seed, 0.1))
 
 
 def dora_jobs(archs, full):
@@ -326,18 +324,18 @@ def prefix_fwd(arch, dt, d, gqa, causal, pad, nq=512, subset=False):
     import torch
     import triton
 
-    pa = importlib.import_module("peftfast.kernels.prefix_attention")  # the package attribute is the function
+    from peftfast.kernels import prefix_attention_triton
 
     q, k, v, pk, pv = _attn_inputs(dt, d, gqa, nq)
     mask = torch.ones(q.shape[0], k.shape[2], dtype=torch.bool) if pad else None
     out, lse = torch.empty_like(q), _empty(*q.shape[:3], dtype="fp32")
-    args, flags = pa._fwd_launch_args(q, k, v, pk, pv, mask, causal, 0.125, out, lse)
+    args, flags = prefix_attention_triton._fwd_launch_args(q, k, v, pk, pv, mask, causal, 0.125, out, lse)
     cap = CAPABILITY[arch]
-    cands, named = _autotune_candidates(pa._fwd_configs(pa._d_bucket(flags["BLOCK_D"])),
-                                        pa._fwd_pruner(SMEM_LIMIT[arch], cap), pa._prefix_attn_fwd_kernel, args, flags)
+    cands, named = _autotune_candidates(prefix_attention_triton._fwd_configs(prefix_attention_triton._d_bucket(flags["BLOCK_D"])),
+                                        prefix_attention_triton._fwd_pruner(SMEM_LIMIT[arch], cap), prefix_attention_triton._prefix_attn_fwd_kernel, args, flags)
 
     def estimate(c):
-        return pa._fwd_smem_bytes(c, named, cap)
+        return prefix_attention_triton._fwd_smem_bytes(c, named, cap)
 
     if subset:
         cands = _largest(cands, estimate)
@@ -346,7 +344,7 @@ def prefix_fwd(arch, dt, d, gqa, causal, pad, nq=512, subset=False):
         grid = (triton.cdiv(nq, c.kwargs["BLOCK_M"]), q.shape[0] * q.shape[1])
 
         def launch(c=c, grid=grid):
-            pa._prefix_attn_fwd_kernel[grid](*args, **flags, **c.kwargs, num_warps=c.num_warps,
+            prefix_attention_triton._prefix_attn_fwd_kernel[grid](*args, **flags, **c.kwargs, num_warps=c.num_warps,
                                              num_stages=c.num_stages)
 
         records += _compile("_prefix_attn_fwd_kernel", arch, "fwd " + _attn_case(dt, d, gqa, causal, pad, nq),
@@ -357,17 +355,17 @@ def prefix_fwd(arch, dt, d, gqa, causal, pad, nq=512, subset=False):
 def prefix_bwd(arch, dt, d, gqa, causal, pad, nq=512):
     import torch
 
-    pa = importlib.import_module("peftfast.kernels.prefix_attention")  # the package attribute is the function
+    from peftfast.kernels import prefix_attention_triton
 
     q, k, v, pk, pv = _attn_inputs(dt, d, gqa, nq)
     mask = torch.ones(q.shape[0], k.shape[2], dtype=torch.bool) if pad else None
     out, do, lse = torch.empty_like(q), torch.empty_like(q), _empty(*q.shape[:3], dtype="fp32")
     block_d = max(16, 1 << (d - 1).bit_length())
-    config = pa._bwd_config(block_d, q.dtype)
+    config = prefix_attention_triton._bwd_config(block_d, q.dtype)
     bm, bn, w, s = config
     return _compile("prefix_attention_backward", arch, "bwd " + _attn_case(dt, d, gqa, causal, pad, nq),
                     dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s),
-                    lambda: pa._prefix_attn_backward_launch(do, q, k, v, pk, pv, mask, out, lse, causal, 0.125,
+                    lambda: prefix_attention_triton._prefix_attn_backward_launch(do, q, k, v, pk, pv, mask, out, lse, causal, 0.125,
                                                             config))
 
 

@@ -17,10 +17,10 @@ What is compiled (from the launchers' own argument builders, on ``meta`` tensors
   ``W`` in dX), fp32 base weights and fp32 adapters on a half-precision x, bias, dropout, no base.
 * ``_lowrank_project_kernel`` / ``_lowrank_wgrad_kernel`` through ``lowrank_project`` /
   ``lowrank_wgrad`` with their GPU block choice (``_project_blocks`` / ``_wgrad_blocks``).
-* ``_decode_lora_4bit_kernel`` through ``lora._decode_lora_4bit`` (NF4/FP4, nested or not, blocksizes,
+* ``_decode_lora_4bit_kernel`` through ``lora_triton._decode_lora_4bit`` (NF4/FP4, nested or not, blocksizes,
   M = 1..64, one split and split-K).
-* ``_dequantize_4bit_kernel`` through ``nf4._triton_dequantize`` with the NVIDIA ``mul.rn`` inline-PTX
-  path on (``nf4._ptx_mul_rn``), every output dtype and blocksize, int32 and int64 offsets; and the
+* ``_dequantize_4bit_kernel`` through ``nf4_triton.triton_dequantize`` with the NVIDIA ``mul.rn`` inline-PTX
+  path on (``nf4_triton.ptx_mul_rn``), every output dtype and blocksize, int32 and int64 offsets; and the
   4-bit LoRA forward/backward for M > 64 as the op runs it: project, dequantize, GEMM, wgrad.
 
 The default (no ``--all``) is a subset that compiles in about a minute on two cores: per arch, the
@@ -48,7 +48,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from aot import SMEM_LIMIT, CompileFailed, compile_instead_of_launch  # noqa: E402
-from peftfast.kernels import lora, matmul as mm, nf4  # noqa: E402
+from peftfast.kernels import matmul as mm, nf4  # noqa: E402
+from peftfast.kernels import launch, lora_triton, nf4_triton, weights  # noqa: E402
 
 ARCHS = ("sm80", "sm89", "sm90")
 META = torch.device("meta")
@@ -76,14 +77,14 @@ class Case:
 @contextlib.contextmanager
 def _as_gpu():
     """The launchers' GPU-only choices, taken on meta tensors: GPU block sizes and the PTX path."""
-    saved = mm._project_blocks, mm._wgrad_blocks, nf4._ptx_mul_rn
+    saved = mm._project_blocks, mm._wgrad_blocks, nf4_triton.ptx_mul_rn
     mm._project_blocks = lambda m, elem, on_gpu: saved[0](m, elem, True)
     mm._wgrad_blocks = lambda elem, on_gpu: saved[1](elem, True)
-    nf4._ptx_mul_rn = lambda device: True
+    nf4_triton.ptx_mul_rn = lambda device: True
     try:
         yield
     finally:
-        mm._project_blocks, mm._wgrad_blocks, nf4._ptx_mul_rn = saved
+        mm._project_blocks, mm._wgrad_blocks, nf4_triton.ptx_mul_rn = saved
 
 
 # --------------------------------------------------------------------------------------------------
@@ -134,20 +135,20 @@ def _gemm_call(v: GemmVariant):
 def _estimate(cfg: dict, args: tuple, flags: dict) -> int:
     """The pruner's shared-memory figure for ``cfg`` at this call: matmul._smem_bytes at the launch's
     staged widths (matmul._staged_widths)."""
-    elem, lr_elem = mm._staged_widths(dict(zip(mm._matmul_lowrank_kernel.arg_names, args)))
-    return mm._smem_bytes(cfg, cfg["num_stages"], elem, flags["BLOCK_R"], lr_elem)
+    elem, lr_elem = launch.staged_widths(dict(zip(mm._matmul_lowrank_kernel.arg_names, args)))
+    return launch.gemm_smem_bytes(cfg, cfg["num_stages"], elem, flags["BLOCK_R"], lr_elem)
 
 
 def _table_configs(arch: str) -> List[triton.Config]:
     return [triton.Config({k: e[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")},
-                          num_warps=e["num_warps"], num_stages=e["num_stages"]) for e in mm._config_table()[arch]]
+                          num_warps=e["num_warps"], num_stages=e["num_stages"]) for e in launch.gemm_config_table()[arch]]
 
 
 def _admitted(arch: str, args: tuple, flags: dict) -> List[int]:
     """Indices of the family's configs that the autotuner's pruner keeps for some M at this GPU's limit."""
     configs = _table_configs(arch)
     named = dict(zip(mm._matmul_lowrank_kernel.arg_names, args), **flags)
-    prune = mm._make_pruner(SMEM_LIMIT[arch])
+    prune = launch.make_gemm_pruner(SMEM_LIMIT[arch])
     keep = set()
     for m in (1, 16, 32, 64, 128, 256, 1 << 20):
         keep |= {id(c) for c in prune(configs, {**named, "M": m})}
@@ -158,7 +159,7 @@ def _gemm_cases(arch: str, v: GemmVariant, which: Optional[List[int]] = None) ->
     args, flags, m, n = _gemm_call(v)
     admitted = set(_admitted(arch, args, flags))
     out = []
-    for i, cfg in enumerate(mm._config_table()[arch]):
+    for i, cfg in enumerate(launch.gemm_config_table()[arch]):
         if which is not None and i not in which:
             continue
         out.append(Case(
@@ -213,7 +214,7 @@ def _gemm_subset(arch: str) -> List[Case]:
     cases = []
     variants = [GemmVariant(BF16, BF16, BF16, "nk", 64), GemmVariant(FP32, FP32, FP32, "kn", 64),
                 _SUBSET_EXTRA[arch]]
-    table = mm._config_table()[arch]
+    table = launch.gemm_config_table()[arch]
     for v in variants:
         args, flags, m, n = _gemm_call(v)
         est = {i: _estimate(table[i], args, flags) for i in _admitted(arch, args, flags)}
@@ -296,7 +297,7 @@ def _quant(n: int, k: int, blocksize: int, nested: bool, quant_type: str, dtype=
 def _dequant_case(arch, dtype, blocksize, nested, quant_type="nf4", shape=(4096, 4096)) -> Case:
     def launch():
         with _as_gpu():
-            nf4._triton_dequantize(_quant(*shape, blocksize, nested, quant_type), dtype)
+            nf4_triton.triton_dequantize(_quant(*shape, blocksize, nested, quant_type), dtype)
 
     big = " (int64 offsets)" if shape[0] * shape[1] >= 2**31 else ""
     desc = (f"{quant_type} {'nested' if nested else 'plain'} bs={blocksize} -> {_NAMES[dtype]}, "
@@ -307,14 +308,14 @@ def _dequant_case(arch, dtype, blocksize, nested, quant_type="nf4", shape=(4096,
 def _decode_case(arch, dtype, adt, blocksize, nested, quant_type, m, rank, bias, splits, n=4096, k=4096) -> Case:
     def launch():
         q = _quant(n, k, blocksize, nested, quant_type, dtype)
-        w, absmax, code, code2, absmax2, offset, meta, _ = lora._quant_args(q)
+        w, absmax, code, code2, absmax2, offset, meta, _ = weights.quant_args(q)
         x2 = _empty(m, k, dtype=dtype)
         xa = _empty(m, rank, dtype=dtype)
         lora_b = _empty(n, rank, dtype=adt)
         b = _empty(n, dtype=dtype) if bias else None
-        assert lora._decode_supported(meta, quant_type)
+        assert lora_triton._decode_supported(meta, quant_type)
         with _as_gpu():
-            lora._decode_lora_4bit(x2, w, absmax, code, code2, absmax2, offset, meta, xa, lora_b, b, 1.5,
+            lora_triton._decode_lora_4bit(x2, w, absmax, code, code2, absmax2, offset, meta, xa, lora_b, b, 1.5,
                                    splits=splits)
 
     desc = (f"{quant_type} {'nested' if nested else 'plain'} bs={blocksize}, x {_NAMES[dtype]} M={m}, "
@@ -331,7 +332,7 @@ def _lora_4bit_path_case(arch, dtype, adt, blocksize, nested, rank, m=512, n=409
         y = _empty(x.shape[0], right.shape[1], dtype=x.dtype)
         args, flags = mm._launch_args(x, wt, left, right, 1.5, bias, 0.1 if dropout else 0.0,
                                       _empty(1, dtype=torch.int64) if dropout else None, y)
-        table = mm._config_table()[arch]
+        table = launch.gemm_config_table()[arch]
         est = {i: _estimate(table[i], args, flags) for i in _admitted(arch, args, flags)}
         best = max(est, key=lambda i: (est[i], -i))
         case.gemm_estimates.append(est[best])
@@ -344,10 +345,10 @@ def _lora_4bit_path_case(arch, dtype, adt, blocksize, nested, rank, m=512, n=409
         seed = _empty(1, dtype=torch.int64)
         with _as_gpu():
             xa = mm.lowrank_project(x2, lora_a.t(), dropout_p=0.1, seed=seed)
-            w = nf4._triton_dequantize(q, dtype)
+            w = nf4_triton.triton_dequantize(q, dtype)
             gemm(x2, w.t(), xa, lora_b.t(), False, _empty(n, dtype=dtype))
             g = mm.lowrank_project(dy2, lora_b, scale=1.5)
-            w = nf4._triton_dequantize(q, dtype)
+            w = nf4_triton.triton_dequantize(q, dtype)
             gemm(dy2, w, g, lora_a, True, None)
             mm.lowrank_wgrad(g, x2, _empty(rank, k, dtype=adt), dropout_p=0.1, seed=seed)
             db = _empty(n, rank, dtype=adt)

@@ -1,4 +1,4 @@
-"""Compile the in-loop QLoRA GEMM (kernels/qmatmul.py) for sm80/sm89/sm90 without a GPU.
+"""Compile the in-loop QLoRA GEMM (kernels/experimental/qmatmul.py) for sm80/sm89/sm90 without a GPU.
 
 Run by tests/kernels/test_qmatmul.py through ``aot.run_in_subprocess`` (TRITON_INTERPRET unset):
 
@@ -33,7 +33,7 @@ _SUBSET_LAYOUTS = {"sm80": ("nk",), "sm89": ("kn",), "sm90": ("nk", "kn")}
 
 
 def _case_tensors(torch, *, m, n_w, k_w, blocksize, nested, layout, dtype, r, adapter_dtype=None):
-    """CPU stand-ins shaped as lora.py passes them (never read: the launch only compiles)."""
+    """CPU stand-ins shaped as lora_triton.py passes them (never read: the launch only compiles)."""
     numel = n_w * k_w
     blocks = numel // blocksize
     packed = torch.zeros((numel + 1) // 2, dtype=torch.uint8)
@@ -67,7 +67,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from peftfast.kernels import qmatmul as q
+    from peftfast.kernels import launch
+    from peftfast.kernels.experimental import qmatmul as q
 
     m, n_w, k_w = 8192, 1024, 4096
     bf16, fp32 = torch.bfloat16, torch.float32
@@ -86,11 +87,11 @@ def main(argv=None) -> int:
         for (blocksize, nested, dtype, has_bias, adapter_dtype, r), layout in itertools.product(cases, layouts):
             dropout = has_bias
             elem = torch.empty(0, dtype=dtype).element_size()
-            cfgs = q.candidates(m, elem, q._block_r(r), family=arch, max_smem=limit, blocksize=blocksize,
+            cfgs = q.candidates(m, elem, launch.block_r(r), family=arch, max_smem=limit, blocksize=blocksize,
                                 nested=nested, layout=layout)
             if not args.all:
                 def estimate(c, bs=blocksize, nested=nested, layout=layout, elem=elem):
-                    return q.smem_bytes(c, c["num_stages"], elem, q._block_r(r), blocksize=bs, nested=nested,
+                    return q.smem_bytes(c, c["num_stages"], elem, launch.block_r(r), blocksize=bs, nested=nested,
                                         w_nk=layout == "nk")
 
                 cfgs = sorted(cfgs, key=estimate, reverse=True)[:1]
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
                        "dtype": str(dtype).replace("torch.", ""), "bias": has_bias, "dropout": dropout,
                        "adapters": str(adapter_dtype).replace("torch.", ""), "rank": r,
                        "limit": limit,
-                       "estimate": q.smem_bytes(cfg, cfg["num_stages"], elem, q._block_r(r), blocksize=blocksize,
+                       "estimate": q.smem_bytes(cfg, cfg["num_stages"], elem, launch.block_r(r), blocksize=blocksize,
                                                 nested=nested, w_nk=layout == "nk")}
                 try:
                     with aot.compile_instead_of_launch(arch) as launches:

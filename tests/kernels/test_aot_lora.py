@@ -5,7 +5,7 @@ Runs the default subset of tests/kernels/aot_lora_cases.py in a subprocess with 
 from the same kernel sources, Triton and ptxas (``--aot-recompile`` compiles regardless); the full
 sweep (``--all``, ~1,400 compiles) runs under ``pytest -m slow``. Checks, per launch: it compiled
 to a cubin; a config the launch path can pick needs no more shared memory than its GPU has; and for the
-GEMM, the autotuner's estimate (``matmul._smem_bytes``) is at least what the compiler allocated, so the
+GEMM, the autotuner's estimate (``launch.gemm_smem_bytes``) is at least what the compiler allocated, so the
 pruner never admits a config that fails at launch with "out of resources".
 """
 from __future__ import annotations

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import triton
 
 from peftfast.kernels import dora as dora_mod
+from peftfast.kernels import dora_triton, launch, weights  # noqa: E402
 from peftfast.kernels.dora import dora_linear, dora_linear_reference, dora_weight_norm
 from peftfast.kernels.weights import dense_weight
 from helpers import assert_rel_close, dtype_error_bound, rel_err
@@ -173,7 +174,7 @@ def test_weight_norm_kernel(dtype, nan_empty):
                                                                                              dtype=dtype)
         a = torch.randn(r, k, device=DEVICE, dtype=dtype) / k**0.5
         b = torch.randn(n, r, device=DEVICE, dtype=dtype)
-        got = dora_mod.dora_weight_norm_triton(w, a, b, SCALING, dtype)
+        got = dora_triton.dora_weight_norm_triton(w, a, b, SCALING, dtype)
         assert got.dtype == dtype
         inputs64 = [w.double(), a.double(), b.double()]
         tol = dtype_error_bound(lambda w, a, b: dora_weight_norm(w, a, b, SCALING), inputs64, dtype)
@@ -288,26 +289,25 @@ def test_unsupported_falls_back_or_raises():
 def test_autotune_pruning_counts_dora_operands():
     """CUDA-only pruning logic (runs on CPU): dropout forward stages two X tiles, and the two-accumulator
     launches drop tiles whose fp32 accumulators would not fit the registers."""
-    from peftfast.kernels import matmul as mm
 
     y = torch.empty(1, 1, dtype=torch.bfloat16)
     operands = {"M": 8192, "p_x": y, "p_w": y, "p_l": y, "p_r": y}
-    configs = mm._gemm_configs("sm90")
-    prune = dora_mod._make_pruner(227 * 1024)
-    for mode in (dora_mod._FWD, dora_mod._DX, dora_mod._DM):
+    configs = launch.gemm_configs("sm90")
+    prune = dora_triton._make_pruner(227 * 1024)
+    for mode in (dora_triton._FWD, dora_triton._DX, dora_triton._DM):
         for dropout in (False, True):
             kept = prune(configs, operands, BLOCK_R=16, MODE=mode, DROPOUT=dropout)
             assert kept
-            if dropout and mode != dora_mod._DM:
+            if dropout and mode != dora_triton._DM:
                 assert all(2 * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 4096 * c.num_warps for c in kept)
     assert len(prune(configs, operands, BLOCK_R=16, MODE=0, DROPOUT=True)) < len(
         prune(configs, operands, BLOCK_R=16, MODE=0, DROPOUT=False))
     # fp32 adapters: the epilogue's L/R tiles count at 4 bytes (BM=128, BN=256, BR=64: 96 KB, over sm89's 99 KB
     # with nothing else; at 2 bytes it would be counted as 48 KB).
     big = triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=1, num_warps=8)
-    lr32 = dict(operands, p_r=torch.empty(1, 1, dtype=torch.float32), BLOCK_R=64, MODE=dora_mod._DX, DROPOUT=False)
-    assert dora_mod._smem_bytes(big, lr32) == 98304
-    assert dora_mod._smem_bytes(big, dict(lr32, p_r=y)) == 49152
+    lr32 = dict(operands, p_r=torch.empty(1, 1, dtype=torch.float32), BLOCK_R=64, MODE=dora_triton._DX, DROPOUT=False)
+    assert dora_triton._smem_bytes(big, lr32) == 98304
+    assert dora_triton._smem_bytes(big, dict(lr32, p_r=y)) == 49152
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,7 +327,7 @@ def _op_args(weight_kind, dropout):
         bnb = pytest.importorskip("bitsandbytes")
         w4 = bnb.nn.Params4bit(torch.randn(n, k), requires_grad=False, quant_type="nf4",
                                compress_statistics=True, blocksize=64)._quantize("cpu")
-        w, absmax, code, code2, absmax2, offset, meta, qt = dora_mod._quant_args(w4)
+        w, absmax, code, code2, absmax2, offset, meta, qt = weights.quant_args(w4)
     else:
         w = torch.randn(n, k, device=DEVICE)
         absmax = code = code2 = absmax2 = offset = None

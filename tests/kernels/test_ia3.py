@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from peftfast.kernels import ia3 as ia3_mod
+from peftfast.kernels import ia3_triton, weights  # noqa: E402
 from peftfast.kernels.ia3 import ia3_linear, ia3_linear_reference
 from peftfast.kernels.weights import dense_weight
 from helpers import assert_rel_close, dtype_error_bound
@@ -126,13 +127,13 @@ def test_strided_2d_x_and_transposed_weight_are_not_copied(monkeypatch):
     w = (torch.randn(51, 45, device=DEVICE) / 51**0.5).t()  # GPT-2 Conv1D layout, passed as weight.t()
     l = torch.randn(45, 1, device=DEVICE)
     seen = []
-    real = ia3_mod.ia3_matmul
+    real = ia3_triton.ia3_matmul
 
     def spy(a, b, *args, **kwargs):
         seen.append((a.data_ptr(), b.data_ptr()))
         return real(a, b, *args, **kwargs)
 
-    monkeypatch.setattr(ia3_mod, "ia3_matmul", spy)
+    monkeypatch.setattr(ia3_triton, "ia3_matmul", spy)
     y = ia3_linear(x, w, l, feedforward=False, backend="triton")
     assert seen == [(x.data_ptr(), w.data_ptr())]
     # fp32: 2x the error of PyTorch's own fp32 GEMM vs float64 (see the module docstring).
@@ -174,13 +175,13 @@ def test_4bit_dense_copy_not_saved_for_backward(monkeypatch):
     """The dequantized weight is a temporary: the backward dequantizes again (once for dx and dl)."""
     w4, _ = _quantized(40, 64, "nf4")
     calls = []
-    real = ia3_mod._dense_base
+    real = weights.dense_base
 
     def spy(w, *args):
         calls.append(w.dtype)
         return real(w, *args)
 
-    monkeypatch.setattr(ia3_mod, "_dense_base", spy)
+    monkeypatch.setattr(ia3_triton, "dense_base", spy)
     x = torch.randn(9, 64, device=DEVICE, requires_grad=True)
     l = torch.randn(40, 1, device=DEVICE, requires_grad=True)
     y = ia3_linear(x, w4, l, feedforward=False, backend="triton")
@@ -220,7 +221,7 @@ def test_colsum_partials_cover_every_row(nan_empty):
         w = torch.randn(30, 24, device=DEVICE)
         g = torch.randn(m, 30, device=DEVICE)
         s = torch.ones(30, device=DEVICE)
-        y, colsum = ia3_mod.ia3_matmul(a, w.t(), s, coldot=g, store=False)
+        y, colsum = ia3_triton.ia3_matmul(a, w.t(), s, coldot=g, store=False)
         assert y is None
         # fp32: ~1e-7 rounding; 1e-5 catches any missing or double-counted row block.
         assert_rel_close(colsum, ((a.double() @ w.double().t()) * g.double()).sum(0), 1e-5, f"colsum M={m}")
@@ -284,7 +285,7 @@ def _op_args(weight_kind, feedforward):
     bias = torch.randn(n, device=DEVICE)
     if weight_kind == "nf4":
         w4, _ = _quantized(n, k, "nf4")
-        w, absmax, code, code2, absmax2, offset, meta, qt = ia3_mod._quant_args(w4)
+        w, absmax, code, code2, absmax2, offset, meta, qt = weights.quant_args(w4)
     else:
         w = torch.randn(n, k, device=DEVICE)
         absmax = code = code2 = absmax2 = offset = None

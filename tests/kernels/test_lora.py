@@ -1,4 +1,4 @@
-"""Triton LoRA linear (kernels/lora.py, kernels/matmul.py) against the PyTorch reference.
+"""Triton LoRA linear (kernels/lora.py, lora_triton.py, matmul.py) against the PyTorch reference.
 
 Every comparison uses flash-attention's rule (``tests.helpers.dtype_error_bound``): the kernel's error
 against the float64 reference may be at most twice that of the same computation run by PyTorch in the
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from peftfast.kernels import lora as lora_mod
+from peftfast.kernels import launch, lora_triton, weights  # noqa: E402
 from peftfast.kernels.lora import lora_linear, lora_linear_reference
 from peftfast.kernels.weights import dense_weight
 from helpers import assert_rel_close, dtype_error_bound
@@ -173,8 +174,8 @@ def test_decode_4bit(m, nested, blocksize, dtype, quant_type, nan_empty, monkeyp
     if DEVICE != "cpu":
         w4 = w4.to(DEVICE)
     calls = []
-    real = lora_mod._decode_lora_4bit
-    monkeypatch.setattr(lora_mod, "_decode_lora_4bit", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = lora_triton._decode_lora_4bit
+    monkeypatch.setattr(lora_triton, "_decode_lora_4bit", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     x, _, _, a, b, bias = _make((m,), k, n, r, dtype)
     _check_against_reference(x, w4, dense_weight(w4, torch.float32, backend="reference"), a, b, bias,
                              dtype=dtype, what="decode")
@@ -192,8 +193,8 @@ def test_decode_split_k(dtype, quant_type, nested, nan_empty):
     if DEVICE != "cpu":
         w4 = w4.to(DEVICE)
     x, _, _, a, b, bias = _make((3,), k, n, r, dtype)
-    w, absmax, code, code2, absmax2, offset, meta, _ = lora_mod._quant_args(w4)
-    xa = lora_mod._mm.lowrank_project(x, a.t())
+    w, absmax, code, code2, absmax2, offset, meta, _ = weights.quant_args(w4)
+    xa = lora_triton._mm.lowrank_project(x, a.t())
     wd = dense_weight(w4, torch.float32, backend="reference").double()
 
     def ref(x, a, b, bias):
@@ -202,7 +203,7 @@ def test_decode_split_k(dtype, quant_type, nested, nan_empty):
     inputs64 = [x.double(), a.double(), b.double(), bias.double()]
     tol = dtype_error_bound(ref, inputs64, dtype)
     for splits in (1, 3):
-        y = lora_mod._decode_lora_4bit(x, w, absmax, code, code2, absmax2, offset, meta, xa, b, bias, SCALING,
+        y = lora_triton._decode_lora_4bit(x, w, absmax, code, code2, absmax2, offset, meta, xa, b, bias, SCALING,
                                        splits=splits)
         assert_rel_close(y, ref(*inputs64), tol, f"decode splits={splits}")
 
@@ -222,13 +223,13 @@ def test_strided_2d_x_is_not_copied(monkeypatch):
     x = torch.randn(45, 37, device=DEVICE).t()
     _, w, _, a, b, _ = _make((1,), 45, 53, 5, torch.float32)
     seen = []
-    real = lora_mod._mm.lowrank_project
+    real = lora_triton._mm.lowrank_project
 
     def spy(xx, *args, **kwargs):
         seen.append(xx.data_ptr())
         return real(xx, *args, **kwargs)
 
-    monkeypatch.setattr(lora_mod._mm, "lowrank_project", spy)
+    monkeypatch.setattr(lora_triton._mm, "lowrank_project", spy)
     lora_linear(x, w, a, b, SCALING, backend="triton")
     assert seen == [x.data_ptr()]
 
@@ -262,25 +263,24 @@ def test_wgrad_split_reduction():
 
 def test_autotune_config_tables_and_pruning():
     """CUDA config lists (data, per GPU family) load, and pruning keeps what fits shared memory and M."""
-    from peftfast.kernels import matmul as mm
 
-    assert mm._family((9, 0)) == "sm90" and mm._family((8, 9)) == "sm89" and mm._family((8, 6)) == "sm89"
-    assert mm._family((8, 0)) == "sm80"
+    assert launch.gpu_family((9, 0)) == "sm90" and launch.gpu_family((8, 9)) == "sm89" and launch.gpu_family((8, 6)) == "sm89"
+    assert launch.gpu_family((8, 0)) == "sm80"
     y = torch.empty(1, 1, dtype=torch.bfloat16)
     adapter = torch.empty(1, 1, dtype=torch.float32)  # fp32 adapters under a bf16 GEMM: staged at 4 bytes
     # The epilogue's L and R tiles count at the adapters' width (BM=128, BN=256, BR=64: 24K elements).
     big = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 32}
-    assert mm._smem_bytes(big, 1, 2, 64) == 49152 and mm._smem_bytes(big, 1, 2, 64, 4) == 98304
-    assert mm._staged_widths({"p_y": y, "p_w": y, "p_l": y, "p_r": adapter}) == (2, 4)
+    assert launch.gemm_smem_bytes(big, 1, 2, 64) == 49152 and launch.gemm_smem_bytes(big, 1, 2, 64, 4) == 98304
+    assert launch.staged_widths({"p_y": y, "p_w": y, "p_l": y, "p_r": adapter}) == (2, 4)
     for family in ("sm80", "sm89", "sm90"):
-        configs = mm._gemm_configs(family)
+        configs = launch.gemm_configs(family)
         for smem in (99 * 1024, 227 * 1024):
             for m in (1, 40, 8192):
-                kept = mm._make_pruner(smem)(configs, {"M": m, "p_y": y, "p_w": y, "p_l": y, "p_r": adapter},
+                kept = launch.make_gemm_pruner(smem)(configs, {"M": m, "p_y": y, "p_w": y, "p_l": y, "p_r": adapter},
                                              BLOCK_R=64)
                 assert kept
-                assert all(mm._smem_bytes(c.kwargs, c.num_stages, 2, 64, 4) <= smem for c in kept) or len(kept) == 1
-                fitting = [c for c in configs if mm._smem_bytes(c.kwargs, c.num_stages, 2, 64, 4) <= smem]
+                assert all(launch.gemm_smem_bytes(c.kwargs, c.num_stages, 2, 64, 4) <= smem for c in kept) or len(kept) == 1
+                fitting = [c for c in configs if launch.gemm_smem_bytes(c.kwargs, c.num_stages, 2, 64, 4) <= smem]
                 if m <= 16 and fitting:
                     # decode-sized M: only the shortest row blocks that fit are tried
                     shortest = max(16, min(c.kwargs["BLOCK_M"] for c in fitting))
@@ -392,7 +392,7 @@ def _op_args(weight_kind, dropout):
         bnb = pytest.importorskip("bitsandbytes")
         w4 = bnb.nn.Params4bit(torch.randn(n, k), requires_grad=False, quant_type="nf4",
                                compress_statistics=True, blocksize=64)._quantize("cpu")
-        w, absmax, code, code2, absmax2, offset, meta, qt = lora_mod._quant_args(w4)
+        w, absmax, code, code2, absmax2, offset, meta, qt = weights.quant_args(w4)
     else:
         w = torch.randn(n, k, device=DEVICE)
         absmax = code = code2 = absmax2 = offset = None

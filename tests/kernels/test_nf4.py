@@ -19,7 +19,7 @@ import functools
 import pytest
 import torch
 
-from peftfast.kernels import nf4
+from peftfast.kernels import nf4_triton  # noqa: E402
 from peftfast.kernels.nf4 import BLOCKSIZES, Quant4bit, dequantize_4bit, dequantize_4bit_reference, quant4bit_view
 
 try:
@@ -235,7 +235,7 @@ def test_out_workspace_is_written_in_place(nan_empty):
     p2 = _params((75, 37), "fp4", False, 32, torch.bfloat16)
     workspace = torch.full((37 * 75,), float("nan"), dtype=torch.bfloat16)
     for p in (p1, p2, p1):  # reused across weights of the same size, as the LoRA kernel does
-        got = nf4._triton_dequantize(quant4bit_view(p), torch.bfloat16, out=workspace)
+        got = nf4_triton.triton_dequantize(quant4bit_view(p), torch.bfloat16, out=workspace)
         assert got.data_ptr() == workspace.data_ptr()
         assert got.shape == tuple(p.quant_state.shape)
         assert_bits_equal(got, _bnb_dequant(p, torch.bfloat16), "workspace", fold_zero_sign=True)
@@ -252,7 +252,7 @@ def test_out_workspace_is_checked():
     p = _params((37, 75), "nf4", True, 64, torch.uint8)
     q = quant4bit_view(p)
     with pytest.raises(ValueError, match="dtype"):
-        nf4._triton_dequantize(q, torch.float16, out=torch.empty(37 * 75, dtype=torch.float32))
+        nf4_triton.triton_dequantize(q, torch.float16, out=torch.empty(37 * 75, dtype=torch.float32))
     with pytest.raises(ValueError, match="elements"):
         dequantize_4bit(p, out=torch.empty(37 * 75 + 1, dtype=torch.float16), backend="triton")
     with pytest.raises(ValueError, match="contiguous"):
@@ -271,14 +271,14 @@ def test_default_dtype_and_quant4bit_input():
 @needs_bnb
 def test_one_launch_per_call(monkeypatch):
     grids = []
-    real = nf4._dequantize_4bit_kernel
+    real = nf4_triton._dequantize_4bit_kernel
 
     class Counting:
         def __getitem__(self, grid):
             grids.append(grid)
             return real[grid]
 
-    monkeypatch.setattr(nf4, "_dequantize_4bit_kernel", Counting())
+    monkeypatch.setattr(nf4_triton, "_dequantize_4bit_kernel", Counting())
     dequantize_4bit(_params((129, 257), "nf4", True, 32, torch.uint8, seed=1), dtype=torch.float16, backend="triton")
     assert len(grids) == 1 and grids[0][0] > 1
 

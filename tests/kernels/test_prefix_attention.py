@@ -20,6 +20,7 @@ import torch
 from helpers import assert_rel_close, dtype_error_bound
 
 from peftfast.kernels import prefix_attention, prefix_attention_reference
+from peftfast.kernels import prefix_attention_triton  # noqa: E402
 
 # The package attribute of that name is the function; the module is fetched by its full name.
 pa_mod = importlib.import_module("peftfast.kernels.prefix_attention")
@@ -352,10 +353,10 @@ def test_cuda_configs_fit_shared_memory(gpu, dtype):
         for nq in (1, 32, 4096):
             nq_key = min(128, 1 << (nq - 1).bit_length())
             named = {"p_q": torch.empty(0, dtype=dtype), "BLOCK_D": block_d, "NQ_KEY": nq_key}
-            kept = pa_mod._fwd_pruner(smem, cap)(pa_mod._fwd_configs(pa_mod._d_bucket(block_d)), named)
-            sizes = [pa_mod._fwd_smem_bytes(c, named, cap) for c in kept]
+            kept = prefix_attention_triton._fwd_pruner(smem, cap)(prefix_attention_triton._fwd_configs(prefix_attention_triton._d_bucket(block_d)), named)
+            sizes = [prefix_attention_triton._fwd_smem_bytes(c, named, cap) for c in kept]
             assert kept and max(sizes) <= smem, (gpu, dtype, d, nq, sizes)
-        bm, bn, _, _ = pa_mod._bwd_config(block_d, dtype)
+        bm, bn, _, _ = prefix_attention_triton._bwd_config(block_d, dtype)
         assert bm >= 16 and bn >= 16  # tl.dot's minimum
 
 

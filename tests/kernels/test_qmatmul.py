@@ -1,4 +1,4 @@
-"""The in-loop QLoRA GEMM (kernels/qmatmul.py) and how lora.py chooses between it and dequant + GEMM.
+"""The in-loop QLoRA GEMM (kernels/experimental/qmatmul.py) and how lora_triton.py chooses between it and dequant + GEMM.
 
 On CPU the kernel runs in Triton's interpreter with the same fixed blocks as ``matmul_lowrank``, so
 the two variants accumulate in the same order there and must agree *bitwise*; on a GPU (different
@@ -23,9 +23,9 @@ import pytest
 import torch
 
 from peftfast import tune
-from peftfast.kernels import lora as lora_mod
+from peftfast.kernels import launch, lora_triton, weights  # noqa: E402
 from peftfast.kernels import matmul as mm
-from peftfast.kernels import qmatmul as qmm
+from peftfast.kernels.experimental import qmatmul as qmm
 from peftfast.kernels import tuning
 from peftfast.kernels.dispatch import interpreting
 from peftfast.kernels.lora import lora_linear
@@ -70,8 +70,8 @@ def _quant(n: int, k: int, quant_type="nf4", nested=True, blocksize=64) -> Quant
 
 
 def _args(q: Quant4bit):
-    """``(packed, absmax, code, code2, absmax2, offset, meta, quant_type)`` as lora._quant_args gives them."""
-    return lora_mod._quant_args(q)[:8]
+    """``(packed, absmax, code, code2, absmax2, offset, meta, quant_type)`` as weights.quant_args gives them."""
+    return weights.quant_args(q)[:8]
 
 
 def _inloop(x, q, left, right, scale, **kw):
@@ -230,7 +230,7 @@ def test_refuses_weights_it_cannot_decode():
 
 def _spy(monkeypatch):
     calls = {"inloop": [], "dense_base": 0}
-    real_inloop, real_dense = qmm.matmul_lowrank_4bit, lora_mod._dense_base
+    real_inloop, real_dense = qmm.matmul_lowrank_4bit, weights.dense_base
 
     def inloop(*args, **kw):
         calls["inloop"].append(kw.get("layout"))
@@ -241,7 +241,7 @@ def _spy(monkeypatch):
         return real_dense(*args, **kw)
 
     monkeypatch.setattr(qmm, "matmul_lowrank_4bit", inloop)
-    monkeypatch.setattr(lora_mod, "_dense_base", dense)
+    monkeypatch.setattr(lora_triton, "dense_base", dense)
     return calls
 
 
@@ -352,9 +352,9 @@ def test_cache_entry_variant(monkeypatch):
 
 def test_small_m_and_undecodable_weights_never_run_inloop(monkeypatch):
     monkeypatch.setenv(qmm.ENV_VARIANT, "inloop")
-    assert not lora_mod._qlora_inloop(lora_mod.DECODE_MAX_M, 40, 128, FP16, [64, 256, 40, 128], "nf4", None, "kn",
+    assert not lora_triton._qlora_inloop(lora_triton.DECODE_MAX_M, 40, 128, FP16, [64, 256, 40, 128], "nf4", None, "kn",
                                       torch.device(DEVICE))
-    assert lora_mod._qlora_inloop(lora_mod.DECODE_MAX_M + 1, 40, 128, FP16, [64, 256, 40, 128], "nf4", None, "nk",
+    assert lora_triton._qlora_inloop(lora_triton.DECODE_MAX_M + 1, 40, 128, FP16, [64, 256, 40, 128], "nf4", None, "nk",
                                   torch.device(DEVICE))
     with pytest.warns(RuntimeWarning, match="straddle"):
         assert _variant(meta=(64, 256, 40, 96), k=96) == "dequant"
@@ -477,7 +477,7 @@ def test_config_lists_and_pruner(family):
 
 def test_interpreter_config_matches_matmul():
     """The bitwise comparisons above rely on both variants running the same blocks in the interpreter."""
-    assert qmm._INTERPRET_CONFIG == mm._INTERPRET_CONFIG
+    assert qmm._INTERPRET_CONFIG == launch.INTERPRET_CONFIG
 
 
 @pytest.mark.parametrize("sweep", ["subset", pytest.param("all", marks=pytest.mark.slow)])

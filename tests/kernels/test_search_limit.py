@@ -13,10 +13,11 @@ import pytest
 import torch
 import triton
 
-from peftfast.kernels import dora, ia3, matmul as mm, qmatmul as qmm, tuning
+from peftfast.kernels import dora_triton as dora, ia3_triton as ia3, launch, matmul as mm, tuning
+from peftfast.kernels.experimental import qmatmul as qmm
 
 # The package exports the op under the module's name; the module holds the autotuner.
-pa = importlib.import_module("peftfast.kernels.prefix_attention")
+pa = importlib.import_module("peftfast.kernels.prefix_attention_triton")
 
 H100_SMEM = 232448
 BF16, FP32 = torch.bfloat16, torch.float32
@@ -26,8 +27,7 @@ BF16, FP32 = torch.bfloat16, torch.float32
 def on_sm90(monkeypatch):
     """Build autotuners as on an H100/H200 (sm90) without a GPU."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
-    monkeypatch.setattr(mm, "_max_shared_memory", lambda *a, **k: H100_SMEM)
-    monkeypatch.setattr(qmm, "_max_shared_memory", lambda *a, **k: H100_SMEM)
+    monkeypatch.setattr(launch, "max_shared_memory", lambda *a, **k: H100_SMEM)
     monkeypatch.delenv(tuning.ENV_SEARCH_LIMIT, raising=False)
 
 
@@ -107,7 +107,7 @@ def test_a_limited_search_winner_is_not_cached(limit, tmp_path, monkeypatch):
         monkeypatch.setenv(tuning.ENV_SEARCH_LIMIT, limit)
     tuning.clear_memory_caches()
     key = tuning.shape_key(tuning.OP_LORA_MATMUL, 8192, 14336, 4096, "bf16", "bf16-nk")
-    got = mm._record_search_winner(_SearchedKernel(), None, "NVIDIA H200", key)
+    got = launch.record_search_winner(_SearchedKernel(), None, "NVIDIA H200", key, mm._kernel_hash())
     cached = tuning.cache_read("NVIDIA H200", mm._kernel_hash(), key)
     if limit is None:
         assert got == {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}

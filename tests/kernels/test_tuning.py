@@ -12,6 +12,7 @@ import torch
 import triton
 
 from peftfast.kernels import matmul as mm
+from peftfast.kernels import launch, tiles  # noqa: E402
 from peftfast.kernels import tuning
 
 GPU = "NVIDIA H100 80GB HBM3"
@@ -172,7 +173,7 @@ def test_source_hash_follows_the_source():
     def g(x):
         return x + 2
 
-    h = tuning.source_hash(mm._matmul_lowrank_kernel, mm._dot, mm._dropout_keep, mm._grouped_tile, mm._lowrank_tile)
+    h = tuning.source_hash(mm._matmul_lowrank_kernel, tiles.dot, tiles.dropout_keep, tiles.grouped_tile, tiles.lowrank_tile)
     assert h == mm._kernel_hash() and len(h) == 16
     assert tuning.source_hash(f) != tuning.source_hash(g)
     assert tuning.source_hash(mm._matmul_lowrank_kernel) != h
@@ -274,19 +275,19 @@ def _triton_config(d):
 def test_search_winner_is_cached_with_its_time():
     best, other = _triton_config(CFG), _triton_config(CFG2)
     kernel = _FakeAutotuner(best, {best: [0.5, 0.4, 0.6], other: [0.9, 0.8, 1.0]})
-    assert mm._record_search_winner(kernel, None, GPU, _key()) == CFG
+    assert launch.record_search_winner(kernel, None, GPU, _key(), mm._kernel_hash()) == CFG
     tuning.clear_memory_caches()
     assert tuning.cache_read(GPU, mm._kernel_hash(), _key()) == {"config": CFG, "ms": 0.5}
     # A run that did not benchmark (Triton's own cache, or one config left) keeps the old timings dict:
     # the winner is still recorded, without a time.
     stale = kernel.configs_timings
     key2 = _key(m=2048)
-    assert mm._record_search_winner(kernel, stale, GPU, key2) == CFG
+    assert launch.record_search_winner(kernel, stale, GPU, key2, mm._kernel_hash()) == CFG
     tuning.clear_memory_caches()
     assert tuning.cache_read(GPU, mm._kernel_hash(), key2) == {"config": CFG, "ms": None}
-    # Another kernel's search (qmatmul's in-loop GEMM) is cached under that kernel's source hash.
+    # Another kernel's search (the in-loop 4-bit GEMM) is cached under that kernel's source hash.
     key3 = _key(m=4096)
-    assert mm._record_search_winner(kernel, None, GPU, key3, "0123456789abcdef") == CFG
+    assert launch.record_search_winner(kernel, None, GPU, key3, "0123456789abcdef") == CFG
     tuning.clear_memory_caches()
     assert tuning.cache_read(GPU, "0123456789abcdef", key3) == {"config": CFG, "ms": 0.5}
     assert tuning.cache_read(GPU, mm._kernel_hash(), key3) is None
@@ -383,7 +384,7 @@ def test_cuda_launch_selects_by_the_staged_widths(monkeypatch):
     from types import SimpleNamespace
 
     seen, launched = [], []
-    monkeypatch.setattr(mm, "_device_info", lambda index: ("NVIDIA H100 80GB HBM3", 232448))
+    monkeypatch.setattr(launch, "device_info", lambda index: ("NVIDIA H100 80GB HBM3", 232448))
     monkeypatch.setattr(mm, "select_matmul_config",
                         lambda *a, **kw: seen.append((kw["elem"], kw["lr_elem"])) or (CFG, "table"))
     monkeypatch.setattr(mm, "_launch_config", lambda args, flags, m, n, cfg: launched.append(cfg))
@@ -394,4 +395,4 @@ def test_cuda_launch_selects_by_the_staged_widths(monkeypatch):
         mm._launch_cuda((), {"BLOCK_R": 16}, 100, 64, 32, torch.bfloat16, wt, y, widths)
     assert seen == [(2, 4), (2, 2)] and launched == [CFG] * 3
     b16, f32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1, dtype=torch.float32)
-    assert mm._tile_widths(b16, b16, b16, f32) == (2, 4) and mm._tile_widths(b16, f32, b16, b16) == (4, 4)
+    assert launch.tile_widths(b16, b16, b16, f32) == (2, 4) and launch.tile_widths(b16, f32, b16, b16) == (4, 4)

@@ -1,4 +1,8 @@
-"""The LoRA GEMM on a bitsandbytes 4-bit base with the weight decoded inside the K loop.
+"""Experimental: the LoRA GEMM on a bitsandbytes 4-bit base with the weight decoded inside the K loop.
+
+It lives under ``experimental/`` because no default path runs it and no benchmark has chosen it yet:
+``lora_triton`` calls it only when ``PEFTFAST_QLORA_GEMM=inloop`` or a tuned table / cache entry says
+``"inloop"``. Move it back beside ``matmul.py`` once a GPU measurement picks it for some shape bucket.
 
 :func:`matmul_lowrank_4bit` computes what ``matmul.matmul_lowrank`` computes on a dequantized weight:
 
@@ -32,7 +36,7 @@ other weights always take the dequant variant.
 Epilogue, dropout and dtypes are ``matmul_lowrank``'s exactly (LoRA term in x's dtype with fp32
 accumulation, the keep mask of an [M, N] input regenerated from the seed, bias added last).
 
-Choosing the variant (:func:`qlora_gemm_variant`, called by ``lora.py`` for a 4-bit base at
+Choosing the variant (:func:`qlora_gemm_variant`, called by ``lora_triton.py`` for a 4-bit base at
 M > ``DECODE_MAX_M``, forward and the backward's dX GEMM):
 
 1. ``PEFTFAST_QLORA_GEMM=inloop|dequant`` forces one (for benchmarking); ``auto`` or unset goes on;
@@ -57,14 +61,13 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tuning as _tuning
-from .dispatch import interpreting
-from . import matmul as _mm
-from .matmul import (_block_r, _device_info, _dot, _dot_flags, _dropout_keep, _grouped_tile, _lowrank_tile,
-                     _max_shared_memory)
-from .nf4 import _block_scales, _decode_4bit_tile, _mul_rn, _to_bf16_rtne
+from .. import launch
+from .. import tuning as _tuning
+from ..dispatch import interpreting
+from ..nf4_triton import block_scales, decode_4bit_tile, mul_rn, to_bf16_rtne
+from ..tiles import dot, dropout_keep, grouped_tile, lowrank_tile
 
-_CONFIG_FILE = os.path.join(os.path.dirname(__file__), "configs", "lora_matmul_4bit.json")
+_CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "lora_matmul_4bit.json")
 
 ENV_VARIANT = "PEFTFAST_QLORA_GEMM"
 VARIANTS = ("inloop", "dequant")
@@ -94,7 +97,7 @@ def _matmul_lowrank_4bit_kernel(
     ``W_NK``: W is [N, K] (forward, ``X @ W^T``), else [K, N] (dX, ``X @ W``); ``W_COLS`` is W's row
     length either way. ``M_KEY`` is only an autotuning key (M rounded up to a power of two).
     """
-    i_m, i_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    i_m, i_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -118,29 +121,29 @@ def _matmul_lowrank_4bit_kernel(
         b_x = tl.load(p_xb, mask=m_m[:, None] & m_k[None, :], other=0.0)
         if W_NK:
             # W's rows are the output columns; its blocks run along this K slice.
-            b_w32 = _decode_4bit_tile(p_q, p_absmax, b_lut, p_code2, p_absmax2, p_offset, o_n64, m_n, k0, W_COLS,
+            b_w32 = decode_4bit_tile(p_q, p_absmax, b_lut, p_code2, p_absmax2, p_offset, o_n64, m_n, k0, W_COLS,
                                       BLOCK_N, BLOCK_K, BLOCKSIZE, BLOCKSIZE2, NESTED, PTX_MUL_RN)  # [BN, BK]
         else:
             # W's rows are this K slice; its blocks run along the output columns.
-            b_w32 = _decode_4bit_tile(p_q, p_absmax, b_lut, p_code2, p_absmax2, p_offset, (k0 + o_k).to(tl.int64),
+            b_w32 = decode_4bit_tile(p_q, p_absmax, b_lut, p_code2, p_absmax2, p_offset, (k0 + o_k).to(tl.int64),
                                       m_k, i_n * BLOCK_N, W_COLS,
                                       BLOCK_K, BLOCK_N, BLOCKSIZE, BLOCKSIZE2, NESTED, PTX_MUL_RN)  # [BK, BN]
         # One rounding of the fp32 product to the compute dtype, as dequantize_4bit does.
         if SOFT_BF16:
-            b_w = _to_bf16_rtne(b_w32)
+            b_w = to_bf16_rtne(b_w32)
         else:
             b_w = b_w32.to(dtype)
         if W_NK:
             b_w = tl.trans(b_w)  # [BN, BK] -> [BK, BN]
-        b_acc = _dot(b_x, b_w, b_acc, DOT_F32, IEEE)  # [BM, BK] @ [BK, BN] -> [BM, BN]
+        b_acc = dot(b_x, b_w, b_acc, DOT_F32, IEEE)  # [BM, BK] @ [BK, BN] -> [BM, BN]
         p_xb += BLOCK_K * stride_xk
 
     # Low-rank epilogue, as matmul._matmul_lowrank_kernel's: Y is written once.
-    b_lr = _lowrank_tile(p_l, p_r, o_m64, o_n, m_m, m_n, R, stride_lm, stride_lr, stride_rr, stride_rn,
+    b_lr = lowrank_tile(p_l, p_r, o_m64, o_n, m_m, m_n, R, stride_lm, stride_lr, stride_rr, stride_rn,
                          dtype, DOT_F32, IEEE, BLOCK_M, BLOCK_N, BLOCK_R) * scale
     if DROPOUT:
         # Backward of dropout on the LoRA input: dX's LoRA part only passes where the input was kept.
-        b_keep = _dropout_keep(p_seed, o_m, o_n, N, dropout_p)
+        b_keep = dropout_keep(p_seed, o_m, o_n, N, dropout_p)
         b_lr = tl.where(b_keep, b_lr / (1.0 - dropout_p), 0.0)
     b_acc += b_lr
     if HAS_BIAS:
@@ -203,13 +206,13 @@ def _make_pruner(max_smem: int):
 
         fits = [c for c in configs if need(c) <= max_smem]
         fits = fits or [min(configs, key=need)]
-        return _mm._keep_rows_fitting(fits, m)
+        return launch.keep_rows_fitting(fits, m)
 
     return prune
 
 
 def _triton_configs(family: str) -> list:
-    return _mm._as_triton_configs(_config_table()[family])
+    return launch.as_triton_configs(_config_table()[family])
 
 
 def candidates(m: int, elem: int, block_r: int, *, family: str, max_smem: int, blocksize: int, nested: bool,
@@ -234,20 +237,20 @@ def candidates(m: int, elem: int, block_r: int, *, family: str, max_smem: int, b
 def _tuned_kernel(device_index: int):
     """The autotuned in-loop kernel for one CUDA device, built on first use (never at import)."""
     return triton.autotune(
-        configs=_triton_configs(_mm._device_family(device_index)),
+        configs=_triton_configs(launch.device_family(device_index)),
         # The layout, blocksize and nesting change the decode work per tile: tune them apart.
         key=["M_KEY", "N", "K", "R", "W_NK", "BLOCKSIZE", "NESTED"],
         prune_configs_by={"early_config_prune": _tuning.limited_pruner(
-            _make_pruner(_max_shared_memory(device_index)))},
-        **_mm._autotune_options(),
+            _make_pruner(launch.max_shared_memory(device_index)))},
+        **launch.autotune_options(),
     )(_matmul_lowrank_4bit_kernel)
 
 
 @functools.lru_cache(maxsize=None)
 def _kernel_hash() -> str:
     """Source hash of the in-loop kernel and every helper it calls: part of its tuning-cache key."""
-    return _tuning.source_hash(_matmul_lowrank_4bit_kernel, _decode_4bit_tile, _block_scales, _mul_rn,
-                               _to_bf16_rtne, _dot, _dropout_keep, _grouped_tile, _lowrank_tile)
+    return _tuning.source_hash(_matmul_lowrank_4bit_kernel, decode_4bit_tile, block_scales, mul_rn,
+                               to_bf16_rtne, dot, dropout_keep, grouped_tile, lowrank_tile)
 
 
 def _gpu_name(device: torch.device) -> Optional[str]:
@@ -255,7 +258,7 @@ def _gpu_name(device: torch.device) -> Optional[str]:
     if device.type != "cuda":
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _device_info(index)[0]
+    return launch.device_info(index)[0]
 
 
 def select_inloop_config(m: int, n: int, k: int, dtype, weight: str, *, gpu_name: str, max_smem: int, elem: int,
@@ -309,7 +312,7 @@ def _launch_cuda(args: tuple, flags: dict, m: int, n: int, k: int, dtype, weight
     memo_key = (device_index, _tuning.bucket_m(m), n, k, dtype, weight, flags["BLOCK_R"])
     cfg = _SELECTED.get(memo_key, _MISSING)
     if cfg is _MISSING:
-        gpu_name, max_smem = _device_info(device_index)
+        gpu_name, max_smem = launch.device_info(device_index)
         hit = select_inloop_config(m, n, k, dtype, weight, gpu_name=gpu_name, max_smem=max_smem,
                                    elem=y.element_size(), block_r=flags["BLOCK_R"], blocksize=flags["BLOCKSIZE"],
                                    nested=flags["NESTED"], layout="nk" if flags["W_NK"] else "kn")
@@ -324,7 +327,7 @@ def _launch_cuda(args: tuple, flags: dict, m: int, n: int, k: int, dtype, weight
     kernel[grid](*args, **flags)
     key = _tuning.shape_key(_tuning.OP_LORA_MATMUL_4BIT, m, n, k, dtype, weight)
     # No "variant" is written: the search compared in-loop configs only, not the two variants.
-    _SELECTED[memo_key] = _mm._record_search_winner(kernel, timings_before, _device_info(device_index)[0], key,
+    _SELECTED[memo_key] = launch.record_search_winner(kernel, timings_before, launch.device_info(device_index)[0], key,
                                                     _kernel_hash())
 
 
@@ -337,7 +340,7 @@ def inloop_supported(meta: Sequence[int]) -> Tuple[bool, str]:
     """Whether the in-loop kernel can decode this weight: ``(True, "")`` or ``(False, why)``.
 
     Args:
-        meta: ``[blocksize, blocksize2, N_w, K_w]`` as ``lora._quant_args`` gives it.
+        meta: ``[blocksize, blocksize2, N_w, K_w]`` as ``weights.quant_args`` gives it.
     """
     if not meta or len(meta) != 4:
         return False, "not a 4-bit weight"
@@ -377,7 +380,7 @@ def _launch_args(x, packed, absmax, code, code2, absmax2, offset, meta, left, ri
     on_nvidia = y.device.type == "cuda" and torch.version.hip is None and not interpreting()
     flags = dict(W_NK=layout == "nk", BLOCKSIZE=blocksize, BLOCKSIZE2=int(blocksize2) if nested else 256,
                  NESTED=nested, HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0, PTX_MUL_RN=on_nvidia,
-                 SOFT_BF16=dtype == torch.bfloat16 and interpreting(), BLOCK_R=_block_r(r), **_dot_flags(dtype))
+                 SOFT_BF16=dtype == torch.bfloat16 and interpreting(), BLOCK_R=launch.block_r(r), **launch.dot_flags(dtype))
     return args, flags
 
 
@@ -424,7 +427,7 @@ def matmul_lowrank_4bit(
     Args:
         x: [M, K], any strides, fp32/fp16/bf16.
         packed, absmax, code, code2, absmax2, offset, meta, quant_type: the 4-bit weight W [N_w, K_w]
-            as ``lora._quant_args`` splits it (``meta = [blocksize, blocksize2, N_w, K_w]``; ``code2``,
+            as ``weights.quant_args`` splits it (``meta = [blocksize, blocksize2, N_w, K_w]``; ``code2``,
             ``absmax2``, ``offset`` are None unless nested). ``K_w`` must be a multiple of the blocksize
             (:func:`inloop_supported`).
         left: [M, R]. right: [R, N]; any strides and float dtype.
@@ -530,7 +533,7 @@ _WARNED: set = set()
 
 def qlora_gemm_variant(m: int, n: int, k: int, dtype, meta: Sequence[int], quant_type: str, nested: bool,
                        layout: str, device: torch.device) -> str:
-    """``"inloop"`` or ``"dequant"`` for one 4-bit GEMM of a LoRA linear (the choice ``lora.py`` makes).
+    """``"inloop"`` or ``"dequant"`` for one 4-bit GEMM of a LoRA linear (the choice ``lora_triton.py`` makes).
 
     Args:
         m, n, k: the GEMM's shape (forward: N = out, K = in; dX: N = in, K = out).
