@@ -49,7 +49,8 @@ import triton  # noqa: E402
 
 from aot import SMEM_LIMIT, CompileFailed, compile_instead_of_launch  # noqa: E402
 from peftfast.kernels import matmul as mm, nf4  # noqa: E402
-from peftfast.kernels import launch, lora_triton, nf4_triton, weights  # noqa: E402
+# `launch` as kl: the case builders name their launch closures `launch`
+from peftfast.kernels import launch as kl, lora_triton, nf4_triton, weights  # noqa: E402
 
 ARCHS = ("sm80", "sm89", "sm90")
 META = torch.device("meta")
@@ -135,20 +136,20 @@ def _gemm_call(v: GemmVariant):
 def _estimate(cfg: dict, args: tuple, flags: dict) -> int:
     """The pruner's shared-memory figure for ``cfg`` at this call: matmul._smem_bytes at the launch's
     staged widths (matmul._staged_widths)."""
-    elem, lr_elem = launch.staged_widths(dict(zip(mm._matmul_lowrank_kernel.arg_names, args)))
-    return launch.gemm_smem_bytes(cfg, cfg["num_stages"], elem, flags["BLOCK_R"], lr_elem)
+    elem, lr_elem = kl.staged_widths(dict(zip(mm._matmul_lowrank_kernel.arg_names, args)))
+    return kl.gemm_smem_bytes(cfg, cfg["num_stages"], elem, flags["BLOCK_R"], lr_elem)
 
 
 def _table_configs(arch: str) -> List[triton.Config]:
     return [triton.Config({k: e[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")},
-                          num_warps=e["num_warps"], num_stages=e["num_stages"]) for e in launch.gemm_config_table()[arch]]
+                          num_warps=e["num_warps"], num_stages=e["num_stages"]) for e in kl.gemm_config_table()[arch]]
 
 
 def _admitted(arch: str, args: tuple, flags: dict) -> List[int]:
     """Indices of the family's configs that the autotuner's pruner keeps for some M at this GPU's limit."""
     configs = _table_configs(arch)
     named = dict(zip(mm._matmul_lowrank_kernel.arg_names, args), **flags)
-    prune = launch.make_gemm_pruner(SMEM_LIMIT[arch])
+    prune = kl.make_gemm_pruner(SMEM_LIMIT[arch])
     keep = set()
     for m in (1, 16, 32, 64, 128, 256, 1 << 20):
         keep |= {id(c) for c in prune(configs, {**named, "M": m})}
@@ -159,7 +160,7 @@ def _gemm_cases(arch: str, v: GemmVariant, which: Optional[List[int]] = None) ->
     args, flags, m, n = _gemm_call(v)
     admitted = set(_admitted(arch, args, flags))
     out = []
-    for i, cfg in enumerate(launch.gemm_config_table()[arch]):
+    for i, cfg in enumerate(kl.gemm_config_table()[arch]):
         if which is not None and i not in which:
             continue
         out.append(Case(
@@ -214,7 +215,7 @@ def _gemm_subset(arch: str) -> List[Case]:
     cases = []
     variants = [GemmVariant(BF16, BF16, BF16, "nk", 64), GemmVariant(FP32, FP32, FP32, "kn", 64),
                 _SUBSET_EXTRA[arch]]
-    table = launch.gemm_config_table()[arch]
+    table = kl.gemm_config_table()[arch]
     for v in variants:
         args, flags, m, n = _gemm_call(v)
         est = {i: _estimate(table[i], args, flags) for i in _admitted(arch, args, flags)}
@@ -332,7 +333,7 @@ def _lora_4bit_path_case(arch, dtype, adt, blocksize, nested, rank, m=512, n=409
         y = _empty(x.shape[0], right.shape[1], dtype=x.dtype)
         args, flags = mm._launch_args(x, wt, left, right, 1.5, bias, 0.1 if dropout else 0.0,
                                       _empty(1, dtype=torch.int64) if dropout else None, y)
-        table = launch.gemm_config_table()[arch]
+        table = kl.gemm_config_table()[arch]
         est = {i: _estimate(table[i], args, flags) for i in _admitted(arch, args, flags)}
         best = max(est, key=lambda i: (est[i], -i))
         case.gemm_estimates.append(est[best])
