@@ -248,7 +248,7 @@ def test_write_json_atomic(tmp_path):
 
 
 def test_cli_list_and_table(tmp_path, capsys):
-    from peftfast.bench import main
+    from peftfast.devtools.bench import main
 
     assert main(["--list"]) == 0
     out = capsys.readouterr().out
@@ -259,7 +259,7 @@ def test_cli_list_and_table(tmp_path, capsys):
 
 
 def test_cli_smoke_writes_only_where_told(tmp_path, capsys, monkeypatch):
-    from peftfast.bench import main
+    from peftfast.devtools.bench import main
 
     results = bench_common.RESULTS_DIR
     smoke_dir = results / "cpu-smoke"
@@ -295,7 +295,7 @@ def test_plots_when_matplotlib_is_installed(tmp_path):
 
 
 def test_cli_profile_headline(tmp_path, capsys):
-    from peftfast.bench import main
+    from peftfast.devtools.bench import main
 
     assert main(["--smoke", "--profile", "headline", "--out", str(tmp_path), "--no-plots", "prefix_attention"]) == 0
     data = json.loads((tmp_path / "cpu-smoke" / "prefix_attention.json").read_text())

@@ -528,7 +528,7 @@ def uses_attention_interface(model: nn.Module) -> bool:
 
 def check_prompt_learning(model: nn.Module, cfg) -> None:
     """Raise ConfigError when ``cfg`` cannot be added to ``model`` (completing ``cfg`` from the model's
-    config on the way); the checks ``patch`` makes, usable on their own (peftfast.coverage)."""
+    config on the way); the checks ``patch`` makes, usable on their own (peftfast.devtools.coverage)."""
     complete_config(cfg, model)
     if (isinstance(cfg, PrefixTuningConfig) and prompt_learning_of(model) is None and not is_seq2seq(model)
             and uses_attention_interface(model)):

@@ -135,20 +135,20 @@ def quantize_4bit(
 
 # ------------------------------------------------------------------------------------------------------
 # The coverage matrix's families (tests/test_coverage_matrix.py). The family table lives in
-# peftfast/coverage.py, which renders the README table from the same list; these add inputs.
+# peftfast/devtools/coverage.py, which renders the README table from the same list; these add inputs.
 # ------------------------------------------------------------------------------------------------------
 
 
 def matrix_model(family: str, method: str = "lora", seed: int = 0) -> nn.Module:
-    """A tiny model of a coverage family (``peftfast.coverage.FAMILIES``), 4-bit for ``lora-4bit``."""
-    from peftfast.coverage import build_base
+    """A tiny model of a coverage family (``peftfast.devtools.coverage.FAMILIES``), 4-bit for ``lora-4bit``."""
+    from peftfast.devtools.coverage import build_base
 
     return build_base(family, method, seed)
 
 
 def matrix_inputs(family: str, batch: int = 2, seq: int = 7, seed: int = 1) -> dict:
     """Inputs with labels for a coverage family: left-padded text (row i has 2*i pads), images, or both."""
-    from peftfast import coverage
+    from peftfast.devtools import coverage
 
     fam = coverage.FAMILIES[family]
     g = torch.Generator().manual_seed(seed)

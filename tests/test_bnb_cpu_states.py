@@ -256,7 +256,7 @@ def test_app_loaded_base_evaluates_in_fp32_and_keeps_its_layout():
     """load_base (train, generate, merge) on the embedded NF4 Llama: an eval pass leaves every 4-bit
     layer as loaded and gives the fp32 oracle's logits, where bitsandbytes would have repacked them and
     computed in bf16 (~3e-3 off)."""
-    from peftfast.basemodel import load_base
+    from peftfast.cli.basemodel import load_base
 
     model = load_base(None, load_in_4bit=True)["model"].eval()
     oracle = dense_twin(model).eval()
@@ -273,11 +273,11 @@ def test_train_eval_loss_and_generate_are_the_fp32_numbers(tmp_path):
     """`peftfast train` with LoRA on q/v only (the other 4-bit layers are bitsandbytes'), then the saved
     adapter in `generate`'s loader: the reported held-out loss equals the fp32 oracle's on the same
     examples, and generation's logits are the oracle's."""
-    from peftfast.basemodel import load_base
-    from peftfast.data import collate, load_dataset, split
-    from peftfast.generate import load_with_adapter
-    from peftfast.train import DEFAULT_DATA, evaluate
-    from peftfast.train import main as train_main
+    from peftfast.cli.basemodel import load_base
+    from peftfast.cli.data import collate, load_dataset, split
+    from peftfast.cli.generate import load_with_adapter
+    from peftfast.cli.train import DEFAULT_DATA, evaluate
+    from peftfast.cli.train import main as train_main
 
     out = tmp_path / "run"
     res = train_main(["--max-steps", "3", "--seq-len", "32", "--batch-size", "4", "--logging-steps", "100",

@@ -7,8 +7,8 @@ import torch
 
 import peftfast
 from peftfast.cli import main as cli_main
-from peftfast.data import DataError, byte_tokenizer, chat_example, hf_tokenizer, load_dataset
-from peftfast.train import main as train_main
+from peftfast.cli.data import DataError, byte_tokenizer, chat_example, hf_tokenizer, load_dataset
+from peftfast.cli.train import main as train_main
 
 FAST = ["--seq-len", "32", "--batch-size", "4", "--logging-steps", "100"]
 
@@ -30,7 +30,7 @@ def trained(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------------
 
 def test_embedded_base_rebuilds_identically():
-    from peftfast.basemodel import build_embedded_base, fingerprint
+    from peftfast.cli.basemodel import build_embedded_base, fingerprint
 
     torch.manual_seed(123)
     before = torch.get_rng_state()
@@ -42,7 +42,7 @@ def test_embedded_base_rebuilds_identically():
 
 
 def test_train_records_embedded_base(trained):
-    from peftfast.basemodel import EMBEDDED_NAME, build_embedded_base, fingerprint
+    from peftfast.cli.basemodel import EMBEDDED_NAME, build_embedded_base, fingerprint
 
     cfg = json.loads((trained["qlora"] / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == EMBEDDED_NAME
@@ -56,8 +56,8 @@ def test_train_records_embedded_base(trained):
 
 @pytest.mark.parametrize("method", ["qlora", "prefix"])
 def test_generate_greedy_matches_manual_loop(trained, method, capsys):
-    from peftfast.demo import greedy
-    from peftfast.generate import load_with_adapter
+    from peftfast.cli.demo import greedy
+    from peftfast.cli.generate import load_with_adapter
 
     rc = cli_main(["generate", "--adapter", str(trained[method]), "--prompt", "The small", "--max-new-tokens", "12"])
     assert rc == 0
@@ -70,7 +70,7 @@ def test_generate_greedy_matches_manual_loop(trained, method, capsys):
 
 
 def test_generate_sampling_and_chat(trained, capsys):
-    from peftfast.generate import main as gen_main
+    from peftfast.cli.generate import main as gen_main
 
     a = gen_main(["--adapter", str(trained["lora"]), "--prompt", "x", "--temperature", "1.0", "--seed", "1",
                   "--max-new-tokens", "8"])
@@ -83,7 +83,7 @@ def test_generate_sampling_and_chat(trained, capsys):
 def test_generate_bf16(trained, monkeypatch, capsys):
     """--bf16 (the default on a CUDA GPU with bf16) loads a dense base in bf16 and a 4-bit one computing in
     it; the adapter stays fp32."""
-    from peftfast import basemodel, generate
+    from peftfast.cli import basemodel, generate
     from peftfast.layers import AdapterLayer
 
     for method in ("lora", "qlora"):
@@ -139,7 +139,7 @@ def _logits(model, ids):
 def test_merge_loads_with_transformers_and_matches(trained, tmp_path, method, dtype):
     from transformers import AutoModelForCausalLM
 
-    from peftfast.generate import load_with_adapter
+    from peftfast.cli.generate import load_with_adapter
 
     out = tmp_path / "merged"
     assert cli_main(["merge", "--adapter", str(trained[method]), "--output", str(out), "--dtype", dtype]) == 0
@@ -162,7 +162,7 @@ def test_merge_loads_with_transformers_and_matches(trained, tmp_path, method, dt
     else:
         # bf16: the error must be what bf16 itself costs, i.e. that of the fp32 merge run in bf16 in memory
         # (the flash-attention rule: at most twice the same-dtype PyTorch error against fp32)
-        from peftfast.merging import merged_model
+        from peftfast.cli.merging import merged_model
 
         in_memory = merged_model(None, str(trained[method]), None, "bf16")["model"]
         budget = (_logits(in_memory, ids) - ref).abs().max().item()
@@ -181,7 +181,7 @@ def test_merge_refuses_prompt_learning_and_busy_output(trained, tmp_path, capsys
 
 
 def test_merge_module_does_not_shadow_api():
-    import peftfast.merging  # noqa: F401
+    import peftfast.cli.merging  # noqa: F401
 
     assert callable(peftfast.merge) and peftfast.merge.__module__ == "peftfast.patching"
 
@@ -211,7 +211,7 @@ def test_inspect_text_and_json(trained, capsys):
 
 
 def _patched_lora():
-    from peftfast.basemodel import build_embedded_base
+    from peftfast.cli.basemodel import build_embedded_base
 
     model = build_embedded_base()
     return peftfast.patch(model, peftfast.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
@@ -351,9 +351,9 @@ def test_merge_4bit_holds_one_fp32_layer_at_a_time_and_equals_the_whole_model_me
     dequantizing the whole model to fp32, merging and casting gives, with one fp32 layer held at a time."""
     import torch.nn as nn
 
-    from peftfast.generate import load_with_adapter
+    from peftfast.cli.generate import load_with_adapter
     from peftfast.layers import LoraLayer
-    from peftfast.merging import dequantize_4bit_layers, merged_model
+    from peftfast.cli.merging import dequantize_4bit_layers, merged_model
 
     peak = []
     real_merge = LoraLayer.merge
@@ -373,7 +373,7 @@ def test_merge_4bit_holds_one_fp32_layer_at_a_time_and_equals_the_whole_model_me
         held.append(loaded["model"])
         return loaded
 
-    monkeypatch.setattr("peftfast.generate.load_with_adapter", load_and_hold)
+    monkeypatch.setattr("peftfast.cli.generate.load_with_adapter", load_and_hold)
     monkeypatch.setattr(LoraLayer, "merge", merge_and_count)
     layered = merged_model(None, str(trained["qlora"]), None, "bf16")["model"]
     assert peak == [1] * 14, peak  # 7 projections x 2 decoder layers, one fp32 copy at a time
@@ -393,8 +393,8 @@ def test_merge_dense_bf16_base_loads_in_bf16_and_equals_the_fp32_merge(tmp_path,
     """A bf16 checkpoint merged into its own dtype is loaded in bf16 (half the memory of an fp32 load) and
     gives bit for bit the fp32-load merge rounded to bf16 at the end: the merge adds the update in fp32 and
     rounds once either way."""
-    from peftfast.generate import load_with_adapter
-    from peftfast.merging import merged_model
+    from peftfast.cli.generate import load_with_adapter
+    from peftfast.cli.merging import merged_model
     from tiny import byte_chat_tokenizer, tiny_llama_for
 
     model_dir = tmp_path / "base"
@@ -408,7 +408,7 @@ def test_merge_dense_bf16_base_loads_in_bf16_and_equals_the_fp32_merge(tmp_path,
         train_main(["--model", str(model_dir), "--data", str(data), "--method", method, "--max-steps", "2",
                     "--lr", "1e-2", "--output", str(adapter), *FAST])
         seen = []
-        monkeypatch.setattr("peftfast.generate.load_with_adapter",
+        monkeypatch.setattr("peftfast.cli.generate.load_with_adapter",
                             lambda *a: seen.append(a[-1]) or load_with_adapter(*a))
         merged = merged_model(str(model_dir), str(adapter), None, "auto")["model"]
         monkeypatch.undo()

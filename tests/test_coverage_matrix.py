@@ -1,6 +1,6 @@
 """The coverage matrix: every (model family, method) against Hugging Face PEFT, and the README table.
 
-For each cell of ``peftfast.coverage`` (families x LoRA, LoRA on a 4-bit base, IA3, prefix tuning,
+For each cell of ``peftfast.devtools.coverage`` (families x LoRA, LoRA on a 4-bit base, IA3, prefix tuning,
 prompt tuning) PEFT creates an adapter with random non-zero weights on a tiny random model and saves
 it; peftfast loads it (trainable) into a copy of the same base. Both then give the same logits
 (left-padded inputs), and the same losses and adapter weights over a few SGD steps. SGD keeps the
@@ -38,7 +38,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 
 import peftfast  # noqa: E402
-from peftfast import coverage  # noqa: E402
+from peftfast.devtools import coverage  # noqa: E402
 from peftfast.config import ConfigError  # noqa: E402
 from peftfast.base_weight import kernel_weight  # noqa: E402
 from peftfast.layers import AdapterLayer  # noqa: E402

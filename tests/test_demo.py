@@ -1,5 +1,5 @@
 """The README's main job, shortened: QLoRA on the tiny built-in Llama, save, reload, same logits."""
-from peftfast.demo import run_demo
+from peftfast.cli.demo import run_demo
 
 
 def test_demo_trains_saves_and_reloads(tmp_path, capsys):

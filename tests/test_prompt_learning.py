@@ -512,7 +512,7 @@ def test_token_classification_prompt_tuning_is_refused():
 
 
 def seq2seq_twins(family: str, method: str):
-    from peftfast.coverage import build_model
+    from peftfast.devtools.coverage import build_model
 
     cls = peft.PrefixTuningConfig if method == "prefix" else peft.PromptTuningConfig
     base = build_model(family)
@@ -573,7 +573,7 @@ def ptuning_config(kind: str, task_type: str = "CAUSAL_LM", **kw):
 def ptuning_twins(family: str, kind: str, task_type: str = "CAUSAL_LM"):
     """(PEFT model, peftfast model, base) with identical random (non-zero) encoder parameters; PEFT's encoder
     state dict loads into ours as it is (same names and shapes)."""
-    from peftfast.coverage import build_model
+    from peftfast.devtools.coverage import build_model
 
     base = build_model(family) if task_type == "SEQ_2_SEQ_LM" else make_model(family)
     pm = peft.get_peft_model(copy.deepcopy(base), ptuning_config(kind, task_type))

@@ -40,7 +40,7 @@ def _rank_on_disk(path: Path) -> int:
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
-    from peftfast.train import main as train_main
+    from peftfast.cli.train import main as train_main
 
     out = tmp_path_factory.mktemp("run") / "lora"
     train_main(["--max-steps", "2", "--method", "lora", "--save-steps", "1", "--output", str(out), *FAST])
@@ -152,8 +152,8 @@ def test_saved_files_follow_the_umask(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 
 def test_second_ctrl_c_during_the_emergency_checkpoint_keeps_it(tmp_path, monkeypatch, capsys):
-    import peftfast.resume as resume
-    import peftfast.train as train_mod
+    import peftfast.cli.resume as resume
+    import peftfast.cli.train as train_mod
 
     def hook(step):
         if step == 3:
@@ -181,7 +181,7 @@ def test_sigterm_writes_a_resumable_checkpoint(tmp_path):
     out = tmp_path / "run"
     script = (
         "import os, signal, sys\n"
-        "import peftfast.train as t\n"
+        "import peftfast.cli.train as t\n"
         "t._before_step = lambda step: os.kill(os.getpid(), signal.SIGTERM) if step == 3 else None\n"
         "from peftfast.cli import main\n"
         f"sys.exit(main(['train', '--max-steps', '4', '--output', {str(out)!r}, *{FAST!r}]))\n"
@@ -355,7 +355,7 @@ def test_training_that_makes_the_adapter_nan_stops_before_saving_it(tmp_path, mo
 
 
 def test_nan_in_the_base_is_not_blamed_on_the_learning_rate(tmp_path, monkeypatch, capsys):
-    import peftfast.train as train_mod
+    import peftfast.cli.train as train_mod
 
     real = train_mod._load_model
 
@@ -395,7 +395,7 @@ def test_undecodable_data_names_the_line(tmp_path, capsys, suffix, content, want
 
 
 def test_text_data_keeps_reading_crlf_as_newlines(tmp_path):
-    from peftfast.data import _read_text
+    from peftfast.cli.data import _read_text
 
     (tmp_path / "d.txt").write_bytes("a\r\nb\rc\u00e9\n".encode())
     assert _read_text(tmp_path / "d.txt") == "a\nb\nc\u00e9\n"
@@ -421,7 +421,7 @@ def test_truncated_training_state_on_resume_is_one_line(tmp_path, capsys):
 def test_disk_full_at_a_periodic_checkpoint_is_one_line_and_keeps_the_last(tmp_path, monkeypatch, capsys):
     import errno
 
-    import peftfast.resume as resume
+    import peftfast.cli.resume as resume
 
     real = resume.save_checkpoint
 

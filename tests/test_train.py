@@ -5,9 +5,9 @@ import pytest
 
 import peftfast
 from peftfast.cli import main as cli_main
-from peftfast.data import DataError, byte_tokenizer, load_dataset, prompt_completion_example, split
-from peftfast.train import TrainError
-from peftfast.train import main as train_main
+from peftfast.cli.data import DataError, byte_tokenizer, load_dataset, prompt_completion_example, split
+from peftfast.cli.train import TrainError
+from peftfast.cli.train import main as train_main
 
 FAST = ["--seq-len", "32", "--batch-size", "4", "--logging-steps", "100"]
 
@@ -15,8 +15,8 @@ FAST = ["--seq-len", "32", "--batch-size", "4", "--logging-steps", "100"]
 def test_default_run_saves_adapter_that_reproduces_the_trained_model(tmp_path, capsys):
     """The saved adapter, loaded into the base the run trained on, computes what the trained model did:
     its held-out loss is the run's eval loss (and the base alone gives another)."""
-    from peftfast.basemodel import load_base
-    from peftfast.train import evaluate
+    from peftfast.cli.basemodel import load_base
+    from peftfast.cli.train import evaluate
 
     out = tmp_path / "adapter"
     argv = ["--max-steps", "5", "--output", str(out), *FAST]
@@ -106,7 +106,7 @@ def _adapter_tensors(path):
 
 
 def _interrupt_at(monkeypatch, k):
-    import peftfast.train as train_mod
+    import peftfast.cli.train as train_mod
 
     def hook(step):
         if step == k:
@@ -119,8 +119,8 @@ def _interrupt_at(monkeypatch, k):
 def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch, method):
     import torch
 
-    import peftfast.train as train_mod
-    from peftfast.train import TrainInterrupted
+    import peftfast.cli.train as train_mod
+    from peftfast.cli.train import TrainInterrupted
 
     flags = ["--max-steps", "6", "--method", method, "--lr", "3e-3", "--dropout", "0.1", "--num-virtual-tokens", "4",
              *FAST]
@@ -144,7 +144,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch, method):
 
 
 def test_ctrl_c_exit_code_and_resume_message(tmp_path, monkeypatch, capsys):
-    import peftfast.train as train_mod
+    import peftfast.cli.train as train_mod
 
     out = tmp_path / "run"
     _interrupt_at(monkeypatch, 3)
@@ -206,10 +206,10 @@ def test_prompt_tuning_loss_is_on_real_tokens(tmp_path):
     the real tokens only (the model pads labels with -100 for the virtual ones)."""
     import torch
 
-    from peftfast.basemodel import build_embedded_base
+    from peftfast.cli.basemodel import build_embedded_base
 
     model = peftfast.patch(build_embedded_base(), peftfast.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
-    from peftfast.data import collate
+    from peftfast.cli.data import collate
 
     batch = collate([{"input_ids": list(range(40, 52)), "labels": list(range(40, 52))},
                      {"input_ids": list(range(60, 72)), "labels": list(range(60, 72))}], 256)
@@ -236,7 +236,7 @@ def test_overwrite_drops_old_checkpoints(tmp_path):
 def _resolved(argv):
     import argparse
 
-    from peftfast.train import _resolve_defaults, add_arguments
+    from peftfast.cli.train import _resolve_defaults, add_arguments
 
     p = argparse.ArgumentParser()
     add_arguments(p)
@@ -246,7 +246,7 @@ def _resolved(argv):
 
 
 def test_embedded_default_recipe_only_when_nothing_is_given(tmp_path):
-    from peftfast.train import DEFAULT_DATA, EMBEDDED_LR, EMBEDDED_STEPS
+    from peftfast.cli.train import DEFAULT_DATA, EMBEDDED_LR, EMBEDDED_STEPS
 
     a = _resolved([])
     assert (a.max_steps, a.epochs, a.lr) == (EMBEDDED_STEPS, 1.0, 3e-3)
@@ -286,7 +286,7 @@ def test_readme_main_job_fine_tunes_the_embedded_model(tmp_path, capsys, monkeyp
 def test_progress_bar_redraws_on_a_terminal_only(monkeypatch):
     import io
 
-    from peftfast import train as train_mod
+    from peftfast.cli import train as train_mod
 
     class Tty(io.StringIO):
         def isatty(self):
@@ -315,7 +315,7 @@ def test_bf16_loads_the_frozen_base_in_bf16_and_keeps_adapters_fp32(tmp_path):
     import torch
     from safetensors import safe_open
 
-    from peftfast.basemodel import load_base
+    from peftfast.cli.basemodel import load_base
 
     model = load_base(None, load_in_4bit=False, compute_dtype=torch.bfloat16)["model"]
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
@@ -336,7 +336,7 @@ def test_bf16_defaults_to_the_device(monkeypatch):
 
     import torch
 
-    from peftfast import train as train_mod
+    from peftfast.cli import train as train_mod
 
     p = argparse.ArgumentParser()
     train_mod.add_arguments(p)
@@ -359,7 +359,7 @@ def test_packing_keeps_every_trained_token_and_mask(tmp_path, capsys):
     are exactly those of the unpacked examples (prompts stay masked), none predicts an example's start."""
     import random
 
-    from peftfast.data import collate, pack_examples
+    from peftfast.cli.data import collate, pack_examples
 
     tok = byte_tokenizer()
     rng = random.Random(0)
@@ -403,7 +403,7 @@ def test_without_matplotlib_the_run_says_how_to_get_the_plot(tmp_path, capsys, m
 def test_loss_plot_is_drawn_from_the_losses(tmp_path):
     """The plot is a real PNG of the curve: two different loss curves give different images."""
     pytest.importorskip("matplotlib")
-    from peftfast.train import write_loss_plot
+    from peftfast.cli.train import write_loss_plot
 
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     assert write_loss_plot([3.0, 2.0, 1.0], a, "t") and write_loss_plot([1.0, 2.0, 3.0], b, "t")

@@ -23,7 +23,7 @@ LAUNCHERS = {
 
 @pytest.mark.parametrize("launcher", list(LAUNCHERS))
 def test_two_processes_match_one(tmp_path, launcher):
-    from peftfast.train import main
+    from peftfast.cli.train import main
 
     single = main(ARGS + ["--batch-size", "4", "--output", str(tmp_path / "single")])
     env = dict(os.environ, PEFTFAST_BACKEND="reference", TRITON_INTERPRET="0", OMP_NUM_THREADS="1")

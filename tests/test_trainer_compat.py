@@ -86,7 +86,7 @@ def test_trainer_trains_and_resumes_dense_base(tmp_path):
 def test_peftfast_trainer_qlora_saves_adapter_only_and_resumes(tmp_path):
     from transformers import AutoModelForCausalLM, Trainer
 
-    from peftfast.basemodel import quant_config
+    from peftfast.cli.basemodel import quant_config
     from peftfast.integrations import PeftfastTrainer
 
     tiny_llama().save_pretrained(tmp_path / "base")
@@ -197,7 +197,7 @@ def test_trl_sft_trainer_qlora_prompt_completion_and_resume(tmp_path):
     datasets = pytest.importorskip("datasets")
     from transformers import AutoModelForCausalLM
 
-    from peftfast.basemodel import quant_config
+    from peftfast.cli.basemodel import quant_config
     from peftfast.integrations import peftfast_trainer
     from tiny import byte_chat_tokenizer, tiny_llama_for
 

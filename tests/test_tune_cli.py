@@ -1,4 +1,4 @@
-"""``peftfast tune`` (peftfast/tune.py): shape planning, CLI refusals, and the measuring loop.
+"""``peftfast tune`` (peftfast/devtools/tune.py): shape planning, CLI refusals, and the measuring loop.
 
 CPU tests list shapes (``--dry-run``), check the no-CUDA refusal, and run the check-and-time loop in
 Triton's interpreter with a stand-in timer; the ``gpu`` test tunes one small model for real.

@@ -5,7 +5,7 @@ import argparse
 
 import pytest
 
-from peftfast import tune
+from peftfast.devtools import tune
 
 
 def _args(*argv):

@@ -11,7 +11,7 @@ tile itself is checked bit for bit against ``dequantize_4bit`` through a one-hot
 one product, exact).
 
 Weights come from bitsandbytes where it is installed (its own quantizer), else from
-``peftfast.tune.random_quant4bit`` (the same layout, random codes): the GPU machines have no bitsandbytes.
+``peftfast.devtools.tune.random_quant4bit`` (the same layout, random codes): the GPU machines have no bitsandbytes.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import warnings
 import pytest
 import torch
 
-from peftfast import tune
+from peftfast.devtools import tune
 from peftfast.kernels import launch, lora_triton, weights  # noqa: E402
 from peftfast.kernels import matmul as mm
 from peftfast.kernels.experimental import qmatmul as qmm

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .fileio import staged_directory
+from ..fileio import staged_directory
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _dense_copy(m: nn.Module, dtype: torch.dtype) -> nn.Linear:
     """An ``nn.Linear`` holding a bitsandbytes ``Linear4bit``'s dequantized weight (and bias) in ``dtype``."""
-    from .base_weight import dense_base_weight
+    from ..base_weight import dense_base_weight
 
     w = dense_base_weight(m, torch.float32).to(dtype)
     dense = nn.Linear(w.shape[1], w.shape[0], bias=m.bias is not None, device=w.device, dtype=dtype)
@@ -56,7 +56,7 @@ def _dense_copy(m: nn.Module, dtype: torch.dtype) -> nn.Linear:
 
 
 def _is_4bit_linear(m: nn.Module) -> bool:
-    from .base_weight import _bnb_classes
+    from ..base_weight import _bnb_classes
 
     linear4bit = _bnb_classes()[0]
     return bool(linear4bit) and isinstance(m, linear4bit)
@@ -82,7 +82,7 @@ def merge_4bit_layer_by_layer(model: nn.Module, dtype: torch.dtype) -> int:
     32 GB for an 8B model, where its bf16 result is 16 GB). The other 4-bit layers are dequantized
     straight to ``dtype``. Returns how many 4-bit layers were replaced.
     """
-    from .layers import AdapterLayer
+    from ..layers import AdapterLayer
 
     wrapped = [m for m in model.modules() if isinstance(m, AdapterLayer) and _is_4bit_linear(m.base_layer)]
     for layer in wrapped:
@@ -111,7 +111,7 @@ def merged_model(model_dir: Optional[str], adapter: str, load_in_4bit: Optional[
     """Load base + adapter and merge; returns the load_with_adapter dict with ``model`` merged and cast."""
     import peftfast
 
-    from .config import CONFIG_NAME
+    from ..config import CONFIG_NAME
     from .generate import GenerateError, load_with_adapter
 
     cfg_path = Path(adapter) / CONFIG_NAME

@@ -24,26 +24,26 @@ def main(argv: Optional[list] = None) -> int:
     merge_mod.add_arguments(sub.add_parser("merge", help="merge an adapter into its base and save_pretrained it "
                                            "(4-bit bases are dequantized, saved in bf16)"))
     inspect_adapter.add_arguments(sub.add_parser("inspect", help="describe an adapter directory (--json)"))
-    from .bench import add_arguments as add_bench_arguments
+    from ..devtools.bench import add_arguments as add_bench_arguments
 
     bench = sub.add_parser("bench", help="run the benchmark suites in bench/ (smoke mode on CPU; --list, --table)")
     add_bench_arguments(bench)
-    from .tune import add_arguments as add_tune_arguments
+    from ..devtools.tune import add_arguments as add_tune_arguments
 
     add_tune_arguments(sub.add_parser("tune", help="time the LoRA GEMM's configs for a model's shapes on this GPU "
                                       "and write kernels/configs/<gpu>.json (--dry-run lists the shapes)"))
     args = parser.parse_args(argv)
     if args.command == "bench":
-        from .bench import run_bench
+        from ..devtools.bench import run_bench
 
         return run_bench(args)
     if args.command == "tune":
-        from .tune import run_tune
+        from ..devtools.tune import run_tune
 
         return run_tune(args)
     if args.command == "train":
-        from .checkpoint import AdapterLoadError
-        from .config import ConfigError
+        from ..checkpoint import AdapterLoadError
+        from ..config import ConfigError
         from .data import DataError
         from .train import TrainError, TrainInterrupted, run_train
 
@@ -56,8 +56,8 @@ def main(argv: Optional[list] = None) -> int:
             return 130
         return 0
     if args.command in ("generate", "merge", "inspect"):
-        from .checkpoint import AdapterLoadError
-        from .config import ConfigError
+        from ..checkpoint import AdapterLoadError
+        from ..config import ConfigError
 
         run = {"generate": generate_mod.run_generate, "merge": merge_mod.run_merge,
                "inspect": inspect_adapter.run_inspect}[args.command]

@@ -17,8 +17,8 @@ learning's own checks) and names the path of each:
 :data:`FAMILIES` is the one list of tiny model families the coverage matrix test
 (``tests/test_coverage_matrix.py``) builds and the README table is rendered from::
 
-    python3 -m peftfast.coverage --markdown      # prints the table between the README's markers
-    python3 -m peftfast.coverage --write-readme  # rewrites that block of README.md in place
+    python3 -m peftfast.devtools.coverage --markdown      # prints the table between the README's markers
+    python3 -m peftfast.devtools.coverage --write-readme  # rewrites that block of README.md in place
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .config import (
+from ..config import (
     PROMPT_LEARNING_CONFIGS, ConfigError, IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, as_config,
 )
 
@@ -40,7 +40,7 @@ METHODS = ("lora", "lora-4bit", "ia3", "prefix", "prompt")
 METHOD_TITLES = {"lora": "LoRA", "lora-4bit": "LoRA, 4-bit base", "ia3": "IA3", "prefix": "prefix tuning",
                  "prompt": "prompt tuning"}
 README_START, README_END = "<!-- coverage-table:start -->", "<!-- coverage-table:end -->"
-REGENERATE = "python3 -m peftfast.coverage --write-readme"
+REGENERATE = "python3 -m peftfast.devtools.coverage --write-readme"
 
 # ----------------------------------------------------------------------------------------------------
 # The tiny families (random weights from configs: no downloads)
@@ -227,7 +227,7 @@ def build_model(name: str, seed: int = 0, attn_implementation: str = "eager") ->
 def head_names(model: nn.Module, name: str) -> tuple:
     """Names (suffixes) of the modules that stay dense in a 4-bit model: output embeddings, task heads and
     the model's ``_keep_in_fp32_modules``."""
-    from .config import TASK_HEADS
+    from ..config import TASK_HEADS
 
     fam = FAMILIES[name]
     keep = set(fam.heads) | set(TASK_HEADS.get(fam.task or "", []))
@@ -244,7 +244,7 @@ def to_4bit(model: nn.Module, skip: tuple = (), quant_type: str = "nf4") -> nn.M
     integration does (Conv1D weights are transposed to [out, in])."""
     import bitsandbytes as bnb
 
-    from .base_weight import Conv1D
+    from ..base_weight import Conv1D
 
     names = [n for n, m in model.named_modules()
              if (type(m) is nn.Linear or (bool(Conv1D) and isinstance(m, Conv1D)))
@@ -276,7 +276,7 @@ def method_kwargs(name: str, method: str) -> dict:
     """The config fields of a cell, valid for both ``peft`` and peftfast config classes (tests add
     their non-zero init). LoRA targets every linear layer; IA3 uses the family default where peftfast
     has one, explicit modules otherwise; prefix/prompt use 4 virtual tokens."""
-    from .targets import DEFAULT_IA3_TARGETS
+    from ..targets import DEFAULT_IA3_TARGETS
 
     fam = FAMILIES[name]
     kw: dict = dict(task_type=fam.task)
@@ -339,9 +339,9 @@ class Cell:
 def module_path(module: nn.Module, method: str) -> str:
     """The path of one target module under LoRA (``"lora"``) or IA3 (``"ia3"``), from the predicates
     the wrappers dispatch on."""
-    from .base_weight import kernel_weight
-    from .layers import is_linear_like
-    from .lora_conv_embedding import is_lora_extra
+    from ..base_weight import kernel_weight
+    from ..layers import is_linear_like
+    from ..lora_conv_embedding import is_lora_extra
 
     if is_linear_like(module):
         # LoraLayer / IA3Layer: the kernels read the weight, or (None: 8-bit) the base runs itself
@@ -361,14 +361,14 @@ def layer_paths(model: nn.Module, config) -> Cell:
     Returns:
         A :class:`Cell`; ``cell.reason`` holds peftfast's error when ``patch`` would refuse.
     """
-    from .layers import is_linear_like
-    from .lora_conv_embedding import is_lora_extra
-    from .targets import DEFAULT_IA3_TARGETS, model_type, resolve_targets
+    from ..layers import is_linear_like
+    from ..lora_conv_embedding import is_lora_extra
+    from ..targets import DEFAULT_IA3_TARGETS, model_type, resolve_targets
 
     try:
         cfg = copy.deepcopy(as_config(config))
         if isinstance(cfg, PROMPT_LEARNING_CONFIGS):
-            from .prompt_learning import check_prompt_learning, is_seq2seq, uses_attention_interface
+            from ..prompt_learning import check_prompt_learning, is_seq2seq, uses_attention_interface
 
             check_prompt_learning(model, cfg)
             if isinstance(cfg, PrefixTuningConfig):
@@ -441,7 +441,7 @@ def markdown_table(matrix: Optional[dict] = None) -> str:
         "bitsandbytes `Linear4bit`; the prefix-attention kernel), their PyTorch references elsewhere. "
         "**reference**: PyTorch ops by design (LoRA on embeddings and convolutions, prompt tuning, prefix tuning on "
         "encoder-decoder models and on models that compute attention themselves, bitsandbytes 8-bit bases). **n/a (PEFT)**: Hugging Face PEFT cannot do it either (`PEFT_UNSUPPORTED` in "
-        "`peftfast/coverage.py`, checked against PEFT by the tests).",
+        "`peftfast/devtools/coverage.py`, checked against PEFT by the tests).",
         "- Every supported cell is checked against PEFT on a tiny random model (logits, then training steps with "
         "the same losses and adapter weights) by `tests/test_coverage_matrix.py`; **not yet** cells are strict "
         "xfails there. LoRA targets `all-linear`; IA3 the family default (explicit modules where peftfast has none).",
@@ -473,7 +473,7 @@ def write_readme(path: str, table: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m peftfast.coverage", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python3 -m peftfast.devtools.coverage", description=__doc__.split("\n")[0])
     parser.add_argument("--markdown", action="store_true", help="print the README coverage table (the default)")
     parser.add_argument("--write-readme", nargs="?", const="README.md", metavar="PATH",
                         help="rewrite the coverage block of README.md (or PATH)")

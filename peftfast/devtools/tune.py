@@ -119,7 +119,7 @@ def model_dims(spec: str) -> Tuple[str, dict]:
     else:
         from transformers import AutoConfig
 
-        from .basemodel import BaseModelError, check_model_spec, load_failure
+        from ..cli.basemodel import BaseModelError, check_model_spec, load_failure
 
         try:
             check_model_spec(spec)

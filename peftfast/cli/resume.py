@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from .fileio import staged_directory
+from ..fileio import staged_directory
 
 STATE_JSON = "training_state.json"
 STATE_TENSORS = "training_state.safetensors"

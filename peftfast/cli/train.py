@@ -1,13 +1,13 @@
 """``peftfast train``: a command-line fine-tuning job (LoRA, QLoRA, DoRA, IA3, prefix and prompt tuning)
 on a text or jsonl file.
 
-Without ``--model`` it trains the embedded tiny Llama of :mod:`peftfast.basemodel` (built from a config
+Without ``--model`` it trains the embedded tiny Llama of :mod:`peftfast.cli.basemodel` (built from a config
 with a fixed seed, UTF-8 byte tokenizer), so it runs anywhere with nothing downloaded. ``--model`` takes a
 local transformers directory (read as is, no network) or a Hugging Face Hub model id (downloaded, or read
 from the Hub cache; HF_HUB_OFFLINE=1 keeps it off the network).
 
 Every ``--save-steps`` steps, at the end, and on Ctrl-C, a resumable checkpoint is written to
-``<output>/checkpoint-<step>`` (see :mod:`peftfast.resume`); ``--resume`` continues from the newest one
+``<output>/checkpoint-<step>`` (see :mod:`peftfast.cli.resume`); ``--resume`` continues from the newest one
 and gives the same adapter and losses as an uninterrupted run.
 """
 from __future__ import annotations
@@ -26,12 +26,12 @@ from typing import Optional
 
 import torch
 
+from ..fileio import replace_atomically
 from . import resume as ckpt
 from .basemodel import BaseModelError, bf16_by_default, check_model_spec, hub_kwargs, load_failure
 from .data import DataError, iterate_batches, load_dataset, pack_examples, split
-from .fileio import replace_atomically
+from .demo import CORPUS as DEFAULT_DATA  # the shipped corpus: one path for demo and train
 
-DEFAULT_DATA = Path(__file__).parent / "data" / "corpus.txt"
 METHODS = ("lora", "qlora", "dora", "ia3", "prefix", "prompt")
 PROMPT_METHODS = ("prefix", "prompt")
 DEFAULT_LR = {"ia3": 3e-3, "prefix": 1e-2, "prompt": 1e-2}  # others: 2e-4
@@ -230,7 +230,7 @@ def _adapter_config(a):
 
 
 def _load_model(a, device: str) -> dict:
-    """The base model and tokenizer (see :func:`peftfast.basemodel.load_base`)."""
+    """The base model and tokenizer (see :func:`peftfast.cli.basemodel.load_base`)."""
     from .basemodel import load_base
 
     compute = torch.bfloat16 if a.bf16 else torch.float32
@@ -366,7 +366,7 @@ def run_train(args) -> dict:
     """Run a training job from parsed arguments (see :func:`add_arguments`).
 
     Under ``torchrun`` / ``accelerate launch`` (WORLD_SIZE > 1) it trains data-parallel: ``--batch-size``
-    is per process, and rank 0 alone prints and writes (see :mod:`peftfast.distributed`).
+    is per process, and rank 0 alone prints and writes (see :mod:`peftfast.cli.distributed`).
 
     Returns:
         A dict with ``losses`` (one per optimizer step), ``eval_loss``, ``output``, ``steps`` and
@@ -622,7 +622,7 @@ def _write_outputs(peftfast, model, out: Path, losses, eval_loss, steps, args, l
 
 def _restore_adapter(model, path: Path) -> None:
     """Copy a checkpoint's adapter tensors into the freshly patched (trainable) adapter, exactly."""
-    from .checkpoint import adapter_state_dict, read_adapter_weights
+    from ..checkpoint import adapter_state_dict, read_adapter_weights
 
     saved = read_adapter_weights(str(path))
     mine = adapter_state_dict(model)

@@ -16,7 +16,7 @@ import torch
 
 from .data import BYTE_BOS, byte_tokenizer
 
-CORPUS = Path(__file__).parent / "data" / "corpus.txt"
+CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus.txt"  # peftfast/data/, shipped as package data
 BOS = BYTE_BOS
 _TOKENIZER = byte_tokenizer()
 
@@ -37,7 +37,7 @@ def load_4bit_base(model_dir: str):
     from transformers import AutoModelForCausalLM
 
     from .basemodel import quant_config
-    from .base_weight import keep_4bit_layout
+    from ..base_weight import keep_4bit_layout
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant_config(torch.float32),
                                                  device_map="cpu")

@@ -32,7 +32,7 @@ def bench_dir() -> Path:
     candidates = []
     if os.environ.get("PEFTFAST_BENCH_DIR"):
         candidates.append(Path(os.environ["PEFTFAST_BENCH_DIR"]))
-    candidates += [Path(__file__).resolve().parent.parent / "bench", Path.cwd() / "bench"]
+    candidates += [Path(__file__).resolve().parents[2] / "bench", Path.cwd() / "bench"]
     for c in candidates:
         if (c / "bench_common.py").is_file():
             return c.resolve()

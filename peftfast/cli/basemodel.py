@@ -1,7 +1,7 @@
 """Base models for the command-line tools: the embedded tiny Llama, a local transformers directory, or a
 Hugging Face Hub model id.
 
-The embedded base is built from :func:`peftfast.demo.tiny_llama_config` with a fixed seed, so
+The embedded base is built from :func:`peftfast.cli.demo.tiny_llama_config` with a fixed seed, so
 ``peftfast train``, ``generate`` and ``merge`` rebuild the very same weights anywhere; adapters trained
 on it record ``base_model_name_or_path = "peftfast:tiny-llama"`` and ``train_log.json`` keeps the
 SHA-256 of its weights, which the other tools check.
@@ -112,7 +112,7 @@ def load_base(model_dir: Optional[str], *, load_in_4bit: bool, device: str = "cp
             ``"auto"``: a dense base in the dtype its checkpoint was saved in, a 4-bit one computing in fp32.
 
     Returns:
-        dict with ``model``, ``tokenizer`` (peftfast.data.Tokenizer), ``hf_tokenizer`` (None for the
+        dict with ``model``, ``tokenizer`` (peftfast.cli.data.Tokenizer), ``hf_tokenizer`` (None for the
         embedded byte tokenizer), ``desc`` and ``fingerprint`` (embedded base only, else None).
 
     Raises:
@@ -149,7 +149,7 @@ def load_base(model_dir: Optional[str], *, load_in_4bit: bool, device: str = "cp
         tok = hf_tokenizer(hf_tok)
         desc = str(model_dir)
     if load_in_4bit:
-        from .base_weight import keep_4bit_layout
+        from ..base_weight import keep_4bit_layout
 
         keep_4bit_layout(model)
         desc += ", base in NF4 (bitsandbytes)"
@@ -175,7 +175,7 @@ def resolve_base(model: Optional[str], adapter_dir, load_in_4bit: Optional[bool]
     ``--model`` wins; otherwise the adapter's ``base_model_name_or_path`` (the embedded name, a local
     directory or a Hub model id). 4-bit: as asked, else as trained (``train_log.json`` method ``qlora``).
     """
-    from .config import CONFIG_NAME
+    from ..config import CONFIG_NAME
 
     cfg_path = Path(adapter_dir) / CONFIG_NAME
     if not cfg_path.is_file():

@@ -39,8 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_with_adapter(model_dir: Optional[str], adapter: str, load_in_4bit: Optional[bool], device: str = "cpu",
                       compute_dtype=torch.float32) -> dict:
-    """Base (resolved as in :func:`peftfast.basemodel.resolve_base`) with the adapter loaded, in eval mode
-    (``compute_dtype`` as :func:`peftfast.basemodel.load_base` takes it)."""
+    """Base (resolved as in :func:`peftfast.cli.basemodel.resolve_base`) with the adapter loaded, in eval mode
+    (``compute_dtype`` as :func:`peftfast.cli.basemodel.load_base` takes it)."""
     import os
 
     import peftfast

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .checkpoint import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
-from .config import CONFIG_NAME
+from ..checkpoint import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
+from ..config import CONFIG_NAME
 
 
 class InspectError(ValueError):
