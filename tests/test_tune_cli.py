@@ -12,7 +12,8 @@ import re
 import pytest
 import torch
 
-from peftfast import cli, tune
+from peftfast import cli
+from peftfast.devtools import tune
 from peftfast.kernels import tuning
 
 LLAMA3_8B_SHAPES = {(4096, 4096): "q_proj,o_proj", (1024, 4096): "k_proj,v_proj",
