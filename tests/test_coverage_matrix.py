@@ -187,11 +187,13 @@ def test_cell_matches_peft(family, method, tmp_path):
         rounding = STEPS * torch.finfo(torch.float32).eps * after_peft[k].double().norm().item()
         assert err <= UPDATE_TOL * max(d.norm().item(), floor) + rounding, \
             f"update of {k}: error {err:.3e}, size {d.norm().item():.3e}"
-    # After training the adapters themselves may differ by UPDATE_TOL (compounded rounding, above); the
-    # logits inherit that, amplified a little by layer norms (measured: 7e-5 for ViT on a 4-bit base, with
-    # peftfast's kernels in the interpreter). A real slip still moves them by 1e-3 or more.
+    # On a 4-bit base the two sides reach the same weights by different arithmetic (PEFT: a dense fp32 twin;
+    # peftfast: the 4-bit decode inside its kernels, in the interpreter), so after training the adapters
+    # differ by up to UPDATE_TOL and the logits inherit that, amplified a little by layer norms (measured:
+    # 7e-5 for ViT). Elsewhere both sides do the same arithmetic and TOL holds. A real slip moves them 1e-3+.
+    after_tol = 2 * UPDATE_TOL if method == "lora-4bit" else TOL
     with torch.no_grad():
-        assert_rel_close(_out(fast, inputs), _out(pm, inputs), 2 * UPDATE_TOL, f"{family}/{method} logits after training")
+        assert_rel_close(_out(fast, inputs), _out(pm, inputs), after_tol, f"{family}/{method} logits after training")
 
 
 def _prefix_cell_against_the_hand_fed_oracle(family: str, base, inputs: dict) -> None:
