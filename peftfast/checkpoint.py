@@ -298,6 +298,13 @@ def load_adapter(
     weights = read_adapter_weights(path)
     warn_non_finite(weights, path)
     _warn_other_base(model, config, path)
+    on_meta = [name for name, p in model.named_parameters() if p.is_meta]
+    if on_meta:
+        raise AdapterLoadError(
+            f"{path}: the model is on the meta device (no storage), so the adapter's values cannot be loaded "
+            f"into it (e.g. {on_meta[:2]}); materialize the model first (load its weights, or "
+            "model.to_empty(device=...) and load them), then load the adapter"
+        )
     if isinstance(config, PROMPT_LEARNING_CONFIGS):
         return _load_prompt_learning(model, path, config, weights, adapter_name, is_trainable, backend)
     config.inference_mode = not is_trainable
@@ -320,13 +327,6 @@ def load_adapter(
                     f"{tuple(params[key].shape)}; the adapter was made for a different base model or rank"
                 )
             mapped[key] = tensor
-        on_meta = sorted(k for k in mapped if params[k].is_meta)
-        if on_meta:
-            raise AdapterLoadError(
-                f"{path}: the model is on the meta device (no storage), so the adapter's values cannot be loaded "
-                f"into it (e.g. {on_meta[:2]}); materialize the model first (load its weights, or "
-                "model.to_empty(device=...) and load them), then load the adapter"
-            )
         # A path that aliases a loaded tensor (the same module reachable twice) is filled by that load.
         loaded = {id(params[k]) for k in mapped}
         missing = sorted(k for k in expected - set(mapped) if id(params[k]) not in loaded)

@@ -125,6 +125,19 @@ def patch(
     return model
 
 
+def _refuse_meta_weights(model: nn.Module) -> None:
+    """A model on the meta device holds no values: an adapter made there would have none either, and the
+    usual way out (``to_empty`` then loading the base weights) would leave the adapter's initialization
+    (lora_B = 0, IA3 = 1) as uninitialized memory, a silently wrong start."""
+    on_meta = [name for name, p in model.named_parameters() if p.is_meta]
+    if on_meta:
+        raise ConfigError(
+            f"patch: the model's weights are on the meta device (no values), e.g. {on_meta[:2]}; an adapter "
+            "created there would be left uninitialized when the model is materialized. Load the model's weights "
+            "first (from_pretrained, or model.to_empty(device=...) then load_state_dict), then patch"
+        )
+
+
 def _patch(model: nn.Module, config, adapter_name: str, backend: str) -> Callable[[], None]:
     """Do the patch and return a function that undoes it exactly."""
     check_backend(backend)
@@ -137,6 +150,7 @@ def _patch(model: nn.Module, config, adapter_name: str, backend: str) -> Callabl
             f"adapter {adapter_name!r} is already patched into this model; choose another adapter_name, "
             "or remove it first with peftfast.unpatch(model)"
         )
+    _refuse_meta_weights(model)
     if state is not None and state.configs:
         kinds = {type(c) for c in state.configs.values()}
         if type(cfg) not in kinds:

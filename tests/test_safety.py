@@ -290,7 +290,23 @@ def test_load_into_a_meta_model_is_refused(tmp_path):
     with pytest.raises(peftfast.AdapterLoadError, match="meta device"):
         peftfast.load_adapter(model, path)
     assert not hasattr(model, "peftfast_state")
-    peftfast.patch(model, LoraConfig(target_modules=["q_proj"]))
+
+
+def test_patch_of_a_meta_model_is_refused_and_changes_nothing():
+    from tiny import tiny_llama as build
+
+    with torch.device("meta"):
+        model = build()
+    before = {n: (type(m), m) for n, m in model.named_modules()}
+    with pytest.raises(peftfast.ConfigError, match="meta device.*uninitialized.*then patch"):
+        peftfast.patch(model, LoraConfig(target_modules=["q_proj"]))
+    assert not hasattr(model, "peftfast_state")
+    assert {n: (type(m), m) for n, m in model.named_modules()} == before
+
+
+def test_save_of_an_adapter_moved_to_meta_is_refused(tmp_path):
+    model = _patched()
+    model.to("meta")
     with pytest.raises(ValueError, match="meta device"):
         peftfast.save_adapter(model, tmp_path / "never")
     assert not (tmp_path / "never").exists()
