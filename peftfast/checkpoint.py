@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .config import CONFIG_NAME, PROMPT_LEARNING_CONFIGS, as_config, load_config_file
+from .config import CONFIG_NAME, PROMPT_LEARNING_CONFIGS, ConfigError, as_config, load_config_file
 from .layers import AdapterLayer, ModulesToSave
 from .patching import _apply_trainable, _patch, _require_state, patch_state
 from .prompt_learning import prompt_learning_of
@@ -44,7 +44,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict:
     """
     state = _require_state(model)
     if adapter_name not in state.configs:
-        raise ValueError(f"no adapter named {adapter_name!r}; this model has {sorted(state.configs)}")
+        raise ConfigError(f"no adapter named {adapter_name!r}; this model has {sorted(state.configs)}")
     cfg = state.configs[adapter_name]
     holder = prompt_learning_of(model)
     if holder is not None and adapter_name in holder.encoders:
@@ -174,7 +174,7 @@ def save_adapter(model: nn.Module, path: str, *, adapter_name: str = "default") 
 
     path = os.fspath(path)
     if not str(path).strip():
-        raise ValueError("save_adapter: the path is empty; give the adapter directory to write, e.g. 'out/adapter' "
+        raise ConfigError("save_adapter: the path is empty; give the adapter directory to write, e.g. 'out/adapter' "
                          "(use '.' to mean the current directory)")
     tensors = adapter_state_dict(model, adapter_name)
     _check_saveable(tensors, adapter_name)
@@ -197,7 +197,7 @@ def _check_saveable(tensors: dict, adapter_name: str) -> None:
     """Refuse adapters that would save as garbage: on the meta device (no values), or holding NaN/Inf."""
     meta = sorted(k for k, v in tensors.items() if v.is_meta)
     if meta:
-        raise ValueError(f"adapter {adapter_name!r} has tensors on the meta device (no values), e.g. {meta[:2]}; "
+        raise ConfigError(f"adapter {adapter_name!r} has tensors on the meta device (no values), e.g. {meta[:2]}; "
                          "materialize the model (model.to_empty(device=...) and load its weights) before saving")
     warn_non_finite(tensors, f"adapter {adapter_name!r} being saved")
 

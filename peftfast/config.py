@@ -33,7 +33,11 @@ _INERT_FIELDS = {
 
 
 class ConfigError(ValueError):
-    """A configuration that peftfast cannot honour, with the reason and the fix in its message."""
+    """A configuration or input that peftfast cannot honour, with the reason and the fix in its message.
+
+    Raised by every refusal of the library (config validation, patch, merge, save, the layer wrappers), so
+    callers can catch one type: the CLI turns it into one ``peftfast <command>: error:`` line and exit 2.
+    """
 
 
 # JSON types of the fields with a plain type ("Optional[X]" also takes null). A field that must hold a number

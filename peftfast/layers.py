@@ -22,6 +22,7 @@ from .base_weight import (
     Conv1D, _bnb_classes, base_4bit_forward_cpu, dense_base_weight, is_zero3_partitioned, kernel_weight,
     write_dense_base_weight,
 )
+from .config import ConfigError
 from .kernels.nf4 import is_4bit_weight
 
 
@@ -110,7 +111,7 @@ class AdapterLayer(nn.Module):
             return
         w = self.base_layer.weight
         if type(w) not in (nn.Parameter, torch.Tensor):  # bitsandbytes 4-/8-bit: requantized anyway
-            raise ValueError(f"merge(keep_original=True) keeps dense weights only; this layer's base weight is a "
+            raise ConfigError(f"merge(keep_original=True) keeps dense weights only; this layer's base weight is a "
                              f"{type(w).__name__} (quantized), whose merge requantizes and cannot be undone exactly")
         bias = self.base_layer.bias
         self.__dict__["_original"] = (w.detach().clone(), None if bias is None else bias.detach().clone())
@@ -161,9 +162,9 @@ class LoraLayer(AdapterLayer):
         use_dora: bool = False, init: object = True, lora_bias: bool = False,
     ) -> None:
         if r <= 0:
-            raise ValueError(f"LoRA rank must be positive, got r={r}")
+            raise ConfigError(f"LoRA rank must be positive, got r={r}")
         if lora_bias and use_dora:
-            raise ValueError("lora_bias=True is not supported with DoRA (as in PEFT); set use_dora=False")
+            raise ConfigError("lora_bias=True is not supported with DoRA (as in PEFT); set use_dora=False")
         if lora_bias and self.base_layer.bias is None:
             warnings.warn(
                 f"lora_bias=True on a {type(self.base_layer).__name__} without a bias: it trains, but merging this "
@@ -261,7 +262,7 @@ class LoraLayer(AdapterLayer):
 
     def _check_mergeable(self, names: list) -> None:
         if self.base_layer.bias is None and any(self.lora_B[n].bias is not None for n in names):
-            raise ValueError(
+            raise ConfigError(
                 "cannot merge a LoRA adapter with lora_bias=True into a layer without a bias (as in PEFT); keep "
                 "it unmerged, or train it with lora_bias=False"
             )

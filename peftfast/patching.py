@@ -40,7 +40,7 @@ def patch_state(model: nn.Module) -> Optional[PatchState]:
 def _require_state(model: nn.Module) -> PatchState:
     state = patch_state(model)
     if state is None or not state.configs:
-        raise ValueError("this model has no peftfast adapters; call peftfast.patch(model, config) first")
+        raise ConfigError("this model has no peftfast adapters; call peftfast.patch(model, config) first")
     return state
 
 
@@ -143,10 +143,10 @@ def _patch(model: nn.Module, config, adapter_name: str, backend: str) -> Callabl
     check_backend(backend)
     cfg = as_config(config)
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}")
+        raise ConfigError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}")
     state = patch_state(model)
     if state is not None and adapter_name in state.configs:
-        raise ValueError(
+        raise ConfigError(
             f"adapter {adapter_name!r} is already patched into this model; choose another adapter_name, "
             "or remove it first with peftfast.unpatch(model)"
         )
@@ -412,7 +412,7 @@ def set_adapter(model: nn.Module, adapter_name: Union[str, list]) -> None:
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     unknown = [n for n in names if n not in state.configs]
     if unknown or not names:
-        raise ValueError(f"unknown adapter(s) {unknown}; this model has {sorted(state.configs)}")
+        raise ConfigError(f"unknown adapter(s) {unknown}; this model has {sorted(state.configs)}")
     state.active = names
     _apply_trainable(model, state)
 
@@ -528,7 +528,7 @@ def adapter_config(model: nn.Module, adapter_name: str = "default"):
     """The config an adapter was patched with."""
     state = _require_state(model)
     if adapter_name not in state.configs:
-        raise ValueError(f"no adapter named {adapter_name!r}; this model has {sorted(state.configs)}")
+        raise ConfigError(f"no adapter named {adapter_name!r}; this model has {sorted(state.configs)}")
     return state.configs[adapter_name]
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import ConfigError
 from .layers import AdapterLayer
 
 TOKENS_PARAM = "trainable_tokens_delta"
@@ -43,7 +44,7 @@ class TrainableTokensLayer(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module, backend: str = "auto", tied_to: Optional["TrainableTokensLayer"] = None):
         if not isinstance(base_layer, (nn.Embedding, nn.Linear)):
-            raise ValueError(
+            raise ConfigError(
                 f"trainable_token_indices needs an nn.Embedding (or a linear head tied to one), got a "
                 f"{type(base_layer).__name__}; name an embedding layer in trainable_token_indices"
             )
@@ -73,16 +74,16 @@ class TrainableTokensLayer(AdapterLayer):
         if not isinstance(indices, (list, tuple)) or not indices or not all(
             isinstance(i, int) and not isinstance(i, bool) for i in indices
         ):
-            raise ValueError(f"trainable_token_indices must be a non-empty list of token ids, got {indices!r}")
+            raise ConfigError(f"trainable_token_indices must be a non-empty list of token ids, got {indices!r}")
         bad = [i for i in indices if not 0 <= i < rows]
         if bad or len(set(indices)) != len(indices):
-            raise ValueError(
+            raise ConfigError(
                 f"trainable_token_indices {list(indices)} must be distinct token ids in [0, {rows}) for this "
                 f"{type(self.base_layer).__name__} ({'out of range: ' + str(bad) if bad else 'repeated ids'})"
             )
         for other, taken in self.token_indices.items():
             if set(taken) & set(indices):
-                raise ValueError(
+                raise ConfigError(
                     f"adapter {name!r} trains token ids {sorted(set(taken) & set(indices))} that adapter {other!r} "
                     "trains already on this layer; PEFT allows only disjoint token indices"
                 )

@@ -422,3 +422,31 @@ def test_merge_dense_bf16_base_loads_in_bf16_and_equals_the_fp32_merge(tmp_path,
             assert torch.equal(a[k], b[k]), (method, k)
         base = type(ref).from_pretrained(str(model_dir)).state_dict()
         assert any(not torch.equal(a[k], base[k]) for k in a), f"{method}: the merge changed nothing"
+
+
+def test_library_refusals_are_one_error_line_and_exit_2(tmp_path, capsys):
+    """A refusal raised inside the library (here: merging a lora_bias adapter into a base without bias, or an
+    adapter training token ids the base does not have) reaches the CLI user as one line, not a traceback."""
+    from peftfast.cli.basemodel import build_embedded_base
+
+    model = build_embedded_base()
+    with pytest.warns(UserWarning, match="lora_bias"):
+        peftfast.patch(model, peftfast.LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True))
+    biased = tmp_path / "biased"
+    peftfast.save_adapter(model, biased)
+    out = tmp_path / "merged"
+    assert cli_main(["merge", "--adapter", str(biased), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("peftfast merge: error: ") and "lora_bias" in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+    model = build_embedded_base()
+    peftfast.patch(model, peftfast.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[3, 5]))
+    tokens = tmp_path / "tokens"
+    peftfast.save_adapter(model, tokens)
+    cfg = json.loads((tokens / "adapter_config.json").read_text())
+    cfg["trainable_token_indices"] = [3, 10 ** 6]  # an id past the embedded base's vocabulary
+    (tokens / "adapter_config.json").write_text(json.dumps(cfg))
+    assert cli_main(["generate", "--adapter", str(tokens), "--prompt", "x", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("peftfast generate: error: ") and "trainable_token_indices" in err, err
