@@ -10,7 +10,8 @@ one, never half of either and never a mix:
   one does not write (a training run's ``train_log.json`` and ``checkpoint-*`` beside its adapter, a file
   the user keeps in a model folder) are carried over into the new one, so overwriting replaces only what
   the writer writes. A save killed at any point leaves a ``.peftfast-save-*`` directory that the next
-  save to the same target finishes or removes (:func:`recover_stale_saves`), losing nothing.
+  save to the same target finishes or removes (:func:`recover_stale_saves`), losing nothing; the staging
+  directories of older versions' killed saves are removed too once idle, unless they may hold a complete save.
 
 New files and directories get the permissions of any other writer under the process's umask (``mkstemp``
 and ``mkdtemp`` would make them 0600/0700, unreadable to the other users of a shared model store).
@@ -21,9 +22,12 @@ import contextlib
 import ctypes
 import errno
 import os
+import re
 import shutil
 import sys
 import tempfile
+import time
+import warnings
 from pathlib import Path
 from typing import IO, Callable, Iterator, Optional, Union
 
@@ -155,6 +159,45 @@ def _never(_name: str) -> bool:
     return False
 
 
+# Staging directories of peftfast versions before staged_directory: mkdtemp names (8 characters from
+# [a-z0-9_]) with neither the target nor the writer's pid, so they cannot be tied to a save or a process.
+_LEGACY_STAGE = re.compile(r"^\.(peftfast-save|peftfast-merge|checkpoint-\d+)-[a-z0-9_]{8}$")
+# An older writer still at work touches its directory; one untouched this long was killed.
+LEGACY_IDLE_SECONDS = 600
+
+
+def _complete_safetensors(path: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:  # checks the header against the file's length
+            f.keys()
+        return True
+    except Exception:  # noqa: BLE001 - any unreadable file counts as a partial write
+        return False
+
+
+def _remove_legacy_stages(parent: Path) -> None:
+    """Remove what older versions' killed saves left in ``parent`` when it holds only a partial write.
+
+    One that holds a complete safetensors file may be the only copy of the last save an older version
+    was making when it was killed; it is kept, and named in a warning for the user to load or delete.
+    """
+    now = time.time()
+    for entry in sorted(os.listdir(parent)):
+        stale = parent / entry
+        if not _LEGACY_STAGE.match(entry) or stale.is_symlink() or not stale.is_dir():
+            continue
+        files = [p for p in stale.rglob("*") if p.is_file()]
+        if now - max([stale.stat().st_mtime] + [p.stat().st_mtime for p in files]) < LEGACY_IDLE_SECONDS:
+            continue
+        if any(p.suffix == ".safetensors" and _complete_safetensors(p) for p in files):
+            warnings.warn(f"{stale} was left by an older peftfast whose save was killed and may hold the only "
+                          "copy of what it was saving; load what you need from it, then delete it", stacklevel=3)
+            continue
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def recover_stale_saves(target: PathLike, drop: Optional[Callable[[str], bool]] = None) -> None:
     """Finish or remove what a killed :func:`staged_directory` left beside ``target``.
 
@@ -173,6 +216,7 @@ def recover_stale_saves(target: PathLike, drop: Optional[Callable[[str], bool]] 
     parent = target.parent
     if not parent.is_dir():
         return
+    _remove_legacy_stages(parent)
     prefix = f"{STAGE_PREFIX}{target.name}-"
     for entry in sorted(os.listdir(parent)):
         if not entry.startswith(prefix):

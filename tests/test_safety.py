@@ -136,6 +136,91 @@ def test_resave_killed_at_any_point_leaves_one_whole_adapter_and_loses_nothing(t
     assert finished
 
 
+_SAVE_LOOP = """
+import sys, torch, peftfast
+from peftfast import LoraConfig
+from tiny import tiny_llama
+path = sys.argv[1]
+models = []
+for r, seed in ((2, 0), (4, 1)):
+    m = tiny_llama()
+    torch.manual_seed(seed)
+    peftfast.patch(m, LoraConfig(r=r, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    models.append(m)
+print("saving", flush=True)
+i = 0
+while True:
+    peftfast.save_adapter(models[i % 2], path)
+    i += 1
+"""
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.2, 0.45, 0.8])
+def test_real_sigkill_during_resaves_leaves_one_whole_adapter(tmp_path, delay):
+    """A real SIGKILL (no Python cleanup runs) at some moment of a process that re-saves an adapter over and
+    over: what is on disk loads as one of the two adapters, and the next save recovers the rest."""
+    import time
+
+    path = tmp_path / "adapter"
+    peftfast.save_adapter(_patched(r=2), path)
+    (path / "train_log.json").write_text("{}")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    child = subprocess.Popen([sys.executable, "-c", _SAVE_LOOP, str(path)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert child.stdout.readline().strip() == "saving"
+        time.sleep(delay)
+        assert child.poll() is None, "the saving process died on its own"
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert _rank_on_disk(path) in (2, 4)
+    peftfast.save_adapter(_patched(r=4, seed=1), path)
+    assert _rank_on_disk(path) == 4
+    assert (path / "train_log.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def _age(path: Path, seconds: float) -> None:
+    old = path.stat().st_mtime - seconds
+    for p in [path, *path.rglob("*")]:
+        os.utime(p, (old, old))
+
+
+def test_stale_staging_directories_of_older_versions_are_cleaned(tmp_path):
+    """Older versions staged saves in mkdtemp directories (``.peftfast-save-XXXXXXXX`` beside an adapter,
+    ``.checkpoint-N-XXXXXXXX`` in a run, ``.peftfast-merge-XXXXXXXX``). A killed one's partial write goes at
+    the next save; one that may hold a complete save, or that a writer may still be filling, stays."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "adapter"
+    partial = {}
+    for name in (".peftfast-save-ab12cd_9", ".checkpoint-7-q0w9e8r7", ".peftfast-merge-zz00zz00"):
+        d = tmp_path / name
+        d.mkdir()
+        save_file({"w": torch.randn(64, 64)}, str(d / "adapter_model.safetensors"))
+        data = (d / "adapter_model.safetensors").read_bytes()
+        (d / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])  # killed mid-write
+        _age(d, 3600)
+        partial[name] = d
+    complete = tmp_path / ".peftfast-save-k1ll3d00"
+    complete.mkdir()
+    save_file({"w": torch.randn(4, 4)}, str(complete / "adapter_model.safetensors"))
+    _age(complete, 3600)
+    busy = tmp_path / ".peftfast-save-w0rk1ng0"  # an older version's save in progress right now
+    busy.mkdir()
+    (busy / "adapter_model.safetensors").write_bytes(b"partial")
+    unrelated = tmp_path / ".peftfast-save-notes"  # not an mkdtemp name: not ours to judge
+    unrelated.mkdir()
+    _age(unrelated, 3600)
+
+    with pytest.warns(UserWarning, match="k1ll3d00.*older peftfast.*only copy"):
+        peftfast.save_adapter(_patched(), path)
+    assert not any(d.exists() for d in partial.values())
+    assert complete.is_dir() and busy.is_dir() and unrelated.is_dir()
+    assert _rank_on_disk(path) == 2
+
+
 def test_saved_files_follow_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
