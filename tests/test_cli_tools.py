@@ -104,6 +104,42 @@ def test_generate_bf16(trained, monkeypatch, capsys):
     assert seen == [torch.bfloat16, torch.float32]
 
 
+def _graph_decode_agrees(trained, compile_mode):
+    from peftfast.cli.generate import generate_ids, graph_decode_kwargs, load_with_adapter
+
+    model = load_with_adapter(None, str(trained["lora"]), None)["model"]
+    ids = [256, *b"The small"]
+    eager = generate_ids(model, ids, 10, None, 0)
+    kwargs = graph_decode_kwargs(compile_mode, all_devices=True) if compile_mode else {"cache_implementation": "static"}
+    assert generate_ids(model, ids, 10, None, 0, decode_kwargs=kwargs) == eager
+    assert len(eager) == 10
+
+
+def test_static_cache_decode_matches_the_dynamic_one(trained):
+    """The CUDA-graph decode's precondition: a static KV cache (fixed shapes and addresses) through the
+    patched model gives the tokens of the default cache."""
+    _graph_decode_agrees(trained, None)
+
+
+@pytest.mark.slow
+def test_compiled_decode_matches_eager(trained):
+    """The decode step compiled whole (fullgraph, as the CUDA-graph path compiles it; here in the default mode
+    on a CPU, where no graph is captured) gives the eager tokens."""
+    _graph_decode_agrees(trained, "default")
+
+
+def test_cuda_graphs_flag(trained, capsys):
+    from peftfast.cli.generate import load_with_adapter, use_cuda_graphs
+
+    lora = load_with_adapter(None, str(trained["lora"]), None)["model"]
+    prefix = load_with_adapter(None, str(trained["prefix"]), None)["model"]
+    assert use_cuda_graphs(lora, "cuda", None) and not use_cuda_graphs(lora, "cpu", None)
+    assert not use_cuda_graphs(lora, "cuda", False) and not use_cuda_graphs(prefix, "cuda", None)
+    for adapter, why in ((trained["lora"], "needs a CUDA GPU"), (trained["prefix"], "prompt-learning")):
+        assert cli_main(["generate", "--adapter", str(adapter), "--prompt", "x", "--cuda-graphs"]) == 2
+        assert why in capsys.readouterr().err
+
+
 def test_generate_errors(trained, tmp_path, capsys):
     assert cli_main(["generate", "--adapter", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     assert "no such directory" in capsys.readouterr().err

@@ -32,6 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(the tokenizer's, or peftfast's own for the byte tokenizer)")
     p.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None,
                    help="load the base in NF4 (default: as the adapter was trained)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode with a static KV cache and the decode step captured as a CUDA graph (torch.compile "
+                   "mode reduce-overhead), so per-token host work does not bound the speed (default: on for a "
+                   "CUDA GPU, except for prompt-learning adapters, whose prefix lives in a dynamic cache)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="compute in bf16: a dense base loaded in bf16, a 4-bit one computing in it (default: on "
                    "for a CUDA GPU with bf16, off on a CPU)")
@@ -83,14 +87,62 @@ def decode(loaded: dict, ids: list) -> str:
     return loaded["hf_tokenizer"].decode(ids, skip_special_tokens=True)
 
 
+def graph_decode_kwargs(mode: str = "reduce-overhead", *, all_devices: bool = False) -> dict:
+    """``model.generate`` keyword arguments that run each decode step as one captured CUDA graph.
+
+    A static KV cache gives every step the same shapes and addresses, so transformers compiles the forward
+    once (peftfast's kernels are ``torch.library`` ops that trace without graph breaks) and, in the
+    ``reduce-overhead`` mode, replays it as a CUDA graph: the Python work of a few hundred adapter layers
+    per token is paid at capture, not at every token. transformers applies it on CUDA only, unless
+    ``all_devices`` (a test's way to check the same compile on a CPU).
+
+    Args:
+        mode: the ``torch.compile`` mode; ``reduce-overhead`` is the one that captures CUDA graphs.
+        all_devices: compile on any device (transformers otherwise compiles on accelerators only).
+
+    Returns:
+        A dict to pass to ``model.generate(**...)``.
+
+    Example:
+        >>> out = model.generate(ids, max_new_tokens=64, **graph_decode_kwargs())  # doctest: +SKIP
+    """
+    from transformers.generation.configuration_utils import CompileConfig
+
+    config = CompileConfig(fullgraph=True, mode=mode)
+    if all_devices:
+        config._compile_all_devices = True  # transformers' own switch for compiling off-accelerator
+    return {"cache_implementation": "static", "compile_config": config}
+
+
+def use_cuda_graphs(model, device: str, requested: Optional[bool]) -> bool:
+    """Whether to decode with :func:`graph_decode_kwargs`: ``requested`` if given, else on CUDA; never for a
+    prompt-learning adapter (its virtual tokens live in a dynamic cache, which a static one replaces)."""
+    from peftfast.config import PROMPT_LEARNING_CONFIGS
+    from peftfast.patching import patch_state
+
+    state = patch_state(model)
+    if state is not None and any(isinstance(c, PROMPT_LEARNING_CONFIGS) for c in state.configs.values()):
+        if requested:
+            raise GenerateError("--cuda-graphs needs a static KV cache, which prompt-learning adapters (prefix, "
+                                "prompt, p-tuning) cannot use: their virtual tokens live in the cache; drop the flag")
+        return False
+    if requested is None:
+        return device == "cuda"
+    if requested and device != "cuda":
+        raise GenerateError("--cuda-graphs needs a CUDA GPU and none is available; drop the flag")
+    return requested
+
+
 @torch.no_grad()
 def generate_ids(model, ids: list, max_new_tokens: int, eos_id: Optional[int], pad_id: int,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list:
-    """New token ids (up to and excluding EOS) from ``model.generate``."""
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                 decode_kwargs: Optional[dict] = None) -> list:
+    """New token ids (up to and excluding EOS) from ``model.generate`` (``decode_kwargs``: e.g.
+    :func:`graph_decode_kwargs`)."""
     device = next(model.parameters()).device
     x = torch.tensor([ids], device=device)
     kwargs = dict(max_new_tokens=max_new_tokens, attention_mask=torch.ones_like(x), pad_token_id=pad_id,
-                  eos_token_id=eos_id)
+                  eos_token_id=eos_id, **(decode_kwargs or {}))
     if temperature > 0:
         torch.manual_seed(seed)
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
@@ -124,8 +176,9 @@ def run_generate(args) -> str:
                                torch.bfloat16 if bf16 else torch.float32)
     tok = loaded["tokenizer"]
     ids = encode_prompt(loaded, args.prompt, args.chat)
+    graphs = use_cuda_graphs(loaded["model"], device, args.cuda_graphs)
     new = generate_ids(loaded["model"], ids, args.max_new_tokens, tok.eos_id, tok.pad_id,
-                       args.temperature, args.top_p, args.seed)
+                       args.temperature, args.top_p, args.seed, graph_decode_kwargs() if graphs else None)
     text = decode(loaded, new)
     print(text)
     return text
