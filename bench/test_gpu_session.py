@@ -107,6 +107,8 @@ def test_dry_run_summary_has_every_target(dry_run):
     assert "| model-level Triton vs reference | 0 failed | 1 passed, 0 failed, 0 skipped | PASS |" in summary
     train = [line for line in summary.splitlines() if line.startswith("| peftfast train QLoRA + generate |")]
     assert len(train) == 1 and "generate ran" in train[0] and train[0].endswith("| PASS |"), train
+    graph = [line for line in summary.splitlines() if line.startswith("| CUDA-graph decode vs eager")]
+    assert len(graph) == 1 and "| 4/4; eager" in graph[0] and graph[0].endswith("| PASS |"), graph
     # The performance table is the one bench_report generates from the result files.
     assert "## Performance table (generated from the result files)" in summary and "#### lora_decode" in summary
     assert "Files: `bench/results/cpu-smoke/`" in summary
@@ -230,11 +232,12 @@ def test_gpu_commands(tmp_path):
         assert "--dry-run" not in cmd and cmd[cmd.index("--out") + 1].endswith("kernels/configs/nvidia-h200.json")
         assert cmd[cmd.index("--shapes") + 1] == gs.HEADLINE_SHAPES
     assert nf4[-2:] == ["--weight", "nf4"] and "--weight" not in dense
-    build, lora, qlora, generate = gs.train_commands(s)
+    build, lora, qlora, generate, graph = gs.train_commands(s)
     # The dense LoRA run comes before QLoRA (issue 20), both in bf16 on the GPU; generate uses QLoRA's adapter.
     assert lora[lora.index("--method") + 1] == "lora" and qlora[qlora.index("--method") + 1] == "qlora"
     assert "--bf16" in lora and "--bf16" in qlora
     assert generate[generate.index("--adapter") + 1] == qlora[qlora.index("--output") + 1]
+    assert graph[2] == gs.GRAPH_DECODE_CHECK and graph[3] == lora[lora.index("--output") + 1] and graph[4] == "64"
     assert build[-3:-1] == ["1024", "8"]
     env = gs.step_env(s, "train")
     assert env["PEFTFAST_TUNING_TABLES"] == str(s.stage / "kernels" / "configs")  # the table tune just wrote
