@@ -418,14 +418,9 @@ def _dora_backward(dy, x, xa, norm, weight, lora_A, lora_B, magnitude, seed, sca
     k = x.shape[-1]
     r, n = lora_A.shape[0], lora_B.shape[0]
     dtype = x.dtype
-    x2 = x.reshape(-1, k)
-    xa2 = xa.reshape(-1, r)
-    dy2 = dy.reshape(-1, n)
-    if dy2.dtype != dtype:
-        dy2 = dy2.to(dtype)
+    x2, xa2, dy2 = ops.as_rows(x, k), ops.as_rows(xa, r), ops.as_rows(dy, n, dtype)
     need_dx, need_da, need_db, need_dm, need_dbias = needs
-    # Outputs that are not needed are distinct empty tensors: a custom op's outputs may not alias.
-    dx, da, db, dm, dbias = (x.new_empty(0) for _ in range(5))
+    dx, da, db, dm, dbias = ops.no_grads(x, 5)
     c = magnitude.reshape(-1).float() / norm.float()
     w = None
     if need_dx or need_dm:
@@ -464,13 +459,7 @@ def _dora_fake(x, weight, lora_A, lora_B, magnitude, bias, seed, scaling, dropou
 
 
 def _dora_backward_fake(dy, x, xa, norm, weight, lora_A, lora_B, magnitude, seed, scaling, dropout_p, needs):
-    return (
-        x.new_empty(x.shape) if needs[0] else x.new_empty(0),
-        lora_A.new_empty(lora_A.shape) if needs[1] else x.new_empty(0),
-        lora_B.new_empty(lora_B.shape) if needs[2] else x.new_empty(0),
-        magnitude.new_empty(magnitude.shape) if needs[3] else x.new_empty(0),
-        x.new_empty((lora_B.shape[0],), dtype=torch.float32) if needs[4] else x.new_empty(0),
-    )
+    return ops.fake_grads(needs, x, x, lora_A, lora_B, magnitude, ((lora_B.shape[0],), torch.float32))
 
 
 # ``peftfast::dora_linear`` -> (y, xa, norm) and ``peftfast::dora_linear_backward``: ``xa`` [..., r] and
@@ -486,25 +475,13 @@ DORA_LINEAR = ops.declare(
 )
 
 
-def triton_dora_linear(
-    x: torch.Tensor,
-    weight,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    magnitude: torch.Tensor,
-    *,
-    bias: Optional[torch.Tensor] = None,
-    dropout_p: float = 0.0,
-) -> torch.Tensor:
+def triton_dora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                       magnitude: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
+                       dropout_p: float = 0.0) -> torch.Tensor:
     """The Triton DoRA linear (the body of ``dora_linear(..., backend="triton")``).
 
-    ``dropout_p`` is the effective probability (0 outside training). The dropout seed is drawn from
-    PyTorch's generator of x's device, so ``torch.manual_seed`` makes the mask reproducible; p == 0
-    draws nothing and compiles no dropout code.
+    ``dropout_p`` is the effective probability (0 outside training); the mask's seed is :func:`ops.dropout_seed`.
     """
-    seed = None
-    if dropout_p > 0:
-        seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
+    seed = ops.dropout_seed(x, dropout_p)
     return DORA_LINEAR(x, kernel_operand(weight), lora_A, lora_B, magnitude, bias, seed, float(scaling),
                        float(dropout_p))

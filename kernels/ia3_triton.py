@@ -235,16 +235,12 @@ def _ia3_backward(dy, x, weight, ia3_l, bias, feedforward, needs):
     k = x.shape[-1]
     dtype = x.dtype
     need_dx, need_dl = needs
-    # Outputs that are not needed are distinct empty tensors: a custom op's outputs may not alias.
-    dx, dl = x.new_empty(0), x.new_empty(0)
+    dx, dl = ops.no_grads(x, 2)
     if not (need_dx or need_dl):
         return dx, dl
     x2 = x.reshape(-1, k)
     w = dense_base(weight, dtype)
-    n = w.shape[0]
-    dy2 = dy.reshape(-1, n)
-    if dy2.dtype != dtype:
-        dy2 = dy2.to(dtype)
+    dy2 = ops.as_rows(dy, w.shape[0], dtype)
     s = ia3_l.reshape(-1)
     if feedforward:
         # One GEMM gives both: gW = dY @ W stays in registers; dx = gW * s in the epilogue and
@@ -271,10 +267,7 @@ def _ia3_fake(x, weight, ia3_l, bias, feedforward):
 
 
 def _ia3_backward_fake(dy, x, weight, ia3_l, bias, feedforward, needs):
-    return (
-        x.new_empty(x.shape) if needs[0] else x.new_empty(0),
-        ia3_l.new_empty(ia3_l.shape) if needs[1] else x.new_empty(0),
-    )
+    return ops.fake_grads(needs, x, x, ia3_l)
 
 
 # ``peftfast::ia3_linear`` and ``peftfast::ia3_linear_backward``. The bias is saved only for the

@@ -255,6 +255,42 @@ class Op:
         return out if self.single else out[0]
 
 
+def dropout_seed(x: torch.Tensor, dropout_p: float) -> Optional[torch.Tensor]:
+    """The seed an op's kernels regenerate its dropout mask from: int64 [1] drawn from PyTorch's generator
+    of x's device (``torch.manual_seed`` reproduces the mask); None when ``dropout_p == 0``, which draws
+    nothing and compiles no dropout code."""
+    if dropout_p > 0:
+        return torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
+    return None
+
+
+def as_rows(t: torch.Tensor, width: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``t`` as [rows, width], in ``dtype`` when given: a view whenever the leading dims merge (the kernels
+    take any 2-D strides), a copy only for a dtype change (dY in another dtype than x)."""
+    t2 = t.reshape(-1, width)
+    return t2 if dtype is None or t2.dtype == dtype else t2.to(dtype)
+
+
+def no_grads(like: torch.Tensor, count: int) -> list:
+    """A backward body's starting results: ``count`` distinct empty tensors, kept where a gradient is not
+    needed (a custom op's outputs may not alias one another)."""
+    return [like.new_empty(0) for _ in range(count)]
+
+
+def fake_grads(needs: Sequence[bool], like: torch.Tensor, *grads) -> tuple:
+    """A backward fake's result: per gradient an empty tensor shaped as its spec (a tensor, or a
+    ``(shape, dtype)`` pair) where ``needs`` says so, else an empty [0] one (what the real backward returns).
+
+    Example:
+        >>> fake_grads(needs, x, x, lora_A, ((n,), torch.float32))  # doctest: +SKIP
+    """
+    out = []
+    for need, g in zip(needs, grads):
+        shape, dtype = (g.shape, g.dtype) if torch.is_tensor(g) else g
+        out.append(like.new_empty(shape, dtype=dtype) if need else like.new_empty(0))
+    return tuple(out)
+
+
 def _plain(t) -> bool:
     """A tensor eager mode runs as is (not a fake, functional or other subclass tensor)."""
     return type(t) is torch.Tensor or type(t) is torch.nn.Parameter
