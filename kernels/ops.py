@@ -241,13 +241,17 @@ class Op:
         return type(cls_name, (torch.autograd.Function,),
                     {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
+    def call_op(self, *values):
+        """The op through the ``torch.library`` dispatcher (what ``torch.compile`` traces); first output."""
+        out = self.op(*self.inputs.flatten(values))
+        return out if self.single else out[0]
+
     def __call__(self, *values):
         """Run the op on the declared inputs; returns its first output."""
         if torch.compiler.is_compiling() or not _plain(values[0]):
             # Tracing (torch.compile, export, fake tensors, subclasses): the custom op, whose fake the
             # tracer understands and which stays one node of the graph.
-            out = self.op(*self.inputs.flatten(values))
-            return out if self.single else out[0]
+            return self.call_op(*values)
         if torch.is_grad_enabled() and any(
                 values[i] is not None and values[i].requires_grad for i in self.grad_index):
             return self.function.apply(*values)
