@@ -9,13 +9,13 @@ through :func:`dispatch.triton_module`. The device-side building blocks are in :
 * the X-by-W tile loop's configs (``configs/lora_matmul.json``, shared by the LoRA, IA3 and DoRA GEMMs),
   its shared-memory model (:func:`gemm_smem_bytes`) and autotune pruning (:func:`make_gemm_pruner`,
   :func:`keep_rows_fitting`), :func:`autotune_options`;
-* :func:`record_search_winner` (an autotune winner into the tuning cache) and :func:`canonical_ops`
-  (one ``torch.library`` registration per process).
+* :func:`record_search_winner` (an autotune winner into the tuning cache).
+
+The ``torch.library`` registration of the ops is :mod:`.ops`.
 """
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import json
 import os
@@ -200,29 +200,3 @@ def record_search_winner(kernel, timings_before, gpu_name: str, key: str,
     _tuning.cache_write(gpu_name, kernel_hash, key, cfg, ms)
     return cfg
 
-
-def canonical_ops(module_name: str, names: tuple, define):
-    """An op module's ``torch.library`` ops, registered once per process.
-
-    With the repository root on ``sys.path`` an op file can also be imported as the top-level
-    ``kernels.<op>`` (transformers probes for a ``kernels`` package). A second registration would replace
-    the first with that copy's functions and globals, so such a copy reuses the ops of
-    ``peftfast.kernels.<op>`` (fetched by module name: the package attribute may be a function of the
-    same name). ``define()`` registers them when this is the canonical module or no package exists.
-
-    Args:
-        module_name: the calling module's ``__name__``.
-        names: the attribute names under which the canonical module keeps its ops.
-        define: registers the ops and returns them, in ``names`` order.
-
-    Returns:
-        The ops, as a tuple.
-    """
-    canonical = "peftfast.kernels." + module_name.rsplit(".", 1)[-1]
-    if module_name != canonical:
-        try:
-            module = importlib.import_module(canonical)
-            return tuple(getattr(module, n) for n in names)
-        except ImportError:  # the directory used on its own, without the peftfast package
-            pass
-    return define()

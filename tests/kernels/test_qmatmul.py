@@ -352,10 +352,10 @@ def test_cache_entry_variant(monkeypatch):
 
 def test_small_m_and_undecodable_weights_never_run_inloop(monkeypatch):
     monkeypatch.setenv(qmm.ENV_VARIANT, "inloop")
-    assert not lora_triton._qlora_inloop(lora_triton.DECODE_MAX_M, 40, 128, FP16, [64, 256, 40, 128], "nf4", None, "kn",
-                                      torch.device(DEVICE))
-    assert lora_triton._qlora_inloop(lora_triton.DECODE_MAX_M + 1, 40, 128, FP16, [64, 256, 40, 128], "nf4", None, "nk",
-                                  torch.device(DEVICE))
+    q = _quant(40, 128, "nf4", False, 64)
+    assert not lora_triton._qlora_inloop(lora_triton.DECODE_MAX_M, 40, 128, FP16, q, "kn", torch.device(DEVICE))
+    assert lora_triton._qlora_inloop(lora_triton.DECODE_MAX_M + 1, 40, 128, FP16, q, "nk", torch.device(DEVICE))
+    assert not lora_triton._qlora_inloop(lora_triton.DECODE_MAX_M + 1, 40, 128, FP16, None, "nk", torch.device(DEVICE))
     with pytest.warns(RuntimeWarning, match="straddle"):
         assert _variant(meta=(64, 256, 40, 96), k=96) == "dequant"
     with warnings.catch_warnings():
