@@ -14,9 +14,10 @@ import triton.language as tl
 
 from . import launch
 from . import ops
+from . import plans as _plans
 from . import matmul as _mm
 from . import nf4_triton as _nf4k
-from .dispatch import interpreting
+from .dispatch import settings
 from .experimental import qmatmul as _qmm
 from .nf4_triton import decode_4bit_tile, to_bf16_rtne
 from .tiles import dot
@@ -221,40 +222,57 @@ def _decode_lora_4bit_kernel(
 _DECODE_BLOCK_K = {2: 64, 4: 32}
 
 
+def _decode_plan(m: int, n: int, k: int, r: int, blocksize: int, blocksize2: int, nested: bool, has_bias: bool,
+                 dtype, splits: Optional[int], device):
+    """``(grid, splits, k_per_split, kwargs)`` of one decode signature (integer arithmetic, once)."""
+    cdiv = _plans.cdiv
+    block_m = max(16, _plans.next_power_of_2(m))
+    block_n = 64
+    block_k = min(blocksize, _DECODE_BLOCK_K[dtype.itemsize])
+    n_tiles = cdiv(n, block_n)
+    k_tiles = cdiv(k, block_k)
+    if splits is None:
+        splits = 1 if device.type != "cuda" else cdiv(2 * launch.num_sms(device), n_tiles)
+    splits = max(1, min(splits, k_tiles))
+    k_per_split = cdiv(k_tiles, splits) * block_k
+    splits = cdiv(k, k_per_split)
+    kwargs = dict(BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested, HAS_BIAS=has_bias,
+                  **launch.dot_flags(dtype), PTX_MUL_RN=_nf4k.ptx_mul_rn(device),
+                  SOFT_BF16=dtype == torch.bfloat16 and settings().interpret,
+                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=launch.block_r(r), num_warps=4)
+    return (n_tiles, splits), splits, k_per_split, kwargs
+
+
 def _decode_lora_4bit(x2, packed, absmax, code, code2, absmax2, offset, meta, xa, lora_B, bias, scaling,
                       splits: Optional[int] = None) -> torch.Tensor:
     """Fused dequant-GEMV for M <= DECODE_MAX_M rows and a 4-bit base: [M, K] -> [M, N] in x's dtype."""
     blocksize, blocksize2, n, k = meta
     m, r = x2.shape[0], xa.shape[1]
     dtype = x2.dtype
-    block_m = max(16, triton.next_power_of_2(m))
-    block_n = 64
-    block_k = min(blocksize, _DECODE_BLOCK_K[x2.element_size()])
-    block_r = launch.block_r(r)
-    n_tiles = triton.cdiv(n, block_n)
-    k_tiles = triton.cdiv(k, block_k)
-    if splits is None:
-        splits = 1 if x2.device.type != "cuda" else triton.cdiv(2 * launch.num_sms(x2.device), n_tiles)
-    splits = max(1, min(splits, k_tiles))
-    k_per_split = triton.cdiv(k_tiles, splits) * block_k
-    splits = triton.cdiv(k, k_per_split)
-    y = torch.empty((m, n), device=x2.device, dtype=dtype)
-    dst = y if splits == 1 else torch.empty((splits, m, n), device=x2.device, dtype=torch.float32)
-    dst_strides = (0, y.stride(0), y.stride(1)) if splits == 1 else dst.stride()
+    device = x2.device
     nested = code2 is not None
+    has_bias = bias is not None
+    key = ("decode_lora_4bit", m, n, k, r, blocksize, blocksize2, nested, has_bias, dtype, splits, device)
+    plan = _plans.PLANS.get(key)
+    if plan is None:
+        plan = _plans.PLANS[key] = _decode_plan(m, n, k, r, blocksize, blocksize2, nested, has_bias, dtype, splits,
+                                                device)
+    grid, n_splits, k_per_split, kwargs = plan
+    y = torch.empty((m, n), device=device, dtype=dtype)
+    if n_splits == 1:
+        dst, dst_strides = y, (0, n, 1)
+    else:
+        dst, dst_strides = torch.empty((n_splits, m, n), device=device, dtype=torch.float32), (m * n, n, 1)
     right = lora_B.t()
-    _decode_lora_4bit_kernel[(n_tiles, splits)](
+    sx, sl, sr = x2.stride(), xa.stride(), right.stride()
+    _decode_lora_4bit_kernel[grid](
         x2, packed, absmax, code, code2 if nested else code, absmax2 if nested else code,
-        offset if nested else code, xa, right, bias if bias is not None else code, dst,
+        offset if nested else code, xa, right, bias if has_bias else code, dst,
         m, n, k, r, k_per_split,
-        x2.stride(0), x2.stride(1), xa.stride(0), xa.stride(1), right.stride(0), right.stride(1), *dst_strides,
-        float(scaling),
-        BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested, HAS_BIAS=bias is not None,
-        **launch.dot_flags(dtype), PTX_MUL_RN=_nf4k.ptx_mul_rn(x2.device),
-        SOFT_BF16=dtype == torch.bfloat16 and interpreting(),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4,
+        sx[0], sx[1], sl[0], sl[1], sr[0], sr[1], *dst_strides,
+        float(scaling), **kwargs,
     )
-    if splits > 1:
+    if n_splits > 1:
         y.copy_(dst.sum(0))
     return y
 

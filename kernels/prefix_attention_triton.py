@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional, Tuple
 
 import torch
 import triton
