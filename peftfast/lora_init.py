@@ -161,8 +161,12 @@ def init_from_base(layer: nn.Module, name: str, init) -> None:
     if not quantized and old.dtype != torch.float32:
         # PEFT moves the new adapter to the base's dtype and autocasts it back to float32
         a, b = a.to(old.dtype).float(), b.to(old.dtype).float()
-    new_weight = _requantized(base, residual) if quantized else None
-    record = _kept(base)
+    record = _kept(base)  # first: the requantization below also rewrites the module's copy of the quant state
+    try:
+        new_weight = _requantized(base, residual) if quantized else None
+    except BaseException:
+        _put_back_quant_state(base, record[3])
+        raise
     if new_weight is not None:
         base.weight = new_weight
     else:
@@ -223,6 +227,10 @@ def restore_base(layer: nn.Module, name: Optional[str] = None) -> None:
     param.data = data if data.device == device else data.to(device)
     if base.weight is not param:
         base.weight = param
+    _put_back_quant_state(base, quant_state)
+
+
+def _put_back_quant_state(base: nn.Module, quant_state) -> None:
     if quant_state is _MISSING:
         base.__dict__.pop("quant_state", None)
     else:
