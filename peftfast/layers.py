@@ -27,6 +27,7 @@ from .base_weight import (
 )
 from .config import ConfigError
 from .kernels.nf4 import is_4bit_weight
+from .lora_init import init_from_base, is_base_init
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -228,6 +229,8 @@ class LoraLayer(AdapterLayer):
         self.lora_alpha[name] = alpha
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout_p[name] = float(dropout)
+        if is_base_init(init):  # PiSSA / OLoRA: A and B from the base weight, the residual left in the base
+            init_from_base(self, name, init)
         if use_dora:
             mag = _Magnitude(self.out_features, device=device, dtype=dtype)
             with torch.no_grad():
