@@ -16,6 +16,7 @@ import torch.nn as nn
 from .config import PROMPT_LEARNING_CONFIGS, AnyConfig, ConfigError, IA3Config, LoraConfig, as_config
 from .kernels.dispatch import check_backend
 from .layers import AdapterLayer, IA3Layer, LoraLayer, ModulesToSave, is_linear_like
+from .ia3_conv import IA3Conv, is_ia3_extra
 from .lora_conv_embedding import CONV_TYPES, LoraConv, LoraEmbedding, is_lora_extra
 from .prompt_learning import PromptLearning, add_prompt_learning, remove_prompt_learning
 from .trainable_tokens import TrainableTokensLayer
@@ -152,14 +153,14 @@ def _patch(model: nn.Module, config, adapter_name: str, backend: str) -> Callabl
             cfg.target_modules, ff = DEFAULT_IA3_TARGETS[family]
             if cfg.feedforward_modules is None:
                 cfg.feedforward_modules = ff
-    supported = (lambda m: is_linear_like(m) or is_lora_extra(m)) if isinstance(cfg, LoraConfig) else is_linear_like
-    targets = resolve_targets(model, cfg, supported)
+    targets = resolve_targets(model, cfg, supported_by(cfg))
     if isinstance(cfg, LoraConfig):
         _warn_unused_patterns(cfg, targets)
     if isinstance(cfg, IA3Config) and cfg.feedforward_modules:
+        wrappable = supported_by(cfg)
         stray = [
-            n for n, _ in model.named_modules()
-            if n and name_matches(cfg.feedforward_modules, n) and is_linear_like(model.get_submodule(n)) and n not in targets
+            n for n, m in model.named_modules()
+            if n and name_matches(cfg.feedforward_modules, n) and wrappable(m) and n not in targets
         ]
         if stray:
             raise ConfigError(
@@ -183,7 +184,8 @@ def _patch(model: nn.Module, config, adapter_name: str, backend: str) -> Callabl
                 if isinstance(cfg, LoraConfig):
                     wrapper = _lora_wrapper(module)(module, backend=backend)
                 else:
-                    wrapper = IA3Layer(module, feedforward=name_matches(cfg.feedforward_modules, name), backend=backend)
+                    ia3_cls = IA3Conv if is_ia3_extra(module) else IA3Layer
+                    wrapper = ia3_cls(module, feedforward=name_matches(cfg.feedforward_modules, name), backend=backend)
                 fresh = True
             _add_adapter(wrapper, name, cfg, adapter_name)
             if fresh:
@@ -302,6 +304,13 @@ def _undo(undo: list, grad_flags: dict, model: Optional[nn.Module] = None) -> No
 
 
 LORA_WRAPPERS = (LoraLayer, LoraEmbedding, LoraConv)
+
+
+def supported_by(cfg) -> Callable[[nn.Module], bool]:
+    """The module types a LoRA / IA3 config can wrap (what ``resolve_targets`` accepts)."""
+    if isinstance(cfg, LoraConfig):
+        return lambda m: is_linear_like(m) or is_lora_extra(m)
+    return lambda m: is_linear_like(m) or is_ia3_extra(m)
 
 
 def _lora_wrapper(module: nn.Module) -> type:

@@ -341,6 +341,7 @@ def module_path(module: nn.Module, method: str) -> str:
     the wrappers dispatch on."""
     from ..base_weight import kernel_weight
     from ..layers import is_linear_like
+    from ..ia3_conv import is_ia3_extra
     from ..lora_conv_embedding import is_lora_extra
 
     if is_linear_like(module):
@@ -348,6 +349,8 @@ def module_path(module: nn.Module, method: str) -> str:
         return REFERENCE if kernel_weight(module) is None else FUSED
     if method == "lora" and is_lora_extra(module):
         return REFERENCE  # LoraEmbedding / LoraConv (grouped convolutions too): PyTorch ops
+    if method == "ia3" and is_ia3_extra(module):
+        return REFERENCE  # IA3Conv: PyTorch ops
     return UNSUPPORTED
 
 
@@ -361,8 +364,8 @@ def layer_paths(model: nn.Module, config) -> Cell:
     Returns:
         A :class:`Cell`; ``cell.reason`` holds peftfast's error when ``patch`` would refuse.
     """
-    from ..layers import is_linear_like
     from ..lora_conv_embedding import is_lora_extra
+    from ..patching import supported_by
     from ..targets import DEFAULT_IA3_TARGETS, model_type, resolve_targets
 
     try:
@@ -382,8 +385,7 @@ def layer_paths(model: nn.Module, config) -> Cell:
             if cfg.feedforward_modules is None:
                 cfg.feedforward_modules = ff
         is_lora = isinstance(cfg, LoraConfig)
-        supported = (lambda m: is_linear_like(m) or is_lora_extra(m)) if is_lora else is_linear_like
-        names = resolve_targets(model, cfg, supported)
+        names = resolve_targets(model, cfg, supported_by(cfg))
     except ConfigError as e:
         return Cell({}, reason=str(e))
     layers = {n: module_path(model.get_submodule(n), "lora" if is_lora else "ia3") for n in names}
