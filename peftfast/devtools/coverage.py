@@ -364,7 +364,6 @@ def layer_paths(model: nn.Module, config) -> Cell:
     Returns:
         A :class:`Cell`; ``cell.reason`` holds peftfast's error when ``patch`` would refuse.
     """
-    from ..lora_conv_embedding import is_lora_extra
     from ..patching import supported_by
     from ..targets import DEFAULT_IA3_TARGETS, model_type, resolve_targets
 
@@ -389,8 +388,6 @@ def layer_paths(model: nn.Module, config) -> Cell:
     except ConfigError as e:
         return Cell({}, reason=str(e))
     layers = {n: module_path(model.get_submodule(n), "lora" if is_lora else "ia3") for n in names}
-    if is_lora and cfg.use_dora and any(is_lora_extra(model.get_submodule(n)) for n in names):
-        return Cell(layers, reason="DoRA on embedding/convolution layers is not supported by peftfast")
     bad = [n for n, p in layers.items() if p == UNSUPPORTED]
     if bad:
         return Cell(layers, reason=f"peftfast cannot wrap {bad[:3]}")
