@@ -29,8 +29,8 @@ CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def is_lora_extra(module: nn.Module) -> bool:
-    """Layers LoRA wraps besides the linear ones."""
-    return isinstance(module, (nn.Embedding,) + CONV_TYPES)
+    """Layers LoRA wraps besides the linear ones (nn.MultiheadAttention: see peftfast.lora_mha)."""
+    return isinstance(module, (nn.Embedding, nn.MultiheadAttention) + CONV_TYPES)
 
 
 class LoraEmbedding(AdapterLayer):

@@ -18,6 +18,7 @@ from .kernels.dispatch import check_backend
 from .layers import AdapterLayer, IA3Layer, LoraLayer, ModulesToSave, is_linear_like
 from .ia3_conv import IA3Conv, is_ia3_extra
 from .lora_conv_embedding import CONV_TYPES, LoraConv, LoraEmbedding, is_lora_extra
+from .lora_mha import LoraMultiheadAttention, bare_out_projections
 from .prompt_learning import PromptLearning, add_prompt_learning, remove_prompt_learning
 from .trainable_tokens import TrainableTokensLayer
 from .targets import DEFAULT_IA3_TARGETS, model_type, name_matches, resolve_targets
@@ -156,6 +157,13 @@ def _patch(model: nn.Module, config, adapter_name: str, backend: str) -> Callabl
     targets = resolve_targets(model, cfg, supported_by(cfg))
     if isinstance(cfg, LoraConfig):
         _warn_unused_patterns(cfg, targets)
+    bare = bare_out_projections(model, targets)
+    if bare:
+        raise ConfigError(
+            f"{bare[:3]} are the out_proj of an nn.MultiheadAttention, whose forward never calls that layer: an "
+            "adapter there would train nothing. Target the MultiheadAttention module itself (LoRA adapts both its "
+            "projections), or add these names to exclude_modules"
+        )
     if isinstance(cfg, IA3Config) and cfg.feedforward_modules:
         wrappable = supported_by(cfg)
         stray = [
@@ -190,6 +198,8 @@ def _patch(model: nn.Module, config, adapter_name: str, backend: str) -> Callabl
             _add_adapter(wrapper, name, cfg, adapter_name)
             if fresh:
                 installs.append((name, module, wrapper))
+                # a wrapper that also places layers inside its base (MultiheadAttention's out_proj)
+                installs.extend(getattr(wrapper, "nested_installs", lambda _: [])(name))
             else:
                 undo.append(lambda w=wrapper: w.delete_adapter(adapter_name))
         if isinstance(cfg, LoraConfig) and cfg.trainable_token_indices is not None:
@@ -303,7 +313,7 @@ def _undo(undo: list, grad_flags: dict, model: Optional[nn.Module] = None) -> No
         p.requires_grad_(flag)
 
 
-LORA_WRAPPERS = (LoraLayer, LoraEmbedding, LoraConv)
+LORA_WRAPPERS = (LoraLayer, LoraEmbedding, LoraConv, LoraMultiheadAttention)
 
 
 def supported_by(cfg) -> Callable[[nn.Module], bool]:
@@ -318,6 +328,8 @@ def _lora_wrapper(module: nn.Module) -> type:
         return LoraEmbedding
     if isinstance(module, CONV_TYPES):
         return LoraConv
+    if isinstance(module, nn.MultiheadAttention):
+        return LoraMultiheadAttention
     return LoraLayer
 
 
@@ -383,7 +395,8 @@ def _apply_trainable(model: nn.Module, state: PatchState) -> None:
         bias = getattr(cfg, "bias", "none")
         if bias == "all":
             for pname, p in model.named_parameters():
-                if pname.endswith("bias") and ".modules_to_save." not in pname:
+                # PEFT's rule: a parameter named "bias" (not MultiheadAttention's in_proj_bias)
+                if (pname == "bias" or pname.endswith(".bias")) and ".modules_to_save." not in pname:
                     p.requires_grad_(True)
         elif bias == "lora_only":
             # PEFT trains the bias of every LoRA-wrapped layer (convolutions and embeddings too), not just
@@ -496,7 +509,9 @@ def unpatch(model: nn.Module, *, merge_adapters: bool = False) -> nn.Module:
     if merge_adapters:
         merge(model)
     remove_prompt_learning(model)
-    for name, module in list(_adapter_wrappers(model)):
+    # innermost first: a wrapper placed inside another's base (MultiheadAttention's out_proj) is put back
+    # while its path still resolves
+    for name, module in reversed(list(_adapter_wrappers(model))):
         try:
             model.get_submodule(name)
         except AttributeError:

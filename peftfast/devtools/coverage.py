@@ -438,7 +438,8 @@ def markdown_table(matrix: Optional[dict] = None) -> str:
         "",
         "- **fused**: the Triton kernels for CUDA tensors (LoRA/DoRA/IA3 on `nn.Linear`, transformers `Conv1D` and "
         "bitsandbytes `Linear4bit`; the prefix-attention kernel), their PyTorch references elsewhere. "
-        "**reference**: PyTorch ops by design (LoRA on embeddings and convolutions, prompt tuning, prefix tuning on "
+        "**reference**: PyTorch ops by design (LoRA/DoRA on embeddings and convolutions, LoRA on "
+        "`nn.MultiheadAttention`, IA3 on convolutions, prompt tuning, prefix tuning on "
         "encoder-decoder models and on models that compute attention themselves, bitsandbytes 8-bit bases). **n/a (PEFT)**: Hugging Face PEFT cannot do it either (`PEFT_UNSUPPORTED` in "
         "`peftfast/devtools/coverage.py`, checked against PEFT by the tests).",
         "- Every supported cell is checked against PEFT on a tiny random model (logits, then training steps with "
