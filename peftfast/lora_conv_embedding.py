@@ -23,9 +23,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .base_weight import is_zero3_partitioned
 from .layers import AdapterLayer, _Magnitude, adapter_dtype
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _check_whole(weight: torch.Tensor) -> None:
+    """DoRA's norm needs the whole base weight, which a ZeRO-3 shard outside its module's forward is not."""
+    if is_zero3_partitioned(weight):
+        raise NotImplementedError("DoRA under DeepSpeed ZeRO-3 is not supported by peftfast (the weight norm needs "
+                                  "the whole base weight); use ZeRO-2, FSDP2, or LoRA without use_dora")
 
 
 def is_lora_extra(module: nn.Module) -> bool:
@@ -73,7 +81,7 @@ class LoraEmbedding(AdapterLayer):
         if use_dora:
             mag = _Magnitude(base.embedding_dim, **kw)
             with torch.no_grad():
-                mag.weight.copy_(self._weight_norm(name, base.weight.float()))
+                mag.weight.copy_(self._weight_norm(name, base.weight))
             self.lora_magnitude_vector[name] = mag
 
     def delete_adapter(self, name: str) -> None:
@@ -83,6 +91,7 @@ class LoraEmbedding(AdapterLayer):
 
     def _weight_norm(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """DoRA's ``||W + dW||`` per embedding dimension (over the vocabulary), [dim] fp32, no gradient."""
+        _check_whole(weight)
         with torch.no_grad():
             return torch.linalg.norm(weight.float() + self.delta_weight(name), dim=0)
 
@@ -213,6 +222,7 @@ class LoraConv(AdapterLayer):
 
     def _weight_norm(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """DoRA's ``||W + dW||`` per output channel, [1, out, 1, ...] fp32, no gradient."""
+        _check_whole(weight)
         with torch.no_grad():
             w = weight.float() + self.delta_weight(name)
             return w.flatten(1).norm(dim=1).view((1, -1) + (1,) * (w.dim() - 2))

@@ -126,3 +126,16 @@ def test_dora_magnitude_at_init_is_the_weight_norm_and_a_no_op():
     emb = peftfast.patch(EmbedHead(), peftfast.LoraConfig(r=2, target_modules=["emb"], use_dora=True))
     table = emb.emb.base_layer.weight
     assert torch.allclose(emb.emb.lora_magnitude_vector["default"].weight, table.norm(dim=0))
+
+
+def test_dora_on_conv_and_embedding_refuses_a_zero3_shard():
+    """Under ZeRO-3 a weight outside its module's forward is a shard (it carries ``ds_id``): the norm
+    would be of a fragment, so the forward refuses instead of computing garbage."""
+    for model, inp in ((peftfast.patch(ConvHead(2), peftfast.LoraConfig(r=2, target_modules=["conv"], use_dora=True)),
+                        _images(2)),
+                       (peftfast.patch(EmbedHead(), peftfast.LoraConfig(r=2, target_modules=["emb"], use_dora=True)),
+                        torch.tensor([[1, 2]]))):
+        layer = model.conv if hasattr(model, "conv") else model.emb
+        layer.base_layer.weight.ds_id = 0
+        with pytest.raises(NotImplementedError, match="ZeRO-3"):
+            model(inp)
