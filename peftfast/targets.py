@@ -144,7 +144,7 @@ def resolve_targets(model: nn.Module, config, is_supported) -> list:
                 raise ConfigError(
                     f"module {name!r} matches target_modules but is a {type(module).__name__}; peftfast "
                     "wraps nn.Linear, transformers Conv1D and bitsandbytes Linear4bit/Linear8bitLt (LoRA also nn.Embedding "
-                    "and nn.Conv1d/Conv2d/Conv3d). "
+                    "and nn.Conv1d/Conv2d/Conv3d, IA3 also nn.Conv2d/Conv3d, as PEFT). "
                     "Narrow target_modules (or add it to exclude_modules)"
                 )
             chosen.append(name)
