@@ -17,6 +17,7 @@ from .config import PROMPT_LEARNING_CONFIGS, AnyConfig, ConfigError, IA3Config, 
 from .kernels.dispatch import check_backend
 from .layers import AdapterLayer, IA3Layer, LoraLayer, ModulesToSave, is_linear_like
 from .lora_conv_embedding import CONV_TYPES, LoraConv, LoraEmbedding, is_lora_extra
+from .lora_params import build_parameter_wrappers, warn_unmatched
 from .prompt_learning import PromptLearning, add_prompt_learning, remove_prompt_learning
 from .trainable_tokens import TrainableTokensLayer
 from .targets import DEFAULT_IA3_TARGETS, model_type, name_matches, resolve_targets
@@ -167,9 +168,12 @@ def _patch(model: nn.Module, config, adapter_name: str, backend: str) -> Callabl
             if cfg.feedforward_modules is None:
                 cfg.feedforward_modules = ff
     supported = (lambda m: is_linear_like(m) or is_lora_extra(m)) if isinstance(cfg, LoraConfig) else is_linear_like
-    targets = resolve_targets(model, cfg, supported)
-    if isinstance(cfg, LoraConfig):
-        _warn_unused_patterns(cfg, targets)
+    # With target_parameters, target_modules may match nothing (PEFT: target_modules=[] targets no module).
+    with_params = isinstance(cfg, LoraConfig) and bool(cfg.target_parameters)
+    targets = resolve_targets(model, cfg, supported, allow_empty=with_params)
+    if with_params and cfg.target_modules and not targets:
+        warnings.warn(f"target_modules={cfg.target_modules} matched no module; only target_parameters are adapted",
+                      RuntimeWarning, stacklevel=3)
     if isinstance(cfg, IA3Config) and cfg.feedforward_modules:
         stray = [
             n for n, _ in model.named_modules()
@@ -204,6 +208,15 @@ def _patch(model: nn.Module, config, adapter_name: str, backend: str) -> Callabl
                 installs.append((name, module, wrapper))
             else:
                 undo.append(lambda w=wrapper: w.delete_adapter(adapter_name))
+        param_keys: list = []
+        if with_params:  # LoRA on raw parameters (MoE expert stacks): peftfast.lora_params
+            param_installs, param_undo, param_keys = build_parameter_wrappers(
+                model, cfg, adapter_name, backend, targets, dict(state.configs), _pattern_value)
+            undo.extend(param_undo)
+            installs.extend(param_installs)
+            warn_unmatched(cfg, param_keys, targets)
+        if isinstance(cfg, LoraConfig):
+            _warn_unused_patterns(cfg, targets + param_keys)
         if isinstance(cfg, LoraConfig) and cfg.trainable_token_indices is not None:
             _add_trainable_tokens(model, cfg, adapter_name, backend, targets, save_names, installs, undo)
         for name in save_names:
@@ -501,7 +514,9 @@ def unpatch(model: nn.Module, *, merge_adapters: bool = False) -> nn.Module:
     if merge_adapters:
         merge(model)
     remove_prompt_learning(model)
-    for name, module in list(_adapter_wrappers(model)):
+    # Innermost first: wrappers of several parameters of one module nest (lora_params), and putting the outer
+    # one's base_layer back first would leave the inner wrapper in place.
+    for name, module in reversed(list(_adapter_wrappers(model))):
         try:
             model.get_submodule(name)
         except AttributeError:
