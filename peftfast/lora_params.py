@@ -365,10 +365,14 @@ class LoraParamWrapper(AdapterLayer):
             return a_e.transpose(1, 2), b_e.transpose(1, 2), s
         return b_e, a_e, s
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """``scaling * lhs @ rhs`` in fp32, the parameter's shape."""
+    def delta_weight(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``scaling * lhs @ rhs`` in ``dtype``, the parameter's shape."""
         lhs, rhs, s = self.factors(name)
-        return (lhs.float() @ rhs.float()) * s
+        return (lhs.to(dtype) @ rhs.to(dtype)) * s
+
+    def _merge_dtype(self) -> torch.dtype:
+        # fp32 at least (half-precision experts), float64 stays float64.
+        return torch.promote_types(self.get_param().dtype, torch.float32)
 
     def forward(self, *args, **kwargs):
         if self._use_base_only():
@@ -393,9 +397,9 @@ class LoraParamWrapper(AdapterLayer):
             return
         param = self.get_param()
         with torch.no_grad():
-            w = param.data.float()
+            w = param.data.to(self._merge_dtype())
             for name in names:
-                w = w + self.delta_weight(name)
+                w = w + self.delta_weight(name, w.dtype)
                 self.merged_adapters.append(name)
             param.data.copy_(w.to(param.dtype))
 
@@ -404,9 +408,9 @@ class LoraParamWrapper(AdapterLayer):
             return
         param = self.get_param()
         with torch.no_grad():
-            w = param.data.float()
+            w = param.data.to(self._merge_dtype())
             while self.merged_adapters:
-                w = w - self.delta_weight(self.merged_adapters.pop())
+                w = w - self.delta_weight(self.merged_adapters.pop(), w.dtype)
             param.data.copy_(w.to(param.dtype))
 
     def _keep_original(self) -> None:
@@ -425,12 +429,21 @@ class LoraParamWrapper(AdapterLayer):
 
     def __getattr__(self, name):
         # Code outside the experts module reads its attributes (num_experts, config, is_transposed): answer
-        # from the wrapped module, as if it were still in place. The parameter itself comes back without LoRA.
+        # from the wrapped module, as if it were still in place. Not the wrapped parameter: read from outside
+        # the owner's forward it would be the base weight, silently without the adapter.
         try:
             return super().__getattr__(name)
         except AttributeError:
             if "base_layer" not in self._modules:
                 raise
+            wrapper = self
+            while isinstance(wrapper, LoraParamWrapper):
+                if name == wrapper.__dict__.get("parameter_name"):
+                    raise AttributeError(
+                        f"{name!r} is adapted by target_parameters; read through the wrapper it would be the base "
+                        "weight without LoRA (the adapter applies inside the owner's forward). Use "
+                        f"wrapper.get_param() for the base parameter, or merge() to fold the adapter in") from None
+                wrapper = wrapper._modules["base_layer"]
             return getattr(self._modules["base_layer"], name)
 
     def extra_repr(self) -> str:

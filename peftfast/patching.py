@@ -401,7 +401,8 @@ def _apply_trainable(model: nn.Module, state: PatchState) -> None:
         bias = getattr(cfg, "bias", "none")
         if bias == "all":
             for pname, p in model.named_parameters():
-                if pname.endswith("bias") and ".modules_to_save." not in pname:
+                # PEFT's rule: a parameter named "bias" (not gate_up_proj_bias, an MoE expert stack's).
+                if (pname == "bias" or pname.endswith(".bias")) and ".modules_to_save." not in pname:
                     p.requires_grad_(True)
         elif bias == "lora_only":
             # PEFT trains the bias of every LoRA-wrapped layer (convolutions and embeddings too), not just
