@@ -76,7 +76,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict:
             saved = key.replace(f"modules_to_save{tag}", "")
         elif key.endswith(f".{TOKENS_PARAM}.{adapter_name}"):
             saved = key[: -len(f".{TOKENS_PARAM}.{adapter_name}")] + TOKENS_SAVED_SUFFIX
-        elif getattr(cfg, "bias", "none") != "none" and key.endswith(".bias") and _bias_is_saved(model, key, cfg):
+        elif getattr(cfg, "bias", "none") != "none" and (key == "bias" or key.endswith(".bias")) and _bias_is_saved(model, key, cfg):
             saved = key
             if cfg.bias == "all" and id(value) in emitted:
                 # PEFT takes bias="all" from the whole state_dict, every path included, and clones the
