@@ -20,6 +20,7 @@ from .ia3_conv import IA3Conv, is_ia3_extra
 from .lora_conv_embedding import CONV_TYPES, LoraConv, LoraEmbedding, is_lora_extra
 from .lora_init import forget_base, is_base_init, restore_base
 from .lora_mha import LoraMultiheadAttention, bare_out_projections
+from .lora_params import build_parameter_wrappers, warn_unmatched
 from .prompt_learning import PromptLearning, add_prompt_learning, remove_prompt_learning
 from .trainable_tokens import TrainableTokensLayer
 from .targets import DEFAULT_IA3_TARGETS, model_type, name_matches, resolve_targets
@@ -169,9 +170,12 @@ def _patch(model: nn.Module, config, adapter_name: str, backend: str) -> Callabl
             cfg.target_modules, ff = DEFAULT_IA3_TARGETS[family]
             if cfg.feedforward_modules is None:
                 cfg.feedforward_modules = ff
-    targets = resolve_targets(model, cfg, supported_by(cfg))
-    if isinstance(cfg, LoraConfig):
-        _warn_unused_patterns(cfg, targets)
+    # With target_parameters, target_modules may match nothing (PEFT: target_modules=[] targets no module).
+    with_params = isinstance(cfg, LoraConfig) and bool(cfg.target_parameters)
+    targets = resolve_targets(model, cfg, supported_by(cfg), allow_empty=with_params)
+    if with_params and cfg.target_modules and not targets:
+        warnings.warn(f"target_modules={cfg.target_modules} matched no module; only target_parameters are adapted",
+                      RuntimeWarning, stacklevel=3)
     bare = bare_out_projections(model, targets)
     if bare:
         raise ConfigError(
@@ -220,6 +224,15 @@ def _patch(model: nn.Module, config, adapter_name: str, backend: str) -> Callabl
                 installs.append((name, module, wrapper))
                 # a wrapper that also places layers inside its base (MultiheadAttention's out_proj)
                 installs.extend(getattr(wrapper, "nested_installs", lambda _: [])(name))
+        param_keys: list = []
+        if with_params:  # LoRA on raw parameters (MoE expert stacks): peftfast.lora_params
+            param_installs, param_undo, param_keys = build_parameter_wrappers(
+                model, cfg, adapter_name, backend, targets, dict(state.configs), _pattern_value)
+            undo.extend(param_undo)
+            installs.extend(param_installs)
+            warn_unmatched(cfg, param_keys, targets)
+        if isinstance(cfg, LoraConfig):
+            _warn_unused_patterns(cfg, targets + param_keys)
         if isinstance(cfg, LoraConfig) and cfg.trainable_token_indices is not None:
             _add_trainable_tokens(model, cfg, adapter_name, backend, targets, save_names, installs, undo)
         for name in save_names:
@@ -420,7 +433,8 @@ def _apply_trainable(model: nn.Module, state: PatchState) -> None:
         bias = getattr(cfg, "bias", "none")
         if bias == "all":
             for pname, p in model.named_parameters():
-                # PEFT's rule: a parameter named "bias" (not MultiheadAttention's in_proj_bias)
+                # PEFT's rule: a parameter named "bias" (not MultiheadAttention's in_proj_bias, nor an MoE
+                # expert stack's gate_up_proj_bias)
                 if (pname == "bias" or pname.endswith(".bias")) and ".modules_to_save." not in pname:
                     p.requires_grad_(True)
         elif bias == "lora_only":
@@ -534,8 +548,8 @@ def unpatch(model: nn.Module, *, merge_adapters: bool = False) -> nn.Module:
     if merge_adapters:
         merge(model)
     remove_prompt_learning(model)
-    # innermost first: a wrapper placed inside another's base (MultiheadAttention's out_proj) is put back
-    # while its path still resolves
+    # innermost first: a wrapper placed inside another's base (MultiheadAttention's out_proj), or wrappers
+    # of several parameters of one module (lora_params), nest; each is put back while its path still resolves
     for name, module in reversed(list(_adapter_wrappers(model))):
         try:
             model.get_submodule(name)
