@@ -132,7 +132,8 @@ def create_loraplus_optimizer(model: nn.Module, optimizer_cls: type, *, lr: floa
         ValueError: a rate that is not a finite positive number, or no trainable parameter.
 
     Example:
-        >>> opt = peftfast.create_loraplus_optimizer(model, torch.optim.AdamW, lr=2e-4, loraplus_lr_ratio=16)  # doctest: +SKIP
+        >>> opt = peftfast.create_loraplus_optimizer(  # doctest: +SKIP
+        ...     model, torch.optim.AdamW, lr=2e-4, loraplus_lr_ratio=16)
     """
     if weight_decay is not None and loraplus_weight_decay is not None and weight_decay != loraplus_weight_decay:
         raise ValueError(f"weight_decay={weight_decay} and loraplus_weight_decay={loraplus_weight_decay} name the same "

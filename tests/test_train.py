@@ -487,7 +487,8 @@ def test_loraplus_ratio_groups_the_optimizer_and_survives_resume(tmp_path, monke
     lr, ratio = 1e-3, 8.0
     flags = ["--method", "lora", "--max-steps", "5", "--lr", str(lr), "--loraplus-ratio", str(ratio), *FAST]
     straight = train_main([*flags, "--output", str(tmp_path / "a")])
-    plain = train_main([f for f in flags if f not in ("--loraplus-ratio", str(ratio))] + ["--output", str(tmp_path / "p")])
+    without = [f for f in flags if f not in ("--loraplus-ratio", str(ratio))]
+    plain = train_main([*without, "--output", str(tmp_path / "p")])
     # The groups are peftfast.create_loraplus_optimizer's for this run's adapter: A at lr, B at lr * ratio.
     model = peftfast.patch(build_embedded_base(), train_mod._adapter_config(_resolved(flags)))
     expected = [(len(g["names"]), g["lr"], g["weight_decay"]) for g in loraplus_param_groups(model, lr, ratio)]

@@ -139,8 +139,8 @@ def load_base(model_dir: Optional[str], *, load_in_4bit: bool, device: str = "cp
             from safetensors.torch import save_file
 
             dense.config.save_pretrained(tmp)
-            save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, os.path.join(tmp, "model.safetensors"),
-                      metadata={"format": "pt"})
+            tensors = {k: v.contiguous() for k, v in dense.state_dict().items()}
+            save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
             model = AutoModelForCausalLM.from_pretrained(tmp, local_files_only=True, **kwargs)
         model.config._name_or_path = EMBEDDED_NAME
         model.name_or_path = EMBEDDED_NAME

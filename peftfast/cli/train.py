@@ -87,8 +87,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=int, default=None,
                    help="linear warmup steps (default: a tenth of the steps, at least 1, at most 10)")
     p.add_argument("--loraplus-ratio", type=float, default=None, metavar="R",
-                   help="LoRA+ (lora/qlora/dora): the lora_B matrices train at R x --lr (peftfast.create_loraplus_optimizer; "
-                   "the LoRA+ paper uses 2-16). Default: off")
+                   help="LoRA+ (lora/qlora/dora): the lora_B matrices train at R x --lr "
+                   "(peftfast.create_loraplus_optimizer; the LoRA+ paper uses 2-16). Default: off")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=128)
