@@ -9,6 +9,7 @@ from .checkpoint import AdapterLoadError, adapter_state_dict, load_adapter, save
 from .config import (
     ConfigError, IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, as_config,
 )
+from .optim import create_loraplus_optimizer
 from .patching import (
     adapter_config,
     disable_adapters,
@@ -25,7 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterLoadError", "ConfigError", "IA3Config", "LoraConfig", "PrefixTuningConfig", "PromptEncoderConfig",
-    "PromptTuningConfig", "adapter_config", "adapter_state_dict", "as_config", "disable_adapters", "load_adapter",
-    "merge", "patch", "print_trainable_parameters", "save_adapter", "set_adapter", "trainable_parameters", "unmerge",
-    "unpatch",
+    "PromptTuningConfig", "adapter_config", "adapter_state_dict", "as_config", "create_loraplus_optimizer",
+    "disable_adapters", "load_adapter", "merge", "patch", "print_trainable_parameters", "save_adapter", "set_adapter",
+    "trainable_parameters", "unmerge", "unpatch",
 ]
