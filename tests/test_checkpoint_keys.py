@@ -5,7 +5,6 @@ written out literally (PEFT's forms) and tensors read straight off the wrapper a
 table, to the save loop or to the order of its rules that moves any key or value fails here. Loading the file
 into a fresh base and saving again must give the same bytes.
 """
-import os
 
 import pytest
 import torch
@@ -36,19 +35,25 @@ def _attn(model, i, proj):
     return getattr(model.model.layers[i].self_attn, proj)
 
 
+def _attn_tensors(model, projs, parts: dict) -> dict:
+    """{PEFT key: tensor} for every layer's attention projections in ``projs``; ``parts`` maps the key's
+    ending to the tensor's place on the (wrapped) projection."""
+    return {f"{P}model.layers.{i}.self_attn.{proj}.{end}": get(_attn(model, i, proj))
+            for i in LAYERS for proj in projs for end, get in parts.items()}
+
+
 def _lora_dora_tokens():
     model = tiny_llama(attention_bias=True)
     peftfast.patch(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True,
                                      init_lora_weights=False, trainable_token_indices=[3, 5, 9]))
     _perturb(model, "default", 1)
-    want = {P + "model.embed_tokens.token_adapter.trainable_tokens_delta":
-            model.model.embed_tokens.trainable_tokens_delta["default"]}
-    for i in LAYERS:
-        for proj in ("q_proj", "v_proj"):
-            layer, at = _attn(model, i, proj), f"{P}model.layers.{i}.self_attn.{proj}."
-            want[at + "lora_A.weight"] = layer.lora_A["default"].weight
-            want[at + "lora_B.weight"] = layer.lora_B["default"].weight
-            want[at + "lora_magnitude_vector"] = layer.lora_magnitude_vector["default"].weight
+    want = _attn_tensors(model, ("q_proj", "v_proj"), {
+        "lora_A.weight": lambda layer: layer.lora_A["default"].weight,
+        "lora_B.weight": lambda layer: layer.lora_B["default"].weight,
+        "lora_magnitude_vector": lambda layer: layer.lora_magnitude_vector["default"].weight,
+    })
+    want[P + "model.embed_tokens.token_adapter.trainable_tokens_delta"] = \
+        model.model.embed_tokens.trainable_tokens_delta["default"]
     return model, "default", want
 
 
@@ -58,14 +63,11 @@ def _lora_bias_second_adapter():
     peftfast.patch(model, LoraConfig(r=2, target_modules=["k_proj", "o_proj"], lora_bias=True, init_lora_weights=False),
                    adapter_name="other")
     _perturb(model, "other", 2)
-    want = {}
-    for i in LAYERS:
-        for proj in ("k_proj", "o_proj"):
-            layer, at = _attn(model, i, proj), f"{P}model.layers.{i}.self_attn.{proj}."
-            want[at + "lora_A.weight"] = layer.lora_A["other"].weight
-            want[at + "lora_B.weight"] = layer.lora_B["other"].weight
-            want[at + "lora_B.bias"] = layer.lora_B["other"].bias
-    return model, "other", want
+    return model, "other", _attn_tensors(model, ("k_proj", "o_proj"), {
+        "lora_A.weight": lambda layer: layer.lora_A["other"].weight,
+        "lora_B.weight": lambda layer: layer.lora_B["other"].weight,
+        "lora_B.bias": lambda layer: layer.lora_B["other"].bias,
+    })
 
 
 def _embedding_bias_all_modules_to_save():
@@ -73,6 +75,10 @@ def _embedding_bias_all_modules_to_save():
     peftfast.patch(model, LoraConfig(r=4, target_modules=["embed_tokens", "gate_proj"], bias="all",
                                      modules_to_save=["lm_head"], init_lora_weights=False))
     _perturb(model, "default", 3)
+    with torch.no_grad():  # the base biases bias="all" saves start at zero: make them tell apart
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith("bias"):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
     emb = model.model.embed_tokens
     want = {
         P + "model.embed_tokens.lora_embedding_A": emb.lora_embedding_A["default"],
@@ -84,8 +90,7 @@ def _embedding_bias_all_modules_to_save():
         gate = model.model.layers[i].mlp.gate_proj
         want[f"{P}model.layers.{i}.mlp.gate_proj.lora_A.weight"] = gate.lora_A["default"].weight
         want[f"{P}model.layers.{i}.mlp.gate_proj.lora_B.weight"] = gate.lora_B["default"].weight
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            want[f"{P}model.layers.{i}.self_attn.{proj}.bias"] = _attn(model, i, proj).bias
+    want.update(_attn_tensors(model, ("q_proj", "k_proj", "v_proj", "o_proj"), {"bias": lambda layer: layer.bias}))
     return model, "default", want
 
 
@@ -96,7 +101,7 @@ def _ia3():
     _perturb(model, "default", 4)
     want = {}
     for i in LAYERS:
-        for path, layer in ((f"self_attn.k_proj", _attn(model, i, "k_proj")), (f"self_attn.v_proj", _attn(model, i, "v_proj")),
+        for path, layer in (("self_attn.k_proj", _attn(model, i, "k_proj")), ("self_attn.v_proj", _attn(model, i, "v_proj")),
                             ("mlp.down_proj", model.model.layers[i].mlp.down_proj)):
             want[f"{P}model.layers.{i}.{path}.ia3_l"] = layer.ia3_l["default"]
     return model, "default", want
@@ -191,8 +196,8 @@ def test_every_row_maps_both_ways_and_only_its_own_keys():
 
 
 def test_wrapper_classes_name_only_table_rows():
-    import peftfast.lora_conv_embedding  # noqa: F401  (defines the embedding / conv wrappers)
-    import peftfast.trainable_tokens  # noqa: F401
+    # the embedding / conv and trainable-token wrappers are defined by these modules
+    from peftfast import lora_conv_embedding, trainable_tokens  # noqa: F401
 
     def subclasses(cls):
         for sub in cls.__subclasses__():

@@ -18,6 +18,7 @@ Models that compute attention themselves (Bloom, GPT-J, GPT-Neo) get the prefix 
 from __future__ import annotations
 
 import warnings
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -29,7 +30,9 @@ from .encoders import prompt_learning_of
 from .model_config import CLASSIFICATION_TASKS, uses_attention_interface
 
 
-def prefix_hook(model: nn.Module, args: tuple, kwargs: dict):
+def _active_call(model: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple]:
+    """(holder, config, encoder, the call's keyword arguments, batch, length) of a forward while an adapter is
+    active; None when adapters are off or none is active (the hook then leaves the call alone)."""
     holder = prompt_learning_of(model)
     active = holder.active() if holder is not None else None
     if active is None:
@@ -37,6 +40,14 @@ def prefix_hook(model: nn.Module, args: tuple, kwargs: dict):
     cfg, encoder = active
     kw = as_kwargs(model, args, kwargs)
     batch, n = batch_and_length(kw)
+    return holder, cfg, encoder, kw, batch, n
+
+
+def prefix_hook(model: nn.Module, args: tuple, kwargs: dict):
+    call = _active_call(model, args, kwargs)
+    if call is None:
+        return None
+    holder, cfg, encoder, kw, batch, n = call
     p = cfg.num_virtual_tokens
     cache_cls = prefix_cache_class()
     cache, cache_key, given = pop_cache(model, kw)
@@ -77,13 +88,10 @@ def prefix_hook(model: nn.Module, args: tuple, kwargs: dict):
 
 
 def prompt_hook(model: nn.Module, args: tuple, kwargs: dict):
-    holder = prompt_learning_of(model)
-    active = holder.active() if holder is not None else None
-    if active is None:
+    call = _active_call(model, args, kwargs)
+    if call is None:
         return None
-    cfg, encoder = active
-    kw = as_kwargs(model, args, kwargs)
-    batch, n = batch_and_length(kw)
+    holder, cfg, encoder, kw, batch, n = call
     p = cfg.num_virtual_tokens * cfg.num_transformer_submodules
     cache, cache_key, _ = pop_cache(model, kw)
     kw[cache_key] = cache
