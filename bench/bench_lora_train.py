@@ -49,9 +49,14 @@ QLORA_VARIANTS = ("dequant", "inloop")
 
 @contextlib.contextmanager
 def qlora_gemm(variant: str):
-    """Force peftfast's QLoRA GEMM variant (``PEFTFAST_QLORA_GEMM``) inside the block."""
+    """Force peftfast's QLoRA GEMM variant (``PEFTFAST_QLORA_GEMM``) inside the block.
+
+    The kernels read the environment once per process; ``clear_memory_caches`` makes them read it again."""
+    from peftfast.kernels.tuning import clear_memory_caches
+
     old = os.environ.get("PEFTFAST_QLORA_GEMM")
     os.environ["PEFTFAST_QLORA_GEMM"] = variant
+    clear_memory_caches()
     try:
         yield
     finally:
@@ -59,6 +64,7 @@ def qlora_gemm(variant: str):
             os.environ.pop("PEFTFAST_QLORA_GEMM", None)
         else:
             os.environ["PEFTFAST_QLORA_GEMM"] = old
+        clear_memory_caches()
 
 
 def sizes(ctx: Context):

@@ -301,3 +301,36 @@ def test_cli_profile_headline(tmp_path, capsys):
     data = json.loads((tmp_path / "cpu-smoke" / "prefix_attention.json").read_text())
     assert data["profile"] == "headline" and [c["name"] for c in data["cases"]] == ["N=64 P=8 B=2"]
     assert "--profile headline" in data["env"]["command"]
+
+
+def test_host_overhead_smoke(tmp_path):
+    """bench_host_overhead at a few iterations: finite timings for every implementation, launches really
+    stubbed (the counter saw them, and the real kernels are back afterwards), the target verdict computed."""
+    import bench_host_overhead as bho
+    from triton.runtime.jit import KernelInterface
+
+    from peftfast.kernels import matmul
+
+    result = bho.run(iters=2, repeats=1, sizes=bho.SIZES[:1], dtypes=(torch.float32,), profile_iters=1)
+    json.dumps(result, allow_nan=False)
+    assert {c["mode"] for c in result["cases"]} == {"no_grad", "grad"}
+    for case in result["cases"]:
+        assert case["host_only"]
+        for impl in bho.IMPLS:
+            res = case["impls"][impl]
+            if impl == "peft" and PEFT is None:
+                assert res == {"unavailable": "peft not importable"}
+                continue
+            assert res["median_us"] > 0 and math.isfinite(res["median_us"]), (case["mode"], impl)
+        launches = case["stub_launches_per_call"]
+        # A dense LoRA forward is x@A^T then the fused GEMM; the backward adds g, dX, dA and dB.
+        assert launches["matmul._lowrank_project_kernel"] >= 1 and launches["matmul._matmul_lowrank_kernel"] >= 1
+        if case["mode"] == "grad":
+            assert launches["matmul._lowrank_wgrad_kernel"] >= 1
+        assert case["impls"]["triton"]["python_calls_per_call"] > 0
+        if PEFT is not None:
+            assert case["target_met"] is (case["ratio_to_peft"]["triton"] <= case["target_triton_vs_peft"])
+    assert isinstance(matmul._matmul_lowrank_kernel, KernelInterface)  # the stubs were taken out again
+    paths = bho.write(result, tmp_path)
+    assert json.loads(paths[0].read_text())["benchmark"] == "host_overhead"
+    assert "| K x N |" in paths[1].read_text()

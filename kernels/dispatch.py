@@ -4,21 +4,46 @@ Every op in this package takes ``backend="auto" | "triton" | "reference"``. ``"a
 CUDA tensors, and for CPU tensors when ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, used by the
 tests); everything else runs the reference. The environment variable ``PEFTFAST_BACKEND`` replaces
 ``"auto"`` (never an explicit choice), so a whole run can be forced onto one path without code changes.
+
+The environment is read once per process (:func:`settings`), not on every call: a decode step calls
+these functions hundreds of times per token. A program that changes ``PEFTFAST_BACKEND``,
+``TRITON_INTERPRET`` or another ``PEFTFAST_*`` variable after the first kernel call makes the change
+take effect with :func:`peftfast.kernels.tuning.clear_memory_caches` (which also forgets the launch plans
+decided under the old values).
 """
 from __future__ import annotations
 
 import functools
 import importlib
 import os
+from typing import NamedTuple
 
 import torch
 
 BACKENDS = ("auto", "triton", "reference")
 
 
+class Settings(NamedTuple):
+    """The environment as this process's kernels read it (see the module docstring)."""
+
+    interpret: bool         # TRITON_INTERPRET=1: Triton kernels run in the CPU interpreter
+    backend_override: str   # PEFTFAST_BACKEND, lower-cased ("" when unset)
+    qlora_gemm: str         # PEFTFAST_QLORA_GEMM (experimental.qmatmul.variant_override checks it)
+
+
+@functools.lru_cache(maxsize=1)
+def settings() -> Settings:
+    """The environment, read on first use; :func:`tuning.clear_memory_caches` makes it read again."""
+    return Settings(
+        interpret=os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+        backend_override=os.environ.get("PEFTFAST_BACKEND", "").strip().lower(),
+        qlora_gemm=os.environ.get("PEFTFAST_QLORA_GEMM", "").strip().lower(),
+    )
+
+
 def interpreting() -> bool:
     """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return settings().interpret
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,7 +67,7 @@ def requested_backend(backend: str = "auto") -> str:
     """The backend asked for, after the ``PEFTFAST_BACKEND`` override of ``"auto"``."""
     check_backend(backend)
     if backend == "auto":
-        env = os.environ.get("PEFTFAST_BACKEND", "").strip().lower()
+        env = settings().backend_override
         if env:
             if env not in BACKENDS:
                 raise ValueError(f"PEFTFAST_BACKEND must be one of {BACKENDS}, got {env!r}; unset it or fix the value")
@@ -55,7 +80,7 @@ def device_supports_triton(device: torch.device) -> bool:
         return False
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and interpreting()
+    return device.type == "cpu" and settings().interpret
 
 
 def resolve_backend(backend: str, device: torch.device, supported: bool = True, why: str = "") -> str:
@@ -71,6 +96,10 @@ def resolve_backend(backend: str, device: torch.device, supported: bool = True, 
         The backend to run. ``"auto"`` falls back to the reference quietly; an explicit ``"triton"``
         that cannot run raises, naming the reason.
     """
+    if backend == "auto" and not settings().backend_override:
+        if supported and device_supports_triton(device):  # the common case, without re-checking the name
+            return "triton"
+        return "reference"
     backend = requested_backend(backend)
     if backend == "reference":
         return "reference"

@@ -9,8 +9,9 @@ where ``base = x W^T + bias`` and ``x_d`` is the LoRA input after dropout. Witho
 is ``base - bias`` and is not recomputed; with dropout PEFT recomputes it from ``x_d``, and so do we.
 
 The Triton path (``backend="triton"``, and ``"auto"`` on CUDA or under ``TRITON_INTERPRET=1``) is
-registered as the ``torch.library`` custom ops ``peftfast::dora_linear`` / ``peftfast::dora_linear_backward``
-(fakes + autograd formula, so ``torch.compile`` traces it without graph breaks). With ``c = m / n``:
+declared once (:mod:`.ops`) as the ``torch.library`` custom ops ``peftfast::dora_linear`` /
+``peftfast::dora_linear_backward`` (fakes + autograd formula, so ``torch.compile`` traces it without graph
+breaks; eager mode runs the same bodies without the dispatcher). With ``c = m / n``:
 
 * the row norms come from one small kernel (:func:`_dora_norm_kernel`) that forms ``W + s B A`` tile by
   tile in registers: the [N, K] ``B A`` product and the sum are never written (the reference writes both);
@@ -19,7 +20,7 @@ registered as the ``torch.library`` custom ops ``peftfast::dora_linear`` / ``pef
 * with dropout the same launch reads W once for two accumulators, ``x W^T`` and ``x_d W^T``, because
   the base output and the DoRA correction see different inputs (PEFT runs two GEMMs for this).
 
-``x_d`` and the pre-scale output are never saved: see the table above :func:`_dora_forward_impl`.
+``x_d`` and the pre-scale output are never saved: see the table above :func:`_dora_forward`.
 """
 from __future__ import annotations
 

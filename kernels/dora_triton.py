@@ -4,17 +4,18 @@ dropout and DoRA GEMM kernels. Formulas and the front end are in :mod:`.dora`.
 from __future__ import annotations
 
 import functools
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from . import launch
+from . import ops
 from . import tuning as _tuning
 from . import matmul as _mm
 from .tiles import dot, dropout_keep, grouped_tile, lowrank_tile
-from .weights import dense_base, quant_args
+from .weights import dense_base, kernel_operand
 
 
 # ==================================================================================================
@@ -394,13 +395,13 @@ def dora_matmul(
 # --------------------------------------------------------------------------------------------------
 
 
-def _dora_forward_impl(x, weight, lora_A, lora_B, magnitude, bias, seed, absmax, code, code2, absmax2, offset,
-                       meta, quant_type, scaling, dropout_p):
+def _dora_forward(x, weight, lora_A, lora_B, magnitude, bias, seed, scaling, dropout_p):
+    """``(y, xa, norm)``; ``weight`` is dense [N, K] or a ``Quant4bit``."""
     k = x.shape[-1]
     r, n = lora_A.shape[0], lora_B.shape[0]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)  # a view whenever the leading dims merge; the kernels take any 2-D strides
-    w = dense_base(weight, absmax, code, code2, absmax2, offset, meta, quant_type, x.dtype)
+    w = dense_base(weight, x.dtype)
     norm = dora_weight_norm_triton(w, lora_A, lora_B, scaling, x.dtype)
     c = magnitude.reshape(-1).float() / norm.float()
     xd = _dropout(x2, seed, dropout_p) if dropout_p > 0 else None
@@ -412,23 +413,18 @@ def _dora_forward_impl(x, weight, lora_A, lora_B, magnitude, bias, seed, absmax,
     return y.view(*lead, n), xa.view(*lead, r), norm
 
 
-def _dora_backward_impl(dy, x, xa, norm, weight, lora_A, lora_B, magnitude, seed, absmax, code, code2, absmax2,
-                        offset, meta, quant_type, scaling, dropout_p, needs):
+def _dora_backward(dy, x, xa, norm, weight, lora_A, lora_B, magnitude, seed, scaling, dropout_p, needs):
+    """``(dx, dA, dB, dmagnitude, dbias_fp32)``; an entry whose ``needs`` flag is False is empty."""
     k = x.shape[-1]
     r, n = lora_A.shape[0], lora_B.shape[0]
     dtype = x.dtype
-    x2 = x.reshape(-1, k)
-    xa2 = xa.reshape(-1, r)
-    dy2 = dy.reshape(-1, n)
-    if dy2.dtype != dtype:
-        dy2 = dy2.to(dtype)
+    x2, xa2, dy2 = ops.as_rows(x, k), ops.as_rows(xa, r), ops.as_rows(dy, n, dtype)
     need_dx, need_da, need_db, need_dm, need_dbias = needs
-    # Outputs that are not needed are distinct empty tensors: a custom op's outputs may not alias.
-    dx, da, db, dm, dbias = (x.new_empty(0) for _ in range(5))
+    dx, da, db, dm, dbias = ops.no_grads(x, 5)
     c = magnitude.reshape(-1).float() / norm.float()
     w = None
     if need_dx or need_dm:
-        w = dense_base(weight, absmax, code, code2, absmax2, offset, meta, quant_type, dtype)
+        w = dense_base(weight, dtype)
     xd = x2
     if dropout_p > 0 and (need_da or need_dm):
         xd = _dropout(x2, seed, dropout_p)
@@ -456,136 +452,36 @@ def _dora_backward_impl(dy, x, xa, norm, weight, lora_A, lora_B, magnitude, seed
     return dx, da, db, dm, dbias
 
 
-def _define_ops():
-    """Register ``peftfast::dora_linear`` (+ fake, autograd) and its backward op; returns both."""
-
-    @torch.library.custom_op("peftfast::dora_linear", mutates_args=())
-    def _dora_linear_op(
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        lora_A: torch.Tensor,
-        lora_B: torch.Tensor,
-        magnitude: torch.Tensor,
-        bias: Optional[torch.Tensor],
-        seed: Optional[torch.Tensor],
-        absmax: Optional[torch.Tensor],
-        code: Optional[torch.Tensor],
-        code2: Optional[torch.Tensor],
-        absmax2: Optional[torch.Tensor],
-        offset: Optional[torch.Tensor],
-        meta: List[int],
-        quant_type: str,
-        scaling: float,
-        dropout_p: float,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Triton DoRA linear forward; returns ``(y, xa, norm)``: ``xa`` [..., r] and the row norms [N]
-        (x's dtype) are internal outputs kept for the backward.
-
-        ``weight`` is the dense [N, K] base or the packed uint8 codes of a 4-bit one (then ``meta`` is
-        ``[blocksize, blocksize2, N, K]`` and ``absmax``..``offset`` describe the scales).
-        ``seed`` (int64 [1]) drives the dropout mask; None when ``dropout_p == 0``.
-        """
-        return _dora_forward_impl(x, weight, lora_A, lora_B, magnitude, bias, seed, absmax, code, code2, absmax2,
-                                  offset, meta, quant_type, scaling, dropout_p)
-
-    @_dora_linear_op.register_fake
-    def _(x, weight, lora_A, lora_B, magnitude, bias, seed, absmax, code, code2, absmax2, offset, meta, quant_type,
-          scaling, dropout_p):
-        lead = x.shape[:-1]
-        n = lora_B.shape[0]
-        return x.new_empty((*lead, n)), x.new_empty((*lead, lora_A.shape[0])), x.new_empty((n,))
-
-    @torch.library.custom_op("peftfast::dora_linear_backward", mutates_args=())
-    def _dora_linear_backward_op(
-        dy: torch.Tensor,
-        x: torch.Tensor,
-        xa: torch.Tensor,
-        norm: torch.Tensor,
-        weight: torch.Tensor,
-        lora_A: torch.Tensor,
-        lora_B: torch.Tensor,
-        magnitude: torch.Tensor,
-        seed: Optional[torch.Tensor],
-        absmax: Optional[torch.Tensor],
-        code: Optional[torch.Tensor],
-        code2: Optional[torch.Tensor],
-        absmax2: Optional[torch.Tensor],
-        offset: Optional[torch.Tensor],
-        meta: List[int],
-        quant_type: str,
-        scaling: float,
-        dropout_p: float,
-        needs: List[bool],
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(dx, dA, dB, dmagnitude, dbias_fp32)``; an entry whose ``needs`` flag is False is empty."""
-        return _dora_backward_impl(dy, x, xa, norm, weight, lora_A, lora_B, magnitude, seed, absmax, code, code2,
-                                   absmax2, offset, meta, quant_type, scaling, dropout_p, needs)
-
-    @_dora_linear_backward_op.register_fake
-    def _(dy, x, xa, norm, weight, lora_A, lora_B, magnitude, seed, absmax, code, code2, absmax2, offset, meta,
-          quant_type, scaling, dropout_p, needs):
-        return (
-            x.new_empty(x.shape) if needs[0] else x.new_empty(0),
-            lora_A.new_empty(lora_A.shape) if needs[1] else x.new_empty(0),
-            lora_B.new_empty(lora_B.shape) if needs[2] else x.new_empty(0),
-            magnitude.new_empty(magnitude.shape) if needs[3] else x.new_empty(0),
-            x.new_empty((lora_B.shape[0],), dtype=torch.float32) if needs[4] else x.new_empty(0),
-        )
-
-    def _setup_context(ctx, inputs, output):
-        (x, weight, lora_A, lora_B, magnitude, bias, seed, absmax, code, code2, absmax2, offset, meta, quant_type,
-         scaling, dropout_p) = inputs
-        ctx.save_for_backward(x, output[1], output[2], weight, lora_A, lora_B, magnitude, seed, absmax, code, code2,
-                              absmax2, offset)
-        ctx.meta, ctx.quant_type, ctx.scaling, ctx.dropout_p = list(meta), quant_type, scaling, dropout_p
-        ctx.bias_dtype = None if bias is None else bias.dtype
-
-    def _backward(ctx, dy, dxa, dnorm):
-        # dxa and dnorm are ignored: xa and the norms are internal products (the norm is detached, as in PEFT).
-        x, xa, norm, weight, lora_A, lora_B, magnitude, seed, absmax, code, code2, absmax2, offset = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        needs = [bool(need[0]), bool(need[2]), bool(need[3]), bool(need[4]),
-                 bool(need[5]) and ctx.bias_dtype is not None]
-        dx, da, db, dm, dbias = _dora_linear_backward_op(
-            dy, x, xa, norm, weight, lora_A, lora_B, magnitude, seed, absmax, code, code2, absmax2, offset,
-            ctx.meta, ctx.quant_type, ctx.scaling, ctx.dropout_p, needs,
-        )
-        return (
-            dx if needs[0] else None, None, da if needs[1] else None, db if needs[2] else None,
-            dm if needs[3] else None, dbias.to(ctx.bias_dtype) if needs[4] else None,
-            None, None, None, None, None, None, None, None, None, None,
-        )
-
-    torch.library.register_autograd("peftfast::dora_linear", _backward, setup_context=_setup_context)
-
-    return _dora_linear_op, _dora_linear_backward_op
+def _dora_fake(x, weight, lora_A, lora_B, magnitude, bias, seed, scaling, dropout_p):
+    lead = x.shape[:-1]
+    n = lora_B.shape[0]
+    return x.new_empty((*lead, n)), x.new_empty((*lead, lora_A.shape[0])), x.new_empty((n,))
 
 
-_dora_linear_op, _dora_linear_backward_op = launch.canonical_ops(
-    __name__, ("_dora_linear_op", "_dora_linear_backward_op"), _define_ops)
+def _dora_backward_fake(dy, x, xa, norm, weight, lora_A, lora_B, magnitude, seed, scaling, dropout_p, needs):
+    return ops.fake_grads(needs, x, x, lora_A, lora_B, magnitude, ((lora_B.shape[0],), torch.float32))
 
 
-def triton_dora_linear(
-    x: torch.Tensor,
-    weight,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    magnitude: torch.Tensor,
-    *,
-    bias: Optional[torch.Tensor] = None,
-    dropout_p: float = 0.0,
-) -> torch.Tensor:
+# ``peftfast::dora_linear`` -> (y, xa, norm) and ``peftfast::dora_linear_backward``: ``xa`` [..., r] and
+# the row norms [N] (x's dtype; detached, as in PEFT) are internal outputs kept for the backward.
+# ``seed`` (int64 [1]) drives the dropout mask; None when p == 0.
+DORA_LINEAR = ops.declare(
+    "dora_linear", __name__, "DORA_LINEAR",
+    inputs="Tensor x, Weight weight, Tensor lora_A, Tensor lora_B, Tensor magnitude, Tensor? bias, Tensor? seed, "
+           "float scaling, float dropout_p",
+    outputs=("y", "xa", "norm"), grads=("x", "lora_A", "lora_B", "magnitude", "bias"),
+    saved=("x", "xa", "norm", "weight", "lora_A", "lora_B", "magnitude", "seed"),
+    forward=_dora_forward, backward=_dora_backward, fake=_dora_fake, backward_fake=_dora_backward_fake,
+)
+
+
+def triton_dora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                       magnitude: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
+                       dropout_p: float = 0.0) -> torch.Tensor:
     """The Triton DoRA linear (the body of ``dora_linear(..., backend="triton")``).
 
-    ``dropout_p`` is the effective probability (0 outside training). The dropout seed is drawn from
-    PyTorch's generator of x's device, so ``torch.manual_seed`` makes the mask reproducible; p == 0
-    draws nothing and compiles no dropout code.
+    ``dropout_p`` is the effective probability (0 outside training); the mask's seed is :func:`ops.dropout_seed`.
     """
-    w, absmax, code, code2, absmax2, offset, meta, quant_type = quant_args(weight)
-    seed = None
-    if dropout_p > 0:
-        seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
-    y, _, _ = _dora_linear_op(x, w, lora_A, lora_B, magnitude, bias, seed, absmax, code, code2, absmax2, offset,
-                              meta, quant_type, float(scaling), float(dropout_p))
-    return y
+    seed = ops.dropout_seed(x, dropout_p)
+    return DORA_LINEAR(x, kernel_operand(weight), lora_A, lora_B, magnitude, bias, seed, float(scaling),
+                       float(dropout_p))

@@ -8,9 +8,10 @@ The Triton path (``backend="triton"``, and ``"auto"`` on CUDA or under ``TRITON_
 GEMM kernel, :func:`_ia3_matmul_kernel`, with the IA3 scaling fused: a per-column scale of the A
 operand applied as its tiles are loaded (``SCALE_A``) and a per-column scale of the result in the
 epilogue, after the bias (``SCALE_OUT``); the output is written once. The same kernel serves every
-GEMM of the forward and backward passes (see the table above :func:`_ia3_forward_impl`). It is
-registered as the ``torch.library`` custom ops ``peftfast::ia3_linear`` / ``peftfast::ia3_linear_backward``
-with fake implementations and an autograd formula, so ``torch.compile`` traces it without graph breaks.
+GEMM of the forward and backward passes (see the table above :func:`_ia3_forward`). It is
+declared once (:mod:`.ops`) as the ``torch.library`` custom ops ``peftfast::ia3_linear`` /
+``peftfast::ia3_linear_backward`` with fake implementations and an autograd formula, so ``torch.compile``
+traces it without graph breaks; eager mode runs the same bodies without the dispatcher.
 A bitsandbytes 4-bit base is dequantized into a temporary (one launch) for each GEMM call and never
 saved for the backward. Gradients flow to ``x`` and ``ia3_l`` only: the base weight and bias are frozen.
 """

@@ -4,16 +4,17 @@ kernel. Formulas and the front end are in :mod:`.ia3`.
 from __future__ import annotations
 
 import functools
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from . import launch
+from . import ops
 from . import tuning as _tuning
 from .tiles import dot, grouped_tile
-from .weights import dense_base, quant_args
+from .weights import dense_base, kernel_operand
 
 
 # ==================================================================================================
@@ -215,11 +216,12 @@ def ia3_matmul(
 # --------------------------------------------------------------------------------------------------
 
 
-def _ia3_forward_impl(x, weight, ia3_l, bias, absmax, code, code2, absmax2, offset, meta, quant_type, feedforward):
+def _ia3_forward(x, weight, ia3_l, bias, feedforward):
+    """``y``; ``weight`` is dense [N, K] or a ``Quant4bit``."""
     k = x.shape[-1]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)  # a view whenever the leading dims merge; the kernel takes any 2-D strides
-    w = dense_base(weight, absmax, code, code2, absmax2, offset, meta, quant_type, x.dtype)
+    w = dense_base(weight, x.dtype)
     n = w.shape[0]
     s = ia3_l.reshape(-1)
     if bias is not None:
@@ -228,21 +230,17 @@ def _ia3_forward_impl(x, weight, ia3_l, bias, absmax, code, code2, absmax2, offs
     return y.view(*lead, n)
 
 
-def _ia3_backward_impl(dy, x, weight, ia3_l, bias, absmax, code, code2, absmax2, offset, meta, quant_type,
-                       feedforward, needs):
+def _ia3_backward(dy, x, weight, ia3_l, bias, feedforward, needs):
+    """``(dx, dl)``; an entry whose ``needs`` flag is False is an empty tensor."""
     k = x.shape[-1]
     dtype = x.dtype
     need_dx, need_dl = needs
-    # Outputs that are not needed are distinct empty tensors: a custom op's outputs may not alias.
-    dx, dl = x.new_empty(0), x.new_empty(0)
+    dx, dl = ops.no_grads(x, 2)
     if not (need_dx or need_dl):
         return dx, dl
     x2 = x.reshape(-1, k)
-    w = dense_base(weight, absmax, code, code2, absmax2, offset, meta, quant_type, dtype)
-    n = w.shape[0]
-    dy2 = dy.reshape(-1, n)
-    if dy2.dtype != dtype:
-        dy2 = dy2.to(dtype)
+    w = dense_base(weight, dtype)
+    dy2 = ops.as_rows(dy, w.shape[0], dtype)
     s = ia3_l.reshape(-1)
     if feedforward:
         # One GEMM gives both: gW = dY @ W stays in registers; dx = gW * s in the epilogue and
@@ -264,92 +262,26 @@ def _ia3_backward_impl(dy, x, weight, ia3_l, bias, absmax, code, code2, absmax2,
     return dx, dl
 
 
-def _define_ops():
-    """Register ``peftfast::ia3_linear`` (+ fake, autograd) and its backward op; returns both."""
-
-    @torch.library.custom_op("peftfast::ia3_linear", mutates_args=())
-    def _ia3_linear_op(
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        ia3_l: torch.Tensor,
-        bias: Optional[torch.Tensor],
-        absmax: Optional[torch.Tensor],
-        code: Optional[torch.Tensor],
-        code2: Optional[torch.Tensor],
-        absmax2: Optional[torch.Tensor],
-        offset: Optional[torch.Tensor],
-        meta: List[int],
-        quant_type: str,
-        feedforward: bool,
-    ) -> torch.Tensor:
-        """Triton IA3 linear forward.
-
-        ``weight`` is the dense [N, K] base or the packed uint8 codes of a 4-bit one (then ``meta`` is
-        ``[blocksize, blocksize2, N, K]`` and ``absmax``..``offset`` describe the scales).
-        """
-        return _ia3_forward_impl(x, weight, ia3_l, bias, absmax, code, code2, absmax2, offset, meta, quant_type,
-                                 feedforward)
-
-    @_ia3_linear_op.register_fake
-    def _(x, weight, ia3_l, bias, absmax, code, code2, absmax2, offset, meta, quant_type, feedforward):
-        n = meta[2] if meta else weight.shape[0]
-        return x.new_empty((*x.shape[:-1], n))
-
-    @torch.library.custom_op("peftfast::ia3_linear_backward", mutates_args=())
-    def _ia3_linear_backward_op(
-        dy: torch.Tensor,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        ia3_l: torch.Tensor,
-        bias: Optional[torch.Tensor],
-        absmax: Optional[torch.Tensor],
-        code: Optional[torch.Tensor],
-        code2: Optional[torch.Tensor],
-        absmax2: Optional[torch.Tensor],
-        offset: Optional[torch.Tensor],
-        meta: List[int],
-        quant_type: str,
-        feedforward: bool,
-        needs: List[bool],
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(dx, dl)``; an entry whose ``needs`` flag is False is an empty tensor."""
-        return _ia3_backward_impl(dy, x, weight, ia3_l, bias, absmax, code, code2, absmax2, offset, meta,
-                                  quant_type, feedforward, needs)
-
-    @_ia3_linear_backward_op.register_fake
-    def _(dy, x, weight, ia3_l, bias, absmax, code, code2, absmax2, offset, meta, quant_type, feedforward, needs):
-        return (
-            x.new_empty(x.shape) if needs[0] else x.new_empty(0),
-            ia3_l.new_empty(ia3_l.shape) if needs[1] else x.new_empty(0),
-        )
-
-    def _setup_context(ctx, inputs, output):
-        x, weight, ia3_l, bias, absmax, code, code2, absmax2, offset, meta, quant_type, feedforward = inputs
-        ctx.save_for_backward(x, weight, ia3_l, bias, absmax, code, code2, absmax2, offset)
-        ctx.meta, ctx.quant_type, ctx.feedforward = list(meta), quant_type, feedforward
-
-    def _backward(ctx, dy):
-        x, weight, ia3_l, bias, absmax, code, code2, absmax2, offset = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        needs = [bool(need[0]), bool(need[2])]
-        dx, dl = _ia3_linear_backward_op(dy, x, weight, ia3_l, bias, absmax, code, code2, absmax2, offset,
-                                         ctx.meta, ctx.quant_type, ctx.feedforward, needs)
-        return (dx if needs[0] else None, None, dl if needs[1] else None,
-                None, None, None, None, None, None, None, None, None)
-
-    torch.library.register_autograd("peftfast::ia3_linear", _backward, setup_context=_setup_context)
-
-    return _ia3_linear_op, _ia3_linear_backward_op
+def _ia3_fake(x, weight, ia3_l, bias, feedforward):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-_ia3_linear_op, _ia3_linear_backward_op = launch.canonical_ops(
-    __name__, ("_ia3_linear_op", "_ia3_linear_backward_op"), _define_ops)
+def _ia3_backward_fake(dy, x, weight, ia3_l, bias, feedforward, needs):
+    return ops.fake_grads(needs, x, x, ia3_l)
+
+
+# ``peftfast::ia3_linear`` and ``peftfast::ia3_linear_backward``. The bias is saved only for the
+# recomputed pre-scale output of output scaling's dl (a reference to the module's own tensor).
+IA3_LINEAR = ops.declare(
+    "ia3_linear", __name__, "IA3_LINEAR",
+    inputs="Tensor x, Weight weight, Tensor ia3_l, Tensor? bias, bool feedforward",
+    outputs=("y",), grads=("x", "ia3_l"), saved=("x", "weight", "ia3_l", "bias"),
+    forward=_ia3_forward, backward=_ia3_backward, fake=_ia3_fake, backward_fake=_ia3_backward_fake,
+)
 
 
 def triton_ia3_linear(
     x: torch.Tensor, weight, ia3_l: torch.Tensor, *, feedforward: bool, bias: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """The Triton IA3 linear (the body of ``ia3_linear(..., backend="triton")``)."""
-    w, absmax, code, code2, absmax2, offset, meta, quant_type = quant_args(weight)
-    return _ia3_linear_op(x, w, ia3_l, bias, absmax, code, code2, absmax2, offset, meta, quant_type,
-                          bool(feedforward))
+    return IA3_LINEAR(x, kernel_operand(weight), ia3_l, bias, bool(feedforward))

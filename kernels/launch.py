@@ -9,13 +9,14 @@ through :func:`dispatch.triton_module`. The device-side building blocks are in :
 * the X-by-W tile loop's configs (``configs/lora_matmul.json``, shared by the LoRA, IA3 and DoRA GEMMs),
   its shared-memory model (:func:`gemm_smem_bytes`) and autotune pruning (:func:`make_gemm_pruner`,
   :func:`keep_rows_fitting`), :func:`autotune_options`;
-* :func:`record_search_winner` (an autotune winner into the tuning cache) and :func:`canonical_ops`
-  (one ``torch.library`` registration per process).
+* :func:`config_kwargs` (a table entry as launch keywords).
+
+These run when a launcher builds a plan (:mod:`.plans`), once per operand signature, not per call.
+The ``torch.library`` registration of the ops is :mod:`.ops`.
 """
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import json
 import os
@@ -24,8 +25,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import triton
 
-from . import tuning as _tuning
-from .dispatch import interpreting
+from .dispatch import settings
+from .plans import next_power_of_2
 
 _GEMM_CONFIG_FILE = os.path.join(os.path.dirname(__file__), "configs", "lora_matmul.json")
 
@@ -37,20 +38,30 @@ INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
 
 def dot_flags(dtype: torch.dtype) -> dict:
     """The ``DOT_F32`` / ``IEEE`` constexprs of :func:`tiles.dot` for a compute dtype."""
-    return {"DOT_F32": interpreting() and dtype == torch.bfloat16, "IEEE": dtype == torch.float32}
+    return {"DOT_F32": settings().interpret and dtype == torch.bfloat16, "IEEE": dtype == torch.float32}
 
 
 def block_r(r: int) -> int:
     """``BLOCK_R`` of the low-rank loops for rank ``r``."""
     # tl.dot needs every dimension >= 16; ranks above 64 loop in chunks rather than grow registers.
-    return max(16, min(64, triton.next_power_of_2(max(r, 1))))
+    return max(16, min(64, next_power_of_2(r)))
 
 
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (1 elsewhere): how many programs fill it."""
     if device.type != "cuda":
         return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def config_kwargs(cfg: dict) -> dict:
+    """A config entry (:data:`tuning.CONFIG_FIELDS`) as the launch keywords of an X-by-W tile loop."""
+    return {f: cfg[f] for f in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")}
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,7 +146,7 @@ def keep_rows_fitting(configs: list, rows: int) -> list:
     """The configs whose ``BLOCK_M`` is at most ``rows`` (rounded up to a power of two, at least 16), or
     those with the shortest ``BLOCK_M`` if none is: row blocks far taller than the problem (decode,
     short prompts) only multiply padding."""
-    cap = max(16, triton.next_power_of_2(int(rows)))
+    cap = max(16, next_power_of_2(int(rows)))
     short = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
     if short:
         return short
@@ -161,68 +172,12 @@ def device_family(device_index: int) -> str:
 
 
 def autotune_options() -> dict:
-    """Options every ``triton.autotune`` here gets: Triton >= 3.2 can keep each winner in its on-disk
-    cache (JSON, not pickle) across processes."""
+    """Options every ``triton.autotune`` here gets: Triton >= 3.2 keeps each winner in its on-disk
+    cache (JSON, not pickle) across processes, keyed on the kernel, the device and the pruned candidate
+    list. This is the only cache of search winners: a shape the shipped table lacks is searched once per
+    machine, and a search limited by ``PEFTFAST_AUTOTUNE_CONFIGS`` gets its own key."""
     if "cache_results" in inspect.signature(triton.autotune).parameters:
         return {"cache_results": True}
     return {}
 
 
-def record_search_winner(kernel, timings_before, gpu_name: str, key: str,
-                          kernel_hash: str) -> Optional[dict]:
-    """After an autotuned launch: the config it ran, written to the tuning cache with its time, under
-    ``kernel_hash`` (the launched kernel's source hash).
-
-    ``best_config`` is set by every Triton 3.x autotuner run; ``configs_timings`` is only replaced when
-    this run benchmarked (a stale dict from an earlier key is not this key's timing), so the time is
-    recorded only then.
-    """
-    if _tuning.search_limit() is not None:
-        # A search over a few candidates (PEFTFAST_AUTOTUNE_CONFIGS) found the best of those, not this
-        # shape's winner: caching it would make every later process (a benchmark run, say) skip the search.
-        return None
-    best = getattr(kernel, "best_config", None)
-    if best is None:
-        return None
-    try:
-        cfg = _tuning.config_to_dict(best)
-    except (KeyError, TypeError, ValueError):
-        return None
-    ms = None
-    timings = getattr(kernel, "configs_timings", None)
-    if isinstance(timings, dict) and timings is not timings_before and best in timings:
-        t = timings[best]
-        t = t[0] if isinstance(t, (list, tuple)) else t
-        if isinstance(t, (int, float)) and t == t and t != float("inf"):
-            ms = float(t)
-    if not _tuning.tuning_enabled()[1]:
-        return None
-    _tuning.cache_write(gpu_name, kernel_hash, key, cfg, ms)
-    return cfg
-
-
-def canonical_ops(module_name: str, names: tuple, define):
-    """An op module's ``torch.library`` ops, registered once per process.
-
-    With the repository root on ``sys.path`` an op file can also be imported as the top-level
-    ``kernels.<op>`` (transformers probes for a ``kernels`` package). A second registration would replace
-    the first with that copy's functions and globals, so such a copy reuses the ops of
-    ``peftfast.kernels.<op>`` (fetched by module name: the package attribute may be a function of the
-    same name). ``define()`` registers them when this is the canonical module or no package exists.
-
-    Args:
-        module_name: the calling module's ``__name__``.
-        names: the attribute names under which the canonical module keeps its ops.
-        define: registers the ops and returns them, in ``names`` order.
-
-    Returns:
-        The ops, as a tuple.
-    """
-    canonical = "peftfast.kernels." + module_name.rsplit(".", 1)[-1]
-    if module_name != canonical:
-        try:
-            module = importlib.import_module(canonical)
-            return tuple(getattr(module, n) for n in names)
-        except ImportError:  # the directory used on its own, without the peftfast package
-            pass
-    return define()

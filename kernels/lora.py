@@ -7,9 +7,11 @@ the second and later of several active adapters).
 The reference mirrors Hugging Face PEFT's arithmetic order (``lora_B(lora_A(dropout(x))) * scaling``,
 the LoRA branch run in the adapter's dtype and cast back), so logits match PEFT to float rounding.
 
-The Triton path (``backend="triton"``, in ``lora_triton.py``; building blocks in ``matmul.py``) is registered as the
-``torch.library`` custom ops ``peftfast::lora_linear`` / ``peftfast::lora_linear_backward`` with fake
-implementations and an autograd formula, so ``torch.compile`` traces it without graph breaks:
+The Triton path (``backend="triton"``, in ``lora_triton.py``; building blocks in ``matmul.py``) is declared once
+(:mod:`.ops`) as the ``torch.library`` custom ops ``peftfast::lora_linear`` / ``peftfast::lora_linear_backward``
+with fake implementations and an autograd formula, so ``torch.compile`` traces it without graph breaks; in
+eager mode the same bodies run without the dispatcher (an ``autograd.Function``, or the forward alone
+when nothing needs a gradient):
 
 * forward: ``xa = dropout(x) A^T`` ([M, r], kept for dB), then one GEMM with the LoRA term and bias in
   its epilogue; a 4-bit base is dequantized into a temporary first, or, for M <= ``lora_triton.DECODE_MAX_M``,

@@ -6,20 +6,23 @@ the GEMM building blocks are in :mod:`.matmul`, and the in-loop 4-bit GEMM, sele
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from . import launch
+from . import ops
+from . import plans as _plans
 from . import matmul as _mm
 from . import nf4_triton as _nf4k
-from .dispatch import interpreting
+from .dispatch import settings
 from .experimental import qmatmul as _qmm
 from .nf4_triton import decode_4bit_tile, to_bf16_rtne
 from .tiles import dot
-from .weights import dense_base, quant_args
+from .nf4 import Quant4bit
+from .weights import dense_base, kernel_operand
 
 # Decode-sized batches read a 4-bit weight once with the fused dequant-GEMV instead of writing and
 # re-reading a dense copy (see _decode_lora_4bit_kernel).
@@ -39,58 +42,58 @@ DECODE_MAX_M = 64
 
 
 
-def _qlora_inloop(m: int, n: int, k: int, dtype, meta, quant_type, code2, layout: str, device) -> bool:
+def _qlora_inloop(m: int, n: int, k: int, dtype, weight, layout: str, device) -> bool:
     """Whether this 4-bit GEMM (forward ``"nk"`` or dX ``"kn"``) decodes W in its K loop (see experimental.qmatmul)."""
-    if not meta or m <= DECODE_MAX_M:
+    if not isinstance(weight, Quant4bit) or m <= DECODE_MAX_M:
         return False
-    return _qmm.qlora_gemm_variant(m, n, k, dtype, meta, quant_type, code2 is not None, layout, device) == "inloop"
+    return _qmm.qlora_gemm_variant(m, n, k, dtype, weight.meta, weight.quant_type, weight.nested, layout,
+                                   device) == "inloop"
 
 
-def _lora_forward_impl(x, weight, lora_A, lora_B, bias, seed, absmax, code, code2, absmax2, offset,
-                       meta, quant_type, scaling, dropout_p):
+def _quant_launch_args(q: Quant4bit) -> tuple:
+    """A 4-bit weight's tensors and meta as the 4-bit launchers take them."""
+    return q.packed, q.absmax, q.code, q.code2, q.absmax2, q.offset, q.meta
+
+
+def _lora_forward(x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p):
+    """``(y, xa)``; ``weight`` is dense [N, K], a ``Quant4bit`` or None."""
     k = x.shape[-1]
     r, n = lora_A.shape[0], lora_B.shape[0]
     lead = x.shape[:-1]
     # A view whenever the leading dims merge; the kernels take any 2-D strides.
     x2 = x.reshape(-1, k)
     xa = _mm.lowrank_project(x2, lora_A.t(), dropout_p=dropout_p, seed=seed)
-    if (weight is not None and meta and x2.shape[0] <= DECODE_MAX_M and _decode_supported(meta, quant_type)
+    quant = isinstance(weight, Quant4bit)
+    if (quant and x2.shape[0] <= DECODE_MAX_M and _decode_supported(weight.meta, weight.quant_type)
             and x2.shape[0] > 0):
-        y = _decode_lora_4bit(x2, weight, absmax, code, code2, absmax2, offset, meta, xa, lora_B, bias, scaling)
-    elif weight is not None and _qlora_inloop(x2.shape[0], n, k, x.dtype, meta, quant_type, code2, "nk", x.device):
-        y = _qmm.matmul_lowrank_4bit(x2, weight, absmax, code, code2, absmax2, offset, meta, quant_type, xa,
-                                     lora_B.t(), scaling, bias=bias, layout="nk", out_dtype=x.dtype)
+        y = _decode_lora_4bit(x2, *_quant_launch_args(weight), xa, lora_B, bias, scaling)
+    elif _qlora_inloop(x2.shape[0], n, k, x.dtype, weight, "nk", x.device):
+        y = _qmm.matmul_lowrank_4bit(x2, *_quant_launch_args(weight), weight.quant_type, xa, lora_B.t(), scaling,
+                                     bias=bias, layout="nk", out_dtype=x.dtype)
     else:
-        w = dense_base(weight, absmax, code, code2, absmax2, offset, meta, quant_type, x.dtype)
+        w = dense_base(weight, x.dtype)
         y = _mm.matmul_lowrank(x2, None if w is None else w.t(), xa, lora_B.t(), scaling, bias=bias,
                                out_dtype=x.dtype)
     return y.view(*lead, n), xa.view(*lead, r)
 
 
-def _lora_backward_impl(dy, x, xa, weight, lora_A, lora_B, seed, absmax, code, code2, absmax2, offset,
-                        meta, quant_type, scaling, dropout_p, needs):
+def _lora_backward(dy, x, xa, weight, lora_A, lora_B, seed, scaling, dropout_p, needs):
+    """``(dx, dA, dB, dbias_fp32)``; an entry whose ``needs`` flag is False is an empty tensor."""
     k = x.shape[-1]
     r, n = lora_A.shape[0], lora_B.shape[0]
     dtype = x.dtype
-    x2 = x.reshape(-1, k)
-    xa2 = xa.reshape(-1, r)
-    dy2 = dy.reshape(-1, n)
-    if dy2.dtype != dtype:
-        dy2 = dy2.to(dtype)
+    x2, xa2, dy2 = ops.as_rows(x, k), ops.as_rows(xa, r), ops.as_rows(dy, n, dtype)
     need_dx, need_da, need_db, need_dbias = needs
-    # Outputs that are not needed are distinct empty tensors: a custom op's outputs may not alias.
-    dx, da, db, dbias = (x.new_empty(0) for _ in range(4))
+    dx, da, db, dbias = ops.no_grads(x, 4)
     if need_dx or need_da:
         # g carries the scaling, so neither consumer multiplies by it again.
         g = _mm.lowrank_project(dy2, lora_B, scale=scaling)
         if need_dx:
-            if weight is not None and _qlora_inloop(dy2.shape[0], k, n, dtype, meta, quant_type, code2, "kn",
-                                                    x.device):
-                dx = _qmm.matmul_lowrank_4bit(dy2, weight, absmax, code, code2, absmax2, offset, meta, quant_type,
-                                              g, lora_A, 1.0, dropout_p=dropout_p, seed=seed, layout="kn",
-                                              out_dtype=dtype)
+            if _qlora_inloop(dy2.shape[0], k, n, dtype, weight, "kn", x.device):
+                dx = _qmm.matmul_lowrank_4bit(dy2, *_quant_launch_args(weight), weight.quant_type, g, lora_A, 1.0,
+                                              dropout_p=dropout_p, seed=seed, layout="kn", out_dtype=dtype)
             else:
-                w = dense_base(weight, absmax, code, code2, absmax2, offset, meta, quant_type, dtype)
+                w = dense_base(weight, dtype)
                 dx = _mm.matmul_lowrank(dy2, w, g, lora_A, 1.0, dropout_p=dropout_p, seed=seed, out_dtype=dtype)
             dx = dx.view(x.shape)
         if need_da:
@@ -107,130 +110,35 @@ def _lora_backward_impl(dy, x, xa, weight, lora_A, lora_B, seed, absmax, code, c
     return dx, da, db, dbias
 
 
-def _define_ops():
-    """Register ``peftfast::lora_linear`` (+ fake, autograd) and its backward op; returns both."""
-
-    @torch.library.custom_op("peftfast::lora_linear", mutates_args=())
-    def _lora_linear_op(
-        x: torch.Tensor,
-        weight: Optional[torch.Tensor],
-        lora_A: torch.Tensor,
-        lora_B: torch.Tensor,
-        bias: Optional[torch.Tensor],
-        seed: Optional[torch.Tensor],
-        absmax: Optional[torch.Tensor],
-        code: Optional[torch.Tensor],
-        code2: Optional[torch.Tensor],
-        absmax2: Optional[torch.Tensor],
-        offset: Optional[torch.Tensor],
-        meta: List[int],
-        quant_type: str,
-        scaling: float,
-        dropout_p: float,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Triton LoRA linear forward; returns ``(y, xa)``. ``xa`` is an internal output kept for dB.
-
-        ``weight`` is the dense [N, K] base, the packed uint8 codes of a 4-bit one (then ``meta`` is
-        ``[blocksize, blocksize2, N, K]`` and ``absmax``..``offset`` describe the scales), or None.
-        ``seed`` (int64 [1]) drives the dropout mask; None when ``dropout_p == 0``.
-        """
-        return _lora_forward_impl(x, weight, lora_A, lora_B, bias, seed, absmax, code, code2, absmax2, offset,
-                                  meta, quant_type, scaling, dropout_p)
-
-    @_lora_linear_op.register_fake
-    def _(x, weight, lora_A, lora_B, bias, seed, absmax, code, code2, absmax2, offset, meta, quant_type,
-          scaling, dropout_p):
-        lead = x.shape[:-1]
-        return x.new_empty((*lead, lora_B.shape[0])), x.new_empty((*lead, lora_A.shape[0]))
-
-    @torch.library.custom_op("peftfast::lora_linear_backward", mutates_args=())
-    def _lora_linear_backward_op(
-        dy: torch.Tensor,
-        x: torch.Tensor,
-        xa: torch.Tensor,
-        weight: Optional[torch.Tensor],
-        lora_A: torch.Tensor,
-        lora_B: torch.Tensor,
-        seed: Optional[torch.Tensor],
-        absmax: Optional[torch.Tensor],
-        code: Optional[torch.Tensor],
-        code2: Optional[torch.Tensor],
-        absmax2: Optional[torch.Tensor],
-        offset: Optional[torch.Tensor],
-        meta: List[int],
-        quant_type: str,
-        scaling: float,
-        dropout_p: float,
-        needs: List[bool],
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(dx, dA, dB, dbias_fp32)``; an entry whose ``needs`` flag is False is an empty tensor."""
-        return _lora_backward_impl(dy, x, xa, weight, lora_A, lora_B, seed, absmax, code, code2, absmax2, offset,
-                                   meta, quant_type, scaling, dropout_p, needs)
-
-    @_lora_linear_backward_op.register_fake
-    def _(dy, x, xa, weight, lora_A, lora_B, seed, absmax, code, code2, absmax2, offset, meta, quant_type,
-          scaling, dropout_p, needs):
-        return (
-            x.new_empty(x.shape) if needs[0] else x.new_empty(0),
-            lora_A.new_empty(lora_A.shape) if needs[1] else x.new_empty(0),
-            lora_B.new_empty(lora_B.shape) if needs[2] else x.new_empty(0),
-            x.new_empty((lora_B.shape[0],), dtype=torch.float32) if needs[3] else x.new_empty(0),
-        )
-
-    def _setup_context(ctx, inputs, output):
-        (x, weight, lora_A, lora_B, bias, seed, absmax, code, code2, absmax2, offset, meta, quant_type,
-         scaling, dropout_p) = inputs
-        ctx.save_for_backward(x, output[1], weight, lora_A, lora_B, seed, absmax, code, code2, absmax2, offset)
-        ctx.meta, ctx.quant_type, ctx.scaling, ctx.dropout_p = list(meta), quant_type, scaling, dropout_p
-        ctx.bias_dtype = None if bias is None else bias.dtype
-
-    def _backward(ctx, dy, dxa):
-        # dxa is ignored: xa is an internal product, only returned so that the backward can reuse it.
-        x, xa, weight, lora_A, lora_B, seed, absmax, code, code2, absmax2, offset = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        needs = [bool(need[0]), bool(need[2]), bool(need[3]), bool(need[4]) and ctx.bias_dtype is not None]
-        dx, da, db, dbias = _lora_linear_backward_op(
-            dy, x, xa, weight, lora_A, lora_B, seed, absmax, code, code2, absmax2, offset,
-            ctx.meta, ctx.quant_type, ctx.scaling, ctx.dropout_p, needs,
-        )
-        return (
-            dx if needs[0] else None, None, da if needs[1] else None, db if needs[2] else None,
-            dbias.to(ctx.bias_dtype) if needs[3] else None,
-            None, None, None, None, None, None, None, None, None, None,
-        )
-
-    torch.library.register_autograd("peftfast::lora_linear", _backward, setup_context=_setup_context)
-
-    return _lora_linear_op, _lora_linear_backward_op
+def _lora_fake(x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p):
+    lead = x.shape[:-1]
+    return x.new_empty((*lead, lora_B.shape[0])), x.new_empty((*lead, lora_A.shape[0]))
 
 
-_lora_linear_op, _lora_linear_backward_op = launch.canonical_ops(
-    __name__, ("_lora_linear_op", "_lora_linear_backward_op"), _define_ops)
+def _lora_backward_fake(dy, x, xa, weight, lora_A, lora_B, seed, scaling, dropout_p, needs):
+    return ops.fake_grads(needs, x, x, lora_A, lora_B, ((lora_B.shape[0],), torch.float32))
 
 
-def triton_lora_linear(
-    x: torch.Tensor,
-    weight,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    *,
-    bias: Optional[torch.Tensor] = None,
-    dropout_p: float = 0.0,
-) -> torch.Tensor:
+# ``peftfast::lora_linear`` -> (y, xa) and ``peftfast::lora_linear_backward``. ``weight`` is the dense
+# [N, K] base, a 4-bit one, or None; ``seed`` (int64 [1]) drives the dropout mask, None when p == 0.
+LORA_LINEAR = ops.declare(
+    "lora_linear", __name__, "LORA_LINEAR",
+    inputs="Tensor x, Weight? weight, Tensor lora_A, Tensor lora_B, Tensor? bias, Tensor? seed, "
+           "float scaling, float dropout_p",
+    outputs=("y", "xa"), grads=("x", "lora_A", "lora_B", "bias"),
+    saved=("x", "xa", "weight", "lora_A", "lora_B", "seed"),
+    forward=_lora_forward, backward=_lora_backward, fake=_lora_fake, backward_fake=_lora_backward_fake,
+)
+
+
+def triton_lora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *,
+                       bias: Optional[torch.Tensor] = None, dropout_p: float = 0.0) -> torch.Tensor:
     """The Triton LoRA linear (the body of ``lora_linear(..., backend="triton")``).
 
-    ``dropout_p`` is the effective probability (0 outside training). The dropout seed is drawn from
-    PyTorch's generator of x's device, so ``torch.manual_seed`` makes the mask reproducible; p == 0
-    draws nothing and compiles no dropout code.
+    ``dropout_p`` is the effective probability (0 outside training); the mask's seed is :func:`ops.dropout_seed`.
     """
-    w, absmax, code, code2, absmax2, offset, meta, quant_type = quant_args(weight)
-    seed = None
-    if dropout_p > 0:
-        seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
-    y, _ = _lora_linear_op(x, w, lora_A, lora_B, bias, seed, absmax, code, code2, absmax2, offset,
-                           meta, quant_type, float(scaling), float(dropout_p))
-    return y
+    seed = ops.dropout_seed(x, dropout_p)
+    return LORA_LINEAR(x, kernel_operand(weight), lora_A, lora_B, bias, seed, float(scaling), float(dropout_p))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -314,40 +222,57 @@ def _decode_lora_4bit_kernel(
 _DECODE_BLOCK_K = {2: 64, 4: 32}
 
 
+def _decode_plan(m: int, n: int, k: int, r: int, blocksize: int, blocksize2: int, nested: bool, has_bias: bool,
+                 dtype, splits: Optional[int], device):
+    """``(grid, splits, k_per_split, kwargs)`` of one decode signature (integer arithmetic, once)."""
+    cdiv = _plans.cdiv
+    block_m = max(16, _plans.next_power_of_2(m))
+    block_n = 64
+    block_k = min(blocksize, _DECODE_BLOCK_K[dtype.itemsize])
+    n_tiles = cdiv(n, block_n)
+    k_tiles = cdiv(k, block_k)
+    if splits is None:
+        splits = 1 if device.type != "cuda" else cdiv(2 * launch.num_sms(device), n_tiles)
+    splits = max(1, min(splits, k_tiles))
+    k_per_split = cdiv(k_tiles, splits) * block_k
+    splits = cdiv(k, k_per_split)
+    kwargs = dict(BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested, HAS_BIAS=has_bias,
+                  **launch.dot_flags(dtype), PTX_MUL_RN=_nf4k.ptx_mul_rn(device),
+                  SOFT_BF16=dtype == torch.bfloat16 and settings().interpret,
+                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=launch.block_r(r), num_warps=4)
+    return (n_tiles, splits), splits, k_per_split, kwargs
+
+
 def _decode_lora_4bit(x2, packed, absmax, code, code2, absmax2, offset, meta, xa, lora_B, bias, scaling,
                       splits: Optional[int] = None) -> torch.Tensor:
     """Fused dequant-GEMV for M <= DECODE_MAX_M rows and a 4-bit base: [M, K] -> [M, N] in x's dtype."""
     blocksize, blocksize2, n, k = meta
     m, r = x2.shape[0], xa.shape[1]
     dtype = x2.dtype
-    block_m = max(16, triton.next_power_of_2(m))
-    block_n = 64
-    block_k = min(blocksize, _DECODE_BLOCK_K[x2.element_size()])
-    block_r = launch.block_r(r)
-    n_tiles = triton.cdiv(n, block_n)
-    k_tiles = triton.cdiv(k, block_k)
-    if splits is None:
-        splits = 1 if x2.device.type != "cuda" else triton.cdiv(2 * launch.num_sms(x2.device), n_tiles)
-    splits = max(1, min(splits, k_tiles))
-    k_per_split = triton.cdiv(k_tiles, splits) * block_k
-    splits = triton.cdiv(k, k_per_split)
-    y = torch.empty((m, n), device=x2.device, dtype=dtype)
-    dst = y if splits == 1 else torch.empty((splits, m, n), device=x2.device, dtype=torch.float32)
-    dst_strides = (0, y.stride(0), y.stride(1)) if splits == 1 else dst.stride()
+    device = x2.device
     nested = code2 is not None
+    has_bias = bias is not None
+    key = ("decode_lora_4bit", m, n, k, r, blocksize, blocksize2, nested, has_bias, dtype, splits, device)
+    plan = _plans.PLANS.get(key)
+    if plan is None:
+        plan = _plans.PLANS[key] = _decode_plan(m, n, k, r, blocksize, blocksize2, nested, has_bias, dtype, splits,
+                                                device)
+    grid, n_splits, k_per_split, kwargs = plan
+    y = torch.empty((m, n), device=device, dtype=dtype)
+    if n_splits == 1:
+        dst, dst_strides = y, (0, n, 1)
+    else:
+        dst, dst_strides = torch.empty((n_splits, m, n), device=device, dtype=torch.float32), (m * n, n, 1)
     right = lora_B.t()
-    _decode_lora_4bit_kernel[(n_tiles, splits)](
+    sx, sl, sr = x2.stride(), xa.stride(), right.stride()
+    _decode_lora_4bit_kernel[grid](
         x2, packed, absmax, code, code2 if nested else code, absmax2 if nested else code,
-        offset if nested else code, xa, right, bias if bias is not None else code, dst,
+        offset if nested else code, xa, right, bias if has_bias else code, dst,
         m, n, k, r, k_per_split,
-        x2.stride(0), x2.stride(1), xa.stride(0), xa.stride(1), right.stride(0), right.stride(1), *dst_strides,
-        float(scaling),
-        BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested, HAS_BIAS=bias is not None,
-        **launch.dot_flags(dtype), PTX_MUL_RN=_nf4k.ptx_mul_rn(x2.device),
-        SOFT_BF16=dtype == torch.bfloat16 and interpreting(),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4,
+        sx[0], sx[1], sl[0], sl[1], sr[0], sr[1], *dst_strides,
+        float(scaling), **kwargs,
     )
-    if splits > 1:
+    if n_splits > 1:
         y.copy_(dst.sum(0))
     return y
 

@@ -18,24 +18,25 @@ Autotuning: CUDA launches of :func:`matmul_lowrank` are tuned over per-GPU-famil
 (``configs/lora_matmul.json``, keyed ``sm80``/``sm89``/``sm90``) pruned by shared memory and by M;
 the interpreter runs one fixed large-block config. Nothing here touches CUDA at import time.
 
-Before that search, a CUDA launch asks :mod:`.tuning` for a config without one: the shipped table
-``configs/<gpu-slug>.json`` (written by ``peftfast tune``) first, then the on-disk cache of earlier
-searches' winners; a hit launches that single config. A search's winner goes into that cache, so a
-later process skips it. ``PEFTFAST_TUNING=off`` leaves only the search. ``PEFTFAST_AUTOTUNE_CONFIGS=N``
-limits every search here (and IA3's, DoRA's, the 4-bit GEMM's, prefix attention's) to the first N
-candidates that survive pruning, for a GPU correctness run with no time to search; such a search's
-winner is not cached (:func:`.tuning.limited_pruner`).
+Before that search, a CUDA launch asks :mod:`.tuning` for the shipped table's config
+(``configs/<gpu-slug>.json``, written by ``peftfast tune``); a hit launches that single config, a miss
+runs Triton's search, whose winner Triton's own on-disk cache keeps for later processes. The choice is
+made once per launch signature and kept in the launcher's plan (:mod:`.plans`). ``PEFTFAST_TUNING=off``
+leaves only the search. ``PEFTFAST_AUTOTUNE_CONFIGS=N`` limits every search here (and IA3's, DoRA's,
+the 4-bit GEMM's, prefix attention's) to the first N candidates that survive pruning, for a GPU
+correctness run with no time to search (:func:`.tuning.limited_pruner`).
 """
 from __future__ import annotations
 
 import functools
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from . import launch
+from . import plans as _plans
 from . import tuning as _tuning
 from .tiles import dot, dropout_keep, grouped_tile, lowrank_tile
 
@@ -196,7 +197,7 @@ def _tuned_matmul_lowrank(device_index: int):
 
 @functools.lru_cache(maxsize=None)
 def _kernel_hash() -> str:
-    """Source hash of the kernel and its helpers: part of the tuning-cache key, so edits invalidate it."""
+    """Source hash of the kernel and its helpers, recorded beside each table entry ``peftfast tune`` writes."""
     return _tuning.source_hash(_matmul_lowrank_kernel, dot, dropout_keep, grouped_tile, lowrank_tile)
 
 
@@ -212,59 +213,43 @@ def select_matmul_config(m: int, n: int, k: int, dtype, weight: str, *, gpu_name
             :func:`launch.staged_widths`; ``lr_elem`` defaults to ``elem``); block_r: the launch's ``BLOCK_R``.
 
     Returns:
-        ``(config, "table" | "cache")``, or None when the shape is untuned here (the caller searches).
+        ``(config, "table")``, or None when the shape is untuned here (the caller searches).
         A config that would not fit in shared memory at this call's rank/dtype is passed over.
     """
     key = _tuning.shape_key(_tuning.OP_LORA_MATMUL, m, n, k, dtype, weight)
-    use_table, use_cache = _tuning.tuning_enabled()
-    if not (use_table or use_cache):
-        return None
 
     def fits(cfg: dict) -> bool:
         return launch.gemm_smem_bytes(cfg, cfg["num_stages"], elem, block_r, lr_elem) <= max_smem
 
-    return _tuning.select_config(key, gpu_name=gpu_name, kernel_hash=_kernel_hash(), fits=fits,
-                                 use_table=use_table, use_cache=use_cache)
+    return _tuning.select_config(key, gpu_name=gpu_name, fits=fits)
 
 
-# (device, M bucket, N, K, dtype, weight format, elem, lr_elem, BLOCK_R) -> config dict, or None for "search".
-# Cleared with the tuning module's own memory (tuning.clear_memory_caches), as a new process would be.
-_SELECTED: Dict[tuple, Optional[dict]] = {}
-_MISSING = object()
-_tuning.on_clear(_SELECTED.clear)
+def _cuda_config(m: int, n: int, k: int, dtype, weight: str, widths: Tuple[int, int], block_r: int,
+                 device_index: int):
+    """``(autotuner or None, config kwargs)`` of a CUDA launch: the table's config, else Triton's search.
 
-
-def _launch_cuda(args: tuple, flags: dict, m: int, n: int, k: int, dtype, wt, y, widths: Tuple[int, int]) -> None:
-    device_index = y.device.index if y.device.index is not None else torch.cuda.current_device()
-    weight = _tuning.weight_format(wt)
-    elem, lr_elem = widths
-    memo_key = (device_index, _tuning.bucket_m(m), n, k, dtype, weight, elem, lr_elem, flags["BLOCK_R"])
-    cfg = _SELECTED.get(memo_key, _MISSING)
-    if cfg is _MISSING:
-        gpu_name, max_smem = launch.device_info(device_index)
-        hit = select_matmul_config(m, n, k, dtype, weight, gpu_name=gpu_name, max_smem=max_smem, elem=elem,
-                                   block_r=flags["BLOCK_R"], lr_elem=lr_elem)
-        cfg = hit[0] if hit is not None else None
-        _SELECTED[memo_key] = cfg
-    if cfg is not None:
-        _launch_config(args, flags, m, n, cfg)
-        return
-    kernel = _tuned_matmul_lowrank(device_index)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    timings_before = getattr(kernel, "configs_timings", None)
-    kernel[grid](*args, **flags)
-    key = _tuning.shape_key(_tuning.OP_LORA_MATMUL, m, n, k, dtype, weight)
-    _SELECTED[memo_key] = launch.record_search_winner(kernel, timings_before, launch.device_info(device_index)[0], key,
-                                                     _kernel_hash())
+    Decided once per launch plan; the search's winner is Triton's to keep (``cache_results``)."""
+    gpu_name, max_smem = launch.device_info(device_index)
+    hit = select_matmul_config(m, n, k, dtype, weight, gpu_name=gpu_name, max_smem=max_smem, elem=widths[0],
+                               block_r=block_r, lr_elem=widths[1])
+    if hit is not None:
+        return None, launch.config_kwargs(hit[0])
+    return _tuned_matmul_lowrank(device_index), {}
 
 
 # --------------------------------------------------------------------------------------------------
 # Launchers
+#
+# Each launcher keeps a plan per operand signature (kernels/plans.py): grid, block sizes, constexpr flags
+# and config are computed on the first call of a signature; later calls read the per-call values
+# (pointers, input strides, scalars) and launch. The launch itself is ``kernel[grid](...)`` on the module's
+# kernel object, looked up at call time (bench/bench_host_overhead.py stubs those objects).
 # --------------------------------------------------------------------------------------------------
 
 
 def _launch_args(x, wt, left, right, scale, bias, dropout_p, seed, y) -> Tuple[tuple, dict]:
-    """The kernel's positional arguments and constexpr flags for one ``matmul_lowrank`` call into ``y``."""
+    """The kernel's positional arguments and constexpr flags for one ``matmul_lowrank`` call into ``y``
+    (``peftfast tune`` times candidate configs with these)."""
     m, r = left.shape
     n = right.shape[1]
     has_w = wt is not None
@@ -273,7 +258,7 @@ def _launch_args(x, wt, left, right, scale, bias, dropout_p, seed, y) -> Tuple[t
     ww = wt if has_w else right
     args = (
         xx, ww, left, right, bias if bias is not None else y, seed if dropout_p > 0 else y, y,
-        m, n, k, r, triton.next_power_of_2(m),
+        m, n, k, r, _plans.next_power_of_2(m),
         xx.stride(0), xx.stride(1) if has_w else 0, ww.stride(0) if has_w else 0, ww.stride(1) if has_w else 0,
         left.stride(0), left.stride(1), right.stride(0), right.stride(1), y.stride(0), y.stride(1),
         float(scale), float(dropout_p),
@@ -284,12 +269,29 @@ def _launch_args(x, wt, left, right, scale, bias, dropout_p, seed, y) -> Tuple[t
 
 
 def _launch_config(args: tuple, flags: dict, m: int, n: int, cfg: dict) -> None:
-    """Launch the kernel with one explicit config (a table/cache hit, or a candidate being timed)."""
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    _matmul_lowrank_kernel[grid](
-        *args, **flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    """Launch the kernel with one explicit config (``peftfast tune`` timing a candidate)."""
+    grid = (_plans.cdiv(m, cfg["BLOCK_M"]) * _plans.cdiv(n, cfg["BLOCK_N"]),)
+    _matmul_lowrank_kernel[grid](*args, **flags, **launch.config_kwargs(cfg))
+
+
+def _matmul_plan(m: int, n: int, k: int, r: int, dtype, wt, left, right, has_bias: bool, dropout: bool, device):
+    """``(autotuner or None, grid, kwargs, M_KEY)`` of one ``matmul_lowrank`` signature."""
+    block_r = launch.block_r(r)
+    kwargs = dict(HAS_W=wt is not None, HAS_BIAS=has_bias, DROPOUT=dropout, BLOCK_R=block_r, **launch.dot_flags(dtype))
+    m_key = _plans.next_power_of_2(m)
+    if device.type != "cuda":
+        cfg = launch.INTERPRET_CONFIG
+        kwargs.update(cfg)
+        return None, (_plans.cdiv(m, cfg["BLOCK_M"]) * _plans.cdiv(n, cfg["BLOCK_N"]),), kwargs, m_key
+    device_index = device.index if device.index is not None else torch.cuda.current_device()
+    ww = wt if wt is not None else right
+    elem = max(dtype.itemsize, ww.element_size())
+    widths = elem, max(elem, left.element_size(), right.element_size())  # launch.tile_widths
+    tuned, cfg = _cuda_config(m, n, k, dtype, _tuning.weight_format(wt), widths, block_r, device_index)
+    kwargs.update(cfg)
+    if tuned is None:
+        return None, (_plans.cdiv(m, cfg["BLOCK_M"]) * _plans.cdiv(n, cfg["BLOCK_N"]),), kwargs, m_key
+    return tuned, lambda meta: (_plans.cdiv(m, meta["BLOCK_M"]) * _plans.cdiv(n, meta["BLOCK_N"]),), kwargs, m_key
 
 
 def matmul_lowrank(
@@ -322,20 +324,34 @@ def matmul_lowrank(
     """
     m, r = left.shape
     n = right.shape[1]
-    has_w = wt is not None
-    k = wt.shape[0] if has_w else 0
-    dtype = out_dtype or (x.dtype if has_w else left.dtype)
-    y = torch.empty((m, n), device=left.device, dtype=dtype)
+    device = left.device
+    if wt is not None:
+        k = wt.shape[0]
+        dtype = out_dtype or x.dtype
+        xx, ww = x, wt
+        sx, sw = x.stride(), wt.stride()
+    else:
+        k = 0
+        dtype = out_dtype or left.dtype
+        xx, ww = left, right
+        sx, sw = (left.stride(0), 0), (0, 0)
+    y = torch.empty((m, n), device=device, dtype=dtype)
     if m == 0 or n == 0:
         return y
-    args, flags = _launch_args(x, wt, left, right, scale, bias, dropout_p, seed, y)
-    ww = wt if has_w else right
-    if y.device.type == "cuda":
-        _launch_cuda(args, flags, m, n, k, dtype, wt if has_w else None, y, launch.tile_widths(y, ww, left, right))
-    else:
-        cfg = launch.INTERPRET_CONFIG
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-        _matmul_lowrank_kernel[grid](*args, **flags, **cfg)
+    dropout = dropout_p > 0
+    key = ("matmul_lowrank", m, n, k, r, dtype, None if wt is None else (wt.dtype, sw), left.dtype, right.dtype,
+           bias is not None, dropout, device)
+    plan = _plans.PLANS.get(key)
+    if plan is None:
+        plan = _plans.PLANS[key] = _matmul_plan(m, n, k, r, dtype, wt, left, right, bias is not None, dropout, device)
+    tuned, grid, kwargs, m_key = plan
+    sl, sr = left.stride(), right.stride()
+    (tuned or _matmul_lowrank_kernel)[grid](
+        xx, ww, left, right, y if bias is None else bias, seed if dropout else y, y,
+        m, n, k, r, m_key,
+        sx[0], sx[1], sw[0], sw[1], sl[0], sl[1], sr[0], sr[1], n, 1,
+        float(scale), float(dropout_p), **kwargs,
+    )
     return y
 
 
@@ -372,21 +388,29 @@ def lowrank_project(
     """
     m, k = x.shape
     r = at.shape[1]
-    out = torch.empty((m, r), device=x.device, dtype=out_dtype or x.dtype)
+    device = x.device
+    dtype = out_dtype or x.dtype
+    out = torch.empty((m, r), device=device, dtype=dtype)
     if m == 0 or r == 0:
         return out
-    if dropout_p > 0:
+    dropout = dropout_p > 0
+    key = ("lowrank_project", m, r, x.dtype, at.dtype, dropout, device)
+    plan = _plans.PLANS.get(key)
+    if plan is None:
+        block_r = launch.block_r(r)
+        block_m, block_k, warps = _project_blocks(m, max(x.element_size(), at.element_size()), device.type == "cuda")
+        plan = _plans.PLANS[key] = (
+            (_plans.cdiv(m, block_m), _plans.cdiv(r, block_r)),
+            dict(DROPOUT=dropout, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps,
+                 **launch.dot_flags(x.dtype)),
+        )
+    grid, kwargs = plan
+    if dropout:
         scale = scale / (1.0 - dropout_p)
-    block_r = launch.block_r(r)
-    elem = max(x.element_size(), at.element_size())
-    block_m, block_k, warps = _project_blocks(m, elem, x.device.type == "cuda")
-    grid = (triton.cdiv(m, block_m), triton.cdiv(r, block_r))
+    sx, sa = x.stride(), at.stride()
     _lowrank_project_kernel[grid](
-        x, at, seed if dropout_p > 0 else out, out, m, k, r,
-        x.stride(0), x.stride(1), at.stride(0), at.stride(1), out.stride(0), out.stride(1),
-        float(scale), float(dropout_p),
-        DROPOUT=dropout_p > 0, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps,
-        **launch.dot_flags(x.dtype),
+        x, at, seed if dropout else out, out, m, k, r,
+        sx[0], sx[1], sa[0], sa[1], r, 1, float(scale), float(dropout_p), **kwargs,
     )
     return out
 
@@ -423,34 +447,50 @@ def lowrank_wgrad(
     """
     m, r = left.shape
     c = x.shape[1]
-    if dropout_p > 0:
+    device = x.device
+    dropout = dropout_p > 0
+    has_colsum = colsum is not None
+    key = ("lowrank_wgrad", m, c, r, left.dtype, x.dtype, dropout, has_colsum, splits, device)
+    plan = _plans.PLANS.get(key)
+    if plan is None:
+        plan = _plans.PLANS[key] = _wgrad_plan(m, c, r, left, x, dropout, has_colsum, splits, device)
+    grid, n_splits, rows_per_split, kwargs = plan
+    if dropout:
         scale = scale / (1.0 - dropout_p)
-    block_r = launch.block_r(r)
-    block_m, block_c, warps = _wgrad_blocks(max(left.element_size(), x.element_size()), x.device.type == "cuda")
-    n_tiles = triton.cdiv(c, block_c) * triton.cdiv(r, block_r)
-    if splits is None:
-        splits = max(1, min(triton.cdiv(m, 4 * block_m), triton.cdiv(2 * launch.num_sms(x.device), n_tiles)))
-    splits = max(1, min(splits, triton.cdiv(max(m, 1), block_m)))
-    rows_per_split = triton.cdiv(triton.cdiv(max(m, 1), splits), block_m) * block_m
-    if splits == 1:
+    if n_splits == 1:
         # One program per tile owns the whole reduction: write the final dtype and layout directly.
-        dst, dst_strides = out, (0, out.stride(0), out.stride(1))
-        cs, cs_stride = colsum, 0
+        dst, (so_r, so_c), cs = out, out.stride(), colsum
+        dst_strides = (0, so_r, so_c)
+        cs_stride = 0
     else:
-        dst = torch.empty((splits, r, c), device=x.device, dtype=torch.float32)
-        dst_strides = dst.stride()
-        cs = torch.empty((splits, c), device=x.device, dtype=torch.float32) if colsum is not None else None
+        dst = torch.empty((n_splits, r, c), device=device, dtype=torch.float32)
+        dst_strides = (r * c, c, 1)
+        cs = torch.empty((n_splits, c), device=device, dtype=torch.float32) if has_colsum else None
         cs_stride = c
-    grid = (triton.cdiv(c, block_c), triton.cdiv(r, block_r), splits)
+    sl, sx = left.stride(), x.stride()
     _lowrank_wgrad_kernel[grid](
-        left, x, seed if dropout_p > 0 else dst, dst, cs if cs is not None else dst,
+        left, x, seed if dropout else dst, dst, cs if cs is not None else dst,
         m, c, r, rows_per_split,
-        left.stride(0), left.stride(1), x.stride(0), x.stride(1), *dst_strides, cs_stride,
-        float(scale), float(dropout_p),
-        DROPOUT=dropout_p > 0, HAS_COLSUM=colsum is not None, BLOCK_M=block_m, BLOCK_C=block_c,
-        BLOCK_R=block_r, num_warps=warps, **launch.dot_flags(x.dtype),
+        sl[0], sl[1], sx[0], sx[1], *dst_strides, cs_stride,
+        float(scale), float(dropout_p), **kwargs,
     )
-    if splits > 1:
+    if n_splits > 1:
         out.copy_(dst.sum(0))
-        if colsum is not None:
+        if has_colsum:
             colsum.copy_(cs.sum(0))
+
+
+def _wgrad_plan(m: int, c: int, r: int, left, x, dropout: bool, has_colsum: bool, splits: Optional[int], device):
+    """``(grid, splits, rows_per_split, kwargs)`` of one ``lowrank_wgrad`` signature."""
+    cdiv = _plans.cdiv
+    block_r = launch.block_r(r)
+    block_m, block_c, warps = _wgrad_blocks(max(left.element_size(), x.element_size()), device.type == "cuda")
+    n_tiles = cdiv(c, block_c) * cdiv(r, block_r)
+    if splits is None:
+        splits = max(1, min(cdiv(m, 4 * block_m), cdiv(2 * launch.num_sms(device), n_tiles)))
+    splits = max(1, min(splits, cdiv(max(m, 1), block_m)))
+    rows_per_split = cdiv(cdiv(max(m, 1), splits), block_m) * block_m
+    grid = (cdiv(c, block_c), cdiv(r, block_r), splits)
+    kwargs = dict(DROPOUT=dropout, HAS_COLSUM=has_colsum, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r,
+                  num_warps=warps, **launch.dot_flags(x.dtype))
+    return grid, splits, rows_per_split, kwargs

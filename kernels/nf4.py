@@ -55,6 +55,11 @@ class Quant4bit:
     def device(self) -> torch.device:
         return self.packed.device
 
+    @property
+    def meta(self) -> list:
+        """``[blocksize, blocksize2, N, K]``: the integers a 4-bit kernel launch needs beside the tensors."""
+        return [self.blocksize, self.blocksize2, int(self.shape[0]), int(self.shape[1])]
+
 
 def is_4bit_weight(weight) -> bool:
     """True for a bitsandbytes ``Params4bit`` (or anything carrying a 4-bit ``quant_state``)."""

@@ -27,9 +27,10 @@ the concatenation, the expanded prefix nor the [Nq, P+Nk] mask:
   result is bitwise reproducible (atomics would not be) while B * H_kv * P/BLOCK_N programs keep the GPU
   busy (one program per prefix block looping over the batch would leave H_kv * P/BLOCK_N, e.g. 8).
 
-Both Triton steps are the ``torch.library`` custom ops ``peftfast::prefix_attention`` and
-``peftfast::prefix_attention_backward`` with fake implementations and an autograd formula, so
-``torch.compile`` traces them without graph breaks. Scores use ``exp2`` with ``scale * log2(e)`` folded
+Both Triton steps are declared once (:mod:`.ops`) as the ``torch.library`` custom ops
+``peftfast::prefix_attention`` and ``peftfast::prefix_attention_backward`` with fake implementations and
+an autograd formula, so ``torch.compile`` traces them without graph breaks (eager mode runs the same
+bodies without the dispatcher). Scores use ``exp2`` with ``scale * log2(e)`` folded
 into one multiplier; accumulation is fp32; in Triton's CPU interpreter the dot operands of bf16 inputs
 are widened to fp32 (its bf16 ``tl.dot`` is wrong). Nothing here touches CUDA at import time.
 """

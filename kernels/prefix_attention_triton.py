@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from . import launch
+from . import ops
 from . import tuning as _tuning
 from .dispatch import interpreting
 
@@ -608,71 +608,33 @@ def _prefix_attn_backward_launch(do, q, k, v, prefix_k, prefix_v, attention_mask
     return dq, dk, dv, dpk, dpv
 
 
-def _define_ops():
-    """Register ``peftfast::prefix_attention`` (+ fake, autograd) and its backward op; returns both."""
-
-    @torch.library.custom_op("peftfast::prefix_attention", mutates_args=())
-    def _prefix_attention_op(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        prefix_k: torch.Tensor,
-        prefix_v: torch.Tensor,
-        attention_mask: Optional[torch.Tensor],
-        causal: bool,
-        scale: float,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Triton forward; returns ``(out, lse2)``, ``lse2`` [B, Hq, Nq] fp32 in log2 units (kept for backward).
-
-        ``prefix_k``/``prefix_v`` are already in k's dtype (the public function casts them).
-        """
-        return _prefix_attn_forward_impl(q, k, v, prefix_k, prefix_v, attention_mask, causal, scale)
-
-    @_prefix_attention_op.register_fake
-    def _(q, k, v, prefix_k, prefix_v, attention_mask, causal, scale):
-        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
-
-    @torch.library.custom_op("peftfast::prefix_attention_backward", mutates_args=())
-    def _prefix_attention_backward_op(
-        do: torch.Tensor,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        prefix_k: torch.Tensor,
-        prefix_v: torch.Tensor,
-        attention_mask: Optional[torch.Tensor],
-        out: torch.Tensor,
-        lse: torch.Tensor,
-        causal: bool,
-        scale: float,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(dq, dk, dv, dprefix_k, dprefix_v)``; the prefix grads are summed over batch and head groups."""
-        return _prefix_attn_backward_impl(do, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, scale)
-
-    @_prefix_attention_backward_op.register_fake
-    def _(do, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, scale):
-        return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
-                prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape))
-
-    def _setup_context(ctx, inputs, output):
-        q, k, v, prefix_k, prefix_v, attention_mask, causal, scale = inputs
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, attention_mask, output[0], output[1])
-        ctx.causal, ctx.scale = causal, scale
-
-    def _backward(ctx, do, dlse):
-        # dlse is ignored: lse is an internal output, only returned so that the backward can reuse it.
-        q, k, v, prefix_k, prefix_v, attention_mask, out, lse = ctx.saved_tensors
-        dq, dk, dv, dpk, dpv = _prefix_attention_backward_op(do, q, k, v, prefix_k, prefix_v, attention_mask,
-                                                             out, lse, ctx.causal, ctx.scale)
-        return dq, dk, dv, dpk, dpv, None, None, None
-
-    torch.library.register_autograd("peftfast::prefix_attention", _backward, setup_context=_setup_context)
-
-    return _prefix_attention_op, _prefix_attention_backward_op
+def _prefix_attn_fake(q, k, v, prefix_k, prefix_v, attention_mask, causal, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-_prefix_attention_op, _prefix_attention_backward_op = launch.canonical_ops(
-    __name__, ("_prefix_attention_op", "_prefix_attention_backward_op"), _define_ops)
+def _prefix_attn_backward(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, scale, needs):
+    # One pass of launches gives all five gradients; ``needs`` only lets autograd drop the unwanted ones.
+    return _prefix_attn_backward_impl(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, scale)
+
+
+def _prefix_attn_backward_fake(dout, q, k, v, prefix_k, prefix_v, attention_mask, out, lse, causal, scale, needs):
+    # Every gradient is computed (and returned) whatever ``needs`` says.
+    return ops.fake_grads([True] * 5, q, q, k, v, prefix_k, prefix_v)
+
+
+# ``peftfast::prefix_attention`` -> (out, lse2) and ``peftfast::prefix_attention_backward`` ->
+# (dq, dk, dv, dprefix_k, dprefix_v), the prefix grads summed over batch and head groups. ``lse2``
+# [B, Hq, Nq] fp32 in log2 units is an internal output kept for the backward; ``prefix_k``/``prefix_v``
+# are already in k's dtype (the public function casts them).
+PREFIX_ATTENTION = ops.declare(
+    "prefix_attention", __name__, "PREFIX_ATTENTION",
+    inputs="Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor? attention_mask, "
+           "bool causal, float scale",
+    outputs=("out", "lse"), grads=("q", "k", "v", "prefix_k", "prefix_v"),
+    saved=("q", "k", "v", "prefix_k", "prefix_v", "attention_mask", "out", "lse"),
+    forward=_prefix_attn_forward_impl, backward=_prefix_attn_backward, fake=_prefix_attn_fake,
+    backward_fake=_prefix_attn_backward_fake,
+)
 
 
 def triton_prefix_attention(q, k, v, prefix_k, prefix_v, *, causal=True, attention_mask=None, scale=None):
@@ -681,5 +643,4 @@ def triton_prefix_attention(q, k, v, prefix_k, prefix_v, *, causal=True, attenti
     # PEFT casts the prefix to the model's dtype; autograd brings its gradient back to the parameter's.
     pk = prefix_k if prefix_k.dtype == k.dtype else prefix_k.to(k.dtype)
     pv = prefix_v if prefix_v.dtype == k.dtype else prefix_v.to(k.dtype)
-    out, _ = _prefix_attention_op(q, k, v, pk, pv, attention_mask, bool(causal), scale)
-    return out
+    return PREFIX_ATTENTION(q, k, v, pk, pv, attention_mask, bool(causal), scale)

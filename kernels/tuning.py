@@ -1,14 +1,13 @@
-"""Per-GPU tuned kernel configs: shipped tables, an on-disk cache of search winners, and their keys.
+"""Per-GPU tuned kernel configs: the shipped tables and their keys.
 
-Two sources of a launch config, consulted in this order before any autotuning search:
-
-1. **Shipped tables** ``configs/<gpu-slug>.json`` (written by ``peftfast tune``), one file per GPU
-   model, keyed by :func:`shape_key`. Directories named by ``PEFTFAST_TUNING_TABLES`` (``os.pathsep``
-   separated) are searched before the shipped one, so a user can tune into a writable place.
-2. **The cache** of winners of fallback searches, one small JSON file per entry under
-   :func:`cache_dir` (``$PEFTFAST_CACHE_DIR/tuning/`` or ``~/.cache/peftfast/tuning/``). Its key adds
-   the GPU name, the Triton version and a hash of the kernel's source to the shape key, so a new Triton
-   or an edited kernel never reuses a stale winner.
+Tuning is one mechanism with two stages: a CUDA launch takes its config from the **shipped table**
+``configs/<gpu-slug>.json`` (written by ``peftfast tune``, one file per GPU model, keyed by
+:func:`shape_key`; directories named by ``PEFTFAST_TUNING_TABLES``, ``os.pathsep`` separated, are
+searched before the shipped one, so a user can tune into a writable place), and a shape the table
+lacks goes to Triton's own ``triton.autotune`` search, whose winner Triton keeps in its on-disk cache
+(``cache_results``; keyed on the kernel source, the Triton version, the device and the candidate list,
+so a new Triton, an edited kernel or a limited search never reuses a stale winner). The decision is
+made once per launch signature and kept in that launcher's plan (:mod:`.plans`).
 
 Ops: ``lora_matmul`` (``matmul.matmul_lowrank``) and ``lora_matmul_4bit`` (the GEMM with a 4-bit base at
 training / prefill sizes, :mod:`.experimental.qmatmul`), whose entries may also say which of its two variants runs
@@ -21,7 +20,7 @@ has only a few distinct linear shapes.
 
 Everything here is plain Python and JSON (never pickle): nothing touches CUDA, and files are only read
 when a launch first asks for them. Unreadable, corrupt or foreign-format files are skipped with one
-warning line each, never raised.
+warning line each, never raised. ``triton_version`` and ``source_hash`` only annotate table entries.
 """
 from __future__ import annotations
 
@@ -37,7 +36,6 @@ from typing import Dict, List, Optional, Tuple
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 TABLE_FORMAT = "peftfast.tuning-table"
-CACHE_FORMAT = "peftfast.tuning-cache"
 FORMAT_VERSION = 1
 
 M_MIN = 16      # the decode bucket: M = 1..16
@@ -153,11 +151,6 @@ def triton_version() -> str:
         return str(triton.__version__)
     except Exception:  # noqa: BLE001 - no Triton: such keys are never used for a launch
         return "none"
-
-
-def cache_key(gpu_name: str, triton_ver: str, kernel_hash: str, key: str) -> str:
-    """The full cache key: GPU name, Triton version, kernel source hash and the shape key."""
-    return "\n".join([str(gpu_name), str(triton_ver), str(kernel_hash), key])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,114 +303,19 @@ def write_table(path, gpu_name: str, entries: Dict[str, dict], meta: Optional[di
     return data
 
 
-# --------------------------------------------------------------------------------------------------
-# Cache of search winners
-# --------------------------------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """``$PEFTFAST_CACHE_DIR/tuning`` or ``$XDG_CACHE_HOME/peftfast/tuning`` (``~/.cache/...``)."""
-    root = os.environ.get("PEFTFAST_CACHE_DIR")
-    if root:
-        return Path(root).expanduser() / "tuning"
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "peftfast" / "tuning"
-
-
-def cache_path(gpu_name: str, triton_ver: str, kernel_hash: str, key: str, directory=None) -> Path:
-    op = parse_shape_key(key)["op"]
-    digest = hashlib.sha256(cache_key(gpu_name, triton_ver, kernel_hash, key).encode("utf-8")).hexdigest()[:24]
-    return Path(directory or cache_dir()) / gpu_slug(gpu_name) / f"{op}-{digest}.json"
-
-
-_CACHE_MEMO: Dict[str, Optional[dict]] = {}
-
-
-def cache_read(gpu_name: str, kernel_hash: str, key: str, *, triton_ver: Optional[str] = None,
-               directory=None) -> Optional[dict]:
-    """``{"config": {...}, "ms": float | None}`` cached for this key, or None. Read once per process.
-
-    A file that names a ``variant`` (see :data:`OP_LORA_MATMUL_4BIT`) adds ``"variant"`` to the dict.
-    """
-    triton_ver = triton_ver or triton_version()
-    path = cache_path(gpu_name, triton_ver, kernel_hash, key, directory)
-    memo_key = str(path)
-    if memo_key in _CACHE_MEMO:
-        return _CACHE_MEMO[memo_key]
-    result = None
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        data = None
-    except (OSError, ValueError) as e:
-        _warn(f"ignoring corrupt cache file {path}: {type(e).__name__}: {e}".splitlines()[0])
-        data = None
-    if data is not None:
-        if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or data.get("version") != FORMAT_VERSION:
-            _warn(f"ignoring cache file {path}: not a {CACHE_FORMAT} v{FORMAT_VERSION} file")
-        elif data.get("key") != cache_key(gpu_name, triton_ver, kernel_hash, key):
-            _warn(f"ignoring cache file {path}: it holds another key")
-        else:
-            cfg = config_from_entry(data.get("config"))
-            variant = data.get("variant")
-            if cfg is None:
-                _warn(f"ignoring cache file {path}: bad config")
-            elif variant is not None and variant not in VARIANTS:
-                _warn(f"ignoring cache file {path}: variant {variant!r} is not one of {VARIANTS}")
-            else:
-                ms = data.get("ms")
-                result = {"config": cfg, "ms": float(ms) if isinstance(ms, (int, float)) else None}
-                if variant is not None:
-                    result["variant"] = variant
-    _CACHE_MEMO[memo_key] = result
-    return result
-
-
-def cache_write(gpu_name: str, kernel_hash: str, key: str, config, ms: Optional[float] = None, *,
-                triton_ver: Optional[str] = None, directory=None, variant: Optional[str] = None) -> Optional[Path]:
-    """Store a search winner atomically; returns the path, or None (one warning) if it cannot be written.
-
-    ``variant`` (``"inloop"`` / ``"dequant"``) is recorded only when given: it says the entry chose
-    between the two QLoRA GEMM variants, which a config search alone never does.
-    """
-    if variant is not None and variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    triton_ver = triton_ver or triton_version()
-    cfg = config_to_dict(config)
-    path = cache_path(gpu_name, triton_ver, kernel_hash, key, directory)
-    data = {
-        "format": CACHE_FORMAT, "version": FORMAT_VERSION,
-        "key": cache_key(gpu_name, triton_ver, kernel_hash, key),
-        "gpu": gpu_name, "triton": triton_ver, "kernel": kernel_hash, "shape": key,
-        "config": cfg, "ms": None if ms is None else float(ms),
-    }
-    if variant is not None:
-        data["variant"] = variant
-    try:
-        _write_json_atomic(path, data)
-    except OSError as e:
-        _warn(f"cannot write tuning cache {path}: {e}".splitlines()[0])
-        return None
-    _CACHE_MEMO[str(path)] = {"config": cfg, "ms": data["ms"], **({"variant": variant} if variant else {})}
-    return path
-
-
-_CLEAR_HOOKS: list = []
-
-
-def on_clear(fn) -> None:
-    """Register ``fn()`` to run on :func:`clear_memory_caches` (launchers' per-shape memos)."""
-    _CLEAR_HOOKS.append(fn)
-
-
 def clear_memory_caches() -> None:
-    """Forget what this process read or chose (tables, cache files, launch memos), as a new process would."""
+    """Forget what this process read or decided, as a new process would: the tables, the launch plans
+    (:mod:`.plans`) and the environment snapshot (:func:`.dispatch.settings`).
+
+    Call it after changing ``PEFTFAST_BACKEND``, ``TRITON_INTERPRET``, ``PEFTFAST_TUNING``,
+    ``PEFTFAST_TUNING_TABLES`` or ``PEFTFAST_QLORA_GEMM`` in a running process; :func:`write_table` calls it.
+    """
+    from . import dispatch, plans
+
     _load_tables.cache_clear()
     _load_table_entries.cache_clear()
-    _CACHE_MEMO.clear()
-    for fn in _CLEAR_HOOKS:
-        fn()
+    plans.clear()
+    dispatch.settings.cache_clear()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -425,42 +323,33 @@ def clear_memory_caches() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def select_config(key: str, *, gpu_name: str, kernel_hash: str, fits=None,
-                  use_table: bool = True, use_cache: bool = True,
-                  variant: Optional[str] = None) -> Optional[Tuple[dict, str]]:
-    """The config to launch for ``key`` without a search: ``(config, "table" | "cache")`` or None.
+def select_config(key: str, *, gpu_name: str, fits=None, variant: Optional[str] = None) -> Optional[Tuple[dict, str]]:
+    """The shipped table's config for ``key``: ``(config, "table")``, or None (the caller autotunes).
 
     ``fits(config) -> bool`` rejects configs that this call cannot run (e.g. too much shared memory for
-    a larger rank than the one tuned); a rejected table entry falls through to the cache, a rejected
-    cache entry to the search. With ``variant``, an entry naming another variant is passed over the
-    same way (its launch fields are another kernel's); entries naming none are taken.
+    a larger rank than the one tuned). With ``variant``, an entry naming another variant is passed over
+    (its launch fields are another kernel's); entries naming none are taken. None as well when
+    ``PEFTFAST_TUNING=off`` (:func:`table_enabled`).
     """
-    if use_table:
-        slug = gpu_slug(gpu_name)
-        cfg = lookup_table(slug, key)
-        if cfg is not None and variant is not None and lookup_table_variant(slug, key) not in (None, variant):
-            cfg = None
-        if cfg is not None and (fits is None or fits(cfg)):
-            return cfg, "table"
-    if use_cache:
-        hit = cache_read(gpu_name, kernel_hash, key)
-        if hit is not None and variant is not None and hit.get("variant") not in (None, variant):
-            hit = None
-        if hit is not None and (fits is None or fits(hit["config"])):
-            return hit["config"], "cache"
+    if not table_enabled():
+        return None
+    slug = gpu_slug(gpu_name)
+    cfg = lookup_table(slug, key)
+    if cfg is not None and variant is not None and lookup_table_variant(slug, key) not in (None, variant):
+        cfg = None
+    if cfg is not None and (fits is None or fits(cfg)):
+        return cfg, "table"
     return None
 
 
-def tuning_enabled() -> Tuple[bool, bool]:
-    """(tables, cache) as allowed by ``PEFTFAST_TUNING``: ``all`` (default), ``table``, ``cache``, ``off``."""
+def table_enabled() -> bool:
+    """Whether launches consult the tables: ``PEFTFAST_TUNING`` unset/``all``/``table`` (yes) or ``off``.
+
+    ``off`` (also ``0``, ``none``, ``search``) leaves Triton's autotuning search alone; its winners are
+    kept by Triton's own on-disk cache (``cache_results``, see :func:`launch.autotune_options`).
+    """
     mode = os.environ.get("PEFTFAST_TUNING", "all").strip().lower() or "all"
-    if mode in ("off", "0", "none", "search"):
-        return False, False
-    if mode == "table":
-        return True, False
-    if mode == "cache":
-        return False, True
-    return True, True
+    return mode not in ("off", "0", "none", "search")
 
 
 # How many candidates a fallback search may time (``PEFTFAST_AUTOTUNE_CONFIGS=N``: the first N that survive

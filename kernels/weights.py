@@ -1,12 +1,14 @@
 """Base weights as the kernels receive them (a dense tensor or a bitsandbytes 4-bit parameter) and the
 operand checks every op runs before choosing a backend.
 
-A 4-bit weight crosses a ``torch.library`` op boundary as its storage tensors (:func:`quant_args`) and
-is rebuilt and dequantized on the other side where a GEMM needs it dense (:func:`dense_base`). Nothing
-here imports Triton.
+Inside Python a 4-bit weight is one :class:`~.nf4.Quant4bit` (:func:`kernel_operand`); only at a
+``torch.library`` op boundary is it flattened to its storage tensors (:func:`quant_args`) and rebuilt on
+the other side (:func:`from_quant_args`, both called by :mod:`.ops`), and a GEMM that needs it dense
+dequantizes it afresh (:func:`dense_base`). Nothing here imports Triton.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -104,8 +106,37 @@ def check_lora_shapes(x: torch.Tensor, weight: BaseWeight, lora_A: torch.Tensor,
             )
 
 
+def kernel_operand(weight) -> BaseWeight:
+    """A base weight as the Triton ops take it: None, a dense tensor, or one :class:`Quant4bit`.
+
+    A bitsandbytes ``Params4bit`` is read into its view (at call time, never cached: FSDP and ZeRO swap
+    storage between steps), and a nested offset kept as a Python float (some bitsandbytes versions) becomes
+    an fp32 tensor, since the kernels read it through a pointer.
+
+    Args:
+        weight: dense tensor, ``Quant4bit``, bitsandbytes ``Params4bit``, or None.
+
+    Returns:
+        None, the dense tensor itself, or a ``Quant4bit``.
+
+    Example:
+        >>> q = kernel_operand(linear4bit.weight)  # doctest: +SKIP
+    """
+    if weight is None:
+        return None
+    if isinstance(weight, Quant4bit):
+        q = weight
+    elif is_4bit_weight(weight):
+        q = quant4bit_view(weight)
+    else:
+        return weight
+    if q.nested and not torch.is_tensor(q.offset):
+        q = dataclasses.replace(q, offset=torch.tensor(float(q.offset), device=q.device, dtype=torch.float32))
+    return q
+
+
 def quant_args(weight: BaseWeight) -> Tuple:
-    """Split a base weight into a custom op's tensor arguments.
+    """Flatten a base weight into a custom op's arguments (the inverse of :func:`from_quant_args`).
 
     Args:
         weight: dense tensor, ``Quant4bit``, bitsandbytes ``Params4bit``, or None.
@@ -115,24 +146,26 @@ def quant_args(weight: BaseWeight) -> Tuple:
         packed uint8 codes; ``meta`` is ``[]`` for dense weights and ``[blocksize, blocksize2, N, K]`` for
         4-bit ones (the scale tensors are None for dense weights).
     """
-    if weight is None or not (isinstance(weight, Quant4bit) or is_4bit_weight(weight)):
-        return weight, None, None, None, None, None, [], ""
-    q = weight if isinstance(weight, Quant4bit) else quant4bit_view(weight)
-    n, k = q.shape
-    offset = q.offset
-    if q.nested and not torch.is_tensor(offset):  # some bitsandbytes versions keep a Python float
-        offset = torch.tensor(float(offset), device=q.packed.device, dtype=torch.float32)
-    return (q.packed, q.absmax, q.code, q.code2, q.absmax2, offset,
-            [q.blocksize, q.blocksize2, int(n), int(k)], q.quant_type)
+    q = kernel_operand(weight)
+    if not isinstance(q, Quant4bit):
+        return q, None, None, None, None, None, [], ""
+    return q.packed, q.absmax, q.code, q.code2, q.absmax2, q.offset, q.meta, q.quant_type
 
 
-def dense_base(w: Optional[torch.Tensor], absmax, code, code2, absmax2, offset, meta: List[int], quant_type: str,
-               dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """The [N, K] base weight from :func:`quant_args`' pieces: ``w`` itself when dense (the kernels cast
-    it), else a fresh dequantization in ``dtype`` (a temporary for one call)."""
+def from_quant_args(w: Optional[torch.Tensor], absmax, code, code2, absmax2, offset, meta: List[int],
+                    quant_type: str, dtype: Optional[torch.dtype] = None) -> BaseWeight:
+    """The base weight from :func:`quant_args`' pieces: ``w`` itself when dense (or None), else the
+    :class:`Quant4bit` they describe, with ``dtype`` recorded as its compute dtype."""
     if w is None or not meta:
         return w
     blocksize, blocksize2, n, k = meta
-    q = Quant4bit(packed=w, absmax=absmax, code=code, blocksize=blocksize, shape=(n, k), dtype=dtype,
-                  quant_type=quant_type, code2=code2, absmax2=absmax2, blocksize2=blocksize2, offset=offset)
-    return dequantize_4bit(q, dtype=dtype, backend="auto")
+    return Quant4bit(packed=w, absmax=absmax, code=code, blocksize=blocksize, shape=(n, k), dtype=dtype,
+                     quant_type=quant_type, code2=code2, absmax2=absmax2, blocksize2=blocksize2, offset=offset)
+
+
+def dense_base(weight: BaseWeight, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The [N, K] base weight for a GEMM: a dense weight itself (the kernels cast it), a 4-bit one
+    dequantized afresh in ``dtype`` (a temporary for one call), None for none."""
+    if not isinstance(weight, Quant4bit):
+        return weight
+    return dequantize_4bit(weight, dtype=dtype, backend="auto")

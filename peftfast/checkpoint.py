@@ -134,7 +134,8 @@ def _is_our_model_card(path: str) -> bool:
         return False
 
 
-def save_adapter(model: nn.Module, path: str, *, adapter_name: str = "default") -> None:
+def save_adapter(model: nn.Module, path: str, *, adapter_name: str = "default",
+                 path_initial_model_for_weight_conversion: Optional[str] = None) -> None:
     """Write the adapter in PEFT's format, atomically.
 
     The new directory is written whole beside ``path``, fsynced and swapped in with one rename (see
@@ -146,6 +147,12 @@ def save_adapter(model: nn.Module, path: str, *, adapter_name: str = "default") 
         model: a patched model.
         path: the adapter directory (not empty; created if missing).
         adapter_name: which adapter to save.
+        path_initial_model_for_weight_conversion: PEFT's option of that name: the directory where this
+            PiSSA/OLoRA adapter was saved right after ``patch``, before training. The adapter is then written as
+            a plain LoRA adapter of rank 2r (``lora_A`` = [A; A0], ``lora_B`` = [B, -B0], alpha scaled to keep
+            the scaling, ``init_lora_weights`` true) that applies to the *original* base, so it loads anywhere
+            with no change to the base (see :func:`peftfast.lora_init.convert_to_lora`). Unlike PEFT, that
+            directory is only read, never rewritten.
 
     Raises:
         ValueError: an empty ``path`` (it would write into the current directory).
@@ -166,6 +173,11 @@ def save_adapter(model: nn.Module, path: str, *, adapter_name: str = "default") 
     _check_saveable(tensors, adapter_name)
     tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
     config = _config_for_save(model, adapter_name)
+    if path_initial_model_for_weight_conversion is not None:
+        from .lora_init import convert_to_lora
+
+        initial = os.fspath(path_initial_model_for_weight_conversion)
+        tensors, config = convert_to_lora(tensors, config, read_adapter_weights(initial), initial)
     path = os.path.abspath(path)
     keep_readme = os.path.isfile(os.path.join(path, "README.md")) and not _is_our_model_card(
         os.path.join(path, "README.md"))

@@ -150,8 +150,10 @@ class LoraConfig(_BaseConfig):
         trainable_token_indices: train only these rows of the input embedding (a list of token ids), or of
             the named embeddings (``{"embed_tokens": [ids]}``); a tied output head follows (PEFT's format).
         use_rslora, use_dora: the variants.
-        init_lora_weights: True (PEFT: A Kaiming-uniform, B zero), "gaussian" (A normal(1/r)), or False
-            (random non-zero B, for tests).
+        init_lora_weights: True (PEFT: A Kaiming-uniform, B zero), "gaussian" (A normal(1/r)), False
+            (random non-zero B, for tests), or from the base weight, which then keeps only the residual
+            ``W - scaling * B @ A``: "pissa" (SVD), "pissa_niter_<n>" (randomized SVD, n subspace
+            iterations) or "olora" (QR); see :mod:`peftfast.lora_init`. "loftq" is refused (see there).
         layers_to_transform / layers_pattern: restrict to these layer indices.
         rank_pattern / alpha_pattern: per-module overrides, keys are regexes matched at a name's end.
         modules_to_save: extra modules trained in full and saved (classification heads for SEQ_CLS).
@@ -210,11 +212,9 @@ class LoraConfig(_BaseConfig):
             raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ConfigError(
-                f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r} "
-                "(PiSSA/OLoRA/LoftQ initialisations are not implemented in peftfast)"
-            )
+        from .lora_init import parse_init  # here: lora_init imports this module
+
+        parse_init(self.init_lora_weights)  # refuses unknown values, and PEFT's inits peftfast lacks (LoftQ, ...)
         if self.lora_bias and self.init_lora_weights not in (True, False):
             raise ConfigError(
                 f"lora_bias=True needs init_lora_weights True or False, got {self.init_lora_weights!r} (as in PEFT)"

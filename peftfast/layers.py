@@ -5,13 +5,16 @@ its adapters in dicts keyed by adapter name, with the attribute names Hugging Fa
 (``lora_A.<name>.weight``, ``lora_B.<name>.weight``, ``lora_magnitude_vector.<name>.weight``,
 ``ia3_l.<name>``), so state-dict keys map one to one onto PEFT's checkpoints.
 
-Base weights are read from ``base_layer`` at every call through ``peftfast.base_weight``, never cached:
-FSDP and ZeRO swap storage.
+Base weights are read from ``base_layer`` at every call through ``peftfast.base_weight``: FSDP and ZeRO
+swap storage. What kind of base a weight is (dense, transposed Conv1D, 4-bit, 8-bit, a ZeRO-3 shard) is
+decided once per weight object and revalidated by identity (:meth:`AdapterLayer._kernel_weight`); a
+dense weight is then the parameter itself, so a swap of its storage is followed with no new decision.
 """
 from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -20,11 +23,12 @@ import torch.nn as nn
 from . import kernels
 from .base_weight import (
     Conv1D, _bnb_classes, base_4bit_forward_cpu, dense_base_weight, is_zero3_partitioned, kernel_weight,
-    write_dense_base_weight,
+    stores_transposed, write_dense_base_weight,
 )
 from .checkpoint_keys import check_param_names
 from .config import ConfigError
 from .kernels.nf4 import is_4bit_weight
+from .lora_init import init_from_base, is_base_init
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -136,6 +140,40 @@ class AdapterLayer(nn.Module):
         getattr(self, "_dora_norm_cache", {}).clear()
         return True
 
+    def _kernel_weight(self):
+        """:func:`base_weight.kernel_weight` of the base layer, and whether it is a 4-bit weight.
+
+        The decision (dense / transposed dense / anything else) is kept per weight *object* (a weak
+        reference, so a weight an engine frees is not kept alive) and reused while ``base_layer.weight``
+        is that same object. A dense answer is the parameter itself (or its ``.t()``), taken fresh each
+        call, so storage swapped in place (``.data``) is followed; a new parameter object (FSDP's
+        unsharded view, a reload) is decided anew; 4-bit, 8-bit and ZeRO-3 bases always take the full path
+        (bitsandbytes may repack a 4-bit weight in place, FSDP may swap its quant state).
+        """
+        base = self.base_layer
+        w = base.weight
+        hit = self.__dict__.get("_weight_kind")
+        if hit is not None and hit[0]() is w:
+            if hit[1] == "dense":
+                return w, False
+            if hit[1] == "dense_t":
+                return w.t(), False
+        view = kernel_weight(base)
+        four_bit = is_4bit_weight(view)
+        if four_bit or view is None:
+            kind = "other"
+        elif view is w:
+            kind = "dense"
+        elif stores_transposed(base):
+            kind = "dense_t"
+        else:
+            kind = "other"
+        try:
+            self.__dict__["_weight_kind"] = (weakref.ref(w), kind)
+        except TypeError:  # an object without weak references: decide every call
+            pass
+        return view, four_bit
+
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled and self.merged:
             self.unmerge()
@@ -198,6 +236,8 @@ class LoraLayer(AdapterLayer):
         self.lora_alpha[name] = alpha
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout_p[name] = float(dropout)
+        if is_base_init(init):  # PiSSA / OLoRA: A and B from the base weight, the residual left in the base
+            init_from_base(self, name, init)
         if use_dora:
             mag = _Magnitude(self.out_features, device=device, dtype=dtype)
             with torch.no_grad():
@@ -214,12 +254,12 @@ class LoraLayer(AdapterLayer):
         if self._use_base_only():
             return self._base_forward(x)
         base = self.base_layer
-        weight = kernel_weight(base)
+        weight, four_bit = self._kernel_weight()
         bias = base.bias
         result = None
         if weight is None:  # the kernels cannot read this base (8-bit): let it compute its own output
             result = base(x)
-        compute_dtype = getattr(base, "compute_dtype", None) if is_4bit_weight(weight) else None
+        compute_dtype = getattr(base, "compute_dtype", None) if four_bit else None
         x_in = x.to(compute_dtype) if compute_dtype is not None and x.is_floating_point() else x
         for name in self.active_adapters:
             a, b = self.lora_A[name].weight, self.lora_B[name].weight

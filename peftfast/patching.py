@@ -17,6 +17,7 @@ from .config import PROMPT_LEARNING_CONFIGS, AnyConfig, ConfigError, IA3Config, 
 from .kernels.dispatch import check_backend
 from .layers import AdapterLayer, IA3Layer, LoraLayer, ModulesToSave, is_linear_like
 from .lora_conv_embedding import CONV_TYPES, LoraConv, LoraEmbedding, is_lora_extra
+from .lora_init import forget_base, is_base_init, restore_base
 from .prompt_learning import PromptLearning, add_prompt_learning, remove_prompt_learning
 from .trainable_tokens import TrainableTokensLayer
 from .targets import DEFAULT_IA3_TARGETS, model_type, name_matches, resolve_targets
@@ -199,11 +200,14 @@ def _patch(model: nn.Module, config, adapter_name: str, backend: str) -> Callabl
                 else:
                     wrapper = IA3Layer(module, feedforward=name_matches(cfg.feedforward_modules, name), backend=backend)
                 fresh = True
+            # before the adapter is added: an init from the base (PiSSA/OLoRA) changes the base weight, and a
+            # later failure must put it back even where the wrapper itself is thrown away
+            undo.append(lambda w=wrapper: restore_base(w, adapter_name))
+            if not fresh:
+                undo.append(lambda w=wrapper: w.delete_adapter(adapter_name))
             _add_adapter(wrapper, name, cfg, adapter_name)
             if fresh:
                 installs.append((name, module, wrapper))
-            else:
-                undo.append(lambda w=wrapper: w.delete_adapter(adapter_name))
         if isinstance(cfg, LoraConfig) and cfg.trainable_token_indices is not None:
             _add_trainable_tokens(model, cfg, adapter_name, backend, targets, save_names, installs, undo)
         for name in save_names:
@@ -359,6 +363,13 @@ def _add_adapter(wrapper: AdapterLayer, name: str, cfg, adapter_name: str) -> No
         alpha = _pattern_value(cfg.alpha_pattern, name, cfg.lora_alpha)
         if not isinstance(r, int) or r <= 0:
             raise ConfigError(f"LoRA rank for {name} must be a positive integer, got {r!r}")
+        if is_base_init(cfg.init_lora_weights) and not isinstance(wrapper, (LoraLayer, LoraEmbedding)):
+            # PEFT refuses it on convolutions ("Unknown initialization"); on embeddings it uses the default
+            # init (A zero, B normal), which LoraEmbedding does for every init but False
+            raise ConfigError(
+                f"init_lora_weights={cfg.init_lora_weights!r} works on linear layers only (as in PEFT), but {name} "
+                f"is a {type(wrapper.base_layer).__name__}; leave it out of target_modules or use init True"
+            )
         wrapper.add_adapter(
             adapter_name, r, alpha, dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
             init=cfg.init_lora_weights, lora_bias=cfg.lora_bias,
@@ -509,6 +520,10 @@ def unpatch(model: nn.Module, *, merge_adapters: bool = False) -> nn.Module:
         if isinstance(module, AdapterLayer):
             if not merge_adapters and not module._restore_original():
                 module.unmerge()
+            if merge_adapters:
+                forget_base(module)  # the merged weight is the model now
+            else:
+                restore_base(module)  # the weight a PiSSA/OLoRA init replaced, bit for bit
             original = module.base_layer
         else:
             original = module.original_module

@@ -73,6 +73,38 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+class _EnvAwareMonkeyPatch(pytest.MonkeyPatch):
+    """``monkeypatch`` whose environment changes reach the kernels: they read the environment once per
+    process (``kernels.dispatch.settings``) and plan launches under it, so every ``setenv`` / ``delenv``
+    (and the undo at teardown) is followed by ``kernels.tuning.clear_memory_caches``, the documented way
+    for a running program to change those variables."""
+
+    def setenv(self, *args, **kwargs):
+        super().setenv(*args, **kwargs)
+        _clear_kernel_caches()
+
+    def delenv(self, *args, **kwargs):
+        super().delenv(*args, **kwargs)
+        _clear_kernel_caches()
+
+    def undo(self):
+        super().undo()
+        _clear_kernel_caches()
+
+
+def _clear_kernel_caches() -> None:
+    from peftfast.kernels import tuning
+
+    tuning.clear_memory_caches()
+
+
+@pytest.fixture
+def monkeypatch():
+    mp = _EnvAwareMonkeyPatch()
+    yield mp
+    mp.undo()
+
+
 @pytest.fixture
 def nan_empty(monkeypatch):
     """Make torch.empty / empty_like return NaN-filled tensors so unwritten outputs are caught."""

@@ -35,7 +35,7 @@ import torch
 
 peft = pytest.importorskip("peft")
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
-from peft.utils import get_peft_model_state_dict  # noqa: E402
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 
 import peftfast  # noqa: E402
 from peftfast.devtools import coverage  # noqa: E402
@@ -187,13 +187,20 @@ def test_cell_matches_peft(family, method, tmp_path):
         rounding = STEPS * torch.finfo(torch.float32).eps * after_peft[k].double().norm().item()
         assert err <= UPDATE_TOL * max(d.norm().item(), floor) + rounding, \
             f"update of {k}: error {err:.3e}, size {d.norm().item():.3e}"
-    # On a 4-bit base the two sides reach the same weights by different arithmetic (PEFT: a dense fp32 twin;
-    # peftfast: the 4-bit decode inside its kernels, in the interpreter), so after training the adapters
-    # differ by up to UPDATE_TOL and the logits inherit that, amplified a little by layer norms (measured:
-    # 7e-5 for ViT). Elsewhere both sides do the same arithmetic and TOL holds. A real slip moves them 1e-3+.
-    after_tol = 2 * UPDATE_TOL if method == "lora-4bit" else TOL
     with torch.no_grad():
-        assert_rel_close(_out(fast, inputs), _out(pm, inputs), after_tol, f"{family}/{method} logits after training")
+        got_after = _out(fast, inputs)
+        if method != "lora-4bit":
+            assert_rel_close(got_after, _out(pm, inputs), TOL, f"{family}/{method} logits after training")
+        else:
+            # On a 4-bit base the two sides train by different arithmetic (PEFT: a dense fp32 twin of the exactly
+            # decoded weights; peftfast: the 4-bit decode inside its path), so their adapters part by up to
+            # UPDATE_TOL (checked above) and the logits inherit that, by a factor that depends on the machine's
+            # matmul order (7e-5 to 1.5e-4 for ViT). What must hold to TOL is the forward at the adapter
+            # peftfast trained: PEFT's model given peftfast's adapter computes peftfast's logits.
+            twin = copy.deepcopy(pm)
+            loaded = set_peft_model_state_dict(twin, {k: v.detach().clone() for k, v in after_fast.items()})
+            assert not loaded.unexpected_keys, loaded.unexpected_keys
+            assert_rel_close(got_after, _out(twin, inputs), TOL, f"{family}/{method} logits at the trained adapter")
 
 
 def _prefix_cell_against_the_hand_fed_oracle(family: str, base, inputs: dict) -> None:

@@ -161,7 +161,6 @@ def test_tune_small_model_on_gpu(tmp_path, monkeypatch, capsys):
     slug = tuning.gpu_slug(torch.cuda.get_device_name())
     out = tmp_path / "tables" / f"{slug}.json"
     monkeypatch.setenv("PEFTFAST_TUNING_TABLES", str(out.parent))
-    monkeypatch.setenv("PEFTFAST_CACHE_DIR", str(tmp_path / "cache"))
     rc = cli.main(["tune", "--model", str(cfg_path), "--batch-tokens", "16", "--out", str(out),
                    "--warmup", "5", "--rep", "20"])
     printed = capsys.readouterr()
@@ -181,8 +180,12 @@ def test_tune_small_model_on_gpu(tmp_path, monkeypatch, capsys):
     ref = x.float() @ w.float().t() + 2.0 * left.float() @ right.float()
     assert float((y.float() - ref).norm() / ref.norm()) < 1e-2
     key = tuning.shape_key("lora_matmul", 16, 512, 256, "bf16", "bf16-nk")
-    chosen = [v for k, v in mm._SELECTED.items() if k[1:4] == (16, 512, 256)]
-    assert chosen == [tuning.config_from_entry(data["entries"][key])]
+    from peftfast.kernels import plans
+
+    chosen = [plan for k, plan in plans.PLANS.items() if k[:4] == ("matmul_lowrank", 16, 512, 256)]
+    want = tuning.config_from_entry(data["entries"][key])
+    assert len(chosen) == 1 and chosen[0][0] is None  # a table hit: no autotuner
+    assert {f: chosen[0][2][f] for f in want} == want
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,7 +311,6 @@ def test_tune_nf4_small_model_on_gpu(tmp_path, monkeypatch, capsys):
     cfg_path = tmp_path / "config.json"
     cfg_path.write_text(json.dumps(TINY))
     out = tmp_path / "tables" / "t.json"
-    monkeypatch.setenv("PEFTFAST_CACHE_DIR", str(tmp_path / "cache"))
     rc = cli.main(["tune", "--model", str(cfg_path), "--weight", "nf4", "--batch-tokens", "256", "--passes",
                    "fwd,bwd", "--out", str(out), "--warmup", "5", "--rep", "20"])
     printed = capsys.readouterr()

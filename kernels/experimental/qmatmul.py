@@ -1,7 +1,7 @@
 """Experimental: the LoRA GEMM on a bitsandbytes 4-bit base with the weight decoded inside the K loop.
 
 It lives under ``experimental/`` because no default path runs it and no benchmark has chosen it yet:
-``lora_triton`` calls it only when ``PEFTFAST_QLORA_GEMM=inloop`` or a tuned table / cache entry says
+``lora_triton`` calls it only when ``PEFTFAST_QLORA_GEMM=inloop`` or a tuned table entry says
 ``"inloop"``. Move it back beside ``matmul.py`` once a GPU measurement picks it for some shape bucket.
 
 :func:`matmul_lowrank_4bit` computes what ``matmul.matmul_lowrank`` computes on a dequantized weight:
@@ -41,13 +41,15 @@ M > ``DECODE_MAX_M``, forward and the backward's dX GEMM):
 
 1. ``PEFTFAST_QLORA_GEMM=inloop|dequant`` forces one (for benchmarking); ``auto`` or unset goes on;
 2. a tuned table entry ``lora_matmul_4bit|M|N|K|dtype|<format>`` with ``"variant"`` (``peftfast tune
-   --weight nf4`` writes it), then a cache file with one;
+   --weight nf4`` writes it);
 3. otherwise ``"dequant"``: on Hopper, dequant + a tuned GEMM has historically won, so nothing changes
    until a measurement says so.
 
-An in-loop launch on CUDA takes its config from the table entry (when its variant is ``inloop``), then
-the cache, then a pruned ``triton.autotune`` search over ``configs/lora_matmul_4bit.json`` whose winner
-is cached, as ``matmul_lowrank`` does. The interpreter runs one fixed config.
+An in-loop launch on CUDA takes its config from the table entry (when its variant is ``inloop``), else
+a pruned ``triton.autotune`` search over ``configs/lora_matmul_4bit.json`` whose winner Triton's disk
+cache keeps, as ``matmul_lowrank`` does; both choices are made once per signature (:mod:`..plans`). The
+interpreter runs one fixed config. The variant override is read once per process, with the rest of
+the environment (:func:`..dispatch.settings`).
 """
 from __future__ import annotations
 
@@ -62,8 +64,9 @@ import triton
 import triton.language as tl
 
 from .. import launch
+from .. import plans as _plans
 from .. import tuning as _tuning
-from ..dispatch import interpreting
+from ..dispatch import interpreting, settings
 from ..nf4_triton import block_scales, decode_4bit_tile, mul_rn, to_bf16_rtne
 from ..tiles import dot, dropout_keep, grouped_tile, lowrank_tile
 
@@ -248,13 +251,13 @@ def _tuned_kernel(device_index: int):
 
 @functools.lru_cache(maxsize=None)
 def _kernel_hash() -> str:
-    """Source hash of the in-loop kernel and every helper it calls: part of its tuning-cache key."""
+    """Source hash of the in-loop kernel and every helper it calls, recorded beside its table entries."""
     return _tuning.source_hash(_matmul_lowrank_4bit_kernel, decode_4bit_tile, block_scales, mul_rn,
                                to_bf16_rtne, dot, dropout_keep, grouped_tile, lowrank_tile)
 
 
 def _gpu_name(device: torch.device) -> Optional[str]:
-    """The GPU name whose tables and cache apply to ``device``; None off CUDA (no tuned data applies)."""
+    """The GPU name whose tables apply to ``device``; None off CUDA (no tuned data applies)."""
     if device.type != "cuda":
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -272,35 +275,22 @@ def select_inloop_config(m: int, n: int, k: int, dtype, weight: str, *, gpu_name
         elem, block_r, blocksize, nested, layout: what the shared-memory estimate depends on.
 
     Returns:
-        ``(config, "table" | "cache")`` or None (search). An entry whose ``variant`` is ``"dequant"``
+        ``(config, "table")`` or None (search). An entry whose ``variant`` is ``"dequant"``
         holds the dense GEMM's config, not this kernel's, and is passed over, as is one that would not
         fit in shared memory at this call's rank.
     """
     key = _tuning.shape_key(_tuning.OP_LORA_MATMUL_4BIT, m, n, k, dtype, weight)
-    use_table, use_cache = _tuning.tuning_enabled()
-    if not (use_table or use_cache):
-        return None
 
     def fits(cfg: dict) -> bool:
         return smem_bytes(cfg, cfg["num_stages"], elem, block_r, blocksize=blocksize, nested=nested,
                           w_nk=layout == "nk") <= max_smem
 
-    return _tuning.select_config(key, gpu_name=gpu_name, kernel_hash=_kernel_hash(), fits=fits,
-                                 use_table=use_table, use_cache=use_cache, variant="inloop")
-
-
-# (device, M bucket, N, K, dtype, weight format, BLOCK_R) -> config, or None for "search".
-_SELECTED: Dict[tuple, Optional[dict]] = {}
-# (device, M bucket, N, K, dtype, weight format) -> (variant, source) from the table / cache / default.
-_VARIANT: Dict[tuple, Tuple[str, str]] = {}
-_MISSING = object()
-_tuning.on_clear(_SELECTED.clear)
-_tuning.on_clear(_VARIANT.clear)
+    return _tuning.select_config(key, gpu_name=gpu_name, fits=fits, variant="inloop")
 
 
 def _launch_config(args: tuple, flags: dict, m: int, n: int, cfg: dict) -> None:
-    """Launch the in-loop kernel with one explicit config (a table/cache hit, or a candidate being timed)."""
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    """Launch the in-loop kernel with one explicit config (a table hit, or a candidate being timed)."""
+    grid = (_plans.cdiv(m, cfg["BLOCK_M"]) * _plans.cdiv(n, cfg["BLOCK_N"]),)
     _matmul_lowrank_4bit_kernel[grid](
         *args, **flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -309,26 +299,20 @@ def _launch_config(args: tuple, flags: dict, m: int, n: int, cfg: dict) -> None:
 
 def _launch_cuda(args: tuple, flags: dict, m: int, n: int, k: int, dtype, weight: str, y: torch.Tensor) -> None:
     device_index = y.device.index if y.device.index is not None else torch.cuda.current_device()
-    memo_key = (device_index, _tuning.bucket_m(m), n, k, dtype, weight, flags["BLOCK_R"])
-    cfg = _SELECTED.get(memo_key, _MISSING)
-    if cfg is _MISSING:
+    plan_key = ("matmul_lowrank_4bit", device_index, m, n, k, dtype, weight, flags["BLOCK_R"])
+    plan = _plans.PLANS.get(plan_key)
+    if plan is None:
         gpu_name, max_smem = launch.device_info(device_index)
         hit = select_inloop_config(m, n, k, dtype, weight, gpu_name=gpu_name, max_smem=max_smem,
                                    elem=y.element_size(), block_r=flags["BLOCK_R"], blocksize=flags["BLOCKSIZE"],
                                    nested=flags["NESTED"], layout="nk" if flags["W_NK"] else "kn")
-        cfg = hit[0] if hit is not None else None
-        _SELECTED[memo_key] = cfg
-    if cfg is not None:
-        _launch_config(args, flags, m, n, cfg)
+        # The table's config, else Triton's search (its winner kept by Triton's own disk cache).
+        plan = _plans.PLANS[plan_key] = hit[0] if hit is not None else None
+    if plan is not None:
+        _launch_config(args, flags, m, n, plan)
         return
-    kernel = _tuned_kernel(device_index)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    timings_before = getattr(kernel, "configs_timings", None)
-    kernel[grid](*args, **flags)
-    key = _tuning.shape_key(_tuning.OP_LORA_MATMUL_4BIT, m, n, k, dtype, weight)
-    # No "variant" is written: the search compared in-loop configs only, not the two variants.
-    _SELECTED[memo_key] = launch.record_search_winner(kernel, timings_before, launch.device_info(device_index)[0], key,
-                                                    _kernel_hash())
+    grid = lambda meta: (_plans.cdiv(m, meta["BLOCK_M"]) * _plans.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _tuned_kernel(device_index)[grid](*args, **flags)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -372,7 +356,7 @@ def _launch_args(x, packed, absmax, code, code2, absmax2, offset, meta, left, ri
         x, packed, absmax, code, code2 if nested else code, absmax2 if nested else code,
         offset if nested else code, left, right, bias if bias is not None else y,
         seed if dropout_p > 0 else y, y,
-        m, n, k, r, triton.next_power_of_2(m), k_w,
+        m, n, k, r, _plans.next_power_of_2(m), k_w,
         x.stride(0), x.stride(1), left.stride(0), left.stride(1), right.stride(0), right.stride(1),
         y.stride(0), y.stride(1),
         float(scale), float(dropout_p),
@@ -490,7 +474,7 @@ def variant_override() -> Optional[str]:
     Raises:
         ValueError: on any other value (a typo must not silently benchmark the wrong variant).
     """
-    env = os.environ.get(ENV_VARIANT, "").strip().lower()
+    env = settings().qlora_gemm
     if env in ("", "auto"):
         return None
     if env not in VARIANTS:
@@ -507,7 +491,7 @@ def select_variant(m: int, n: int, k: int, dtype, weight: str, *, gpu_name: Opti
         gpu_name: the CUDA device's name, or None off CUDA (then only the override and the default apply).
 
     Returns:
-        ``(variant, source)``: source is ``"env"``, ``"table"``, ``"cache"`` or ``"default"``.
+        ``(variant, source)``: source is ``"env"``, ``"table"`` or ``"default"``.
         Does not check :func:`inloop_supported` (see :func:`qlora_gemm_variant`).
     """
     forced = variant_override()
@@ -516,15 +500,10 @@ def select_variant(m: int, n: int, k: int, dtype, weight: str, *, gpu_name: Opti
     if gpu_name is None:
         return DEFAULT_VARIANT, "default"
     key = _tuning.shape_key(_tuning.OP_LORA_MATMUL_4BIT, m, n, k, dtype, weight)
-    use_table, use_cache = _tuning.tuning_enabled()
-    if use_table:
+    if _tuning.table_enabled():
         v = _tuning.lookup_table_variant(_tuning.gpu_slug(gpu_name), key)
         if v is not None:
             return v, "table"
-    if use_cache:
-        hit = _tuning.cache_read(gpu_name, _kernel_hash(), key)
-        if hit is not None and hit.get("variant"):
-            return hit["variant"], "cache"
     return DEFAULT_VARIANT, "default"
 
 
@@ -560,8 +539,8 @@ def qlora_gemm_variant(m: int, n: int, k: int, dtype, meta: Sequence[int], quant
     gpu_name = _gpu_name(device)
     if gpu_name is None:
         return select_variant(m, n, k, dtype, weight, gpu_name=None)[0]
-    memo_key = (gpu_name, device.index, _tuning.bucket_m(m), n, k, dtype, weight)
-    hit = _VARIANT.get(memo_key)
+    plan_key = ("qlora_gemm_variant", gpu_name, device.index, m, n, k, dtype, weight)
+    hit = _plans.PLANS.get(plan_key)
     if hit is None:
-        hit = _VARIANT[memo_key] = select_variant(m, n, k, dtype, weight, gpu_name=gpu_name)
+        hit = _plans.PLANS[plan_key] = select_variant(m, n, k, dtype, weight, gpu_name=gpu_name)
     return hit[0]

@@ -325,8 +325,8 @@ def _decode_case(arch, dtype, adt, blocksize, nested, quant_type, m, rank, bias,
 
 
 def _lora_4bit_path_case(arch, dtype, adt, blocksize, nested, rank, m=512, n=4096, k=4096) -> Case:
-    """The 4-bit LoRA op for M > DECODE_MAX_M, forward and backward, launched as ``_lora_forward_impl``
-    and ``_lora_backward_impl`` build them; the GEMM with the admitted config of largest estimate."""
+    """The 4-bit LoRA op for M > DECODE_MAX_M, forward and backward, launched as ``_lora_forward``
+    and ``_lora_backward`` build them; the GEMM with the admitted config of largest estimate."""
     case = Case(kernel="lora_4bit_path", arch=arch, desc="", launch=lambda: None)
 
     def gemm(x, wt, left, right, dropout, bias):

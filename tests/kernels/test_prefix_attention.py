@@ -313,7 +313,7 @@ def test_opcheck_backward():
     (q, k, v, pk, pv), mask = _op_inputs()
     out, lse = torch.ops.peftfast.prefix_attention(q, k, v, pk, pv, mask, True, 0.25)
     args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), pk.detach(), pv.detach(), mask,
-            out.detach(), lse.detach(), True, 0.25)
+            out.detach(), lse.detach(), True, 0.25, [True] * 5)
     torch.library.opcheck(torch.ops.peftfast.prefix_attention_backward.default, args)
 
 

@@ -47,10 +47,9 @@ except Exception:  # noqa: BLE001 - any broken install: fall back to the pure-Py
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
-    """No variant override, own table/cache folders, and no memo carried between tests."""
+    """No variant override, own table folder, and no plan carried between tests."""
     monkeypatch.delenv(qmm.ENV_VARIANT, raising=False)
     monkeypatch.delenv("PEFTFAST_TUNING", raising=False)
-    monkeypatch.setenv("PEFTFAST_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("PEFTFAST_TUNING_TABLES", str(tmp_path / "tables"))
     tuning.clear_memory_caches()
     qmm._WARNED.clear()
@@ -339,23 +338,12 @@ def test_table_drives_lora_linear(tmp_path, monkeypatch, nan_empty):
     assert calls == {"inloop": ["nk"], "dense_base": 1}
 
 
-def test_cache_entry_variant(monkeypatch):
-    key = _key(128, 40, 128)
-    tuning.cache_write(GPU, qmm._kernel_hash(), key, CFG, 0.1, variant="inloop")
-    tuning.clear_memory_caches()
-    assert qmm.select_variant(128, 40, 128, FP16, "nf4-b64-nested-nk", gpu_name=GPU) == ("inloop", "cache")
-    # A search winner (no variant) chooses nothing: the default stays.
-    tuning.cache_write(GPU, qmm._kernel_hash(), key, CFG, 0.1)
-    tuning.clear_memory_caches()
-    assert qmm.select_variant(128, 40, 128, FP16, "nf4-b64-nested-nk", gpu_name=GPU) == ("dequant", "default")
-
-
 def test_small_m_and_undecodable_weights_never_run_inloop(monkeypatch):
     monkeypatch.setenv(qmm.ENV_VARIANT, "inloop")
-    assert not lora_triton._qlora_inloop(lora_triton.DECODE_MAX_M, 40, 128, FP16, [64, 256, 40, 128], "nf4", None, "kn",
-                                      torch.device(DEVICE))
-    assert lora_triton._qlora_inloop(lora_triton.DECODE_MAX_M + 1, 40, 128, FP16, [64, 256, 40, 128], "nf4", None, "nk",
-                                  torch.device(DEVICE))
+    q = _quant(40, 128, "nf4", False, 64)
+    assert not lora_triton._qlora_inloop(lora_triton.DECODE_MAX_M, 40, 128, FP16, q, "kn", torch.device(DEVICE))
+    assert lora_triton._qlora_inloop(lora_triton.DECODE_MAX_M + 1, 40, 128, FP16, q, "nk", torch.device(DEVICE))
+    assert not lora_triton._qlora_inloop(lora_triton.DECODE_MAX_M + 1, 40, 128, FP16, None, "nk", torch.device(DEVICE))
     with pytest.warns(RuntimeWarning, match="straddle"):
         assert _variant(meta=(64, 256, 40, 96), k=96) == "dequant"
     with warnings.catch_warnings():
@@ -392,14 +380,11 @@ def test_inloop_config_selection_respects_the_variant(tmp_path):
     assert qmm.select_inloop_config(2048, 1024, 4096, BF16, weight, **sel) is None
     tuning.write_table(path, GPU, {key: {**CFG, "variant": "dequant"}})
     assert qmm.select_inloop_config(2048, 1024, 4096, BF16, weight, **sel) is None
-    tuning.cache_write(GPU, qmm._kernel_hash(), key, CFG, 0.2)
-    tuning.clear_memory_caches()
-    assert qmm.select_inloop_config(2048, 1024, 4096, BF16, weight, **sel) == (CFG, "cache")
     tuning.write_table(path, GPU, {key: {**CFG, "variant": "inloop"}})
     assert qmm.select_inloop_config(2048, 1024, 4096, BF16, weight, **sel) == (CFG, "table")
     huge = {**CFG, "BLOCK_M": 256, "BLOCK_N": 256, "BLOCK_K": 128, "num_stages": 4}
     tuning.write_table(path, GPU, {key: {**huge, "variant": "inloop"}})
-    assert qmm.select_inloop_config(2048, 1024, 4096, BF16, weight, **sel) == (CFG, "cache")
+    assert qmm.select_inloop_config(2048, 1024, 4096, BF16, weight, **sel) is None  # searched
 
 
 # --------------------------------------------------------------------------------------------------

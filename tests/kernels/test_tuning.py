@@ -1,4 +1,4 @@
-"""Tuned-config tables and the search-winner cache (kernels/tuning.py) and how matmul_lowrank picks a config.
+"""Tuned-config tables (kernels/tuning.py), launch plans (kernels/plans.py) and how matmul_lowrank picks a config.
 
 All CPU: pure-Python keys and files, the selection function the CUDA launcher calls (not a CUDA launch),
 and one interpreter launch of an explicit config.
@@ -23,8 +23,7 @@ CFG2 = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps"
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
-    """Own cache and table folders; in-memory tables, cache reads and launch memos forgotten around each test."""
-    monkeypatch.setenv("PEFTFAST_CACHE_DIR", str(tmp_path / "cache"))
+    """Own table folder; in-memory tables and launch plans forgotten around each test."""
     monkeypatch.setenv("PEFTFAST_TUNING_TABLES", str(tmp_path / "tables"))
     monkeypatch.delenv("PEFTFAST_TUNING", raising=False)
     tuning.clear_memory_caches()
@@ -126,44 +125,8 @@ def test_corrupt_or_foreign_table_is_ignored(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# cache of search winners
+# source hashes (recorded beside table entries)
 # --------------------------------------------------------------------------------------------------
-
-KEY = "lora_matmul|2048|1024|4096|bf16|bf16-nk"
-
-
-def test_cache_dir_location(tmp_path, monkeypatch):
-    assert tuning.cache_dir() == tmp_path / "cache" / "tuning"
-    monkeypatch.delenv("PEFTFAST_CACHE_DIR")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert tuning.cache_dir() == tmp_path / "xdg" / "peftfast" / "tuning"
-
-
-def test_cache_round_trip_across_processes(tmp_path):
-    path = tuning.cache_write(GPU, "abc123", KEY, CFG, 0.25, triton_ver="3.6.0")
-    assert path is not None and path.is_file() and path.parent.name == SLUG
-    data = json.loads(path.read_text())  # plain JSON, nothing pickled
-    assert data["config"] == CFG and data["ms"] == 0.25 and data["shape"] == KEY
-    tuning.clear_memory_caches()  # a new process: nothing in memory, only the file
-    assert tuning.cache_read(GPU, "abc123", KEY, triton_ver="3.6.0") == {"config": CFG, "ms": 0.25}
-    # An overwrite (a later search) replaces the file atomically.
-    tuning.cache_write(GPU, "abc123", KEY, CFG2, None, triton_ver="3.6.0")
-    tuning.clear_memory_caches()
-    assert tuning.cache_read(GPU, "abc123", KEY, triton_ver="3.6.0") == {"config": CFG2, "ms": None}
-    assert not list(path.parent.glob("*.tmp"))
-
-
-def test_cache_key_changes_with_kernel_source_and_triton():
-    base = tuning.cache_path(GPU, "3.6.0", "abc123", KEY)
-    assert tuning.cache_path(GPU, "3.6.0", "abc124", KEY) != base       # edited kernel
-    assert tuning.cache_path(GPU, "3.7.0", "abc123", KEY) != base       # other Triton
-    assert tuning.cache_path("NVIDIA H200", "3.6.0", "abc123", KEY) != base
-    assert tuning.cache_path(GPU, "3.6.0", "abc123", KEY.replace("|2048|", "|4096|")) != base
-    tuning.cache_write(GPU, "abc123", KEY, CFG, 0.1, triton_ver="3.6.0")
-    tuning.clear_memory_caches()
-    assert tuning.cache_read(GPU, "abc124", KEY, triton_ver="3.6.0") is None
-    assert tuning.cache_read(GPU, "abc123", KEY, triton_ver="3.7.0") is None
-    assert tuning.cache_read(GPU, "abc123", KEY, triton_ver="3.6.0") is not None
 
 
 def test_source_hash_follows_the_source():
@@ -179,41 +142,6 @@ def test_source_hash_follows_the_source():
     assert tuning.source_hash(mm._matmul_lowrank_kernel) != h
 
 
-@pytest.mark.parametrize("content,match", [
-    ("{oops", "corrupt cache file"),
-    (json.dumps({"format": tuning.CACHE_FORMAT, "version": 2, "config": CFG}), "not a peftfast.tuning-cache v1"),
-    (json.dumps([1, 2, 3]), "not a peftfast.tuning-cache v1"),
-])
-def test_corrupt_or_foreign_cache_file_is_ignored(content, match):
-    path = tuning.cache_path(GPU, "3.6.0", "abc123", KEY)
-    path.parent.mkdir(parents=True)
-    path.write_text(content)
-    with pytest.warns(RuntimeWarning, match=match):
-        assert tuning.cache_read(GPU, "abc123", KEY, triton_ver="3.6.0") is None
-    # The next search's winner replaces the bad file.
-    tuning.cache_write(GPU, "abc123", KEY, CFG, 0.1, triton_ver="3.6.0")
-    tuning.clear_memory_caches()
-    assert tuning.cache_read(GPU, "abc123", KEY, triton_ver="3.6.0")["config"] == CFG
-
-
-def test_cache_file_with_another_key_is_ignored():
-    path = tuning.cache_write(GPU, "abc123", KEY, CFG, 0.1, triton_ver="3.6.0")
-    data = json.loads(path.read_text())
-    data["key"] = data["key"].replace("3.6.0", "3.5.0")
-    path.write_text(json.dumps(data))
-    tuning.clear_memory_caches()
-    with pytest.warns(RuntimeWarning, match="another key"):
-        assert tuning.cache_read(GPU, "abc123", KEY, triton_ver="3.6.0") is None
-
-
-def test_unwritable_cache_warns_once_and_goes_on(tmp_path, monkeypatch):
-    blocker = tmp_path / "file"
-    blocker.write_text("x")
-    monkeypatch.setenv("PEFTFAST_CACHE_DIR", str(blocker))  # a file where the folder should be
-    with pytest.warns(RuntimeWarning, match="cannot write tuning cache"):
-        assert tuning.cache_write(GPU, "abc123", KEY, CFG, 0.1) is None
-
-
 # --------------------------------------------------------------------------------------------------
 # what the CUDA launcher picks (the selection function; no CUDA launch)
 # --------------------------------------------------------------------------------------------------
@@ -225,13 +153,10 @@ def _key(m=1, n=1024, k=4096):
     return tuning.shape_key("lora_matmul", m, n, k, "bf16", "bf16-nk")
 
 
-def test_select_prefers_table_then_cache_then_search(tmp_path):
+def test_select_takes_the_table_else_searches(tmp_path):
     assert mm.select_matmul_config(1, 1024, 4096, torch.bfloat16, "bf16-nk", **SEL) is None  # untuned: search
-    tuning.cache_write(GPU, mm._kernel_hash(), _key(), CFG2, 0.2)
-    tuning.clear_memory_caches()
-    assert mm.select_matmul_config(1, 1024, 4096, torch.bfloat16, "bf16-nk", **SEL) == (CFG2, "cache")
     tuning.write_table(_table_path(tmp_path), GPU, {_key(): CFG})
-    # M = 1..16 share the decode bucket; the table beats the cache.
+    # M = 1..16 share the decode bucket.
     for m in (1, 5, 16):
         assert mm.select_matmul_config(m, 1024, 4096, torch.bfloat16, "bf16-nk", **SEL) == (CFG, "table")
     # Other buckets, shapes, dtypes, layouts and GPUs are untuned.
@@ -245,52 +170,17 @@ def test_select_prefers_table_then_cache_then_search(tmp_path):
 def test_select_passes_over_configs_that_do_not_fit(tmp_path):
     big = {"BLOCK_M": 256, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 4}
     tuning.write_table(_table_path(tmp_path), GPU, {_key(m=4096): big})
-    assert mm.select_matmul_config(4096, 1024, 4096, torch.bfloat16, "bf16-nk", **SEL) is None
-    tuning.cache_write(GPU, mm._kernel_hash(), _key(m=4096), CFG, 0.3)
-    assert mm.select_matmul_config(4096, 1024, 4096, torch.bfloat16, "bf16-nk", **SEL) == (CFG, "cache")
+    assert mm.select_matmul_config(4096, 1024, 4096, torch.bfloat16, "bf16-nk", **SEL) is None  # searched
+    assert mm.select_matmul_config(4096, 1024, 4096, torch.bfloat16, "bf16-nk",
+                                   **{**SEL, "max_smem": 1 << 30}) == (big, "table")
 
 
 def test_tuning_can_be_switched_off(tmp_path, monkeypatch):
     tuning.write_table(_table_path(tmp_path), GPU, {_key(): CFG})
-    tuning.cache_write(GPU, mm._kernel_hash(), _key(), CFG2, 0.2)
     monkeypatch.setenv("PEFTFAST_TUNING", "off")
     assert mm.select_matmul_config(1, 1024, 4096, torch.bfloat16, "bf16-nk", **SEL) is None
-    monkeypatch.setenv("PEFTFAST_TUNING", "cache")
-    assert mm.select_matmul_config(1, 1024, 4096, torch.bfloat16, "bf16-nk", **SEL) == (CFG2, "cache")
-
-
-class _FakeAutotuner:
-    """What a Triton 3.x Autotuner exposes after a run: ``best_config`` and ``configs_timings``."""
-
-    def __init__(self, best, timings):
-        self.best_config = best
-        self.configs_timings = timings
-
-
-def _triton_config(d):
-    return triton.Config({k: d[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")},
-                         num_warps=d["num_warps"], num_stages=d["num_stages"])
-
-
-def test_search_winner_is_cached_with_its_time():
-    best, other = _triton_config(CFG), _triton_config(CFG2)
-    kernel = _FakeAutotuner(best, {best: [0.5, 0.4, 0.6], other: [0.9, 0.8, 1.0]})
-    assert launch.record_search_winner(kernel, None, GPU, _key(), mm._kernel_hash()) == CFG
-    tuning.clear_memory_caches()
-    assert tuning.cache_read(GPU, mm._kernel_hash(), _key()) == {"config": CFG, "ms": 0.5}
-    # A run that did not benchmark (Triton's own cache, or one config left) keeps the old timings dict:
-    # the winner is still recorded, without a time.
-    stale = kernel.configs_timings
-    key2 = _key(m=2048)
-    assert launch.record_search_winner(kernel, stale, GPU, key2, mm._kernel_hash()) == CFG
-    tuning.clear_memory_caches()
-    assert tuning.cache_read(GPU, mm._kernel_hash(), key2) == {"config": CFG, "ms": None}
-    # Another kernel's search (the in-loop 4-bit GEMM) is cached under that kernel's source hash.
-    key3 = _key(m=4096)
-    assert launch.record_search_winner(kernel, None, GPU, key3, "0123456789abcdef") == CFG
-    tuning.clear_memory_caches()
-    assert tuning.cache_read(GPU, "0123456789abcdef", key3) == {"config": CFG, "ms": 0.5}
-    assert tuning.cache_read(GPU, mm._kernel_hash(), key3) is None
+    monkeypatch.setenv("PEFTFAST_TUNING", "table")
+    assert mm.select_matmul_config(1, 1024, 4096, torch.bfloat16, "bf16-nk", **SEL) == (CFG, "table")
 
 
 def test_explicit_config_launch_matches_reference():
@@ -349,50 +239,37 @@ def test_table_entry_with_bad_variant_is_ignored(tmp_path):
     assert tuning.lookup_table_variant(SLUG, key) is None
 
 
-def test_cache_variant_round_trip():
-    key = tuning.shape_key(tuning.OP_LORA_MATMUL_4BIT, 2048, 64, 64, "bf16", "nf4-b64-nested-nk")
-    tuning.cache_write(GPU, "h", key, CFG, 0.5, triton_ver="3.6.0", variant="dequant")
-    assert tuning.cache_read(GPU, "h", key, triton_ver="3.6.0") == {"config": CFG, "ms": 0.5, "variant": "dequant"}
-    tuning.clear_memory_caches()  # from the file, as a new process
-    assert tuning.cache_read(GPU, "h", key, triton_ver="3.6.0") == {"config": CFG, "ms": 0.5, "variant": "dequant"}
-    with pytest.raises(ValueError):
-        tuning.cache_write(GPU, "h", key, CFG, 0.5, variant="fast")
-    path = tuning.cache_path(GPU, "3.6.0", "h", key)
-    data = json.loads(path.read_text())
-    data["variant"] = "fast"
-    path.write_text(json.dumps(data))
-    tuning.clear_memory_caches()
-    with pytest.warns(RuntimeWarning, match="variant 'fast'"):
-        assert tuning.cache_read(GPU, "h", key, triton_ver="3.6.0") is None
-
-
 def test_select_config_variant_filter(tmp_path):
     key = tuning.shape_key(tuning.OP_LORA_MATMUL_4BIT, 2048, 64, 64, "bf16", "nf4-b64-nested-nk")
-    sel = dict(gpu_name=GPU, kernel_hash="h")
+    sel = dict(gpu_name=GPU)
     tuning.write_table(_table_path(tmp_path), GPU, {key: {**CFG, "variant": "dequant"}})
     assert tuning.select_config(key, **sel) == (CFG, "table")  # no filter: as before
     assert tuning.select_config(key, **sel, variant="inloop") is None
     assert tuning.select_config(key, **sel, variant="dequant") == (CFG, "table")
-    tuning.cache_write(GPU, "h", key, CFG2, 0.1)  # unlabelled: taken by any variant
-    assert tuning.select_config(key, **sel, variant="inloop") == (CFG2, "cache")
+    tuning.write_table(_table_path(tmp_path), GPU, {key: CFG2})  # unlabelled: taken by any variant
+    assert tuning.select_config(key, **sel, variant="inloop") == (CFG2, "table")
 
 
-def test_cuda_launch_selects_by_the_staged_widths(monkeypatch):
-    """matmul_lowrank's CUDA branch (run here with the device parts stubbed): the table lookup is told the
-    main-loop and epilogue widths, an fp32-adapter call is memoized apart from a bf16-adapter one, and
-    the selected config is launched."""
-    from types import SimpleNamespace
+def test_cuda_plan_selects_by_the_staged_widths(monkeypatch):
+    """matmul_lowrank's CUDA plan (built here with the device parts stubbed): the table lookup is told the
+    main-loop and epilogue widths, and a table hit plans that config's grid and launch keywords with no
+    autotuner."""
+    from peftfast.kernels import plans
 
-    seen, launched = [], []
+    seen = []
     monkeypatch.setattr(launch, "device_info", lambda index: ("NVIDIA H100 80GB HBM3", 232448))
     monkeypatch.setattr(mm, "select_matmul_config",
                         lambda *a, **kw: seen.append((kw["elem"], kw["lr_elem"])) or (CFG, "table"))
-    monkeypatch.setattr(mm, "_launch_config", lambda args, flags, m, n, cfg: launched.append(cfg))
-    monkeypatch.setattr(mm, "_SELECTED", {})
-    y = SimpleNamespace(device=SimpleNamespace(index=0))
+    dev = torch.device("cuda", 0)
     wt = torch.empty(64, 32, dtype=torch.bfloat16).t()
-    for widths in ((2, 4), (2, 4), (2, 2)):
-        mm._launch_cuda((), {"BLOCK_R": 16}, 100, 64, 32, torch.bfloat16, wt, y, widths)
-    assert seen == [(2, 4), (2, 2)] and launched == [CFG] * 3
+    left16, right16 = torch.empty(100, 16, dtype=torch.bfloat16), torch.empty(16, 64, dtype=torch.bfloat16)
+    right32 = torch.empty(16, 64, dtype=torch.float32)
+    for right in (right32, right16):
+        tuned, grid, kwargs, m_key = mm._matmul_plan(100, 64, 32, 16, torch.bfloat16, wt, left16, right, False,
+                                                     False, dev)
+        assert tuned is None and m_key == 128
+        assert grid == (plans.cdiv(100, CFG["BLOCK_M"]) * plans.cdiv(64, CFG["BLOCK_N"]),)
+        assert {k: kwargs[k] for k in CFG} == CFG
+    assert seen == [(2, 4), (2, 2)]
     b16, f32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1, dtype=torch.float32)
     assert launch.tile_widths(b16, b16, b16, f32) == (2, 4) and launch.tile_widths(b16, f32, b16, b16) == (4, 4)

@@ -1,0 +1,308 @@
+"""LoRA initializations computed from the base weight (PiSSA, OLoRA), their exact undo, and the conversion
+of such an adapter into a plain LoRA adapter for the original base.
+
+Both methods split the base weight ``W`` [N, K] into a principal part carried by the adapter and a
+residual left in the base: ``lora_A``, ``lora_B`` from a decomposition of ``W``, and the base becomes
+``W_res = W - scaling * B @ A``, so the patched model computes exactly what the original did before
+training. The arithmetic follows Hugging Face PEFT's ``LoraLayer.pissa_init`` / ``olora_init`` operation
+for operation (same decompositions, same expression order, A and B rounded through a half-precision base's
+dtype as PEFT's device/dtype move does), so the same base and config give the same bits:
+
+* ``"pissa"``: full SVD ``W = V S U^T``; ``A = diag(sqrt(S_r / s)) U_r^T``, ``B = V_r diag(sqrt(S_r / s))``.
+* ``"pissa_niter_<n>"``: the same from ``torch.svd_lowrank(W, r, niter=n)`` (random: it draws from the
+  global RNG, so seeding the same way as for PEFT gives the same draws).
+* ``"olora"``: QR ``W = Q R``; ``B = Q[:, :r]``, ``A = R[:r]``. On a bitsandbytes 4-bit base, ``W`` is the
+  decoded weight and ``W_res`` is requantized (from float32, as PEFT does).
+
+The base is changed, so the weight it replaced is kept (on the CPU, where the model is on an accelerator)
+until ``unpatch`` or a failed ``patch`` puts it back bit for bit (:func:`restore_base`).
+
+:func:`convert_to_lora` is PEFT's ``save_pretrained(..., path_initial_model_for_weight_conversion=...)``:
+with the adapter as it was initialized (``A0``, ``B0``) and as trained (``A``, ``B``),
+``delta W = s (B A - B0 A0) = s [B | -B0] [A ; A0]``, a rank-2r LoRA adapter for the *original* base.
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .config import ConfigError
+
+_NITER = re.compile(r"pissa_niter_(-?\d+)$")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# PEFT's other initializations, refused by name (each needs data or machinery peftfast does not have)
+_OTHER_INITS = ("loftq", "corda", "eva", "orthogonal", "mica", "lora_ga")
+LOFTQ_REASON = (
+    "init_lora_weights='loftq' is not implemented in peftfast: PEFT computes LoftQ only on a CUDA/XPU device with "
+    "bitsandbytes (peft/utils/loftq_utils.py hard-codes the device), and no machine peftfast is tested on has both, "
+    "so an implementation here could not be checked against it. Initialize with PEFT's LoftQ, save the adapter "
+    "(with init_lora_weights set to true in adapter_config.json, as PEFT's LoftQ example does) and the base it "
+    "made, then load both with peftfast"
+)
+
+
+def parse_init(value) -> Optional[tuple]:
+    """``("pissa", None)``, ``("pissa", niter)`` or ``("olora", None)`` for the base-weight inits; None for the
+    others (True, False, "gaussian").
+
+    Raises:
+        ConfigError: a value PEFT does not know, or one of PEFT's inits that peftfast does not implement.
+    """
+    if value is True or value is False or value == "gaussian":
+        return None
+    if isinstance(value, str):
+        if value == "pissa":
+            return ("pissa", None)
+        m = _NITER.match(value)
+        if m:
+            niter = int(m.group(1))
+            if niter < 0:
+                raise ConfigError(f"init_lora_weights={value!r}: the number of subspace iterations must be >= 0 "
+                                  "(e.g. 'pissa_niter_4')")
+            return ("pissa", niter)
+        if value.lower() == "olora":  # PEFT compares this one case-insensitively
+            return ("olora", None)
+        if value == "loftq":
+            raise ConfigError(LOFTQ_REASON)
+        if value.lower() in _OTHER_INITS:
+            raise ConfigError(f"init_lora_weights={value!r} is not implemented in peftfast (it needs data or "
+                              "machinery beyond the base weights); use True, 'gaussian', 'pissa', "
+                              "'pissa_niter_<n>' or 'olora', or Hugging Face PEFT for this adapter")
+    raise ConfigError(f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<n>' or 'olora', "
+                      f"got {value!r}")
+
+
+def is_base_init(value) -> bool:
+    """Whether ``init_lora_weights=value`` computes the adapter from the base weight (and changes the base)."""
+    try:
+        return parse_init(value) is not None
+    except ConfigError:
+        return False
+
+
+def check_base_init(layer: nn.Module, init, r: int) -> None:
+    """Refuse a PiSSA/OLoRA init this layer's base cannot take, before anything changes (PEFT's refusals,
+    and the cases where PEFT would silently produce a wrong adapter)."""
+    from .base_weight import is_8bit, is_zero3_partitioned, stores_transposed
+    from .kernels.nf4 import is_4bit_weight
+
+    method, _ = parse_init(init)
+    base = layer.base_layer
+    w = base.weight
+    kind = type(base).__name__
+    if is_zero3_partitioned(w):
+        raise ConfigError(f"init_lora_weights={init!r} needs the whole base weight, but this {kind} is a DeepSpeed "
+                          "ZeRO-3 shard; initialize before partitioning (or use ZeRO-2 / FSDP2)")
+    if is_8bit(base):
+        raise ConfigError(f"init_lora_weights={init!r} on a bitsandbytes 8-bit base is not implemented in peftfast; "
+                          "initialize on the 16/32-bit (or 4-bit, OLoRA) base")
+    if is_4bit_weight(w):
+        if method == "pissa":
+            raise ConfigError(f"init_lora_weights={init!r} on a bitsandbytes 4-bit base is refused (as PEFT does: "
+                              "'Please initialize PiSSA under float32, float16, or bfloat16'): run PiSSA on the "
+                              "16/32-bit model, then quantize the residual model it leaves")
+    elif w.dtype not in _FLOAT_DTYPES:
+        raise ConfigError(f"init_lora_weights={init!r} needs a float32, float16 or bfloat16 base weight (as PEFT); "
+                          f"this {kind}'s is {w.dtype}")
+    if method == "olora" and stores_transposed(base):
+        # PEFT's olora_init decomposes the stored [in, out] weight as if it were [out, in]: the adapter then has
+        # the wrong shape (its forward fails) or, for a square layer, the wrong values.
+        raise ConfigError(f"init_lora_weights='olora' on a transformers Conv1D (fan_in_fan_out, GPT-2 style) is "
+                          "refused: PEFT's OLoRA ignores fan_in_fan_out there and builds a wrong adapter; use "
+                          "'pissa' (which handles it) or leave Conv1D layers out of target_modules")
+    limit = min(layer.in_features, layer.out_features)
+    if r > limit:
+        raise ConfigError(f"init_lora_weights={init!r} with rank {r} on a {layer.out_features}x{layer.in_features} "
+                          f"{kind}: the decomposition has at most {limit} components (PEFT would silently make a "
+                          f"rank-{limit} adapter); choose r <= {limit} (rank_pattern can set it for this layer)")
+
+
+def _decompose(w: torch.Tensor, method: str, niter: Optional[int], r: int, scaling: float) -> tuple:
+    """``(A, B)`` in float32 from the float32 weight ``w`` [N, K], as PEFT computes them."""
+    if method == "olora":
+        q, rr = torch.linalg.qr(w)
+        return rr[:r].contiguous(), q[:, :r].contiguous()
+    if niter is None:
+        v, s, uh = torch.linalg.svd(w, full_matrices=False)
+        vr, sr, uhr = v[:, :r], s[:r] / scaling, uh[:r]
+    else:
+        vr, sr, ur = torch.svd_lowrank(w, r, niter=niter)
+        sr, uhr = sr / scaling, ur.t()
+    return torch.diag(torch.sqrt(sr)) @ uhr, vr @ torch.diag(torch.sqrt(sr))
+
+
+@torch.no_grad()
+def init_from_base(layer: nn.Module, name: str, init) -> None:
+    """Initialize adapter ``name`` of the LoRA wrapper ``layer`` from its base weight, and leave the residual
+    in the base. Everything is computed before anything is written, and the replaced base weight is kept for
+    :func:`restore_base`.
+
+    Args:
+        layer: a :class:`peftfast.layers.LoraLayer` whose ``lora_A[name]`` / ``lora_B[name]`` exist.
+        name: the adapter.
+        init: ``"pissa"``, ``"pissa_niter_<n>"`` or ``"olora"``.
+    """
+    from .base_weight import dense_base_weight, stores_transposed
+    from .kernels.nf4 import is_4bit_weight
+
+    method, niter = parse_init(init)
+    r, scaling = layer.r[name], layer.scaling[name]
+    check_base_init(layer, init, r)
+    base = layer.base_layer
+    old = base.weight
+    quantized = is_4bit_weight(old)
+    # PEFT: float32 copy of the [N, K] weight (for Conv1D a transposed view of the stored [K, N])
+    w = dense_base_weight(base).to(torch.float32)
+    a, b = _decompose(w, method, niter, r, scaling)
+    residual = w - scaling * b @ a
+    if not quantized and old.dtype != torch.float32:
+        # PEFT moves the new adapter to the base's dtype and autocasts it back to float32
+        a, b = a.to(old.dtype).float(), b.to(old.dtype).float()
+    record = _kept(base)  # first: the requantization below also rewrites the module's copy of the quant state
+    try:
+        new_weight = _requantized(base, residual) if quantized else None
+    except BaseException:
+        _put_back_quant_state(base, record[3])
+        raise
+    if new_weight is not None:
+        base.weight = new_weight
+    else:
+        stored = residual.to(old.dtype)
+        old.data = (stored.t() if stores_transposed(base) else stored).contiguous()
+    layer.lora_A[name].weight.data = a.to(layer.lora_A[name].weight.dtype).contiguous()
+    layer.lora_B[name].weight.data = b.to(layer.lora_B[name].weight.dtype).contiguous()
+    layer.__dict__.setdefault("_pre_init_base", {})[name] = record
+
+
+def _requantized(base: nn.Module, residual: torch.Tensor):
+    """The float32 residual as a new ``Params4bit`` quantized like the old one (PEFT quantizes the float32
+    tensor directly; peftfast keeps the old blocksize, and the dtype it decodes to)."""
+    import bitsandbytes as bnb
+
+    from .base_weight import base_weight
+    from .kernels.nf4 import quantization_settings
+
+    old = base_weight(base)
+    how = quantization_settings(old)
+    new = bnb.nn.Params4bit(residual.contiguous(), requires_grad=False, quant_type=how["quant_type"],
+                            blocksize=how["blocksize"], compress_statistics=how["compress_statistics"],
+                            quant_storage=base.weight.dtype, module=base)
+    new = new._quantize(residual.device)
+    new.quant_state.dtype = how["compute_dtype"]
+    return new
+
+
+def _kept(base: nn.Module) -> tuple:
+    """What :func:`restore_base` needs to put the base weight back exactly: the Parameter, its data (moved
+    to the CPU off an accelerator: one host copy instead of a second device copy), and bitsandbytes' copy of
+    the quant state on the module."""
+    w = base.weight
+    data = w.data if w.device.type in ("cpu", "meta") else w.data.to("cpu")
+    return w, data, w.device, base.__dict__.get("quant_state", _MISSING)
+
+
+_MISSING = object()
+
+
+@torch.no_grad()
+def restore_base(layer: nn.Module, name: Optional[str] = None) -> None:
+    """Put back the base weight an init from the base replaced: the one before adapter ``name``'s init (a
+    rolled-back patch), or with ``name=None`` the one before the first (``unpatch``). Bit for bit, and the
+    same Parameter object. A no-op where no such init ran."""
+    kept = layer.__dict__.get("_pre_init_base")
+    if not kept:
+        return
+    if name is None:
+        record = next(iter(kept.values()))
+        kept.clear()
+    elif name in kept:
+        record = kept.pop(name)
+    else:
+        return
+    param, data, device, quant_state = record
+    base = layer.base_layer
+    param.data = data if data.device == device else data.to(device)
+    if base.weight is not param:
+        base.weight = param
+    _put_back_quant_state(base, quant_state)
+
+
+def _put_back_quant_state(base: nn.Module, quant_state) -> None:
+    if quant_state is _MISSING:
+        base.__dict__.pop("quant_state", None)
+    else:
+        base.quant_state = quant_state
+
+
+def forget_base(layer: nn.Module) -> None:
+    """Drop the kept base weights (after ``unpatch(merge_adapters=True)``: the merged weight is the model)."""
+    layer.__dict__.pop("_pre_init_base", None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Conversion on save (PEFT's path_initial_model_for_weight_conversion)
+# ----------------------------------------------------------------------------------------------------
+
+
+def convert_to_lora(tensors: dict, config: dict, initial: dict, initial_path: str) -> tuple:
+    """Turn a trained adapter initialized from the base (PiSSA/OLoRA) into a plain LoRA adapter of rank 2r
+    that applies to the original base, as PEFT's conversion does.
+
+    Args:
+        tensors: the trained adapter's tensors under PEFT's keys (``adapter_state_dict``).
+        config: the adapter_config.json dict it would be saved with.
+        initial: the tensors of the same adapter saved right after ``patch`` (before any training).
+        initial_path: where ``initial`` came from (for messages).
+
+    Returns:
+        ``(tensors, config)``: ``lora_A`` = ``[A ; A0]`` (dim 0), ``lora_B`` = ``[B | -B0]`` (dim 1);
+        ``r`` (and ``rank_pattern``) doubled, ``lora_alpha`` (and ``alpha_pattern``) scaled to keep the scaling,
+        ``init_lora_weights`` True.
+
+    Raises:
+        ConfigError: an adapter this conversion cannot represent, or an initial adapter that does not match.
+
+    Example:
+        >>> peftfast.save_adapter(model, "out", path_initial_model_for_weight_conversion="init")  # doctest: +SKIP
+    """
+    init = config.get("init_lora_weights")
+    if config.get("peft_type") != "LORA":
+        raise ConfigError("path_initial_model_for_weight_conversion converts LoRA adapters only")
+    if init is False:
+        raise ConfigError("path_initial_model_for_weight_conversion: this adapter was made with init_lora_weights="
+                          "False (B starts non-zero and the base is unchanged), so B A - B0 A0 is not its update; "
+                          "the conversion is for 'pissa', 'pissa_niter_<n>' and 'olora' adapters (and True/'gaussian')")
+    if config.get("use_rslora") and (config.get("rank_pattern") or config.get("alpha_pattern")):
+        raise ConfigError("path_initial_model_for_weight_conversion is not supported with use_rslora=True together "
+                          "with rank_pattern or alpha_pattern (PEFT refuses it too: alpha cannot keep the scaling)")
+    other = sorted(k for k in tensors if not re.search(r"\.lora_[AB]\.weight$", k))
+    if other:
+        raise ConfigError(
+            f"path_initial_model_for_weight_conversion: the adapter holds {len(other)} tensors besides lora_A/lora_B "
+            f"(e.g. {other[:3]}: lora_bias, DoRA magnitudes, modules_to_save, embedding adapters or biases), which "
+            "the rank-2r conversion cannot carry (PEFT's conversion drops them); save without the conversion"
+        )
+    if set(initial) != set(tensors):
+        missing, extra = sorted(set(tensors) - set(initial)), sorted(set(initial) - set(tensors))
+        raise ConfigError(f"{initial_path}: the initial adapter does not match this one (missing {missing[:3]}, "
+                          f"extra {extra[:3]}); save it with peftfast.save_adapter right after patch, before training")
+    out = {}
+    for key, value in tensors.items():
+        first = initial[key].to(value.dtype)
+        if first.shape != value.shape:
+            raise ConfigError(f"{initial_path}: {key} has shape {tuple(first.shape)}, the adapter's is "
+                              f"{tuple(value.shape)}; the initial adapter belongs to another config")
+        # B A - B0 A0 = [B | -B0] @ [A ; A0]
+        out[key] = torch.cat([value, first], dim=0) if ".lora_A." in key else torch.cat([value, -first], dim=1)
+    config = dict(config)
+    config["init_lora_weights"] = True
+    config["r"] = config["r"] * 2
+    config["lora_alpha"] = config["lora_alpha"] * (2**0.5 if config.get("use_rslora") else 2)  # PEFT's factors
+    if config.get("rank_pattern"):
+        config["rank_pattern"] = {k: 2 * v for k, v in config["rank_pattern"].items()}
+    if config.get("alpha_pattern"):
+        config["alpha_pattern"] = {k: 2 * v for k, v in config["alpha_pattern"].items()}
+    return out, config
