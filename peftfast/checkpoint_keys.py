@@ -4,9 +4,10 @@ A wrapper layer keeps each adapter's tensors in a dict attribute keyed by adapte
 names), so a model's state-dict key is ``<module path>.<attr>.<adapter>[.<tensor>]``. PEFT saves it under
 ``base_model.model.<module path>.<attr>[.<tensor>]`` without the adapter name, except where the table below
 says otherwise (DoRA's magnitude drops its ``.weight``; trainable tokens sit under PEFT's ``token_adapter``).
-Save (:func:`peft_key`), load (:func:`model_key`), the check of which tensors a loaded file must hold
-(:func:`is_adapter_key`) and the wrappers' own bookkeeping (``AdapterLayer.adapter_param_names`` must name
-rows of :data:`ADAPTER_PARAMS`) all read this table; nothing else spells these forms out.
+Save (:func:`peft_key`), load (:func:`model_key`), reading a checkpoint's keys (:func:`saved_param`, e.g. the
+PiSSA/OLoRA conversion), the check of which tensors a loaded file must hold (:func:`is_adapter_key`) and the
+wrappers' own bookkeeping (``AdapterLayer.adapter_param_names`` must name rows of :data:`ADAPTER_PARAMS`) all
+read this table; nothing else spells these forms out.
 
 Example:
     >>> peft_key("model.layers.0.self_attn.q_proj.lora_A.default.weight", "default")
@@ -127,6 +128,26 @@ def peft_key(key: str, adapter: str) -> Optional[str]:
             return saved
     if is_modules_to_save_key(key, adapter):
         return key.replace(modules_to_save_tag(adapter), "")
+    return None
+
+
+def saved_param(saved: str) -> Optional[tuple]:
+    """The table row of checkpoint key ``saved`` (with or without :data:`PREFIX`) and its tensor part.
+
+    Returns:
+        ``(row, tensor)``: ``tensor`` is ``"weight"`` / ``"bias"`` for rows holding a module per adapter, else
+        None; or None when ``saved`` is no row's (a modules_to_save copy, a base bias or weight).
+
+    Example:
+        >>> row, tensor = saved_param("base_model.model.q_proj.lora_B.bias")
+        >>> row.attr, tensor
+        ('lora_B', 'bias')
+    """
+    key = saved[len(PREFIX):] if saved.startswith(PREFIX) else saved
+    for p in ADAPTER_PARAMS:
+        m = _form_regex(p.saved, None).match(key)
+        if m is not None:
+            return p, m.groupdict().get("tensor")
     return None
 
 

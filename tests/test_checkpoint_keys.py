@@ -99,11 +99,9 @@ def _ia3():
     peftfast.patch(model, IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
                                     init_ia3_weights=False))
     _perturb(model, "default", 4)
-    want = {}
+    want = _attn_tensors(model, ("k_proj", "v_proj"), {"ia3_l": lambda layer: layer.ia3_l["default"]})
     for i in LAYERS:
-        for path, layer in (("self_attn.k_proj", _attn(model, i, "k_proj")), ("self_attn.v_proj", _attn(model, i, "v_proj")),
-                            ("mlp.down_proj", model.model.layers[i].mlp.down_proj)):
-            want[f"{P}model.layers.{i}.{path}.ia3_l"] = layer.ia3_l["default"]
+        want[f"{P}model.layers.{i}.mlp.down_proj.ia3_l"] = model.model.layers[i].mlp.down_proj.ia3_l["default"]
     return model, "default", want
 
 
@@ -112,7 +110,8 @@ def _prefix():
     model.config._attn_implementation = "sdpa"
     peftfast.patch(model, PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"))
     _perturb(model, "default", 5)
-    return model, "default", {"prompt_embeddings": model.peftfast_prompt_learning.encoders["default"].prompt_embeddings()}
+    encoder = model.peftfast_prompt_learning.encoders["default"]
+    return model, "default", {"prompt_embeddings": encoder.prompt_embeddings()}
 
 
 def _prompt_classifier():

@@ -10,7 +10,9 @@ KV cache that stands in for the prefix) and :mod:`.attention` (the attention fun
 CUDA).
 """
 from .attach import add_prompt_learning, check_prompt_learning, remove_prompt_learning
-from .attention import ATTN_PREFIX, PREFIX_KWARG, SUPPORTED_ATTENTION, prefix_attention_forward, prefix_attention_problem
+from .attention import (
+    ATTN_PREFIX, PREFIX_KWARG, SUPPORTED_ATTENTION, prefix_attention_forward, prefix_attention_problem,
+)
 from .cache import PrefixKV, prefix_cache_class
 from .call_args import CACHE_KWARGS
 from .encoders import ENCODER_ATTR, PrefixEncoder, PromptEmbedding, PromptEncoder, PromptLearning, prompt_learning_of
