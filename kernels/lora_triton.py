@@ -154,22 +154,26 @@ def _decode_supported(meta, quant_type) -> bool:
 
 @triton.jit
 def _decode_lora_4bit_kernel(
-    p_x, p_q, p_absmax, p_code, p_code2, p_absmax2, p_offset, p_l, p_r, p_bias, p_y,
-    M, N, K, R, k_per_split,
-    stride_xm, stride_xk, stride_lm, stride_lr, stride_rr, stride_rn, stride_ys, stride_ym, stride_yn,
+    p_x, p_q, p_absmax, p_code, p_code2, p_absmax2, p_offset, p_l, p_r, p_bias, p_y, p_part, p_count,
+    M, N, K, R, k_per_split, n_splits,
+    stride_xm, stride_xk, stride_lm, stride_lr, stride_rr, stride_rn, stride_ym, stride_yn,
     scale,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_F32: tl.constexpr, IEEE: tl.constexpr, PTX_MUL_RN: tl.constexpr, SOFT_BF16: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Y[s, M, N] = X[:, K_s] @ dequant(Wq)[N, K_s]^T (+ scale * L @ R + bias on split 0).
+    """Y[M, N] = X @ dequant(Wq)^T + scale * L @ R + bias, K split over program_id(1) when SPLIT.
 
     Decode is bound by reading W, so W is read once, as 4-bit codes, and decoded by the same tile
     decode as the in-loop GEMM (nf4_triton.decode_4bit_tile: a register LUT, one scale per block and row,
     bitsandbytes' rounding). The output is computed transposed ([BN, BM]) so that the weight tile is
     the dot's left operand without a transpose, and small M pads only the 16-wide right side.
-    Split-K programs write fp32 partials (summed by the caller: deterministic) so that a few output
-    tiles still fill the GPU; a split starts on a BLOCK_K boundary.
+    Split-K (so that a few output tiles still fill the GPU; a split starts on a BLOCK_K boundary): each
+    split writes its fp32 partial [BN, BM] to p_part[s] and counts itself in p_count[tile]; the split that
+    arrives last sums the tile's partials in split order (deterministic, whatever the arrival order),
+    writes Y and resets the count for the next call, so no reduction runs outside the kernel and the
+    launch replays as is in a CUDA graph.
     """
     i_n, i_s = tl.program_id(0), tl.program_id(1)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -211,8 +215,23 @@ def _decode_lora_4bit_kernel(
         if HAS_BIAS:
             b_acc += tl.load(p_bias + o_n, mask=m_n, other=0.0).to(tl.float32)[:, None]
 
-    tl.store(p_y + i_s * stride_ys + o_m[None, :] * stride_ym + o_n64[:, None] * stride_yn,
-             b_acc.to(p_y.dtype.element_ty), mask=m_n[:, None] & m_m[None, :])
+    m_out = m_n[:, None] & m_m[None, :]
+    p_out = p_y + o_m[None, :] * stride_ym + o_n64[:, None] * stride_yn
+    if SPLIT:
+        # partials laid out [S, M, N] contiguous
+        o_part = o_m[None, :] * N + o_n64[:, None]
+        tl.store(p_part + i_s * M * N + o_part, b_acc, mask=m_out)
+        tl.debug_barrier()  # every thread's partial is stored before the count says so
+        arrived = tl.atomic_add(p_count + i_n, 1, sem="acq_rel")
+        if arrived == n_splits - 1:
+            b_sum = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            for s in range(0, n_splits):
+                # .cg: read past this SM's L1, which may not see the other SMs' stores
+                b_sum += tl.load(p_part + s * M * N + o_part, mask=m_out, other=0.0, cache_modifier=".cg")
+            tl.store(p_out, b_sum.to(p_y.dtype.element_ty), mask=m_out)
+            tl.atomic_xchg(p_count + i_n, 0)
+    else:
+        tl.store(p_out, b_acc.to(p_y.dtype.element_ty), mask=m_out)
 
 
 # BLOCK_K of the decode kernel by x's element size, capped at the blocksize (so one scale per row and
@@ -224,7 +243,8 @@ _DECODE_BLOCK_K = {2: 64, 4: 32}
 
 def _decode_plan(m: int, n: int, k: int, r: int, blocksize: int, blocksize2: int, nested: bool, has_bias: bool,
                  dtype, splits: Optional[int], device):
-    """``(grid, splits, k_per_split, kwargs)`` of one decode signature (integer arithmetic, once)."""
+    """``(grid, splits, k_per_split, kwargs, counts)`` of one decode signature (integer arithmetic, once);
+    ``counts`` is the split kernel's per-tile arrival counters (zero between calls: the kernel resets them)."""
     cdiv = _plans.cdiv
     block_m = max(16, _plans.next_power_of_2(m))
     block_n = 64
@@ -238,9 +258,10 @@ def _decode_plan(m: int, n: int, k: int, r: int, blocksize: int, blocksize2: int
     splits = cdiv(k, k_per_split)
     kwargs = dict(BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested, HAS_BIAS=has_bias,
                   **launch.dot_flags(dtype), PTX_MUL_RN=_nf4k.ptx_mul_rn(device),
-                  SOFT_BF16=dtype == torch.bfloat16 and settings().interpret,
+                  SOFT_BF16=dtype == torch.bfloat16 and settings().interpret, SPLIT=splits > 1,
                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=launch.block_r(r), num_warps=4)
-    return (n_tiles, splits), splits, k_per_split, kwargs
+    counts = torch.zeros(n_tiles if splits > 1 else 1, dtype=torch.int32, device=device)
+    return (n_tiles, splits), splits, k_per_split, kwargs, counts
 
 
 def _decode_lora_4bit(x2, packed, absmax, code, code2, absmax2, offset, meta, xa, lora_B, bias, scaling,
@@ -257,23 +278,20 @@ def _decode_lora_4bit(x2, packed, absmax, code, code2, absmax2, offset, meta, xa
     if plan is None:
         plan = _plans.PLANS[key] = _decode_plan(m, n, k, r, blocksize, blocksize2, nested, has_bias, dtype, splits,
                                                 device)
-    grid, n_splits, k_per_split, kwargs = plan
+    grid, n_splits, k_per_split, kwargs, counts = plan
     y = torch.empty((m, n), device=device, dtype=dtype)
-    if n_splits == 1:
-        dst, dst_strides = y, (0, n, 1)
-    else:
-        dst, dst_strides = torch.empty((n_splits, m, n), device=device, dtype=torch.float32), (m * n, n, 1)
+    # The counters are the plan's, shared by calls of this signature: calls on one stream (or one CUDA
+    # graph) run one after another, each leaving them at zero.
+    part = torch.empty((n_splits, m, n), device=device, dtype=torch.float32) if n_splits > 1 else y
     right = lora_B.t()
     sx, sl, sr = x2.stride(), xa.stride(), right.stride()
     _decode_lora_4bit_kernel[grid](
         x2, packed, absmax, code, code2 if nested else code, absmax2 if nested else code,
-        offset if nested else code, xa, right, bias if has_bias else code, dst,
-        m, n, k, r, k_per_split,
-        sx[0], sx[1], sl[0], sl[1], sr[0], sr[1], *dst_strides,
+        offset if nested else code, xa, right, bias if has_bias else code, y, part, counts,
+        m, n, k, r, k_per_split, n_splits,
+        sx[0], sx[1], sl[0], sl[1], sr[0], sr[1], n, 1,
         float(scaling), **kwargs,
     )
-    if n_splits > 1:
-        y.copy_(dst.sum(0))
     return y
 
 

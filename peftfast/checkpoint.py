@@ -11,6 +11,7 @@ import json
 import os
 import re
 import warnings
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -61,9 +62,11 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict:
     emitted: set = set()
     for key, value in model.state_dict(keep_vars=True).items():
         saved = peft_key(key, adapter_name)  # an adapter tensor (peftfast.checkpoint_keys), or None
-        if saved is None and getattr(cfg, "bias", "none") != "none" and key.endswith("bias") \
+        if saved is None and getattr(cfg, "bias", "none") != "none" and (key == "bias" or key.endswith(".bias")) \
                 and _bias_is_saved(model, key, cfg):
-            saved = key  # bias="all" / "lora_only": base biases, saved under their own names
+            # bias="all" / "lora_only": base biases under their own names. PEFT's rule: a parameter named "bias"
+            # (not MultiheadAttention's in_proj_bias)
+            saved = key
             if cfg.bias == "all" and id(value) in emitted:
                 # PEFT takes bias="all" from the whole state_dict, every path included, and clones the
                 # aliases (safetensors refuses tensors that share memory).

@@ -25,7 +25,7 @@ _INERT_FIELDS = {
     "alora_invocation_tokens": (None,), "arrow_config": (None,), "corda_config": (None,),
     "eva_config": (None,), "kasa_config": (None,), "layer_replication": (None,), "loftq_config": ({}, None),
     "lora_ga_config": (None,), "megatron_config": (None,), "megatron_core": ("megatron.core", None),
-    "monteclora_config": (None,), "target_parameters": (None, []),
+    "monteclora_config": (None,),
     "use_bdlora": (None, False), "use_qalora": (False,), "qalora_group_size": None, "velora_config": (None,),
     "ensure_weight_tying": (False,), "auto_mapping": None, "peft_version": None, "runtime_config": None,
     "inference_mode": None, "use_dora_for_embedding": None,
@@ -149,6 +149,9 @@ class LoraConfig(_BaseConfig):
             to the base layer's bias. Not with DoRA, nor on embeddings (as in PEFT).
         trainable_token_indices: train only these rows of the input embedding (a list of token ids), or of
             the named embeddings (``{"embed_tokens": [ids]}``); a tied output head follows (PEFT's format).
+        target_parameters: LoRA on raw ``nn.Parameter`` weights by name (a full parameter name or a dotted
+            suffix, e.g. ``["experts.gate_up_proj", "experts.down_proj"]``), above all MoE expert stacks
+            [E, ., .]; see ``peftfast.lora_params``. ``target_modules=[]`` then adapts no module.
         use_rslora, use_dora: the variants.
         init_lora_weights: True (PEFT: A Kaiming-uniform, B zero), "gaussian" (A normal(1/r)), False
             (random non-zero B, for tests), or from the base weight, which then keeps only the residual
@@ -179,6 +182,7 @@ class LoraConfig(_BaseConfig):
     use_dora: bool = False
     lora_bias: bool = False
     trainable_token_indices: Optional[Union[list, dict]] = None
+    target_parameters: Optional[list] = None
     peft_type_name = "LORA"
 
     def validate(self) -> None:
@@ -224,6 +228,10 @@ class LoraConfig(_BaseConfig):
         _check_targets("target_modules", self.target_modules)
         _check_targets("exclude_modules", self.exclude_modules)
         _check_token_indices(self.trainable_token_indices)
+        if self.target_parameters is not None:
+            if not isinstance(self.target_parameters, list) or not all(isinstance(t, str) and t for t in self.target_parameters):
+                raise ConfigError(f"target_parameters must be a list of parameter names (e.g. ['experts.gate_up_proj']) "
+                                  f"or None, got {self.target_parameters!r} (PEFT does not take a regex here either)")
 
 
 def _check_token_indices(value) -> None:
@@ -428,7 +436,7 @@ def as_config(config: Any) -> AnyConfig:
     if peft_type not in CONFIG_CLASSES:
         raise ConfigError(f"peft_type {peft_type!r} is not supported by peftfast; supported: {sorted(CONFIG_CLASSES)}")
     data["peft_type"] = peft_type
-    for key in ("target_modules", "exclude_modules", "feedforward_modules", "modules_to_save"):
+    for key in ("target_modules", "exclude_modules", "feedforward_modules", "modules_to_save", "target_parameters"):
         if isinstance(data.get(key), (set, tuple)):
             data[key] = sorted(data[key])
     return CONFIG_CLASSES[peft_type].from_dict(data)

@@ -45,6 +45,8 @@ def layer_features(module: nn.Module) -> tuple:
         return int(module.num_embeddings), int(module.embedding_dim)
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return int(module.in_channels), int(module.out_channels)
+    if isinstance(module, nn.MultiheadAttention):  # its in-projection: [3E, E], as PEFT counts it
+        return int(module.embed_dim), 3 * int(module.embed_dim)
     return int(module.in_features), int(module.out_features)
 
 

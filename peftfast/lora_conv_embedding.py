@@ -5,6 +5,11 @@
   starts at zero and B normal, the reverse of linear LoRA, so the lookup of A is what learns first.
 * Convolution: ``lora_A`` is a conv like the base (same kernel, stride and padding, r output
   channels), ``lora_B`` a 1x1 conv to the output channels; ``y = conv(x) + scaling * B(A(dropout(x)))``.
+* DoRA (``use_dora=True``) on both, as PEFT: a magnitude ``m`` (``lora_magnitude_vector``) rescales the
+  adapted weight ``W' = W + scaling * dW`` to ``m * W' / ||W'||``. The norm is taken per *embedding
+  dimension* for an embedding (over the vocabulary: ``W'`` [num_embeddings, dim] by column, ``m`` [dim])
+  and per *output channel* for a convolution (over input channels and kernel: ``m`` [1, out, 1, ...],
+  PEFT's shape). The norm is detached (DoRA paper, section 4.3), so it scales but takes no gradient.
 
 These layers are small next to the linear projections (patch embeddings, token embeddings, UNet
 convs), so they run as PyTorch ops; the fused kernels are for the linear layers.
@@ -18,37 +23,45 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import AdapterLayer, adapter_dtype
+from .base_weight import is_zero3_partitioned
+from .layers import AdapterLayer, _Magnitude, adapter_dtype
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def _check_whole(weight: torch.Tensor) -> None:
+    """DoRA's norm needs the whole base weight, which a ZeRO-3 shard outside its module's forward is not."""
+    if is_zero3_partitioned(weight):
+        raise NotImplementedError("DoRA under DeepSpeed ZeRO-3 is not supported by peftfast (the weight norm needs "
+                                  "the whole base weight); use ZeRO-2, FSDP2, or LoRA without use_dora")
+
+
 def is_lora_extra(module: nn.Module) -> bool:
-    """Layers LoRA wraps besides the linear ones."""
-    return isinstance(module, (nn.Embedding,) + CONV_TYPES)
-
-
-def _check_options(kind: str, use_dora: bool) -> None:
-    if use_dora:
-        raise ValueError(f"DoRA on {kind} layers is not supported by peftfast; leave {kind} layers out of target_modules")
+    """Layers LoRA wraps besides the linear ones (nn.MultiheadAttention: see peftfast.lora_mha)."""
+    return isinstance(module, (nn.Embedding, nn.MultiheadAttention) + CONV_TYPES)
 
 
 class LoraEmbedding(AdapterLayer):
     """LoRA over an ``nn.Embedding``."""
 
-    adapter_param_names = ("lora_embedding_A", "lora_embedding_B")
+    adapter_param_names = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Embedding, backend: str = "auto"):
         super().__init__(base_layer, backend)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
         self.r: dict = {}
         self.lora_alpha: dict = {}
         self.scaling: dict = {}
+        self._dora_norm_cache: dict = {}  # adapter -> the norm a merge used (unmerge divides by it again)
+
+    @property
+    def adapter_names(self) -> list:
+        return list(self.lora_embedding_A.keys())
 
     def add_adapter(self, name: str, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
                     use_dora: bool = False, init: object = True, lora_bias: bool = False) -> None:
-        _check_options("embedding", use_dora)
         if lora_bias:
             raise ValueError(
                 "lora_bias=True is not supported on nn.Embedding (PEFT refuses it too); set lora_bias=False or leave "
@@ -65,11 +78,22 @@ class LoraEmbedding(AdapterLayer):
         self.lora_embedding_B[name] = nn.Parameter(b)
         self.r[name], self.lora_alpha[name] = r, alpha
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        if use_dora:
+            mag = _Magnitude(base.embedding_dim, **kw)
+            with torch.no_grad():
+                mag.weight.copy_(self._weight_norm(name, base.weight))
+            self.lora_magnitude_vector[name] = mag
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
-        for d in (self.r, self.lora_alpha, self.scaling):
+        for d in (self.r, self.lora_alpha, self.scaling, self._dora_norm_cache):
             d.pop(name, None)
+
+    def _weight_norm(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """DoRA's ``||W + dW||`` per embedding dimension (over the vocabulary), [dim] fp32, no gradient."""
+        _check_whole(weight)
+        with torch.no_grad():
+            return torch.linalg.norm(weight.float() + self.delta_weight(name), dim=0)
 
     def _lookup(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -83,7 +107,13 @@ class LoraEmbedding(AdapterLayer):
         for name in self.active_adapters:
             a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
             # [..., r] @ [r, dim] -> [..., dim]
-            result = result + (self._lookup(x, a.t()) @ b.t()) * self.scaling[name]
+            term = (self._lookup(x, a.t()) @ b.t()) * self.scaling[name]
+            if name in self.lora_magnitude_vector:
+                # m / ||W + dW|| per dimension scales the base row and the LoRA term alike (PEFT's order)
+                factor = self.lora_magnitude_vector[name].weight / self._weight_norm(name, self.base_layer.weight)
+                result = factor * result + factor * term
+            else:
+                result = result + term
         return result.to(self.base_layer.weight.dtype)
 
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -94,8 +124,14 @@ class LoraEmbedding(AdapterLayer):
         names = [n for n in (names or self.active_adapters) if n not in self.merged_adapters and n in self.r]
         with torch.no_grad():
             w = self.base_layer.weight
+            unmerged = w.float().clone()  # DoRA's norm is the forward's: of the weight before this merge
             for name in names:
-                w.copy_((w.float() + self.delta_weight(name)).to(w.dtype))
+                merged = w.float() + self.delta_weight(name)
+                if name in self.lora_magnitude_vector:
+                    norm = self._weight_norm(name, unmerged)
+                    self._dora_norm_cache[name] = norm
+                    merged = (self.lora_magnitude_vector[name].weight.float() / norm).view(1, -1) * merged
+                w.copy_(merged.to(w.dtype))
                 self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -103,7 +139,11 @@ class LoraEmbedding(AdapterLayer):
             w = self.base_layer.weight
             while self.merged_adapters:
                 name = self.merged_adapters.pop()
-                w.copy_((w.float() - self.delta_weight(name)).to(w.dtype))
+                weight = w.float()
+                if name in self.lora_magnitude_vector:
+                    factor = self.lora_magnitude_vector[name].weight.float() / self._dora_norm_cache.pop(name)
+                    weight = weight / factor.view(1, -1)
+                w.copy_((weight - self.delta_weight(name)).to(w.dtype))
 
 
 class LoraConv(AdapterLayer):
@@ -114,21 +154,34 @@ class LoraConv(AdapterLayer):
     grouped base kernel cannot hold, so such an adapter trains and saves but does not merge (as in PEFT).
     """
 
-    adapter_param_names = ("lora_A", "lora_B")
+    adapter_param_names = ("lora_A", "lora_B", "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Module, backend: str = "auto"):
         super().__init__(base_layer, backend)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
         self.r: dict = {}
         self.lora_alpha: dict = {}
         self.scaling: dict = {}
         self.lora_dropout_p: dict = {}
+        self._dora_norm_cache: dict = {}  # adapter -> the norm a merge used (unmerge divides by it again)
+
+    @property
+    def adapter_names(self) -> list:
+        return list(self.lora_A.keys())
 
     def add_adapter(self, name: str, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
                     use_dora: bool = False, init: object = True, lora_bias: bool = False) -> None:
-        _check_options("convolution", use_dora)
         base = self.base_layer
+        if use_dora and base.groups > 1:
+            # PEFT accepts this, but its norm reshapes B @ A ([out / groups, in * k]) into the grouped
+            # kernel's shape, so the magnitude it learns scales a mis-laid-out weight
+            raise ValueError(
+                f"DoRA on a {type(base).__name__} with groups={base.groups} is not supported by peftfast: PEFT's "
+                "weight norm for it lays the LoRA product out wrongly, so no correct result can match it; use "
+                "use_dora=False for this layer or exclude it from target_modules"
+            )
         if r % base.groups:
             raise ValueError(
                 f"LoRA on a {type(base).__name__} with groups={base.groups} needs a rank divisible by the groups "
@@ -155,11 +208,37 @@ class LoraConv(AdapterLayer):
         self.r[name], self.lora_alpha[name] = r, alpha
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout_p[name] = float(dropout)
+        if use_dora:
+            # PEFT's shape [1, out, 1, ...]: it broadcasts over the [batch, out, *spatial] output
+            mag = _Magnitude((1, self.out_features) + ones, **kw)
+            with torch.no_grad():
+                mag.weight.copy_(self._weight_norm(name, base.weight))
+            self.lora_magnitude_vector[name] = mag
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
-        for d in (self.r, self.lora_alpha, self.scaling, self.lora_dropout_p):
+        for d in (self.r, self.lora_alpha, self.scaling, self.lora_dropout_p, self._dora_norm_cache):
             d.pop(name, None)
+
+    def _weight_norm(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """DoRA's ``||W + dW||`` per output channel, [1, out, 1, ...] fp32, no gradient."""
+        _check_whole(weight)
+        with torch.no_grad():
+            w = weight.float() + self.delta_weight(name)
+            return w.flatten(1).norm(dim=1).view((1, -1) + (1,) * (w.dim() - 2))
+
+    def _dora_term(self, name: str, x: torch.Tensor, h: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """What DoRA adds to ``result`` (the base output): ``(f - 1) * conv(h, W) + f * s * B(A(h))``,
+        ``f = m / ||W + dW||``. Without dropout ``conv(h, W)`` is ``result`` less the bias; with it PEFT
+        recomputes the base on the dropped-out input, and so does this."""
+        base = self.base_layer
+        a, b = self.lora_A[name], self.lora_B[name]
+        factor = self.lora_magnitude_vector[name].weight / self._weight_norm(name, base.weight)
+        if h is x:
+            plain = result if base.bias is None else result - base.bias.view((1, -1) + (1,) * (result.dim() - 2))
+        else:
+            plain = base._conv_forward(h.to(base.weight.dtype), base.weight, None)
+        return (factor - 1) * plain + factor * b(a(h.to(a.weight.dtype))) * self.scaling[name]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self._use_base_only():
@@ -167,8 +246,12 @@ class LoraConv(AdapterLayer):
         result = self.base_layer(x)
         for name in self.active_adapters:
             a, b = self.lora_A[name], self.lora_B[name]
-            h = F.dropout(x, self.lora_dropout_p[name], self.training) if self.lora_dropout_p[name] else x
-            result = result + b(a(h.to(a.weight.dtype))) * self.scaling[name]
+            p = self.lora_dropout_p[name]
+            h = F.dropout(x, p, self.training) if p and self.training else x
+            if name in self.lora_magnitude_vector:
+                result = result + self._dora_term(name, x, h, result)
+            else:
+                result = result + b(a(h.to(a.weight.dtype))) * self.scaling[name]
         return result.to(x.dtype)
 
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -199,15 +282,27 @@ class LoraConv(AdapterLayer):
             )
         with torch.no_grad():
             w = self.base_layer.weight
+            unmerged = w.float().clone()  # DoRA's norm is the forward's: of the weight before this merge
+            view = (-1,) + (1,) * (w.dim() - 1)
             for name in names:
-                w.copy_((w.float() + self.delta_weight(name)).to(w.dtype))
+                merged = w.float() + self.delta_weight(name)
+                if name in self.lora_magnitude_vector:
+                    norm = self._weight_norm(name, unmerged)
+                    self._dora_norm_cache[name] = norm
+                    merged = (self.lora_magnitude_vector[name].weight.float() / norm).view(view) * merged
+                w.copy_(merged.to(w.dtype))
                 self._merge_bias(name, 1.0)
                 self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         with torch.no_grad():
             w = self.base_layer.weight
+            view = (-1,) + (1,) * (w.dim() - 1)
             while self.merged_adapters:
                 name = self.merged_adapters.pop()
-                w.copy_((w.float() - self.delta_weight(name)).to(w.dtype))
+                weight = w.float()
+                if name in self.lora_magnitude_vector:
+                    factor = self.lora_magnitude_vector[name].weight.float() / self._dora_norm_cache.pop(name)
+                    weight = weight / factor.view(view)
+                w.copy_((weight - self.delta_weight(name)).to(w.dtype))
                 self._merge_bias(name, -1.0)

@@ -16,8 +16,11 @@ import torch.nn as nn
 from .config import PROMPT_LEARNING_CONFIGS, AnyConfig, ConfigError, IA3Config, LoraConfig, as_config
 from .kernels.dispatch import check_backend
 from .layers import AdapterLayer, IA3Layer, LoraLayer, ModulesToSave, is_linear_like
+from .ia3_conv import IA3Conv, is_ia3_extra
 from .lora_conv_embedding import CONV_TYPES, LoraConv, LoraEmbedding, is_lora_extra
 from .lora_init import forget_base, is_base_init, restore_base
+from .lora_mha import LoraMultiheadAttention, bare_out_projections
+from .lora_params import build_parameter_wrappers, warn_unmatched
 from .prompt_learning import PromptLearning, add_prompt_learning, remove_prompt_learning
 from .trainable_tokens import TrainableTokensLayer
 from .targets import DEFAULT_IA3_TARGETS, model_type, name_matches, resolve_targets
@@ -167,14 +170,24 @@ def _patch(model: nn.Module, config, adapter_name: str, backend: str) -> Callabl
             cfg.target_modules, ff = DEFAULT_IA3_TARGETS[family]
             if cfg.feedforward_modules is None:
                 cfg.feedforward_modules = ff
-    supported = (lambda m: is_linear_like(m) or is_lora_extra(m)) if isinstance(cfg, LoraConfig) else is_linear_like
-    targets = resolve_targets(model, cfg, supported)
-    if isinstance(cfg, LoraConfig):
-        _warn_unused_patterns(cfg, targets)
+    # With target_parameters, target_modules may match nothing (PEFT: target_modules=[] targets no module).
+    with_params = isinstance(cfg, LoraConfig) and bool(cfg.target_parameters)
+    targets = resolve_targets(model, cfg, supported_by(cfg), allow_empty=with_params)
+    if with_params and cfg.target_modules and not targets:
+        warnings.warn(f"target_modules={cfg.target_modules} matched no module; only target_parameters are adapted",
+                      RuntimeWarning, stacklevel=3)
+    bare = bare_out_projections(model, targets)
+    if bare:
+        raise ConfigError(
+            f"{bare[:3]} are the out_proj of an nn.MultiheadAttention, whose forward never calls that layer: an "
+            "adapter there would train nothing. Target the MultiheadAttention module itself (LoRA adapts both its "
+            "projections), or add these names to exclude_modules"
+        )
     if isinstance(cfg, IA3Config) and cfg.feedforward_modules:
+        wrappable = supported_by(cfg)
         stray = [
-            n for n, _ in model.named_modules()
-            if n and name_matches(cfg.feedforward_modules, n) and is_linear_like(model.get_submodule(n)) and n not in targets
+            n for n, m in model.named_modules()
+            if n and name_matches(cfg.feedforward_modules, n) and wrappable(m) and n not in targets
         ]
         if stray:
             raise ConfigError(
@@ -198,7 +211,8 @@ def _patch(model: nn.Module, config, adapter_name: str, backend: str) -> Callabl
                 if isinstance(cfg, LoraConfig):
                     wrapper = _lora_wrapper(module)(module, backend=backend)
                 else:
-                    wrapper = IA3Layer(module, feedforward=name_matches(cfg.feedforward_modules, name), backend=backend)
+                    ia3_cls = IA3Conv if is_ia3_extra(module) else IA3Layer
+                    wrapper = ia3_cls(module, feedforward=name_matches(cfg.feedforward_modules, name), backend=backend)
                 fresh = True
             # before the adapter is added: an init from the base (PiSSA/OLoRA) changes the base weight, and a
             # later failure must put it back even where the wrapper itself is thrown away
@@ -208,6 +222,17 @@ def _patch(model: nn.Module, config, adapter_name: str, backend: str) -> Callabl
             _add_adapter(wrapper, name, cfg, adapter_name)
             if fresh:
                 installs.append((name, module, wrapper))
+                # a wrapper that also places layers inside its base (MultiheadAttention's out_proj)
+                installs.extend(getattr(wrapper, "nested_installs", lambda _: [])(name))
+        param_keys: list = []
+        if with_params:  # LoRA on raw parameters (MoE expert stacks): peftfast.lora_params
+            param_installs, param_undo, param_keys = build_parameter_wrappers(
+                model, cfg, adapter_name, backend, targets, dict(state.configs), _pattern_value)
+            undo.extend(param_undo)
+            installs.extend(param_installs)
+            warn_unmatched(cfg, param_keys, targets)
+        if isinstance(cfg, LoraConfig):
+            _warn_unused_patterns(cfg, targets + param_keys)
         if isinstance(cfg, LoraConfig) and cfg.trainable_token_indices is not None:
             _add_trainable_tokens(model, cfg, adapter_name, backend, targets, save_names, installs, undo)
         for name in save_names:
@@ -319,7 +344,14 @@ def _undo(undo: list, grad_flags: dict, model: Optional[nn.Module] = None) -> No
         p.requires_grad_(flag)
 
 
-LORA_WRAPPERS = (LoraLayer, LoraEmbedding, LoraConv)
+LORA_WRAPPERS = (LoraLayer, LoraEmbedding, LoraConv, LoraMultiheadAttention)
+
+
+def supported_by(cfg) -> Callable[[nn.Module], bool]:
+    """The module types a LoRA / IA3 config can wrap (what ``resolve_targets`` accepts)."""
+    if isinstance(cfg, LoraConfig):
+        return lambda m: is_linear_like(m) or is_lora_extra(m)
+    return lambda m: is_linear_like(m) or is_ia3_extra(m)
 
 
 def _lora_wrapper(module: nn.Module) -> type:
@@ -327,6 +359,8 @@ def _lora_wrapper(module: nn.Module) -> type:
         return LoraEmbedding
     if isinstance(module, CONV_TYPES):
         return LoraConv
+    if isinstance(module, nn.MultiheadAttention):
+        return LoraMultiheadAttention
     return LoraLayer
 
 
@@ -399,7 +433,9 @@ def _apply_trainable(model: nn.Module, state: PatchState) -> None:
         bias = getattr(cfg, "bias", "none")
         if bias == "all":
             for pname, p in model.named_parameters():
-                if pname.endswith("bias") and ".modules_to_save." not in pname:
+                # PEFT's rule: a parameter named "bias" (not MultiheadAttention's in_proj_bias, nor an MoE
+                # expert stack's gate_up_proj_bias)
+                if (pname == "bias" or pname.endswith(".bias")) and ".modules_to_save." not in pname:
                     p.requires_grad_(True)
         elif bias == "lora_only":
             # PEFT trains the bias of every LoRA-wrapped layer (convolutions and embeddings too), not just
@@ -512,7 +548,9 @@ def unpatch(model: nn.Module, *, merge_adapters: bool = False) -> nn.Module:
     if merge_adapters:
         merge(model)
     remove_prompt_learning(model)
-    for name, module in list(_adapter_wrappers(model)):
+    # innermost first: a wrapper placed inside another's base (MultiheadAttention's out_proj), or wrappers
+    # of several parameters of one module (lora_params), nest; each is put back while its path still resolves
+    for name, module in reversed(list(_adapter_wrappers(model))):
         try:
             model.get_submodule(name)
         except AttributeError:

@@ -88,13 +88,15 @@ def output_head_names(model: nn.Module, task_type: Optional[str]) -> set:
     return names
 
 
-def resolve_targets(model: nn.Module, config, is_supported) -> list:
+def resolve_targets(model: nn.Module, config, is_supported, *, allow_empty: bool = False) -> list:
     """Names of the modules ``config`` targets, in model order.
 
     Args:
         model: the model to patch.
         config: a LoraConfig or IA3Config (``target_modules``, ``exclude_modules``, ...).
         is_supported: predicate on a module; targets of other types raise.
+        allow_empty: return [] instead of raising when nothing matches (LoRA with ``target_parameters``,
+            which may adapt parameters only).
 
     Returns:
         The matched module names.
@@ -109,6 +111,8 @@ def resolve_targets(model: nn.Module, config, is_supported) -> list:
     if targets is None:
         family = model_type(model)
         table = DEFAULT_LORA_TARGETS if config.peft_type == "LORA" else {k: v[0] for k, v in DEFAULT_IA3_TARGETS.items()}
+        if family not in table and allow_empty:
+            return []
         if family not in table:
             raise ConfigError(
                 f"target_modules is not set and peftfast has no default for model type {family!r}; "
@@ -144,10 +148,12 @@ def resolve_targets(model: nn.Module, config, is_supported) -> list:
                 raise ConfigError(
                     f"module {name!r} matches target_modules but is a {type(module).__name__}; peftfast "
                     "wraps nn.Linear, transformers Conv1D and bitsandbytes Linear4bit/Linear8bitLt (LoRA also nn.Embedding "
-                    "and nn.Conv1d/Conv2d/Conv3d). "
+                    "and nn.Conv1d/Conv2d/Conv3d, IA3 also nn.Conv2d/Conv3d, as PEFT). "
                     "Narrow target_modules (or add it to exclude_modules)"
                 )
             chosen.append(name)
+    if not chosen and allow_empty:
+        return []
     layers = getattr(config, "layers_to_transform", None)
     if not chosen and layers is not None and not isinstance(targets, str):
         by_name = [n for n, _ in model.named_modules() if n and name_matches(targets, n)]

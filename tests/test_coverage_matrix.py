@@ -268,6 +268,7 @@ def test_layer_paths_follow_the_dispatch_predicates():
             self.lin = nn.Linear(8, 8)
             self.conv = nn.Conv1d(8, 8, 3)
             self.grouped = nn.Conv1d(8, 8, 3, groups=2)
+            self.conv2d = nn.Conv2d(8, 8, 3)
             self.int8 = bnb.nn.Linear8bitLt(8, 8, has_fp16_weights=False)
             self.norm = nn.LayerNorm(8)
 
@@ -280,3 +281,8 @@ def test_layer_paths_follow_the_dispatch_predicates():
     refused = coverage.layer_paths(toy, peftfast.LoraConfig(target_modules=["norm"]))
     assert refused.path == "unsupported" and "LayerNorm" in refused.reason
     assert coverage.layer_paths(toy, peftfast.IA3Config(target_modules=["emb"])).path == "unsupported"
+    # IA3 wraps Conv2d/Conv3d (PyTorch ops), not Conv1d (PEFT has no IA3 for it either)
+    assert coverage.layer_paths(toy, peftfast.IA3Config(target_modules=["conv2d"], feedforward_modules=[])).path == (
+        "reference")
+    assert coverage.layer_paths(toy, peftfast.IA3Config(target_modules=["conv"], feedforward_modules=[])).path == (
+        "unsupported")

@@ -341,6 +341,7 @@ def module_path(module: nn.Module, method: str) -> str:
     the wrappers dispatch on."""
     from ..base_weight import kernel_weight
     from ..layers import is_linear_like
+    from ..ia3_conv import is_ia3_extra
     from ..lora_conv_embedding import is_lora_extra
 
     if is_linear_like(module):
@@ -348,6 +349,8 @@ def module_path(module: nn.Module, method: str) -> str:
         return REFERENCE if kernel_weight(module) is None else FUSED
     if method == "lora" and is_lora_extra(module):
         return REFERENCE  # LoraEmbedding / LoraConv (grouped convolutions too): PyTorch ops
+    if method == "ia3" and is_ia3_extra(module):
+        return REFERENCE  # IA3Conv: PyTorch ops
     return UNSUPPORTED
 
 
@@ -361,8 +364,7 @@ def layer_paths(model: nn.Module, config) -> Cell:
     Returns:
         A :class:`Cell`; ``cell.reason`` holds peftfast's error when ``patch`` would refuse.
     """
-    from ..layers import is_linear_like
-    from ..lora_conv_embedding import is_lora_extra
+    from ..patching import supported_by
     from ..targets import DEFAULT_IA3_TARGETS, model_type, resolve_targets
 
     try:
@@ -382,13 +384,10 @@ def layer_paths(model: nn.Module, config) -> Cell:
             if cfg.feedforward_modules is None:
                 cfg.feedforward_modules = ff
         is_lora = isinstance(cfg, LoraConfig)
-        supported = (lambda m: is_linear_like(m) or is_lora_extra(m)) if is_lora else is_linear_like
-        names = resolve_targets(model, cfg, supported)
+        names = resolve_targets(model, cfg, supported_by(cfg))
     except ConfigError as e:
         return Cell({}, reason=str(e))
     layers = {n: module_path(model.get_submodule(n), "lora" if is_lora else "ia3") for n in names}
-    if is_lora and cfg.use_dora and any(is_lora_extra(model.get_submodule(n)) for n in names):
-        return Cell(layers, reason="DoRA on embedding/convolution layers is not supported by peftfast")
     bad = [n for n, p in layers.items() if p == UNSUPPORTED]
     if bad:
         return Cell(layers, reason=f"peftfast cannot wrap {bad[:3]}")
@@ -439,7 +438,8 @@ def markdown_table(matrix: Optional[dict] = None) -> str:
         "",
         "- **fused**: the Triton kernels for CUDA tensors (LoRA/DoRA/IA3 on `nn.Linear`, transformers `Conv1D` and "
         "bitsandbytes `Linear4bit`; the prefix-attention kernel), their PyTorch references elsewhere. "
-        "**reference**: PyTorch ops by design (LoRA on embeddings and convolutions, prompt tuning, prefix tuning on "
+        "**reference**: PyTorch ops by design (LoRA/DoRA on embeddings and convolutions, LoRA on "
+        "`nn.MultiheadAttention`, IA3 on convolutions, prompt tuning, prefix tuning on "
         "encoder-decoder models and on models that compute attention themselves, bitsandbytes 8-bit bases). **n/a (PEFT)**: Hugging Face PEFT cannot do it either (`PEFT_UNSUPPORTED` in "
         "`peftfast/devtools/coverage.py`, checked against PEFT by the tests).",
         "- Every supported cell is checked against PEFT on a tiny random model (logits, then training steps with "

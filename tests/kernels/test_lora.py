@@ -206,6 +206,14 @@ def test_decode_split_k(dtype, quant_type, nested, nan_empty):
         y = lora_triton._decode_lora_4bit(x, w, absmax, code, code2, absmax2, offset, meta, xa, b, bias, SCALING,
                                        splits=splits)
         assert_rel_close(y, ref(*inputs64), tol, f"decode splits={splits}")
+        # The last split of each tile reduces in the kernel and resets its counter: a second call (a CUDA
+        # graph replay, the next token) computes the same bits from the same state.
+        counts = next(p[-1] for key, p in lora_triton._plans.PLANS.items()
+                      if key[0] == "decode_lora_4bit" and key[-2] == splits and key[1] == x.shape[0])
+        assert counts.numel() == (1 if splits == 1 else -(-n // 64)) and not counts.any()
+        again = lora_triton._decode_lora_4bit(x, w, absmax, code, code2, absmax2, offset, meta, xa, b, bias,
+                                           SCALING, splits=splits)
+        assert torch.equal(again, y)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])

@@ -1,0 +1,93 @@
+"""Triton grouped LoRA term (kernels/grouped_lora.py, grouped_lora_triton.py) against the float64 reference.
+
+flash-attention's rule (``helpers.dtype_error_bound``): the kernel's error against float64 may be at most twice
+that of the same computation run by PyTorch in the test dtype. Odd sizes, unsorted ids, empty experts and
+out-of-range ids (expert-parallel sentinels) are covered; outputs are NaN-poisoned (``nan_empty``) so an
+unwritten row fails. bf16 only on GPU (the interpreter's bf16 ``tl.dot`` is wrong).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftfast.kernels import grouped_lora_triton
+from peftfast.kernels.grouped_lora import expert_ids_from_offsets, grouped_lora, grouped_lora_reference
+from helpers import assert_rel_close, dtype_error_bound
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def _all(x, lhs, rhs, ids, dy, scaling):
+    leaves = [t.detach().requires_grad_() for t in (x, lhs, rhs)]
+    y = grouped_lora_reference(leaves[0], leaves[1], leaves[2], ids, scaling)
+    if not y.requires_grad:  # no row routed to any expert: every gradient is zero
+        return (y.detach(), *(torch.zeros_like(t) for t in leaves))
+    grads = torch.autograd.grad(y, leaves, dy, allow_unused=True)
+    return (y.detach(), *(torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)))
+
+
+@pytest.mark.parametrize("s, d1, d2, e, r", [(37, 19, 23, 5, 3), (1, 8, 5, 1, 1), (70, 33, 9, 7, 17)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("order", ["sorted", "random"])
+def test_forward_backward_against_fp64(s, d1, d2, e, r, dtype, order, nan_empty):
+    g = torch.Generator().manual_seed(s + d1 + e)
+    x = torch.randn(s, d1, generator=g).to(DEVICE, dtype)
+    lhs = (torch.randn(e, d1, r, generator=g) / d1 ** 0.5).to(DEVICE, dtype)
+    rhs = torch.randn(e, r, d2, generator=g).to(DEVICE, dtype)
+    ids = torch.randint(-1, e + 1, (s,), generator=g)  # -1 and e: rows of no expert
+    if order == "sorted":
+        ids = ids.sort().values
+    ids = ids.to(DEVICE)
+    xg, lg, rg = (t.detach().requires_grad_() for t in (x, lhs, rhs))
+    y = grouped_lora(xg, lg, rg, ids, 1.7, backend="triton")
+    assert y.dtype == dtype and y.shape == (s, d2)
+    dy = torch.randn(s, d2, generator=g).to(DEVICE, dtype)
+    got = [y, *torch.autograd.grad(y, (xg, lg, rg), dy)]
+    inputs64 = [x.double(), lhs.double(), rhs.double(), ids, dy.double(), 1.7]
+    for i, name in enumerate(["y", "dx", "d_lhs", "d_rhs"]):
+        def fn(*args, _i=i):
+            return _all(*args)[_i]
+
+        tol = dtype_error_bound(fn, inputs64, dtype)
+        assert_rel_close(got[i], fn(*inputs64), tol, f"{name} {dtype} {order} s={s}")
+    dead = (ids < 0) | (ids >= e)
+    assert torch.all(y[dead] == 0) and torch.all(got[1][dead] == 0)
+
+
+def test_fp32_adapters_on_half_rows(nan_empty):
+    """Factors in fp32 with fp16 rows (PEFT-style fp32 adapters on a half base): computed in fp32."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(29, 12, generator=g).to(DEVICE, torch.float16)
+    lhs = torch.randn(3, 12, 4, generator=g).to(DEVICE)
+    rhs = torch.randn(3, 4, 10, generator=g).to(DEVICE)
+    ids = torch.randint(0, 3, (29,), generator=g).to(DEVICE)
+    y = grouped_lora(x, lhs, rhs, ids, 0.5, backend="triton")
+    want = grouped_lora_reference(x.double(), lhs.double(), rhs.double(), ids, 0.5)
+    assert y.dtype == torch.float16
+    # fp32 compute, one fp16 rounding of the output: 2x fp16's half-ulp (relative RMS)
+    assert_rel_close(y, want, 2 * torch.finfo(torch.float16).eps, "fp16 rows, fp32 factors")
+
+
+def test_offsets_to_ids_and_dispatch(monkeypatch):
+    offs = torch.tensor([3, 3, 7, 8], dtype=torch.int32)
+    assert expert_ids_from_offsets(offs, 10).tolist() == [0, 0, 0, 2, 2, 2, 2, 3, 4, 4]
+    calls = []
+    real = grouped_lora_triton.triton_grouped_lora
+    monkeypatch.setattr(grouped_lora_triton, "triton_grouped_lora", lambda *a: calls.append(1) or real(*a))
+    x, lhs, rhs = torch.randn(4, 3), torch.randn(2, 3, 2), torch.randn(2, 2, 5)
+    ids = torch.tensor([0, 1, 1, 0])
+    grouped_lora(x.to(DEVICE), lhs.to(DEVICE), rhs.to(DEVICE), ids.to(DEVICE), 1.0, backend="triton")
+    grouped_lora(x, lhs, rhs, ids, 1.0, backend="reference")
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("args, match", [
+    ((torch.randn(4, 3), torch.randn(2, 5, 2), torch.randn(2, 2, 5), torch.zeros(4, dtype=torch.long)), "features"),
+    ((torch.randn(4, 3), torch.randn(2, 3, 2), torch.randn(2, 3, 5), torch.zeros(4, dtype=torch.long)), "rhs"),
+    ((torch.randn(4, 3), torch.randn(2, 3, 2), torch.randn(2, 2, 5), torch.zeros(3, dtype=torch.long)), "one id"),
+    ((torch.randn(4, 3), torch.randn(2, 3, 2), torch.randn(2, 2, 5), torch.zeros(4)), "int32 or int64"),
+])
+def test_shape_errors_name_the_operand(args, match):
+    with pytest.raises(ValueError, match=match):
+        grouped_lora(*args, 1.0)

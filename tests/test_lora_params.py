@@ -1,0 +1,277 @@
+"""``target_parameters``: LoRA on raw parameters (MoE expert stacks), against Hugging Face PEFT's ParamWrapper.
+
+Models: tiny random Mixtral ([E, out, in] expert stacks, ``F.linear`` per expert) and gpt-oss ([E, in, out],
+``x @ w``, ``is_transposed``), each under transformers' three experts implementations (``eager`` loop,
+``batched_mm`` gather + bmm, ``grouped_mm``), plus a toy module whose 3-D parameter is used through an op the
+lazy weight does not know (einsum: the materialized fallback) and a 2-D ``nn.Linear.weight``.
+
+Tolerances: eager and batched_mm run in float64 on both sides, where only summation order differs (1e-10
+relative is ~1e5 ulps of fp64 and ~1e-6 of any real mistake). grouped_mm has no float64 kernel, so it runs in
+float32; PEFT adds the delta into the weight before the GEMM and peftfast adds the low-rank term after it,
+which differ by a few fp32 roundings of the logits (measured ~3e-7 relative): 1e-5 is ~100x that.
+"""
+from __future__ import annotations
+
+import copy
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn as nn
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+from peft.utils import get_peft_model_state_dict  # noqa: E402
+
+import peftfast  # noqa: E402
+from peftfast.checkpoint import adapter_state_dict  # noqa: E402
+from peftfast.config import ConfigError  # noqa: E402
+from peftfast.lora_params import LoraParamWrapper, LoraWeight  # noqa: E402
+
+from helpers import assert_rel_close  # noqa: E402
+
+PREFIX = "base_model.model."
+EXPERT_PARAMS = ["experts.gate_up_proj", "experts.down_proj"]
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def _tiny(family: str, dtype=torch.float64, impl: str = "eager"):
+    common = dict(vocab_size=61, hidden_size=16, intermediate_size=12, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, num_local_experts=5, num_experts_per_tok=2, head_dim=8)
+    torch.manual_seed(0)
+    if family == "mixtral":
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**common))
+    else:
+        model = transformers.GptOssForCausalLM(transformers.GptOssConfig(
+            **common, layer_types=["full_attention", "sliding_attention"]))
+        with torch.no_grad():  # gpt-oss initializes its expert biases to zero: make them count
+            for name, p in model.named_parameters():
+                if name.endswith("_bias"):
+                    p.normal_(0, 0.1)
+    model.config._experts_implementation = impl
+    return model.to(dtype).eval()
+
+
+def _ids(batch=3, seq=7):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 61, (batch, seq), generator=g)
+
+
+def _peft_and_ours(base, config, backend="reference"):
+    """PEFT's model and ours with the same (random, non-zero) adapter values."""
+    theirs = peft.get_peft_model(copy.deepcopy(base), copy.deepcopy(config))
+    ours = peftfast.patch(copy.deepcopy(base), config, backend=backend)
+    sd = ours.state_dict()
+    with torch.no_grad():
+        for key, value in theirs.state_dict().items():
+            if "lora_" in key:
+                sd[key[len(PREFIX):]].copy_(value)
+    return theirs, ours
+
+
+def _config(**kw):
+    kw.setdefault("target_modules", [])
+    return peft.LoraConfig(r=3, lora_alpha=5, target_parameters=list(EXPERT_PARAMS), init_lora_weights=False, **kw)
+
+
+def _grads(model, prefix=""):
+    return {n[len(prefix):]: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("impl", ["eager", "batched_mm", "grouped_mm"])
+def test_logits_grads_counts_keys_match_peft(family, impl):
+    dtype = torch.float32 if impl == "grouped_mm" else torch.float64
+    base = _tiny(family, dtype, impl)
+    theirs, ours = _peft_and_ours(base, _config())
+    ids = _ids()
+    # The routed-only path must answer every op these experts implementations use: no dense delta.
+    with mock.patch.object(LoraWeight, "materialize", side_effect=AssertionError("materialized")):
+        y_ours = ours(ids).logits
+    y_theirs = theirs(ids).logits
+    with torch.no_grad():
+        y_base = base(ids).logits
+    assert (y_theirs - y_base).abs().max() > 1e-3  # the adapter changes the output
+    assert_rel_close(y_ours, y_theirs, TOL[dtype], f"{family}/{impl} logits")
+    dy = torch.randn_like(y_ours)
+    with mock.patch.object(LoraWeight, "materialize", side_effect=AssertionError("materialized")):
+        (y_ours * dy).sum().backward()
+    (y_theirs * dy).sum().backward()
+    g_ours, g_theirs = _grads(ours), _grads(theirs, PREFIX)
+    assert sorted(g_ours) == sorted(g_theirs) and len(g_ours) == 8
+    for name in g_ours:
+        assert_rel_close(g_ours[name], g_theirs[name], TOL[dtype] * 10, f"{family}/{impl} grad {name}")
+    trainable, total = peftfast.trainable_parameters(ours)
+    assert (trainable, total) == (sum(p.numel() for p in theirs.parameters() if p.requires_grad),
+                                  sum(p.numel() for p in theirs.parameters()))
+    assert sorted(adapter_state_dict(ours)) == sorted(get_peft_model_state_dict(theirs))
+    layer = ours.model.layers[0].mlp.experts
+    assert isinstance(layer, LoraParamWrapper) and layer.parameter_name == "down_proj"
+    assert isinstance(layer.base_layer, LoraParamWrapper) and layer.base_layer.parameter_name == "gate_up_proj"
+
+
+def test_batched_and_grouped_use_the_grouped_kernel_entry():
+    base = _tiny("mixtral", torch.float32, "grouped_mm")
+    _, ours = _peft_and_ours(base, _config())
+    from peftfast import lora_params
+
+    with mock.patch.object(lora_params, "grouped_lora", wraps=lora_params.grouped_lora) as spy:
+        ours(_ids())
+    assert spy.call_count == 4  # two layers x two expert stacks, one grouped call each
+
+
+@pytest.mark.filterwarnings("ignore:The following rank_pattern keys")  # PEFT checks modules only; it applies it
+def test_toy_module_fallback_and_2d_parameter():
+    """A 3-D parameter used through einsum (not one of the lazy ops: materialized, PEFT's semantics) and an
+    nn.Linear's 2-D weight (F.linear, lazy), with rank_pattern keyed by the parameter's name."""
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 9, 5))
+            self.unused = nn.Parameter(torch.randn(3))
+
+        def forward(self, h):
+            return torch.einsum("bi,eio->beo", h, self.w).sum(1)
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(7, 9)
+            self.stack = Stack()
+
+        def forward(self, x):
+            return self.stack(self.lin(x))
+
+    torch.manual_seed(3)
+    base = Toy().double()
+    cfg = peft.LoraConfig(r=2, lora_alpha=3, target_modules=[], target_parameters=["lin.weight", "stack.w"],
+                          rank_pattern={"lin.weight": 4}, init_lora_weights=False)
+    theirs, ours = _peft_and_ours(base, cfg)
+    assert ours.lin.lora_A["default"].weight.shape == (4, 7)
+    x = torch.randn(6, 7, dtype=torch.float64)
+    assert_rel_close(ours(x), theirs(x), 1e-10, "toy")
+    with pytest.raises(AttributeError, match="without LoRA"):
+        ours.stack.w  # read from outside the owner's forward, it would silently be the base weight
+    assert sorted(adapter_state_dict(ours)) == sorted(get_peft_model_state_dict(theirs))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_save_and_load_both_ways(family, tmp_path):
+    base = _tiny(family)
+    theirs, ours = _peft_and_ours(base, _config())
+    ids = _ids()
+    want = theirs(ids).logits
+    peftfast.save_adapter(ours, str(tmp_path / "ours"))
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    loaded_by_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+    assert_rel_close(loaded_by_peft(ids).logits, want, TOL[torch.float64], "peftfast file -> peft")
+    loaded_by_us = peftfast.load_adapter(copy.deepcopy(base), str(tmp_path / "theirs"))
+    assert_rel_close(loaded_by_us(ids).logits, want, TOL[torch.float64], "peft file -> peftfast")
+    assert peftfast.trainable_parameters(loaded_by_us)[0] == 0  # loaded for inference
+
+
+def test_training_steps_match_peft():
+    base = _tiny("mixtral", torch.float64, "batched_mm")
+    theirs, ours = _peft_and_ours(base, _config())
+    ids = _ids()
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in (theirs, ours)]
+    for _ in range(3):
+        for model, opt in zip((theirs, ours), opts):
+            opt.zero_grad()
+            model(ids, labels=ids).loss.backward()
+            opt.step()
+    assert_rel_close(ours(ids).logits, theirs(ids).logits, 1e-9, "after 3 SGD steps")
+
+
+def test_merge_unmerge_unpatch():
+    base = _tiny("gpt_oss", torch.float64, "eager")
+    theirs, ours = _peft_and_ours(base, _config())
+    ids = _ids()
+    adapted = ours(ids).logits.detach()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    peftfast.merge(ours)
+    w = ours.model.layers[0].mlp.experts.get_param()
+    assert not torch.equal(w, before["model.layers.0.mlp.experts.down_proj"])
+    assert_rel_close(ours(ids).logits, adapted, 1e-10, "merged")
+    with peftfast.disable_adapters(ours):
+        assert_rel_close(ours(ids).logits, base(ids).logits, 1e-10, "disabled (unmerges)")
+    peftfast.merge(ours)
+    peftfast.unmerge(ours)
+    assert_rel_close(ours(ids).logits, adapted, 1e-10, "unmerged")
+    merged_theirs = theirs.merge_and_unload()
+    peftfast.unpatch(ours, merge_adapters=True)
+    assert type(ours.model.layers[0].mlp.experts).__name__ == "GptOssExperts"
+    for key, value in merged_theirs.state_dict().items():
+        assert_rel_close(ours.state_dict()[key], value, 1e-12, key)
+    # unpatch without merging gives the base back exactly
+    _, again = _peft_and_ours(base, _config())
+    peftfast.merge(again, keep_original=True)
+    peftfast.unpatch(again)
+    assert sorted(again.state_dict()) == sorted(before)
+    for key, value in again.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_two_adapters_switch_like_peft():
+    base = _tiny("mixtral")
+    theirs, ours = _peft_and_ours(base, _config())
+    second = _config()
+    theirs.add_adapter("b", copy.deepcopy(second))
+    peftfast.patch(ours, second, adapter_name="b")
+    sd = ours.state_dict()
+    with torch.no_grad():
+        for key, value in theirs.state_dict().items():
+            if ".b." in key and "lora_" in key:
+                sd[key[len(PREFIX):]].copy_(value)
+    theirs.set_adapter("b")
+    peftfast.set_adapter(ours, "b")
+    ids = _ids()
+    assert_rel_close(ours(ids).logits, theirs(ids).logits, 1e-10, "adapter b")
+    assert peftfast.trainable_parameters(ours)[0] == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    other = peft.LoraConfig(r=2, target_modules=[], target_parameters=["experts.down_proj"])
+    with pytest.raises(ConfigError, match="same parameters"):
+        peftfast.patch(ours, other, adapter_name="c")
+
+
+def test_with_target_modules_and_bias_all():
+    base = _tiny("gpt_oss")
+    cfg = _config(target_modules=["q_proj", "v_proj"], bias="all")
+    theirs, ours = _peft_and_ours(base, cfg)
+    ids = _ids()
+    assert_rel_close(ours(ids).logits, theirs(ids).logits, 1e-10, "modules + parameters")
+    names_ours = sorted(n for n, p in ours.named_parameters() if p.requires_grad)
+    names_theirs = sorted(n[len(PREFIX):] for n, p in theirs.named_parameters() if p.requires_grad)
+    assert names_ours == names_theirs  # bias="all" trains q_proj.bias, not the experts' gate_up_proj_bias
+    assert sorted(adapter_state_dict(ours)) == sorted(get_peft_model_state_dict(theirs))
+
+
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()}, [(n, type(m)) for n, m in model.named_modules()],
+            {n: p.requires_grad for n, p in model.named_parameters()})
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(lora_dropout=0.1), "lora_dropout"),
+    (dict(use_dora=True), "use_dora"),
+    (dict(target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "q_proj.weight"]),
+     "target_modules also"),
+    (dict(target_parameters=["experts.nothing_here"]), "matched no parameter"),
+])
+def test_refusals_leave_the_model_as_it_was(bad, match):
+    model = _tiny("mixtral")
+    before = _snapshot(model)
+    kw = dict(r=2, target_modules=[], target_parameters=list(EXPERT_PARAMS))
+    kw.update(bad)
+    with pytest.raises(ConfigError, match=match):
+        peftfast.patch(model, peftfast.LoraConfig(**kw))
+    after = _snapshot(model)
+    assert after[1] == before[1] and after[2] == before[2]
+    assert all(torch.equal(after[0][k], v) for k, v in before[0].items())
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="target_parameters"):
+        peftfast.LoraConfig(target_parameters="experts.gate_up_proj").validate()
+    cfg = peftfast.LoraConfig(r=2, target_parameters=["experts.down_proj"])
+    assert peftfast.config.as_config(cfg.to_dict()).target_parameters == ["experts.down_proj"]
