@@ -25,6 +25,7 @@ from .base_weight import (
     Conv1D, _bnb_classes, base_4bit_forward_cpu, dense_base_weight, is_zero3_partitioned, kernel_weight,
     stores_transposed, write_dense_base_weight,
 )
+from .checkpoint_keys import check_param_names
 from .config import ConfigError
 from .kernels.nf4 import is_4bit_weight
 from .lora_init import init_from_base, is_base_init
@@ -60,7 +61,13 @@ def adapter_dtype(base: nn.Module) -> torch.dtype:
 class AdapterLayer(nn.Module):
     """Common state of the wrappers: the base layer, active adapters, merged adapters, the on/off switch."""
 
+    # The per-adapter dict attributes, each a row of peftfast.checkpoint_keys.ADAPTER_PARAMS (which says how
+    # PEFT's checkpoints name them); checked when a subclass is defined.
     adapter_param_names: tuple = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        check_param_names(cls.__name__, cls.adapter_param_names)
 
     def __init__(self, base_layer: nn.Module, backend: str = "auto"):
         super().__init__()

@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .checkpoint_keys import saved_param
 from .config import ConfigError
 
 _NITER = re.compile(r"pissa_niter_(-?\d+)$")
@@ -278,7 +279,9 @@ def convert_to_lora(tensors: dict, config: dict, initial: dict, initial_path: st
     if config.get("use_rslora") and (config.get("rank_pattern") or config.get("alpha_pattern")):
         raise ConfigError("path_initial_model_for_weight_conversion is not supported with use_rslora=True together "
                           "with rank_pattern or alpha_pattern (PEFT refuses it too: alpha cannot keep the scaling)")
-    other = sorted(k for k in tensors if not re.search(r"\.lora_[AB]\.weight$", k))
+    rows = {k: saved_param(k) for k in tensors}
+    other = sorted(k for k, row in rows.items() if row is None or row[0].attr not in ("lora_A", "lora_B")
+                   or row[1] != "weight")
     if other:
         raise ConfigError(
             f"path_initial_model_for_weight_conversion: the adapter holds {len(other)} tensors besides lora_A/lora_B "
@@ -296,7 +299,8 @@ def convert_to_lora(tensors: dict, config: dict, initial: dict, initial_path: st
             raise ConfigError(f"{initial_path}: {key} has shape {tuple(first.shape)}, the adapter's is "
                               f"{tuple(value.shape)}; the initial adapter belongs to another config")
         # B A - B0 A0 = [B | -B0] @ [A ; A0]
-        out[key] = torch.cat([value, first], dim=0) if ".lora_A." in key else torch.cat([value, -first], dim=1)
+        is_a = rows[key][0].attr == "lora_A"
+        out[key] = torch.cat([value, first], dim=0) if is_a else torch.cat([value, -first], dim=1)
     config = dict(config)
     config["init_lora_weights"] = True
     config["r"] = config["r"] * 2

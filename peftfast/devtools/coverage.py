@@ -468,7 +468,9 @@ def write_readme(path: str, table: str) -> None:
         raise SystemExit(f"{path} has no {README_START} ... {README_END} block")
     head, rest = text.split(README_START, 1)
     tail = rest.split(README_END, 1)[1]
-    with open(path, "w", encoding="utf-8") as f:
+    from ..fileio import replace_atomically
+
+    with replace_atomically(path, text=True) as f:  # an interrupted rewrite must not truncate the README
         f.write(f"{head}{README_START}\n{table}\n{README_END}{tail}")
 
 
