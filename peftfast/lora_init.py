@@ -87,7 +87,7 @@ def is_base_init(value) -> bool:
 def check_base_init(layer: nn.Module, init, r: int) -> None:
     """Refuse a PiSSA/OLoRA init this layer's base cannot take, before anything changes (PEFT's refusals,
     and the cases where PEFT would silently produce a wrong adapter)."""
-    from .base_weight import is_8bit, is_zero3_partitioned, stores_transposed
+    from .layers.base_weight import is_8bit, is_zero3_partitioned, stores_transposed
     from .kernels.nf4 import is_4bit_weight
 
     method, _ = parse_init(init)
@@ -146,7 +146,7 @@ def init_from_base(layer: nn.Module, name: str, init) -> None:
         name: the adapter.
         init: ``"pissa"``, ``"pissa_niter_<n>"`` or ``"olora"``.
     """
-    from .base_weight import dense_base_weight, stores_transposed
+    from .layers.base_weight import dense_base_weight, stores_transposed
     from .kernels.nf4 import is_4bit_weight
 
     method, niter = parse_init(init)
@@ -183,7 +183,7 @@ def _requantized(base: nn.Module, residual: torch.Tensor):
     tensor directly; peftfast keeps the old blocksize, and the dtype it decodes to)."""
     import bitsandbytes as bnb
 
-    from .base_weight import base_weight
+    from .layers.base_weight import base_weight
     from .kernels.nf4 import quantization_settings
 
     old = base_weight(base)

@@ -51,7 +51,7 @@ def _decayed_names(model: nn.Module) -> set:
 def _is_lora_embedding(model: nn.Module, param_name: str) -> bool:
     """Whether ``param_name`` belongs to a LoRA embedding layer: its adapter tensors sit in a
     ``ParameterDict`` right below the layer (``<layer>.lora_embedding_A.<adapter>``)."""
-    from .lora_conv_embedding import LoraEmbedding
+    from .layers.conv_embedding import LoraEmbedding
 
     owner = ".".join(param_name.split(".")[:-2])
     if not owner:

@@ -196,7 +196,7 @@ def test_every_row_maps_both_ways_and_only_its_own_keys():
 
 def test_wrapper_classes_name_only_table_rows():
     # the embedding / conv and trainable-token wrappers are defined by these modules
-    from peftfast import lora_conv_embedding, trainable_tokens  # noqa: F401
+    from peftfast.layers import conv_embedding, trainable_tokens  # noqa: F401
 
     def subclasses(cls):
         for sub in cls.__subclasses__():

@@ -157,7 +157,7 @@ def load_base(model_dir: Optional[str], *, load_in_4bit: bool, device: str = "cp
         tok = hf_tokenizer(hf_tok)
         desc = str(model_dir)
     if load_in_4bit:
-        from ..base_weight import keep_4bit_layout
+        from ..layers.base_weight import keep_4bit_layout
 
         keep_4bit_layout(model)
         desc += ", base in NF4 (bitsandbytes)"

@@ -18,9 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint_keys import TOKENS_PARAM
-from .config import ConfigError
-from .layers import AdapterLayer
+from ..checkpoint_keys import TOKENS_PARAM
+from ..config import ConfigError
+from .linear import AdapterLayer
 
 
 class TrainableTokensLayer(AdapterLayer):
