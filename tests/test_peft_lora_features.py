@@ -20,60 +20,15 @@ from safetensors.torch import load_file  # noqa: E402
 import peftfast  # noqa: E402
 
 from helpers import assert_rel_close  # noqa: E402
+from peft_roundtrip import check_roundtrip  # noqa: E402
 
 TOL = 1e-5
 WEIGHTS = "adapter_model.safetensors"
 
 
-def _trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def check_parity(tmp_path, build, run, cfg: dict, *, steps: int = 3, merge: bool = True) -> tuple:
-    """The whole round trip against PEFT; returns (peft model, peftfast model) after training."""
-    cfg = dict(init_lora_weights=False, **cfg)
-    pm = peft.get_peft_model(build(), peft.LoraConfig(**cfg))
-    pm.save_pretrained(tmp_path / "peft")
-    ours = peftfast.load_adapter(build(), tmp_path / "peft", is_trainable=True)
-    with torch.no_grad():
-        expected = run(pm)
-        assert (expected - run(build())).abs().max() > 1e-2, "adapter is a no-op: vacuous test"
-        assert_rel_close(run(ours), expected, TOL, "outputs, PEFT adapter in peftfast")
-
-    peftfast.save_adapter(ours, tmp_path / "ours")
-    theirs_sd, ours_sd = load_file(tmp_path / "peft" / WEIGHTS), load_file(tmp_path / "ours" / WEIGHTS)
-    assert sorted(ours_sd) == sorted(theirs_sd)
-    for key in theirs_sd:
-        assert torch.equal(ours_sd[key], theirs_sd[key]), key
-    back = peft.PeftModel.from_pretrained(build(), tmp_path / "ours")
-    with torch.no_grad():
-        assert_rel_close(run(back), expected, TOL, "outputs, peftfast adapter in PEFT")
-
-    assert _trainable(ours) == _trainable(pm), "trainable parameters, loaded adapter"
-    fresh = peftfast.patch(build(), peftfast.LoraConfig(**cfg))
-    assert _trainable(fresh) == _trainable(peft.get_peft_model(build(), peft.LoraConfig(**cfg))), (
-        "trainable parameters, patched base"
-    )
-
-    opt_p = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    opt_o = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(steps):
-        lp, lo = run(pm).square().mean(), run(ours).square().mean()
-        assert_rel_close(lo.detach(), lp.detach(), TOL, "loss")
-        for opt, loss in ((opt_p, lp), (opt_o, lo)):
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    with torch.no_grad():
-        trained = run(ours)
-        assert (trained - expected).abs().max() > 1e-4, "training moved nothing: vacuous test"
-        assert_rel_close(trained, run(pm), TOL, "outputs after training")
-        if merge:
-            peftfast.merge(ours)
-            assert_rel_close(run(ours), trained, TOL, "merged")
-            peftfast.unmerge(ours)
-            assert_rel_close(run(ours), trained, TOL, "unmerged")
-    return pm, ours
+    """The whole round trip against PEFT (tests/peft_roundtrip.py); returns (peft model, peftfast model)."""
+    return check_roundtrip(tmp_path, build, run, "lora", cfg, steps=steps, merge=merge)
 
 
 def _images(shape=(2, 3, 8, 8)):
