@@ -7,7 +7,8 @@ Example:
 """
 from .checkpoint import AdapterLoadError, adapter_state_dict, load_adapter, save_adapter
 from .config import (
-    ConfigError, IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, as_config,
+    ConfigError, IA3Config, LoftQConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig,
+    as_config,
 )
 from .patching import (
     adapter_config,
@@ -24,8 +25,9 @@ from .patching import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterLoadError", "ConfigError", "IA3Config", "LoraConfig", "PrefixTuningConfig", "PromptEncoderConfig",
-    "PromptTuningConfig", "adapter_config", "adapter_state_dict", "as_config", "disable_adapters", "load_adapter",
+    "AdapterLoadError", "ConfigError", "IA3Config", "LoftQConfig", "LoraConfig", "PrefixTuningConfig",
+    "PromptEncoderConfig", "PromptTuningConfig", "adapter_config", "adapter_state_dict", "as_config",
+    "disable_adapters", "load_adapter",
     "merge", "patch", "print_trainable_parameters", "save_adapter", "set_adapter", "trainable_parameters", "unmerge",
     "unpatch",
 ]
