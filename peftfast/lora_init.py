@@ -446,3 +446,113 @@ def convert_to_lora(tensors: dict, config: dict, initial: dict, initial_path: st
     if config.get("alpha_pattern"):
         config["alpha_pattern"] = {k: 2 * v for k, v in config["alpha_pattern"].items()}
     return out, config
+
+
+# ----------------------------------------------------------------------------------------------------
+# LoftQ for a model that is 4-bit already (PEFT's replace_lora_weights_loftq)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _weight_reader(weights, model: nn.Module):
+    """``name -> tensor`` over a dict of tensors, a ``.safetensors`` file, or a directory holding
+    ``model.safetensors`` (or a sharded ``model.safetensors.index.json``). Read lazily, one tensor at a time."""
+    import json
+    import os
+
+    if isinstance(weights, dict):
+        return weights.get
+    path = os.fspath(weights)
+    files = {}
+    if os.path.isdir(path):
+        single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(single):
+            path = single
+        elif os.path.exists(index):
+            with open(index) as f:
+                files = {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+        else:
+            raise ConfigError(f"{weights}: no model.safetensors or model.safetensors.index.json there (LoftQ reads "
+                              "the unquantized weights lazily from safetensors, as PEFT's replace_lora_weights_loftq)")
+    elif not os.path.exists(path):
+        raise ConfigError(f"{weights}: no such safetensors file")
+
+    def get(key):
+        from safetensors import safe_open
+
+        file = files.get(key) if files else path
+        if file is None:
+            return None
+        with safe_open(file, framework="pt", device="cpu") as f:
+            return f.get_tensor(key) if key in f.keys() else None
+
+    return get
+
+
+@torch.no_grad()
+def replace_lora_weights_loftq(model: nn.Module, weights, adapter_name: str = "default", callback=None) -> list:
+    """Re-initialize adapter ``adapter_name``'s ``lora_A``/``lora_B`` on every 4-bit LoRA layer with LoftQ's
+    one-shot step against that layer's *existing* 4-bit weight ``Q``: ``(A, B)`` = rank-r SVD factors of
+    ``W - deq(Q)``, with ``W`` the unquantized weight (Hugging Face PEFT's ``replace_lora_weights_loftq``;
+    ``deq(Q)`` is rounded to the weight's compute dtype first, as bitsandbytes' ``dequantize_4bit`` returns it
+    there). The base is not changed. As in PEFT the scaling is not folded in.
+
+    Args:
+        model: a model patched by peftfast with a LoRA adapter on bitsandbytes 4-bit layers.
+        weights: the original model's weights: a dict ``{module_name + ".weight": tensor}``, a ``.safetensors``
+            file or a directory with ``model.safetensors`` (or a sharded index). Names are the model's module
+            names; a name without the model's ``base_model_prefix`` (e.g. ``"model."``) is tried too, as PEFT does.
+        adapter_name: the adapter to re-initialize.
+        callback: optional ``callback(model, module_name) -> bool``, called after each layer's replacement;
+            False puts that layer's previous A and B back (PEFT's greedy acceptance).
+
+    Returns:
+        The names of the layers whose adapter was replaced (and kept).
+
+    Raises:
+        ConfigError: no 4-bit LoRA layer with this adapter, or a layer's weight missing or of the wrong shape.
+            Layers replaced before the error are put back (the model is as it was).
+
+    Example:
+        >>> peftfast.patch(model_4bit, peftfast.LoraConfig(r=16, lora_alpha=16, target_modules="all-linear"))  # doctest: +SKIP
+        >>> replace_lora_weights_loftq(model_4bit, "path/to/unquantized_model")  # doctest: +SKIP
+    """
+    from .base_weight import dense_base_weight
+    from .kernels.nf4 import is_4bit_weight
+    from .layers import LoraLayer
+
+    get = _weight_reader(weights, model)
+    prefix = getattr(model, "base_model_prefix", None)
+    layers = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, LoraLayer) and adapter_name in m.lora_A and is_4bit_weight(m.base_layer.weight)]
+    if not layers:
+        raise ConfigError(f"replace_lora_weights_loftq: no LoRA layer with adapter {adapter_name!r} on a bitsandbytes "
+                          "4-bit base (quantize the model to 4-bit and patch it first)")
+    done, kept = [], []
+    try:
+        for name, layer in layers:
+            w = get(name + ".weight")
+            if w is None and prefix and name.startswith(prefix + "."):
+                w = get(name[len(prefix) + 1:] + ".weight")
+            if w is None:
+                raise ConfigError(f"replace_lora_weights_loftq: {name}.weight is not in the weights given; pass the "
+                                  "unquantized model this 4-bit model was made from")
+            if tuple(w.shape) != (layer.out_features, layer.in_features):
+                raise ConfigError(f"replace_lora_weights_loftq: {name}.weight is {tuple(w.shape)}, the layer is "
+                                  f"{layer.out_features}x{layer.in_features}; these are another model's weights")
+            base = layer.base_layer
+            deq = dense_base_weight(base).to(torch.float32)
+            a, b = _svd_factors(w.to(deq.device, torch.float32) - deq, layer.r[adapter_name])
+            pa, pb = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+            done.append((pa, pa.data, pb, pb.data))
+            pa.data = a.to(pa.dtype).contiguous()
+            pb.data = b.to(pb.dtype).contiguous()
+            if callback is not None and not callback(model, name):
+                pa.data, pb.data = done[-1][1], done[-1][3]
+                done.pop()
+                continue
+            kept.append(name)
+    except BaseException:
+        for pa, a0, pb, b0 in reversed(done):
+            pa.data, pb.data = a0, b0
+        raise
+    return kept
