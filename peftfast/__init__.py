@@ -10,6 +10,7 @@ from .config import (
     ConfigError, IA3Config, LoftQConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig,
     as_config,
 )
+from .lora_init import replace_lora_weights_loftq
 from .patching import (
     adapter_config,
     disable_adapters,
@@ -28,6 +29,6 @@ __all__ = [
     "AdapterLoadError", "ConfigError", "IA3Config", "LoftQConfig", "LoraConfig", "PrefixTuningConfig",
     "PromptEncoderConfig", "PromptTuningConfig", "adapter_config", "adapter_state_dict", "as_config",
     "disable_adapters", "load_adapter",
-    "merge", "patch", "print_trainable_parameters", "save_adapter", "set_adapter", "trainable_parameters", "unmerge",
+    "merge", "patch", "print_trainable_parameters", "replace_lora_weights_loftq", "save_adapter", "set_adapter", "trainable_parameters", "unmerge",
     "unpatch",
 ]

@@ -175,7 +175,7 @@ def _check_loftq_base(layer: nn.Module, init, w, kind: str) -> None:
             f"init_lora_weights='loftq' needs the 16/32-bit weights, but this {kind} is bitsandbytes 4-bit already "
             "(PEFT: 'you should not pass a quantized model in this case, as LoftQ will quantize the model itself'). "
             "Patch the 16/32-bit model (its base becomes the LoftQ-quantized weight), or patch this 4-bit model with "
-            "init_lora_weights=True and call peftfast.lora_init.replace_lora_weights_loftq(model, original_weights). "
+            "init_lora_weights=True and call peftfast.replace_lora_weights_loftq(model, original_weights). "
             "To load a trained LoftQ adapter onto its saved 4-bit base, set init_lora_weights to true in its "
             "adapter_config.json, as PEFT's LoftQ example does"
         )
@@ -514,7 +514,7 @@ def replace_lora_weights_loftq(model: nn.Module, weights, adapter_name: str = "d
 
     Example:
         >>> peftfast.patch(model_4bit, peftfast.LoraConfig(r=16, lora_alpha=16, target_modules="all-linear"))  # doctest: +SKIP
-        >>> replace_lora_weights_loftq(model_4bit, "path/to/unquantized_model")  # doctest: +SKIP
+        >>> peftfast.replace_lora_weights_loftq(model_4bit, "path/to/unquantized_model")  # doctest: +SKIP
     """
     from .base_weight import dense_base_weight
     from .kernels.nf4 import is_4bit_weight

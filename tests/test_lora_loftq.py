@@ -164,6 +164,15 @@ def test_scaling_is_not_folded_as_in_peft():
     assert torch.equal(layer.lora_A["default"].weight, a) and torch.equal(layer.lora_B["default"].weight, b)
 
 
+def test_dora_magnitude_is_taken_from_the_loftq_base():
+    """PEFT runs DoRA's init after LoftQ replaced the base: the magnitude is ||deq(Q) + s B A|| per row."""
+    model = peftfast.patch(tiny_llama(), peftfast.LoraConfig(**_cfg(2, use_dora=True)), backend="reference")
+    layer = model.model.layers[1].mlp.down_proj
+    a, b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    expected = (layer.base_layer.weight.double() + b @ a).norm(dim=1)
+    assert_rel_close(layer.lora_magnitude_vector["default"].weight.double(), expected, 1e-6, "magnitude")
+
+
 def test_config_fields_are_pefts():
     theirs = peft.LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS, init_lora_weights="loftq",
                              loftq_config=peft.LoftQConfig(loftq_bits=4, loftq_iter=3))
