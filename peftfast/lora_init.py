@@ -415,6 +415,12 @@ def convert_to_lora(tensors: dict, config: dict, initial: dict, initial_path: st
         raise ConfigError("path_initial_model_for_weight_conversion: this adapter was made with init_lora_weights="
                           "False (B starts non-zero and the base is unchanged), so B A - B0 A0 is not its update; "
                           "the conversion is for 'pissa', 'pissa_niter_<n>' and 'olora' adapters (and True/'gaussian')")
+    if init == "loftq":
+        # PEFT converts it anyway: a wrong adapter, since the base LoftQ leaves is deq(Q), not W - s B0 A0
+        raise ConfigError("path_initial_model_for_weight_conversion: a LoftQ adapter cannot be converted to a LoRA "
+                          "adapter for the original base: its base is the quantized deq(Q), not W - scaling * B0 A0, "
+                          "so W + scaling * (B A - B0 A0) is not the trained model; ship the adapter with its LoftQ "
+                          "base (or its config, which re-runs LoftQ on the original base when loaded)")
     if config.get("use_rslora") and (config.get("rank_pattern") or config.get("alpha_pattern")):
         raise ConfigError("path_initial_model_for_weight_conversion is not supported with use_rslora=True together "
                           "with rank_pattern or alpha_pattern (PEFT refuses it too: alpha cannot keep the scaling)")

@@ -253,6 +253,10 @@ def test_save_has_pefts_keys_and_loads_back(tmp_path):
     assert saved["init_lora_weights"] == "loftq" and saved["loftq_config"] == {"loftq_bits": 4, "loftq_iter": 2}
     expected = peft.LoraConfig(**_cfg(2, loftq_config=peft.LoftQConfig(loftq_iter=2))).to_dict()
     assert expected["loftq_config"] == saved["loftq_config"]
+    peftfast.save_adapter(ours, tmp_path / "init")  # (not right after patch: only the refusal matters here)
+    with pytest.raises(peftfast.ConfigError, match="cannot be converted"):
+        peftfast.save_adapter(ours, tmp_path / "conv", path_initial_model_for_weight_conversion=tmp_path / "init")
+    assert not (tmp_path / "conv").exists()
     with torch.no_grad():
         # onto the original base: LoftQ runs again (deterministic), then the trained A, B are loaded, as in PEFT
         again = peftfast.load_adapter(copy.deepcopy(base), tmp_path / "ours", backend="reference")
