@@ -4,7 +4,7 @@
 from setuptools import setup
 
 setup(
-    packages=["peftfast", "peftfast.cli", "peftfast.devtools", "peftfast.kernels", "peftfast.kernels.configs", "peftfast.kernels.experimental"],
+    packages=["peftfast", "peftfast.cli", "peftfast.layers", "peftfast.prompt_learning", "peftfast.devtools", "peftfast.kernels", "peftfast.kernels.configs", "peftfast.kernels.experimental"],
     package_dir={
         "peftfast": "peftfast",
         "peftfast.kernels": "kernels",

@@ -2,8 +2,12 @@
 
 The numbers are not figures; these tests check that the code runs and that its results are well formed:
 every case has its shapes, finite positive times (p20 <= median <= p80), speedups wherever both sides
-ran, and unavailable implementations labelled with the reason. Each suite runs under pytest-benchmark
-(one round: the point is the structure, not the time) when the plugin is installed.
+ran, and its accuracy checks within bounds. Each suite runs under pytest-benchmark (one round: the point
+is the structure, not the time) when the plugin is installed.
+
+A suite whose implementations need a library that is not installed (bitsandbytes, peft; see NEEDS) is
+skipped as a whole, with the reason in the report; a suite that runs must run every implementation but the
+Triton-only ones (smoke mode uses the reference backend) and pass every check.
 """
 from __future__ import annotations
 
@@ -47,29 +51,35 @@ def _check_timing(res: dict, where: str) -> None:
     assert res["buffers"] >= 1
 
 
-BNB, BNB_WHY = bench_common.import_bnb()
-PEFT, PEFT_WHY = bench_common.import_peft()
+_, BNB_WHY = bench_common.import_bnb()
+_, PEFT_WHY = bench_common.import_peft()
+MISSING = {"bitsandbytes": BNB_WHY, "peft": PEFT_WHY}  # library -> why it is unusable here ("" when it is usable)
+# What each suite's implementations need beyond torch and peftfast: NF4 bases are built by bitsandbytes,
+# the "peft" / "peft_bnb" rows are Hugging Face PEFT's layers (the prefix suite's peft_path is plain SDPA).
+NEEDS = {"ceilings": (), "lora_decode": ("bitsandbytes", "peft"), "lora_train": ("bitsandbytes", "peft"),
+         "ia3": ("peft",), "prefix_attention": (), "e2e_qlora": ("bitsandbytes", "peft")}
 # Forced QLoRA GEMM variants run only on the Triton path; the smoke run uses the reference backend.
 TRITON_ONLY = ("peftfast_dequant", "peftfast_inloop")
-# Implementations built on Hugging Face PEFT itself (``peft_path`` in the prefix suite is plain SDPA).
-PEFT_IMPLS = ("peft", "peft_bnb")
-NF4_SUITES = ("lora_decode", "e2e_qlora")
+
+
+def needs(suite: str):
+    """Skip marker for a test that runs ``suite``: skipped, naming the library, when one it needs is missing."""
+    why = [MISSING[lib] for lib in NEEDS[suite] if MISSING[lib]]
+    return pytest.mark.skipif(bool(why), reason=f"bench_{suite} needs " + "; ".join(why))
+
+
+def test_every_suite_declares_what_it_needs(monkeypatch):
+    assert set(NEEDS) == set(SUITES)
+    monkeypatch.setitem(MISSING, "peft", "peft not importable (test)")
+    mark = needs("ia3")
+    assert mark.args == (True,) and mark.kwargs["reason"] == "bench_ia3 needs peft not importable (test)"
+    assert needs("prefix_attention").args == (False,)
 
 
 def allowed_unavailable(suite: str, case: dict, impl: str):
-    """The reason ``impl`` may be unavailable in a CPU smoke run, or None when it must run.
-
-    Only what truly cannot run here is excused: the Triton-only variants, and implementations whose
-    optional library is not installed on this machine (the reason must then say so).
-    """
-    if impl in TRITON_ONLY:
-        return "is a Triton path"
-    if impl in PEFT_IMPLS and PEFT is None:
-        return "peft not importable"
-    four_bit = suite in NF4_SUITES or (case.get("shape") or {}).get("base") == "nf4"
-    if four_bit and BNB is None and impl != "bf16_dense_floor":
-        return "bitsandbytes"
-    return None
+    """The reason ``impl`` may be unavailable in a CPU smoke run, or None when it must run: only the
+    Triton-only variants are excused (a missing library skips the whole test instead, see :func:`needs`)."""
+    return "is a Triton path" if impl in TRITON_ONLY else None
 
 
 def check_structure(result: dict, name: str, excused: Optional[dict] = None) -> None:
@@ -77,10 +87,7 @@ def check_structure(result: dict, name: str, excused: Optional[dict] = None) -> 
     unavailable on purpose to the reason they must give."""
     assert result["suite"] == name
     assert result["smoke"] is True
-    if name == "e2e_qlora" and BNB is None:
-        assert result["status"].startswith("unavailable") and "bitsandbytes" in result["status"], result["status"]
-    else:
-        assert result["status"] == "ok", result["status"]
+    assert result["status"] == "ok", result["status"]
     assert result["ceilings"] and result["ceilings"]["copy_gbps"] > 0 and result["ceilings"]["matmul_bf16_tflops"] > 0
     json.dumps(result, allow_nan=False)  # serializable, no NaN/inf anywhere
     assert result["cases"], "no cases"
@@ -111,20 +118,17 @@ def check_structure(result: dict, name: str, excused: Optional[dict] = None) -> 
                 assert speed[impl] is None, f"{where}/{impl}: a ratio to an unavailable side"
 
 
-@pytest.mark.parametrize("name", SUITES)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=needs(n)) for n in SUITES])
 def test_suite_smoke(request, name):
     result = _run_suite(request, name)
     check_structure(result, name)
     if name == "lora_decode":
-        if BNB is None:
-            pytest.skip(f"the decode checks need an NF4 base: {BNB_WHY}")
         for case in result["cases"]:
             res = case["impls"]["peftfast"]
             assert res["pct_of_hbm_roofline"] > 0 and res["gbps"] > 0 and res["tflops"] > 0
             # bf16 output of the same dequantized weight: one rounding apart, ~1e-3 (a wrong scale is 1e-1).
-            assert case["check"]["rel_err_peftfast_vs_dequant_cublas"] < 2e-2
-            if PEFT is not None:
-                assert case["check"]["rel_err_peft_vs_dequant_cublas"] < 2e-2
+            assert case["check"]["rel_err_peftfast_vs_dequant_cublas"] < 2e-2, case["name"]
+            assert case["check"]["rel_err_peft_vs_dequant_cublas"] < 2e-2, case["name"]
     if name == "lora_train":
         assert {c["shape"]["base"] for c in result["cases"]} == {"bf16", "nf4"}
         for case in result["cases"]:
@@ -137,8 +141,6 @@ def test_suite_smoke(request, name):
             assert case["check"]["rel_err_peft_path_vs_sdpa"] < 1e-2, case["name"]
             assert case["check"]["rel_err_peftfast_vs_sdpa"] < 1e-2, case["name"]
     if name == "e2e_qlora":
-        if BNB is None or PEFT is None:
-            pytest.skip(f"the loss-curve comparison needs both sides: {BNB_WHY or PEFT_WHY}")
         curves = result["loss_curves"]
         assert set(curves) == {"peftfast", "peft_bnb"}
         steps = result["config"]["loss_steps"]
@@ -197,6 +199,7 @@ def test_headline_profile_selects_the_headline_cases():
         bench_common.make_context(smoke=True, profile="fast")
 
 
+@needs("ia3")
 def test_headline_profile_is_recorded(request):
     import bench_ia3
 
@@ -205,6 +208,7 @@ def test_headline_profile_is_recorded(request):
     check_structure(result, "ia3")
 
 
+@needs("lora_decode")
 def test_unavailable_baseline_is_labelled(request, monkeypatch):
     import bench_lora_decode
 
@@ -258,6 +262,7 @@ def test_cli_list_and_table(tmp_path, capsys):
     assert "No benchmark results committed yet" in capsys.readouterr().out
 
 
+@needs("ia3")
 def test_cli_smoke_writes_only_where_told(tmp_path, capsys, monkeypatch):
     from peftfast.devtools.bench import main
 

@@ -11,6 +11,7 @@ from .config import (
     as_config,
 )
 from .lora_init import replace_lora_weights_loftq
+from .optim import create_loraplus_optimizer
 from .patching import (
     adapter_config,
     disable_adapters,
@@ -28,7 +29,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterLoadError", "ConfigError", "IA3Config", "LoftQConfig", "LoraConfig", "PrefixTuningConfig",
     "PromptEncoderConfig", "PromptTuningConfig", "adapter_config", "adapter_state_dict", "as_config",
-    "disable_adapters", "load_adapter",
-    "merge", "patch", "print_trainable_parameters", "replace_lora_weights_loftq", "save_adapter", "set_adapter", "trainable_parameters", "unmerge",
-    "unpatch",
+    "create_loraplus_optimizer", "disable_adapters", "load_adapter", "merge", "patch", "print_trainable_parameters",
+    "replace_lora_weights_loftq", "save_adapter", "set_adapter", "trainable_parameters", "unmerge", "unpatch",
 ]

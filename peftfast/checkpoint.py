@@ -16,18 +16,17 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .checkpoint_keys import (
+    PREFIX, PROMPT_KEY, PROMPT_LEARNING_PREFIX, is_adapter_key, is_modules_to_save_key, model_key, modules_to_save_tag,
+    peft_key,
+)
 from .config import CONFIG_NAME, PROMPT_LEARNING_CONFIGS, ConfigError, as_config, load_config_file
 from .layers import AdapterLayer, ModulesToSave
 from .patching import _apply_trainable, _patch, _require_state, patch_state
 from .prompt_learning import prompt_learning_of
-from .trainable_tokens import SAVED_SUFFIX as TOKENS_SAVED_SUFFIX
-from .trainable_tokens import TOKENS_PARAM
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."
-PROMPT_KEY = "prompt_embeddings"
-PROMPT_LEARNING_PREFIX = "base_model."
 # The sentence every README.md that save_adapter writes holds: only such a README is ever replaced.
 MODEL_CARD_TAG = "Saved by peftfast in Hugging Face PEFT's format"
 
@@ -52,32 +51,21 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict:
         # modules_to_save (classification heads) under ``base_model.<module path>``: for prompt learning its
         # ``base_model`` is the transformers model itself, without LoRA's ``.model``.
         out = {PROMPT_KEY: holder.encoders[adapter_name].prompt_embeddings().detach()}
-        tag = f"modules_to_save.{adapter_name}."
         for key, value in model.state_dict(keep_vars=True).items():
-            if f".{tag}" in key or key.startswith(tag):
-                out[PROMPT_LEARNING_PREFIX + key.replace(tag, "")] = value.detach()
+            if is_modules_to_save_key(key, adapter_name):
+                out[PROMPT_LEARNING_PREFIX + key.replace(modules_to_save_tag(adapter_name), "")] = value.detach()
         return out
     out = {}
-    tag = f".{adapter_name}."
     # A module reachable at two paths (weight tying, a layer placed twice) puts the same Parameter under
     # both names in state_dict(). PEFT finds its layers through named_modules(), which visits each module
     # once, so its file holds such a tensor once, under the first path; load_adapter fills the other paths.
     emitted: set = set()
     for key, value in model.state_dict(keep_vars=True).items():
-        saved = None
-        if (".lora_A" + tag) in key or (".lora_B" + tag) in key:
-            saved = key.replace(tag, ".")
-        elif key.endswith(f".lora_magnitude_vector{tag}weight"):
-            saved = key[: -len(f"{tag}weight")]
-        elif key.endswith((f".ia3_l.{adapter_name}", f".lora_embedding_A.{adapter_name}",
-                           f".lora_embedding_B.{adapter_name}")):
-            saved = key[: -len(f".{adapter_name}")]
-        elif f".modules_to_save{tag}" in key or key.startswith(f"modules_to_save{tag}"):
-            saved = key.replace(f"modules_to_save{tag}", "")
-        elif key.endswith(f".{TOKENS_PARAM}.{adapter_name}"):
-            saved = key[: -len(f".{TOKENS_PARAM}.{adapter_name}")] + TOKENS_SAVED_SUFFIX
-        elif getattr(cfg, "bias", "none") != "none" and (key == "bias" or key.endswith(".bias")) and _bias_is_saved(
-                model, key, cfg):  # PEFT's rule: a parameter named "bias" (not MultiheadAttention's in_proj_bias)
+        saved = peft_key(key, adapter_name)  # an adapter tensor (peftfast.checkpoint_keys), or None
+        if saved is None and getattr(cfg, "bias", "none") != "none" and (key == "bias" or key.endswith(".bias")) \
+                and _bias_is_saved(model, key, cfg):
+            # bias="all" / "lora_only": base biases under their own names. PEFT's rule: a parameter named "bias"
+            # (not MultiheadAttention's in_proj_bias)
             saved = key
             if cfg.bias == "all" and id(value) in emitted:
                 # PEFT takes bias="all" from the whole state_dict, every path included, and clones the
@@ -263,23 +251,6 @@ def read_adapter_weights(path: str) -> dict:
     )
 
 
-def _model_key(saved_key: str, adapter_name: str, save_wrappers: list) -> str:
-    key = saved_key[len(PREFIX):] if saved_key.startswith(PREFIX) else saved_key
-    for part in (".lora_A.", ".lora_B."):
-        if part in key:
-            return key.replace(part, f"{part}{adapter_name}.", 1)
-    if key.endswith(".lora_magnitude_vector"):
-        return f"{key}.{adapter_name}.weight"
-    if key.endswith((".ia3_l", ".lora_embedding_A", ".lora_embedding_B")):
-        return f"{key}.{adapter_name}"
-    if key.endswith(TOKENS_SAVED_SUFFIX):
-        return f"{key[: -len(TOKENS_SAVED_SUFFIX)]}.{TOKENS_PARAM}.{adapter_name}"
-    for wrapper in save_wrappers:
-        if key.startswith(wrapper + "."):
-            return f"{wrapper}.modules_to_save.{adapter_name}.{key[len(wrapper) + 1:]}"
-    return key
-
-
 def load_adapter(
     model: nn.Module,
     path: str,
@@ -325,10 +296,10 @@ def load_adapter(
     try:
         save_wrappers = [n for n, m in model.named_modules() if isinstance(m, ModulesToSave)]
         params = model.state_dict(keep_vars=True)
-        expected = {k for k in params if _is_adapter_key(k, adapter_name)}
+        expected = {k for k in params if is_adapter_key(k, adapter_name)}
         mapped = {}
         for saved_key, tensor in weights.items():
-            key = _model_key(saved_key, adapter_name, save_wrappers)
+            key = model_key(saved_key, adapter_name, save_wrappers)
             if key not in params:
                 raise AdapterLoadError(
                     f"{path}: key {saved_key!r} does not match any parameter of this model (looked for {key!r}); "
@@ -388,11 +359,11 @@ def _load_prompt_learning(model, path, config, weights, adapter_name, is_trainab
     try:
         save_wrappers = [n for n, m in model.named_modules() if isinstance(m, ModulesToSave)]
         params = model.state_dict(keep_vars=True)
-        expected = {k for k in params if f"modules_to_save.{adapter_name}." in k}
+        expected = {k for k in params if modules_to_save_tag(adapter_name) in k}
         heads = {}
         for saved_key in sorted(set(weights) - {PROMPT_KEY}):
             key = saved_key[len(PROMPT_LEARNING_PREFIX):] if saved_key.startswith(PROMPT_LEARNING_PREFIX) else None
-            key = _model_key(key, adapter_name, save_wrappers) if key is not None else None
+            key = model_key(key, adapter_name, save_wrappers) if key is not None else None
             if key not in expected:
                 raise AdapterLoadError(
                     f"{path}: a {config.peft_type} adapter holds {PROMPT_KEY!r} and the modules_to_save copies "
@@ -440,11 +411,3 @@ def _load_prompt_learning(model, path, config, weights, adapter_name, is_trainab
         raise
     return model
 
-
-def _is_adapter_key(key: str, adapter_name: str) -> bool:
-    return any(
-        part in key
-        for part in (f".lora_A.{adapter_name}.", f".lora_B.{adapter_name}.", f".lora_magnitude_vector.{adapter_name}.",
-                     f"modules_to_save.{adapter_name}.")
-    ) or key.endswith((f".ia3_l.{adapter_name}", f".lora_embedding_A.{adapter_name}",
-                       f".lora_embedding_B.{adapter_name}", f".{TOKENS_PARAM}.{adapter_name}"))

@@ -151,7 +151,7 @@ class LoraConfig(_BaseConfig):
             the named embeddings (``{"embed_tokens": [ids]}``); a tied output head follows (PEFT's format).
         target_parameters: LoRA on raw ``nn.Parameter`` weights by name (a full parameter name or a dotted
             suffix, e.g. ``["experts.gate_up_proj", "experts.down_proj"]``), above all MoE expert stacks
-            [E, ., .]; see ``peftfast.lora_params``. ``target_modules=[]`` then adapts no module.
+            [E, ., .]; see ``peftfast.layers.params``. ``target_modules=[]`` then adapts no module.
         use_rslora, use_dora: the variants.
         init_lora_weights: True (PEFT: A Kaiming-uniform, B zero), "gaussian" (A normal(1/r)), False
             (random non-zero B, for tests), or from the base weight, which then keeps only the residual

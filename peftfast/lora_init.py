@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .checkpoint_keys import saved_param
 from .config import ConfigError
 
 _NITER = re.compile(r"pissa_niter_(-?\d+)$")
@@ -130,7 +131,7 @@ def is_base_init(value) -> bool:
 def check_base_init(layer: nn.Module, init, r: int) -> None:
     """Refuse a PiSSA/OLoRA init this layer's base cannot take, before anything changes (PEFT's refusals,
     and the cases where PEFT would silently produce a wrong adapter)."""
-    from .base_weight import is_8bit, is_zero3_partitioned, stores_transposed
+    from .layers.base_weight import is_8bit, is_zero3_partitioned, stores_transposed
     from .kernels.nf4 import is_4bit_weight
 
     method, _ = parse_init(init)
@@ -167,7 +168,7 @@ def check_base_init(layer: nn.Module, init, r: int) -> None:
 
 
 def _check_loftq_base(layer: nn.Module, init, w, kind: str) -> None:
-    from .base_weight import stores_transposed
+    from .layers.base_weight import stores_transposed
     from .kernels.nf4 import is_4bit_weight
 
     if is_4bit_weight(w):
@@ -281,7 +282,7 @@ def init_from_base(layer: nn.Module, name: str, init, loftq_config: Optional[dic
         init: ``"pissa"``, ``"pissa_niter_<n>"``, ``"olora"`` or ``"loftq"``.
         loftq_config: for ``"loftq"``: ``{"loftq_bits": 4, "loftq_iter": T}`` (see :func:`check_loftq_config`).
     """
-    from .base_weight import dense_base_weight, stores_transposed
+    from .layers.base_weight import dense_base_weight, stores_transposed
     from .kernels.nf4 import is_4bit_weight
 
     method, niter = parse_init(init)
@@ -322,7 +323,7 @@ def _requantized(base: nn.Module, residual: torch.Tensor):
     tensor directly; peftfast keeps the old blocksize, and the dtype it decodes to)."""
     import bitsandbytes as bnb
 
-    from .base_weight import base_weight
+    from .layers.base_weight import base_weight
     from .kernels.nf4 import quantization_settings
 
     old = base_weight(base)
@@ -424,7 +425,9 @@ def convert_to_lora(tensors: dict, config: dict, initial: dict, initial_path: st
     if config.get("use_rslora") and (config.get("rank_pattern") or config.get("alpha_pattern")):
         raise ConfigError("path_initial_model_for_weight_conversion is not supported with use_rslora=True together "
                           "with rank_pattern or alpha_pattern (PEFT refuses it too: alpha cannot keep the scaling)")
-    other = sorted(k for k in tensors if not re.search(r"\.lora_[AB]\.weight$", k))
+    rows = {k: saved_param(k) for k in tensors}
+    other = sorted(k for k, row in rows.items() if row is None or row[0].attr not in ("lora_A", "lora_B")
+                   or row[1] != "weight")
     if other:
         raise ConfigError(
             f"path_initial_model_for_weight_conversion: the adapter holds {len(other)} tensors besides lora_A/lora_B "
@@ -442,7 +445,8 @@ def convert_to_lora(tensors: dict, config: dict, initial: dict, initial_path: st
             raise ConfigError(f"{initial_path}: {key} has shape {tuple(first.shape)}, the adapter's is "
                               f"{tuple(value.shape)}; the initial adapter belongs to another config")
         # B A - B0 A0 = [B | -B0] @ [A ; A0]
-        out[key] = torch.cat([value, first], dim=0) if ".lora_A." in key else torch.cat([value, -first], dim=1)
+        is_a = rows[key][0].attr == "lora_A"
+        out[key] = torch.cat([value, first], dim=0) if is_a else torch.cat([value, -first], dim=1)
     config = dict(config)
     config["init_lora_weights"] = True
     config["r"] = config["r"] * 2
@@ -522,7 +526,7 @@ def replace_lora_weights_loftq(model: nn.Module, weights, adapter_name: str = "d
         >>> peftfast.patch(model_4bit, peftfast.LoraConfig(r=16, lora_alpha=16, target_modules="all-linear"))  # doctest: +SKIP
         >>> peftfast.replace_lora_weights_loftq(model_4bit, "path/to/unquantized_model")  # doctest: +SKIP
     """
-    from .base_weight import dense_base_weight
+    from .layers.base_weight import dense_base_weight
     from .kernels.nf4 import is_4bit_weight
     from .layers import LoraLayer
 

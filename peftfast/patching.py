@@ -16,13 +16,13 @@ import torch.nn as nn
 from .config import PROMPT_LEARNING_CONFIGS, AnyConfig, ConfigError, IA3Config, LoraConfig, as_config
 from .kernels.dispatch import check_backend
 from .layers import AdapterLayer, IA3Layer, LoraLayer, ModulesToSave, is_linear_like
-from .ia3_conv import IA3Conv, is_ia3_extra
-from .lora_conv_embedding import CONV_TYPES, LoraConv, LoraEmbedding, is_lora_extra
+from .layers.ia3_conv import IA3Conv, is_ia3_extra
+from .layers.conv_embedding import CONV_TYPES, LoraConv, LoraEmbedding, is_lora_extra
 from .lora_init import forget_base, is_base_init, restore_base
-from .lora_mha import LoraMultiheadAttention, bare_out_projections
-from .lora_params import build_parameter_wrappers, warn_unmatched
+from .layers.mha import LoraMultiheadAttention, bare_out_projections
+from .layers.params import build_parameter_wrappers, warn_unmatched
 from .prompt_learning import PromptLearning, add_prompt_learning, remove_prompt_learning
-from .trainable_tokens import TrainableTokensLayer
+from .layers.trainable_tokens import TrainableTokensLayer
 from .targets import DEFAULT_IA3_TARGETS, model_type, name_matches, resolve_targets
 
 
@@ -225,7 +225,7 @@ def _patch(model: nn.Module, config, adapter_name: str, backend: str) -> Callabl
                 # a wrapper that also places layers inside its base (MultiheadAttention's out_proj)
                 installs.extend(getattr(wrapper, "nested_installs", lambda _: [])(name))
         param_keys: list = []
-        if with_params:  # LoRA on raw parameters (MoE expert stacks): peftfast.lora_params
+        if with_params:  # LoRA on raw parameters (MoE expert stacks): peftfast.layers.params
             param_installs, param_undo, param_keys = build_parameter_wrappers(
                 model, cfg, adapter_name, backend, targets, dict(state.configs), _pattern_value)
             undo.extend(param_undo)
@@ -554,7 +554,7 @@ def unpatch(model: nn.Module, *, merge_adapters: bool = False) -> nn.Module:
         merge(model)
     remove_prompt_learning(model)
     # innermost first: a wrapper placed inside another's base (MultiheadAttention's out_proj), or wrappers
-    # of several parameters of one module (lora_params), nest; each is put back while its path still resolves
+    # of several parameters of one module (layers.params), nest; each is put back while its path still resolves
     for name, module in reversed(list(_adapter_wrappers(model))):
         try:
             model.get_submodule(name)

@@ -40,9 +40,9 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # n
 import peftfast  # noqa: E402
 from peftfast.devtools import coverage  # noqa: E402
 from peftfast.config import ConfigError  # noqa: E402
-from peftfast.base_weight import kernel_weight  # noqa: E402
+from peftfast.layers.base_weight import kernel_weight  # noqa: E402
 from peftfast.layers import AdapterLayer  # noqa: E402
-from peftfast.lora_conv_embedding import is_lora_extra  # noqa: E402
+from peftfast.layers.conv_embedding import is_lora_extra  # noqa: E402
 
 import prompt_oracle  # noqa: E402
 from bnb_oracle import dense_twin  # noqa: E402

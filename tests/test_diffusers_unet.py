@@ -17,7 +17,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 import peftfast  # noqa: E402
 from peftfast.checkpoint import adapter_state_dict  # noqa: E402
-from peftfast.lora_conv_embedding import LoraConv  # noqa: E402
+from peftfast.layers.conv_embedding import LoraConv  # noqa: E402
 
 from helpers import assert_rel_close  # noqa: E402
 

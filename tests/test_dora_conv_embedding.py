@@ -15,7 +15,7 @@ import torch.nn as nn
 peft = pytest.importorskip("peft")
 
 import peftfast  # noqa: E402
-from peftfast.lora_conv_embedding import LoraConv, LoraEmbedding  # noqa: E402
+from peftfast.layers.conv_embedding import LoraConv, LoraEmbedding  # noqa: E402
 
 from helpers import assert_rel_close  # noqa: E402
 from models import make_inputs, make_model, without_labels  # noqa: E402

@@ -75,8 +75,15 @@ def assert_unchanged_patched(model, snap):
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
 
 
-def test_failure_midway_through_patch_rolls_back(monkeypatch):
+@pytest.mark.parametrize("first_adapter, config, adapter_name, fail_at", [
+    (None, LoraConfig(target_modules="all-linear"), "default", 5),
+    (LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+     LoraConfig(target_modules=["q_proj", "k_proj"]), "second", 3),
+], ids=["first-adapter", "second-adapter-keeps-first"])
+def test_failure_midway_through_patch_rolls_back(monkeypatch, first_adapter, config, adapter_name, fail_at):
     model = tiny_llama()
+    if first_adapter is not None:
+        peftfast.patch(model, first_adapter)
     snap = snapshot(model)
     from peftfast import layers
 
@@ -85,37 +92,19 @@ def test_failure_midway_through_patch_rolls_back(monkeypatch):
 
     def flaky(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("simulated failure on the fifth layer")
+        if calls["n"] == fail_at:
+            raise RuntimeError(f"simulated failure on layer {fail_at}")
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(layers.LoraLayer, "add_adapter", flaky)
-    with pytest.raises(RuntimeError, match="fifth"):
-        peftfast.patch(model, LoraConfig(target_modules="all-linear"))
-    assert calls["n"] == 5
-    assert_unchanged(model, snap)
-
-
-def test_second_adapter_failure_keeps_first_intact(monkeypatch):
-    model = tiny_llama()
-    peftfast.patch(model, LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    snap = snapshot(model)
-    from peftfast import layers
-
-    calls = {"n": 0}
-    real = layers.LoraLayer.add_adapter
-
-    def flaky(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("boom")
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(layers.LoraLayer, "add_adapter", flaky)
-    with pytest.raises(RuntimeError, match="boom"):
-        peftfast.patch(model, LoraConfig(target_modules=["q_proj", "k_proj"]), adapter_name="second")
-    assert_unchanged_patched(model, snap)
-    assert list(model.peftfast_state.configs) == ["default"]
+    with pytest.raises(RuntimeError, match=f"simulated failure on layer {fail_at}"):
+        peftfast.patch(model, config, adapter_name=adapter_name)
+    assert calls["n"] == fail_at
+    if first_adapter is None:
+        assert_unchanged(model, snap)
+    else:
+        assert_unchanged_patched(model, snap)
+        assert list(model.peftfast_state.configs) == ["default"]
 
 
 def _saved_adapter(tmp_path, **cfg):
@@ -126,74 +115,49 @@ def _saved_adapter(tmp_path, **cfg):
     return path
 
 
-def test_adapter_dir_missing_weights(tmp_path):
-    path = _saved_adapter(tmp_path)
-    os.remove(path / "adapter_model.safetensors")
-    model = tiny_llama()
-    snap = snapshot(model)
-    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
-        peftfast.load_adapter(model, path)
-    assert_unchanged(model, snap)
+def _edit_tensors(edit):
+    def apply(path):
+        tensors = load_file(path / "adapter_model.safetensors")
+        edit(tensors)
+        save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+    return apply
 
 
-def test_adapter_dir_missing_config(tmp_path):
-    path = _saved_adapter(tmp_path)
-    os.remove(path / "adapter_config.json")
-    model = tiny_llama()
-    snap = snapshot(model)
-    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
-        peftfast.load_adapter(model, path)
-    assert_unchanged(model, snap)
-
-
-def test_adapter_unknown_key_is_named(tmp_path):
-    path = _saved_adapter(tmp_path)
-    tensors = load_file(path / "adapter_model.safetensors")
-    tensors["base_model.model.model.layers.0.self_attn.zz_proj.lora_A.weight"] = torch.randn(8, 32)
-    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
-    model = tiny_llama()
-    snap = snapshot(model)
-    with pytest.raises(peftfast.AdapterLoadError, match="zz_proj"):
-        peftfast.load_adapter(model, path)
-    assert_unchanged(model, snap)
-
-
-def test_adapter_wrong_shape_names_key_and_both_shapes(tmp_path):
-    path = _saved_adapter(tmp_path)
-    tensors = load_file(path / "adapter_model.safetensors")
-    key = "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"
-    tensors[key] = torch.randn(32, 3)
-    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
-    model = tiny_llama()
-    snap = snapshot(model)
-    with pytest.raises(peftfast.AdapterLoadError) as e:
-        peftfast.load_adapter(model, path)
-    msg = str(e.value)
-    assert key in msg and "(32, 3)" in msg and "(32, 8)" in msg
-    assert_unchanged(model, snap)
-
-
-def test_adapter_missing_tensor(tmp_path):
-    path = _saved_adapter(tmp_path)
-    tensors = load_file(path / "adapter_model.safetensors")
-    del tensors["base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"]
-    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
-    model = tiny_llama()
-    snap = snapshot(model)
-    with pytest.raises(peftfast.AdapterLoadError, match="missing"):
-        peftfast.load_adapter(model, path)
-    assert_unchanged(model, snap)
-
-
-def test_unimplemented_config_field_is_refused(tmp_path):
-    path = _saved_adapter(tmp_path)
+def _edit_config(path):
     cfg = json.loads((path / "adapter_config.json").read_text())
     cfg["layer_replication"] = [[0, 2], [1, 2]]
     (path / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+WRONG_SHAPE_KEY = "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"
+
+# (what is done to a saved adapter directory, the error load_adapter raises, what its message must name)
+DAMAGED_ADAPTERS = {
+    "missing-weights": (lambda path: os.remove(path / "adapter_model.safetensors"), FileNotFoundError,
+                        ["adapter_model.safetensors"]),
+    "missing-config": (lambda path: os.remove(path / "adapter_config.json"), FileNotFoundError,
+                       ["adapter_config.json"]),
+    "unknown-key": (_edit_tensors(lambda t: t.__setitem__(
+        "base_model.model.model.layers.0.self_attn.zz_proj.lora_A.weight", torch.randn(8, 32))),
+        peftfast.AdapterLoadError, ["zz_proj"]),
+    "wrong-shape": (_edit_tensors(lambda t: t.__setitem__(WRONG_SHAPE_KEY, torch.randn(32, 3))),
+                    peftfast.AdapterLoadError, [WRONG_SHAPE_KEY, "(32, 3)", "(32, 8)"]),
+    "missing-tensor": (_edit_tensors(lambda t: t.pop("base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight")),
+                       peftfast.AdapterLoadError, ["missing"]),
+    "unimplemented-config-field": (_edit_config, ConfigError, ["layer_replication"]),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_ADAPTERS))
+def test_damaged_adapter_dir_is_refused_naming_the_problem(tmp_path, case):
+    damage, error, named = DAMAGED_ADAPTERS[case]
+    path = _saved_adapter(tmp_path)
+    damage(path)
     model = tiny_llama()
     snap = snapshot(model)
-    with pytest.raises(ConfigError, match="layer_replication"):
+    with pytest.raises(error) as e:
         peftfast.load_adapter(model, path)
+    assert all(part in str(e.value) for part in named), str(e.value)
     assert_unchanged(model, snap)
 
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 peft = pytest.importorskip("peft")
 
 import peftfast  # noqa: E402
-from peftfast.ia3_conv import IA3Conv  # noqa: E402
+from peftfast.layers.ia3_conv import IA3Conv  # noqa: E402
 
 from helpers import assert_rel_close  # noqa: E402
 from peft_roundtrip import TOL, check_roundtrip  # noqa: E402

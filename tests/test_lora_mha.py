@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 import peftfast  # noqa: E402
 from peftfast.layers import LoraLayer  # noqa: E402
-from peftfast.lora_mha import LoraMultiheadAttention  # noqa: E402
+from peftfast.layers.mha import LoraMultiheadAttention  # noqa: E402
 
 from helpers import assert_rel_close  # noqa: E402
 from peft_roundtrip import TOL, WEIGHTS, trainable  # noqa: E402

@@ -26,7 +26,7 @@ from peft.utils import get_peft_model_state_dict  # noqa: E402
 import peftfast  # noqa: E402
 from peftfast.checkpoint import adapter_state_dict  # noqa: E402
 from peftfast.config import ConfigError  # noqa: E402
-from peftfast.lora_params import LoraParamWrapper, LoraWeight  # noqa: E402
+from peftfast.layers.params import LoraParamWrapper, LoraWeight  # noqa: E402
 
 from helpers import assert_rel_close  # noqa: E402
 
@@ -113,7 +113,7 @@ def test_logits_grads_counts_keys_match_peft(family, impl):
 def test_batched_and_grouped_use_the_grouped_kernel_entry():
     base = _tiny("mixtral", torch.float32, "grouped_mm")
     _, ours = _peft_and_ours(base, _config())
-    from peftfast import lora_params
+    from peftfast.layers import params as lora_params
 
     with mock.patch.object(lora_params, "grouped_lora", wraps=lora_params.grouped_lora) as spy:
         ours(_ids())

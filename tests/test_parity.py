@@ -382,7 +382,7 @@ def test_unpatch_restores_model(case):
         quantize_4bit(model, "nf4", nested=True)
         # bitsandbytes' own eval forward of the unpatched base would repack it (and crash on these tiny
         # layers); what is checked here is that unpatch gives back the base as peftfast found it
-        peftfast.base_weight.keep_4bit_layout(model)
+        peftfast.layers.base_weight.keep_4bit_layout(model)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     types = [(n, type(m)) for n, m in model.named_modules()]
     flags = {n: p.requires_grad for n, p in model.named_parameters()}

@@ -284,6 +284,8 @@ def test_readme_main_job_fine_tunes_the_embedded_model(tmp_path, capsys, monkeyp
 
 
 def test_progress_bar_redraws_on_a_terminal_only(monkeypatch):
+    """On a terminal tqdm's bar shows the step count and the latest loss, and logged lines print above it;
+    on a pipe (and off rank 0) only the logged lines are written."""
     import io
 
     from peftfast.cli import train as train_mod
@@ -294,19 +296,31 @@ def test_progress_bar_redraws_on_a_terminal_only(monkeypatch):
 
     tty = Tty()
     monkeypatch.setattr(train_mod.sys, "stdout", tty)
-    bar = train_mod._Progress(first_step=1)
-    bar.show(5, 20, "step 5/20 loss 4.2")
-    assert tty.getvalue().startswith("[#####...............] step 5/20 loss 4.2  eta ")
+    bar = train_mod._Progress(4, 20, mininterval=0)  # resumed after step 4: the bar starts there
+    assert "4/20" in tty.getvalue()
+    bar.step(5, "loss 4.2000")
+    drawn = tty.getvalue().rsplit("\r", 1)[-1]
+    assert "5/20" in drawn and "loss 4.2000" in drawn, drawn
     bar.log("step 10/20 loss 4.0")
-    # The bar is wiped (carriage return, blanks, carriage return) before the logged line.
-    drawn = tty.getvalue()
-    assert drawn.endswith("\rstep 10/20 loss 4.0\n") and "\r" + " " * 10 in drawn
+    # The bar is wiped before the logged line, which stands on a line of its own, and redrawn after it.
+    after = tty.getvalue().split("step 10/20 loss 4.0\n")
+    assert len(after) == 2 and after[0].endswith("\r") and "5/20" in after[1], tty.getvalue()
+    bar.close()
+    assert "5/20" not in tty.getvalue().rsplit("\r", 1)[-1]  # a closed bar leaves nothing on the last line
+
     pipe = io.StringIO()
     monkeypatch.setattr(train_mod.sys, "stdout", pipe)
-    quiet = train_mod._Progress(first_step=1)
-    quiet.show(5, 20, "step 5/20")
+    quiet = train_mod._Progress(0, 20, mininterval=0)  # live defaults to stdout.isatty()
+    quiet.step(5, "loss 4.2")
     quiet.log("step 10/20")
+    quiet.close()
     assert pipe.getvalue() == "step 10/20\n"
+    off_rank_0 = train_mod._Progress(0, 20, live=False, mininterval=0)
+    monkeypatch.setattr(train_mod.sys, "stdout", tty)
+    before = tty.getvalue()
+    off_rank_0.step(3, "loss 1.0")
+    off_rank_0.close()
+    assert tty.getvalue() == before
 
 
 def test_bf16_loads_the_frozen_base_in_bf16_and_keeps_adapters_fp32(tmp_path):
@@ -408,3 +422,103 @@ def test_loss_plot_is_drawn_from_the_losses(tmp_path):
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     assert write_loss_plot([3.0, 2.0, 1.0], a, "t") and write_loss_plot([1.0, 2.0, 3.0], b, "t")
     assert a.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and a.read_bytes() != b.read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Learning-rate schedule (transformers.get_scheduler) and LoRA+ (--loraplus-ratio)
+# ---------------------------------------------------------------------------------------------------
+
+def _step_lrs(argv, steps):
+    """The learning rate each optimizer step of a run with ``argv`` uses, from the CLI's optimizer and schedule."""
+    import torch
+
+    from peftfast.cli.train import _optimizer
+
+    a = _resolved(argv)
+    w = torch.nn.Parameter(torch.randn(3))
+    opt, sched = _optimizer(a, None, [w], steps)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_default_schedule_warms_up_then_decays_to_a_tenth():
+    lr, steps = 2e-3, 40
+    lrs = _step_lrs(["--lr", str(lr)], steps)
+    warmup = 4  # a tenth of 40 steps
+    # Linear warmup that starts above zero (no step is wasted at lr 0), then a cosine to 10% of --lr.
+    assert lrs[:warmup] == pytest.approx([lr * (s + 1) / warmup for s in range(warmup)], rel=1e-12)
+    assert lrs[-1] == pytest.approx(0.1 * lr, rel=1e-12)
+    assert all(a > b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))
+    mid = warmup + (steps - warmup) // 2 - 1  # halfway through the cosine: the middle of lr and 0.1 lr
+    assert lrs[mid] == pytest.approx(0.55 * lr, rel=1e-12)
+    # A 1-step run trains at the full rate; --warmup-steps and --lr-scheduler change the shape.
+    assert _step_lrs(["--lr", str(lr)], 1) == [lr]
+    assert _step_lrs(["--lr", str(lr), "--lr-scheduler", "constant"], 5) == [lr] * 5
+    assert _step_lrs(["--lr", str(lr), "--lr-scheduler", "constant_with_warmup", "--warmup-steps", "2"], 4) == \
+        pytest.approx([0.0, lr / 2, lr, lr])
+    with pytest.raises(TrainError, match="--warmup-steps 9 exceeds the run's 5 steps"):
+        _step_lrs(["--warmup-steps", "9"], 5)
+
+
+def test_bad_schedule_flags_exit_2(tmp_path, capsys):
+    for flags, message in ((["--warmup-steps", "-1"], "--warmup-steps must be 0 or more"),
+                           (["--lr-scheduler", "constant", "--warmup-steps", "3"], "constant has no warmup")):
+        assert cli_main(["train", *flags, "--output", str(tmp_path / "o")]) == 2
+        assert message in capsys.readouterr().err
+
+
+def _opt_groups(ckpt_dir):
+    state = json.loads((ckpt_dir / "training_state.json").read_text())["optimizer"]["param_groups"]
+    return [(len(g["params"]), g["initial_lr"], g["weight_decay"]) for g in state]
+
+
+def test_loraplus_ratio_groups_the_optimizer_and_survives_resume(tmp_path, monkeypatch):
+    import torch
+
+    import peftfast.cli.train as train_mod
+    from peftfast.cli.basemodel import build_embedded_base
+    from peftfast.cli.train import TrainInterrupted
+    from peftfast.optim import loraplus_param_groups
+
+    lr, ratio = 1e-3, 8.0
+    flags = ["--method", "lora", "--max-steps", "5", "--lr", str(lr), "--loraplus-ratio", str(ratio), *FAST]
+    straight = train_main([*flags, "--output", str(tmp_path / "a")])
+    without = [f for f in flags if f not in ("--loraplus-ratio", str(ratio))]
+    plain = train_main([*without, "--output", str(tmp_path / "p")])
+    # The groups are peftfast.create_loraplus_optimizer's for this run's adapter: A at lr, B at lr * ratio.
+    model = peftfast.patch(build_embedded_base(), train_mod._adapter_config(_resolved(flags)))
+    expected = [(len(g["names"]), g["lr"], g["weight_decay"]) for g in loraplus_param_groups(model, lr, ratio)]
+    assert expected[0][0] > 0 and expected[2][0] > 0
+    assert _opt_groups(tmp_path / "a" / "checkpoint-5") == expected
+    assert [g[1] for g in expected] == [lr, 1e-6, lr * ratio, lr * ratio]
+    assert _opt_groups(tmp_path / "p" / "checkpoint-5") == [(expected[0][0] + expected[2][0], lr, 0.0)]
+    assert straight["losses"][0] == plain["losses"][0] and straight["losses"][1:] != plain["losses"][1:]
+
+    _interrupt_at(monkeypatch, 3)
+    with pytest.raises(TrainInterrupted):
+        train_main([*flags, "--output", str(tmp_path / "b")])
+    monkeypatch.setattr(train_mod, "_before_step", lambda step: None)
+    with pytest.raises(TrainError, match=r"--loraplus-ratio 4.0 \(the run used 8.0\)"):
+        train_main(["--output", str(tmp_path / "b"), "--resume", "--loraplus-ratio", "4"])
+    resumed = train_main(["--output", str(tmp_path / "b"), "--resume"])  # the ratio comes from the checkpoint
+    assert resumed["losses"] == straight["losses"]
+    assert _opt_groups(tmp_path / "b" / "checkpoint-5") == expected
+    a, b = _adapter_tensors(tmp_path / "a"), _adapter_tensors(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "b" / "train_log.json").read_text())["args"]["loraplus_ratio"] == ratio
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--loraplus-ratio", "0"], "--loraplus-ratio must be a positive number, got 0.0"),
+    (["--loraplus-ratio", "-2"], "--loraplus-ratio must be a positive number"),
+    (["--loraplus-ratio", "nan"], "--loraplus-ratio must be a positive number, got nan"),
+    (["--loraplus-ratio", "4", "--method", "ia3"], "--loraplus-ratio applies to LoRA"),
+])
+def test_bad_loraplus_ratio_exits_2(tmp_path, capsys, flags, message):
+    assert cli_main(["train", *flags, "--output", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

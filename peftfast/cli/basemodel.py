@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -132,7 +133,14 @@ def load_base(model_dir: Optional[str], *, load_in_4bit: bool, device: str = "cp
         dense = build_embedded_base()
         fp = fingerprint(dense)
         with tempfile.TemporaryDirectory() as tmp:
-            dense.save_pretrained(tmp)
+            # Through a directory, so from_pretrained applies the dtype / 4-bit / device_map options. Not
+            # save_pretrained: once a process group exists it writes on rank 0 only, and every rank of a
+            # data-parallel run needs its own copy here. The embedded model ties no weights.
+            from safetensors.torch import save_file
+
+            dense.config.save_pretrained(tmp)
+            tensors = {k: v.contiguous() for k, v in dense.state_dict().items()}
+            save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
             model = AutoModelForCausalLM.from_pretrained(tmp, local_files_only=True, **kwargs)
         model.config._name_or_path = EMBEDDED_NAME
         model.name_or_path = EMBEDDED_NAME
@@ -149,7 +157,7 @@ def load_base(model_dir: Optional[str], *, load_in_4bit: bool, device: str = "cp
         tok = hf_tokenizer(hf_tok)
         desc = str(model_dir)
     if load_in_4bit:
-        from ..base_weight import keep_4bit_layout
+        from ..layers.base_weight import keep_4bit_layout
 
         keep_4bit_layout(model)
         desc += ", base in NF4 (bitsandbytes)"

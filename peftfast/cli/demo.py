@@ -33,11 +33,11 @@ def tiny_llama_config():
 
 def load_4bit_base(model_dir: str):
     """Load a saved model with its linear layers quantized to NF4 (nested absmax), on CPU, kept in the
-    layout it was loaded in (see peftfast.base_weight.keep_4bit_layout)."""
+    layout it was loaded in (see peftfast.layers.base_weight.keep_4bit_layout)."""
     from transformers import AutoModelForCausalLM
 
     from .basemodel import quant_config
-    from ..base_weight import keep_4bit_layout
+    from ..layers.base_weight import keep_4bit_layout
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant_config(torch.float32),
                                                  device_map="cpu")

@@ -72,7 +72,7 @@ def load_with_adapter(model_dir: Optional[str], adapter: str, load_in_4bit: Opti
 def encode_prompt(loaded: dict, prompt: str, chat: bool) -> list:
     from .data import builtin_chat_text
 
-    tok, hf = loaded["tokenizer"], loaded["hf_tokenizer"]
+    tok = loaded["tokenizer"]
     if not chat:
         return tok.encode(prompt, True)
     messages = [{"role": "user", "content": prompt}]

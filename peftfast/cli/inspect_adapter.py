@@ -76,7 +76,7 @@ def describe(path) -> dict:
     info["modules_to_save"] = cfg.get("modules_to_save")
 
     weights = path / WEIGHTS_NAME
-    n_params, dtypes, n_tensors, layers = 0, set(), 0, set()
+    n_params, dtypes, n_tensors = 0, set(), 0
     if weights.is_file():
         from safetensors import safe_open
 
@@ -95,7 +95,6 @@ def describe(path) -> dict:
                 n_params += numel
                 n_tensors += 1
                 dtypes.add(t.get_dtype())
-                layers.add(key.rsplit(".", 2)[0] if ".lora_" in key or ".ia3_l" in key else key)
         info["weights"] = WEIGHTS_NAME
     elif (path / LEGACY_WEIGHTS_NAME).is_file():
         info["weights"] = LEGACY_WEIGHTS_NAME + " (legacy; not read: use peftfast.load_adapter)"

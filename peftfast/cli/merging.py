@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _dense_copy(m: nn.Module, dtype: torch.dtype) -> nn.Linear:
     """An ``nn.Linear`` holding a bitsandbytes ``Linear4bit``'s dequantized weight (and bias) in ``dtype``."""
-    from ..base_weight import dense_base_weight
+    from ..layers.base_weight import dense_base_weight
 
     w = dense_base_weight(m, torch.float32).to(dtype)
     dense = nn.Linear(w.shape[1], w.shape[0], bias=m.bias is not None, device=w.device, dtype=dtype)
@@ -56,7 +56,7 @@ def _dense_copy(m: nn.Module, dtype: torch.dtype) -> nn.Linear:
 
 
 def _is_4bit_linear(m: nn.Module) -> bool:
-    from ..base_weight import _bnb_classes
+    from ..layers.base_weight import _bnb_classes
 
     linear4bit = _bnb_classes()[0]
     return bool(linear4bit) and isinstance(m, linear4bit)

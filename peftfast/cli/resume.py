@@ -15,7 +15,6 @@ a checkpoint exists complete or not at all; older ``checkpoint-*`` directories a
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path

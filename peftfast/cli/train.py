@@ -34,6 +34,10 @@ from .demo import CORPUS as DEFAULT_DATA  # the shipped corpus: one path for dem
 
 METHODS = ("lora", "qlora", "dora", "ia3", "prefix", "prompt")
 PROMPT_METHODS = ("prefix", "prompt")
+LORA_METHODS = ("lora", "qlora", "dora")
+# transformers.get_scheduler names offered by --lr-scheduler: those that need only the step counts.
+SCHEDULERS = ("cosine_warmup_with_min_lr", "cosine", "linear", "constant_with_warmup", "constant")
+MIN_LR_RATE = 0.1  # cosine_warmup_with_min_lr ends at this fraction of --lr
 DEFAULT_LR = {"ia3": 3e-3, "prefix": 1e-2, "prompt": 1e-2}  # others: 2e-4
 # The embedded default (no --model, no --data, no --max-steps/--epochs/--lr): enough steps at a rate a
 # 400K-parameter model needs for the loss to fall visibly in well under a minute on two CPU cores.
@@ -77,6 +81,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate (default: 2e-4; 3e-3 for ia3; 1e-2 for prefix/prompt; 15x these, capped "
                    "at 3e-2, for the embedded default model and data)")
+    p.add_argument("--lr-scheduler", choices=SCHEDULERS, default=SCHEDULERS[0],
+                   help="transformers.get_scheduler schedule (default: linear warmup, then a cosine down to "
+                   f"{MIN_LR_RATE:g} x --lr at the last step)")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warmup steps (default: a tenth of the steps, at least 1, at most 10)")
+    p.add_argument("--loraplus-ratio", type=float, default=None, metavar="R",
+                   help="LoRA+ (lora/qlora/dora): the lora_B matrices train at R x --lr "
+                   "(peftfast.create_loraplus_optimizer; the LoRA+ paper uses 2-16). Default: off")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=128)
@@ -110,6 +122,16 @@ def _check_args(a) -> None:
         raise TrainError(f"--epochs must be a positive number, got {a.epochs}")
     if a.lr is not None and not (a.lr > 0 and math.isfinite(a.lr)):
         raise TrainError(f"--lr must be a positive number, got {a.lr}")
+    if a.loraplus_ratio is not None:
+        if not (a.loraplus_ratio > 0 and math.isfinite(a.loraplus_ratio)):
+            raise TrainError(f"--loraplus-ratio must be a positive number, got {a.loraplus_ratio}")
+        if a.method not in LORA_METHODS:
+            raise TrainError(f"--loraplus-ratio applies to LoRA (--method {'/'.join(LORA_METHODS)}), not to --method "
+                             f"{a.method}; drop the flag")
+    if a.warmup_steps is not None and a.warmup_steps < 0:
+        raise TrainError(f"--warmup-steps must be 0 or more, got {a.warmup_steps}")
+    if a.warmup_steps and a.lr_scheduler == "constant":
+        raise TrainError("--lr-scheduler constant has no warmup; use constant_with_warmup, or drop --warmup-steps")
     if not math.isfinite(a.alpha):
         raise TrainError(f"--alpha must be a finite number, got {a.alpha}")
     if not 0 <= a.dropout < 1:
@@ -275,34 +297,37 @@ def _memory(device: str) -> str:
 
 
 class _Progress:
-    """A one-line progress bar on a terminal, redrawn every step between the logged lines; nothing
-    extra where stdout is a file or a pipe (logs stay one line per ``--logging-steps``)."""
+    """tqdm's progress bar (steps, elapsed, ETA, the latest loss) on a terminal, redrawn below the logged
+    lines; no bar where stdout is a file or a pipe, or off rank 0 (logs stay one line per ``--logging-steps``).
 
-    def __init__(self, first_step: int):
-        self.live = sys.stdout.isatty()
-        self.t0, self.first = time.time(), first_step
-        self.drawn = 0
+    Args:
+        done: steps already taken (a resumed run's bar starts there).
+        steps: the run's total steps.
+        live: draw the bar (default: on rank 0 when stdout is a terminal).
+        **tqdm_kwargs: passed to ``tqdm`` (tests use ``mininterval=0``).
+    """
 
-    def show(self, step: int, steps: int, line: str) -> None:
-        if not self.live:
-            return
-        width = 20
-        filled = int(width * step / max(steps, 1))
-        eta = (time.time() - self.t0) / max(step - self.first + 1, 1) * (steps - step)
-        text = f"[{'#' * filled}{'.' * (width - filled)}] {line}  eta {int(eta) // 60}:{int(eta) % 60:02d}"
-        self.clear()
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        self.drawn = len(text)
+    def __init__(self, done: int, steps: int, live: Optional[bool] = None, **tqdm_kwargs):
+        from tqdm import tqdm
 
-    def clear(self) -> None:
-        if self.drawn:
-            sys.stdout.write("\r" + " " * self.drawn + "\r")
-            self.drawn = 0
+        self._tqdm = tqdm
+        live = sys.stdout.isatty() if live is None else live
+        # file=sys.stdout as it is now: off rank 0 that is os.devnull (see distributed.Ranks.start).
+        self.bar = tqdm(total=steps, initial=done, disable=not live, file=sys.stdout, leave=False, unit="step",
+                        desc="train", **tqdm_kwargs)
+
+    def step(self, step: int, status: str) -> None:
+        """Step ``step`` is done; ``status`` (loss, lr) goes beside the bar."""
+        self.bar.set_postfix_str(status, refresh=False)
+        self.bar.update(step - self.bar.n)
 
     def log(self, line: str) -> None:
-        self.clear()
-        print(line, flush=True)
+        """Print ``line`` above the bar (or plainly, where there is none)."""
+        self._tqdm.write(line, file=sys.stdout)
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 _STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM") if hasattr(signal, n))
@@ -378,7 +403,7 @@ def run_train(args) -> dict:
     """
     from .distributed import Ranks
 
-    ranks = Ranks()
+    ranks = Ranks()  # joins the launcher's process group, if any
     ranks.start()
     try:
         return _run_train(args, ranks)
@@ -415,7 +440,6 @@ def _run_train(args, ranks) -> dict:
     t_start = time.time()
 
     loaded = _load_model(args, device)
-    ranks.join()
     model, tok, desc = loaded["model"], loaded["tokenizer"], loaded["desc"]
     examples = load_dataset(args.data, tok, args.seq_len)
     train_set, eval_set = split(examples, args.eval_fraction, args.seed)
@@ -439,10 +463,7 @@ def _run_train(args, ranks) -> dict:
     per_epoch = math.ceil(len(train_set) / (args.batch_size * args.grad_accum))
     steps = args.max_steps if args.max_steps > 0 else max(1, math.ceil(per_epoch * args.epochs))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    warmup = min(10, max(1, steps // 10))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))))
+    opt, sched = _optimizer(args, model, params, steps)
 
     out = Path(args.output)
     losses, done = [], 0
@@ -459,8 +480,11 @@ def _run_train(args, ranks) -> dict:
     # Every rank walks the same global batches and keeps its own rows of each.
     batches = iterate_batches(train_set, args.batch_size * ranks.world, tok.pad_id, args.seed,
                               skip=done * args.grad_accum)
+    loraplus = f", LoRA+ lora_B at {args.loraplus_ratio:g}x" if args.loraplus_ratio is not None else ""
     print(f"training: {args.method}, {steps} steps, batch {args.batch_size} x accum {args.grad_accum}, "
-          f"lr {args.lr:g}, device {device}{', bf16' if args.bf16 else ''}" + (f", from step {done}" if done else ""))
+          f"lr {args.lr:g} ({args.lr_scheduler}, warmup {_warmup(args, steps)}{loraplus}), device {device}"
+          f"{', bf16' if args.bf16 else ''}"
+          + (f", from step {done}" if done else ""))
 
     run_meta = {"args": _saved_args(args), "base_sha256": loaded["fingerprint"], "method": args.method}
     last_ckpt = found if meta is not None else None
@@ -480,7 +504,7 @@ def _run_train(args, ranks) -> dict:
         return path
 
     rng_next = ckpt.rng_state()  # the RNG state at the start of step done + 1
-    progress = _Progress(done + 1)
+    progress = _Progress(done, steps, live=ranks.is_main and sys.stdout.isatty())
     model.train()
     t_log, tok_log = time.time(), 0
     stop_signals = _SigtermAsInterrupt()
@@ -508,6 +532,7 @@ def _run_train(args, ranks) -> dict:
             if not math.isfinite(step_loss):
                 raise TrainError(_non_finite_loss(model, step_loss, step, done, last_ckpt))
             with _DeferSigint():
+                lr_now = sched.get_last_lr()[0]  # the rate this step uses (of the first group: lora_A's)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
@@ -521,21 +546,20 @@ def _run_train(args, ranks) -> dict:
                 raise TrainError(f"the adapter's weights hold NaN/Inf after step {step} (e.g. {bad[:2]}); lower "
                                  "--lr, or train in bf16 or fp32. " + (f"The last good checkpoint is {last_ckpt}"
                                                                        if last_ckpt else "No checkpoint was written"))
-            dt = max(time.time() - t_log, 1e-9)
-            line = (f"step {step:5d}/{steps}  epoch {epoch + 1}  loss {step_loss:.4f}  "
-                    f"lr {sched.get_last_lr()[0]:.2e}  {tok_log / dt:,.0f} tok/s  {_memory(device)}")
+            progress.step(step, f"loss {step_loss:.4f} lr {lr_now:.2e}")
             if step == 1 or step % args.logging_steps == 0 or step == steps:
-                progress.log(line)
+                dt = max(time.time() - t_log, 1e-9)
+                progress.log(f"step {step:5d}/{steps}  epoch {epoch + 1}  loss {step_loss:.4f}  "
+                             f"lr {lr_now:.2e}  {tok_log / dt:,.0f} tok/s  {_memory(device)}")
                 t_log, tok_log = time.time(), 0
-            else:
-                progress.show(step, steps, line)
             if step % args.save_steps == 0 or step == steps:
                 last_ckpt = save(step, rng_next)
 
+        progress.close()
         eval_loss = evaluate(model, eval_set, args.batch_size, tok.pad_id, device, args.bf16)
     except KeyboardInterrupt:
         with _DeferSigint(reraise=False):  # the run is stopping anyway; more signals must not cut the checkpoint
-            progress.clear()
+            progress.close()
             opt.zero_grad(set_to_none=True)  # drop the half-accumulated step; the checkpoint is of step `done`
             if last_ckpt is None or last_ckpt.name != f"checkpoint-{done}":
                 last_ckpt = save(done, rng_next, wait=False)
@@ -543,6 +567,7 @@ def _run_train(args, ranks) -> dict:
               f"resume with: peftfast train --output {out} --resume", flush=True)
         raise TrainInterrupted(last_ckpt, done, str(out)) from None
     finally:
+        progress.close()  # also on an error: a bar left on the terminal would garble the message below it
         stop_signals.__exit__(None, None, None)
     print(f"eval loss {eval_loss:.4f} (perplexity {math.exp(min(eval_loss, 50)):.2f}) "
           f"on {len(eval_set)} held-out examples")
@@ -557,6 +582,36 @@ def _run_train(args, ranks) -> dict:
     print(f"done in {time.time() - t_start:.1f} s")
     return {"losses": losses, "eval_loss": eval_loss, "output": os.path.abspath(out), "steps": steps,
             "checkpoint": str(last_ckpt)}
+
+
+def default_warmup(steps: int) -> int:
+    """A tenth of the run, at least 1 step and at most 10."""
+    return min(10, max(1, steps // 10))
+
+
+def _warmup(args, steps: int) -> int:
+    return default_warmup(steps) if args.warmup_steps is None else args.warmup_steps
+
+
+def _optimizer(args, model, params: list, steps: int) -> tuple:
+    """AdamW (no weight decay; LoRA+ groups with --loraplus-ratio) and its transformers.get_scheduler schedule."""
+    from transformers import get_scheduler
+
+    import peftfast
+
+    if args.loraplus_ratio is not None:
+        opt = peftfast.create_loraplus_optimizer(model, torch.optim.AdamW, lr=args.lr,
+                                                 loraplus_lr_ratio=args.loraplus_ratio, weight_decay=0.0)
+    else:
+        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    warmup = _warmup(args, steps)
+    if warmup > steps:
+        raise TrainError(f"--warmup-steps {warmup} exceeds the run's {steps} steps")
+    if args.lr_scheduler == "constant":
+        return opt, get_scheduler("constant", opt)
+    extra = {"min_lr_rate": MIN_LR_RATE} if args.lr_scheduler == "cosine_warmup_with_min_lr" else None
+    return opt, get_scheduler(args.lr_scheduler, opt, num_warmup_steps=warmup, num_training_steps=steps,
+                              scheduler_specific_kwargs=extra)
 
 
 def _uses_target_modules(args) -> bool:

@@ -71,29 +71,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class Progress:
-    """One status line on stderr: a bar per suite, the case just finished, the elapsed time."""
+    """Progress on stderr: tqdm's bar per suite (the case just finished beside it) on a terminal; one line per
+    finished case elsewhere (CI logs, a file), where a redrawn bar would be noise."""
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.t0 = time.perf_counter()
-        self._width = 0
+        self._bar, self._suite = None, None
 
     def __call__(self, suite: str, done: int, total: int, label: str) -> None:
-        width = 20
-        filled = int(width * done / total) if total else width
-        bar = "#" * filled + "-" * (width - filled)
-        line = f"[{bar}] {suite} {done}/{total} {label}  ({time.perf_counter() - self.t0:.1f} s)"
-        if self.tty:
-            pad = max(0, self._width - len(line))
-            self.stream.write("\r" + line + " " * pad)
-            self._width = len(line)
-            if done >= total and done > 0:
-                self.stream.write("\n")
-                self._width = 0
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+        if not self.tty:
+            self.stream.write(f"{suite} {done}/{total} {label}  ({time.perf_counter() - self.t0:.1f} s)\n")
+            self.stream.flush()
+            return
+        from tqdm import tqdm
+
+        if self._bar is None or self._suite != suite:
+            self.close()
+            self._bar, self._suite = tqdm(total=total, desc=suite, unit="case", file=self.stream), suite
+        self._bar.total = total  # a suite may learn of more cases as it goes
+        self._bar.set_postfix_str(label, refresh=False)
+        self._bar.update(done - self._bar.n)
+        if done >= total > 0:
+            self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar, self._suite = None, None
 
 
 def _canonical_argv(args) -> List[str]:
@@ -146,7 +152,8 @@ def run_bench(args, stdout=None) -> int:
         smoke = True
     options = {"e2e_layers": args.e2e_layers, "e2e_loss_steps": args.e2e_loss_steps, "profile": args.profile}
     try:
-        ctx = common.make_context(smoke=bool(smoke), progress=Progress(), **options)
+        progress = Progress()
+        ctx = common.make_context(smoke=bool(smoke), progress=progress, **options)
     except RuntimeError as e:
         print(f"peftfast bench: error: {e}", file=sys.stderr)
         return 2
@@ -176,6 +183,7 @@ def run_bench(args, stdout=None) -> int:
             try:
                 res = importlib.import_module(f"bench_{name}").run(ctx=ctx)
             except Exception as e:  # noqa: BLE001 - one broken suite must not lose the others' results
+                progress.close()  # the suite's bar stops where it broke; the message goes below it
                 failed = True
                 res = common.suite_result(name, ctx, [], config={}, headline=[],
                                           status=f"error: {type(e).__name__}: {str(e)[:500]}")

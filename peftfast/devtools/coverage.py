@@ -244,7 +244,7 @@ def to_4bit(model: nn.Module, skip: tuple = (), quant_type: str = "nf4") -> nn.M
     integration does (Conv1D weights are transposed to [out, in])."""
     import bitsandbytes as bnb
 
-    from ..base_weight import Conv1D
+    from ..layers.base_weight import Conv1D
 
     names = [n for n, m in model.named_modules()
              if (type(m) is nn.Linear or (bool(Conv1D) and isinstance(m, Conv1D)))
@@ -339,10 +339,10 @@ class Cell:
 def module_path(module: nn.Module, method: str) -> str:
     """The path of one target module under LoRA (``"lora"``) or IA3 (``"ia3"``), from the predicates
     the wrappers dispatch on."""
-    from ..base_weight import kernel_weight
+    from ..layers.base_weight import kernel_weight
     from ..layers import is_linear_like
-    from ..ia3_conv import is_ia3_extra
-    from ..lora_conv_embedding import is_lora_extra
+    from ..layers.ia3_conv import is_ia3_extra
+    from ..layers.conv_embedding import is_lora_extra
 
     if is_linear_like(module):
         # LoraLayer / IA3Layer: the kernels read the weight, or (None: 8-bit) the base runs itself
@@ -468,7 +468,9 @@ def write_readme(path: str, table: str) -> None:
         raise SystemExit(f"{path} has no {README_START} ... {README_END} block")
     head, rest = text.split(README_START, 1)
     tail = rest.split(README_END, 1)[1]
-    with open(path, "w", encoding="utf-8") as f:
+    from ..fileio import replace_atomically
+
+    with replace_atomically(path, text=True) as f:  # an interrupted rewrite must not truncate the README
         f.write(f"{head}{README_START}\n{table}\n{README_END}{tail}")
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from .layers import AdapterLayer, LoraLayer, adapter_dtype
+from .linear import AdapterLayer, LoraLayer, adapter_dtype
 
 OUT_PROJ = "out_proj"
 

@@ -42,9 +42,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
-from .config import ConfigError
-from .kernels.grouped_lora import expert_ids_from_offsets, grouped_lora
-from .layers import AdapterLayer
+from ..config import ConfigError
+from ..kernels.grouped_lora import expert_ids_from_offsets, grouped_lora
+from .linear import AdapterLayer
 
 __all__ = ["LoraParamWrapper", "LoraWeight", "find_parameter_targets", "build_parameter_wrappers"]
 

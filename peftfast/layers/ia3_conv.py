@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .layers import IA3Layer, adapter_dtype
+from .linear import IA3Layer, adapter_dtype
 
 IA3_CONV_TYPES = (nn.Conv2d, nn.Conv3d)
 

@@ -18,11 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ConfigError
-from .layers import AdapterLayer
-
-TOKENS_PARAM = "trainable_tokens_delta"
-SAVED_SUFFIX = ".token_adapter." + TOKENS_PARAM  # PEFT's key (its wrapper keeps the layer as token_adapter)
+from ..checkpoint_keys import TOKENS_PARAM
+from ..config import ConfigError
+from .linear import AdapterLayer
 
 
 class TrainableTokensLayer(AdapterLayer):

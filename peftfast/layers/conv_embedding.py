@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base_weight import is_zero3_partitioned
-from .layers import AdapterLayer, _Magnitude, adapter_dtype
+from .linear import AdapterLayer, _Magnitude, adapter_dtype
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -37,7 +37,7 @@ def _check_whole(weight: torch.Tensor) -> None:
 
 
 def is_lora_extra(module: nn.Module) -> bool:
-    """Layers LoRA wraps besides the linear ones (nn.MultiheadAttention: see peftfast.lora_mha)."""
+    """Layers LoRA wraps besides the linear ones (nn.MultiheadAttention: see peftfast.layers.mha)."""
     return isinstance(module, (nn.Embedding, nn.MultiheadAttention) + CONV_TYPES)
 
 

@@ -5,7 +5,7 @@ its adapters in dicts keyed by adapter name, with the attribute names Hugging Fa
 (``lora_A.<name>.weight``, ``lora_B.<name>.weight``, ``lora_magnitude_vector.<name>.weight``,
 ``ia3_l.<name>``), so state-dict keys map one to one onto PEFT's checkpoints.
 
-Base weights are read from ``base_layer`` at every call through ``peftfast.base_weight``: FSDP and ZeRO
+Base weights are read from ``base_layer`` at every call through ``peftfast.layers.base_weight``: FSDP and ZeRO
 swap storage. What kind of base a weight is (dense, transposed Conv1D, 4-bit, 8-bit, a ZeRO-3 shard) is
 decided once per weight object and revalidated by identity (:meth:`AdapterLayer._kernel_weight`); a
 dense weight is then the parameter itself, so a swap of its storage is followed with no new decision.
@@ -20,14 +20,15 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from . import kernels
+from .. import kernels
 from .base_weight import (
     Conv1D, _bnb_classes, base_4bit_forward_cpu, dense_base_weight, is_zero3_partitioned, kernel_weight,
     stores_transposed, write_dense_base_weight,
 )
-from .config import ConfigError
-from .kernels.nf4 import is_4bit_weight
-from .lora_init import init_from_base, is_base_init
+from ..checkpoint_keys import check_param_names
+from ..config import ConfigError
+from ..kernels.nf4 import is_4bit_weight
+from ..lora_init import init_from_base, is_base_init
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -60,7 +61,13 @@ def adapter_dtype(base: nn.Module) -> torch.dtype:
 class AdapterLayer(nn.Module):
     """Common state of the wrappers: the base layer, active adapters, merged adapters, the on/off switch."""
 
+    # The per-adapter dict attributes, each a row of peftfast.checkpoint_keys.ADAPTER_PARAMS (which says how
+    # PEFT's checkpoints name them); checked when a subclass is defined.
     adapter_param_names: tuple = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        check_param_names(cls.__name__, cls.adapter_param_names)
 
     def __init__(self, base_layer: nn.Module, backend: str = "auto"):
         super().__init__()

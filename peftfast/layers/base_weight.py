@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import kernels
-from .kernels.nf4 import is_4bit_weight, quantization_settings
+from .. import kernels
+from ..kernels.nf4 import is_4bit_weight, quantization_settings
 
 try:  # transformers' GPT-2-style Conv1D stores its weight as [in, out]
     from transformers.pytorch_utils import Conv1D
