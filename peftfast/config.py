@@ -23,7 +23,7 @@ TASK_TYPES = (None, "SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTI
 # Fields PEFT writes for features peftfast does not implement, with the value meaning "not used".
 _INERT_FIELDS = {
     "alora_invocation_tokens": (None,), "arrow_config": (None,), "corda_config": (None,),
-    "eva_config": (None,), "kasa_config": (None,), "layer_replication": (None,), "loftq_config": ({}, None),
+    "eva_config": (None,), "kasa_config": (None,), "layer_replication": (None,),
     "lora_ga_config": (None,), "megatron_config": (None,), "megatron_core": ("megatron.core", None),
     "monteclora_config": (None,),
     "use_bdlora": (None, False), "use_qalora": (False,), "qalora_group_size": None, "velora_config": (None,),
@@ -156,7 +156,10 @@ class LoraConfig(_BaseConfig):
         init_lora_weights: True (PEFT: A Kaiming-uniform, B zero), "gaussian" (A normal(1/r)), False
             (random non-zero B, for tests), or from the base weight, which then keeps only the residual
             ``W - scaling * B @ A``: "pissa" (SVD), "pissa_niter_<n>" (randomized SVD, n subspace
-            iterations) or "olora" (QR); see :mod:`peftfast.lora_init`. "loftq" is refused (see there).
+            iterations), "olora" (QR), or "loftq" (with ``loftq_config``: the base becomes its LoftQ NF4
+            quantization, dequantized; see :mod:`peftfast.lora_init`).
+        loftq_config: for ``init_lora_weights="loftq"``: ``{"loftq_bits": 4, "loftq_iter": T}`` or a
+            :class:`LoftQConfig` (PEFT's also works); ignored (with a warning) for the other inits.
         layers_to_transform / layers_pattern: restrict to these layer indices.
         rank_pattern / alpha_pattern: per-module overrides, keys are regexes matched at a name's end.
         modules_to_save: extra modules trained in full and saved (classification heads for SEQ_CLS).
@@ -183,9 +186,15 @@ class LoraConfig(_BaseConfig):
     lora_bias: bool = False
     trainable_token_indices: Optional[Union[list, dict]] = None
     target_parameters: Optional[list] = None
+    loftq_config: dict = field(default_factory=dict)
     peft_type_name = "LORA"
 
     def validate(self) -> None:
+        from .lora_init import check_loftq_config, parse_init  # here: lora_init imports this module
+
+        parse_init(self.init_lora_weights)  # refuses unknown values, and PEFT's inits peftfast lacks (CorDA, ...)
+        # a LoftQConfig object becomes the dict PEFT writes, before the field-type check
+        self.loftq_config = check_loftq_config(self.init_lora_weights, self.loftq_config)
         super().validate()
         if not isinstance(self.r, int) or self.r <= 0:
             raise ConfigError(f"LoRA rank r must be a positive integer, got {self.r!r}")
@@ -216,9 +225,20 @@ class LoraConfig(_BaseConfig):
             raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        from .lora_init import parse_init  # here: lora_init imports this module
+        if self.init_lora_weights == "loftq":
+            if self.target_parameters:
+                raise ConfigError("init_lora_weights='loftq' does not apply to target_parameters (PEFT's "
+                                  "ParamWrapper calls its LoftQ init without the config and fails); use init True")
+            scalings = {self.lora_alpha, *(self.alpha_pattern or {}).values()}
+            if self.use_rslora or self.rank_pattern or scalings != {self.r}:
+                import warnings
 
-        parse_init(self.init_lora_weights)  # refuses unknown values, and PEFT's inits peftfast lacks (LoftQ, ...)
+                warnings.warn(
+                    "init_lora_weights='loftq' with lora_alpha != r (or rsLoRA / rank and alpha patterns): LoftQ's "
+                    "B A approximates W - deq(Q) unscaled (PEFT's convention, kept here), so the patched model "
+                    "starts at deq(Q) + scaling * B A, which equals the LoftQ approximation only where scaling == 1",
+                    stacklevel=3,
+                )
         if self.lora_bias and self.init_lora_weights not in (True, False):
             raise ConfigError(
                 f"lora_bias=True needs init_lora_weights True or False, got {self.init_lora_weights!r} (as in PEFT)"
@@ -232,6 +252,22 @@ class LoraConfig(_BaseConfig):
             if not isinstance(self.target_parameters, list) or not all(isinstance(t, str) and t for t in self.target_parameters):
                 raise ConfigError(f"target_parameters must be a list of parameter names (e.g. ['experts.gate_up_proj']) "
                                   f"or None, got {self.target_parameters!r} (PEFT does not take a regex here either)")
+
+
+@dataclass
+class LoftQConfig:
+    """PEFT's ``LoftQConfig``: the quantization LoftQ initializes against (``LoraConfig.loftq_config``).
+
+    Args:
+        loftq_bits: 4 (NF4; PEFT's 8-bit variant is not implemented in peftfast).
+        loftq_iter: alternating quantize / SVD steps, >= 1.
+
+    Example:
+        >>> cfg = LoraConfig(r=8, lora_alpha=8, init_lora_weights="loftq", loftq_config=LoftQConfig(loftq_iter=5))
+    """
+
+    loftq_bits: int = 4
+    loftq_iter: int = 1
 
 
 def _check_token_indices(value) -> None:

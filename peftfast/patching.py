@@ -404,9 +404,14 @@ def _add_adapter(wrapper: AdapterLayer, name: str, cfg, adapter_name: str) -> No
                 f"init_lora_weights={cfg.init_lora_weights!r} works on linear layers only (as in PEFT), but {name} "
                 f"is a {type(wrapper.base_layer).__name__}; leave it out of target_modules or use init True"
             )
+        if cfg.init_lora_weights == "loftq" and not isinstance(wrapper, LoraLayer):
+            # PEFT's Embedding.loftq_init is called without the config it needs (a TypeError there)
+            raise ConfigError(f"init_lora_weights='loftq' works on linear layers only, but {name} is a "
+                              f"{type(wrapper.base_layer).__name__}; leave it out of target_modules")
+        extra = {"loftq_config": cfg.loftq_config} if isinstance(wrapper, LoraLayer) else {}
         wrapper.add_adapter(
             adapter_name, r, alpha, dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
-            init=cfg.init_lora_weights, lora_bias=cfg.lora_bias,
+            init=cfg.init_lora_weights, lora_bias=cfg.lora_bias, **extra,
         )
     else:
         wrapper.add_adapter(adapter_name, init=cfg.init_ia3_weights)

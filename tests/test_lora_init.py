@@ -301,7 +301,7 @@ def test_unpatch_restores_the_original_weight_bit_for_bit(init):
 
 
 @pytest.mark.parametrize("value,match", [
-    ("loftq", "LoftQ only on a CUDA/XPU device"),
+    ("loftq", "needs loftq_config"),  # LoftQ itself: tests/test_lora_loftq.py
     ("corda", "not implemented in peftfast"),
     ("pissa_niter_-1", ">= 0"),
     ("PiSSA", "must be True, False"),
@@ -314,13 +314,14 @@ def test_unknown_and_unimplemented_inits_are_refused_by_name(value, match):
         peftfast.patch(tiny_llama(), {"peft_type": "LORA", "target_modules": ["q_proj"], "init_lora_weights": value})
 
 
-def test_loftq_config_from_peft_is_refused():
-    cfg = peft.LoraConfig(target_modules=["q_proj"], init_lora_weights="loftq", loftq_config=peft.LoftQConfig())
-    model = tiny_llama()
-    snap = snapshot(model)
-    with pytest.raises(peftfast.ConfigError, match="loftq"):
-        peftfast.patch(model, cfg)
-    assert_unchanged(model, snap)
+def test_loftq_config_from_peft_patches_like_peftfasts():
+    cfg = dict(r=4, lora_alpha=4, target_modules=["q_proj"], init_lora_weights="loftq")
+    theirs = peftfast.patch(tiny_llama(), peft.LoraConfig(**cfg, loftq_config=peft.LoftQConfig(loftq_iter=2)))
+    ours = peftfast.patch(tiny_llama(), peftfast.LoraConfig(**cfg, loftq_config={"loftq_bits": 4, "loftq_iter": 2}))
+    assert peftfast.adapter_config(theirs).to_dict() == peftfast.adapter_config(ours).to_dict()
+    a, b = theirs.model.layers[1].self_attn.q_proj, ours.model.layers[1].self_attn.q_proj
+    assert torch.equal(a.base_layer.weight, b.base_layer.weight)
+    assert not torch.equal(a.base_layer.weight, tiny_llama().model.layers[1].self_attn.q_proj.weight)
 
 
 def test_bases_the_inits_cannot_take_are_refused():

@@ -206,7 +206,7 @@ class LoraLayer(AdapterLayer):
 
     def add_adapter(
         self, name: str, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
-        use_dora: bool = False, init: object = True, lora_bias: bool = False,
+        use_dora: bool = False, init: object = True, lora_bias: bool = False, loftq_config: Optional[dict] = None,
     ) -> None:
         if r <= 0:
             raise ConfigError(f"LoRA rank must be positive, got r={r}")
@@ -238,8 +238,8 @@ class LoraLayer(AdapterLayer):
         self.lora_alpha[name] = alpha
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout_p[name] = float(dropout)
-        if is_base_init(init):  # PiSSA / OLoRA: A and B from the base weight, the residual left in the base
-            init_from_base(self, name, init)
+        if is_base_init(init):  # PiSSA / OLoRA / LoftQ: A and B from the base weight, which changes
+            init_from_base(self, name, init, loftq_config)
         if use_dora:
             mag = _Magnitude(self.out_features, device=device, dtype=dtype)
             with torch.no_grad():
