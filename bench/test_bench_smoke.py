@@ -311,6 +311,7 @@ def test_cli_profile_headline(tmp_path, capsys):
 def test_host_overhead_smoke(tmp_path):
     """bench_host_overhead at a few iterations: finite timings for every implementation, launches really
     stubbed (the counter saw them, and the real kernels are back afterwards), the target verdict computed."""
+    pytest.importorskip("peft", reason="the ratios are to PEFT's layer")
     import bench_host_overhead as bho
     from triton.runtime.jit import KernelInterface
 
@@ -323,9 +324,6 @@ def test_host_overhead_smoke(tmp_path):
         assert case["host_only"]
         for impl in bho.IMPLS:
             res = case["impls"][impl]
-            if impl == "peft" and PEFT is None:
-                assert res == {"unavailable": "peft not importable"}
-                continue
             assert res["median_us"] > 0 and math.isfinite(res["median_us"]), (case["mode"], impl)
         launches = case["stub_launches_per_call"]
         # A dense LoRA forward is x@A^T then the fused GEMM; the backward adds g, dX, dA and dB.
@@ -333,8 +331,7 @@ def test_host_overhead_smoke(tmp_path):
         if case["mode"] == "grad":
             assert launches["matmul._lowrank_wgrad_kernel"] >= 1
         assert case["impls"]["triton"]["python_calls_per_call"] > 0
-        if PEFT is not None:
-            assert case["target_met"] is (case["ratio_to_peft"]["triton"] <= case["target_triton_vs_peft"])
+        assert case["target_met"] is (case["ratio_to_peft"]["triton"] <= case["target_triton_vs_peft"])
     assert isinstance(matmul._matmul_lowrank_kernel, KernelInterface)  # the stubs were taken out again
     paths = bho.write(result, tmp_path)
     assert json.loads(paths[0].read_text())["benchmark"] == "host_overhead"
