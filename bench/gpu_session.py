@@ -55,7 +55,7 @@ RESERVE_S = 15.0
 MAX_OUT_FILES = 8  # the device tool returns at most 8 files from $OUT
 KERNEL_TESTS = ("tests/kernels/test_nf4.py", "tests/kernels/test_lora.py", "tests/kernels/test_gpu_headline.py",
                 "tests/kernels/test_qmatmul.py", "tests/kernels/test_dora.py", "tests/kernels/test_ia3.py",
-                "tests/kernels/test_prefix_attention.py")
+                "tests/kernels/test_prefix_attention.py", "tests/test_lora_loftq.py")
 MODEL_TESTS = "tests/kernels/test_models_triton.py"
 # A CPU dry run runs one model-level case for real (the rest need a GPU's speed), so the step's junit
 # file holds a pass that the summary must count.
