@@ -342,14 +342,7 @@ def dora_matmul(
         if m == 0 or n == 0:
             return y
     args, flags = _launch_args(x, wt, left, right, c, mode, lr_scale, xd, bias, g, dropout_p, seed, y, part)
-    if dev.type == "cuda":
-        kernel = _tuned_dora_matmul(dev.index if dev.index is not None else torch.cuda.current_device())
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        kernel[grid](*args, **flags)
-    else:
-        cfg = launch.INTERPRET_CONFIG
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-        _dora_matmul_kernel[grid](*args, **flags, **cfg)
+    launch.launch_tiled_gemm(_tuned_dora_matmul, _dora_matmul_kernel, dev, m, n, args, flags)
     if mode == _DM:
         # Deterministic: fixed-order partials summed by PyTorch (no atomics).
         return part.sum(0)

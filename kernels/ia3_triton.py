@@ -168,14 +168,7 @@ def ia3_matmul(
         colsum = torch.zeros(n, device=dev, dtype=torch.float32) if want_colsum else None
         return y, colsum
     args, flags = _launch_args(a, b, scale, scale_a, scale_out, bias, coldot, y, part)
-    if dev.type == "cuda":
-        kernel = _tuned_ia3_matmul(dev.index if dev.index is not None else torch.cuda.current_device())
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        kernel[grid](*args, **flags)
-    else:
-        cfg = launch.INTERPRET_CONFIG
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-        _ia3_matmul_kernel[grid](*args, **flags, **cfg)
+    launch.launch_tiled_gemm(_tuned_ia3_matmul, _ia3_matmul_kernel, dev, m, n, args, flags)
     # Deterministic: fixed-order partials summed by PyTorch (no atomics).
     return y, (part.sum(0) if want_colsum else None)
 
