@@ -3,7 +3,11 @@
 * :func:`grouped_tile`: grouped launch order of the output tiles (L2 reuse);
 * :func:`dot`: ``tl.dot`` with the interpreter's bf16 widening (``DOT_F32``) and IEEE fp32 (``IEEE``);
 * :func:`lowrank_tile`: the ``L @ R`` low-rank term of the GEMM epilogues (LoRA, in-loop 4-bit, DoRA);
-* :func:`dropout_keep`: the dropout keep-mask regenerated from a seed at logical offsets.
+* :func:`dropout_keep`: the dropout keep-mask regenerated from a seed at logical offsets;
+* :func:`gemm_tile`: a GEMM program's output-tile offsets and masks (LoRA, 4-bit, IA3, DoRA GEMMs);
+* :func:`load_xw`: the X and W tiles of one step of their ``X @ Wt`` main loop;
+* :func:`lowrank_epilogue`: the LoRA epilogue (low-rank term, dropout, bias, store) of the dense and 4-bit GEMMs;
+* :func:`store_row_partials`: the per-column ``sum(C * G)`` partials of the IA3 and DoRA vector gradients.
 
 The 4-bit tile decode lives with the dequantization kernel in :mod:`.nf4_triton`.
 """
