@@ -14,7 +14,7 @@ from . import launch
 from . import ops
 from . import tuning as _tuning
 from . import matmul as _mm
-from .tiles import dot, dropout_keep, grouped_tile, lowrank_tile
+from .tiles import dot, dropout_keep, gemm_tile, load_xw, lowrank_tile, store_row_partials
 from .weights import dense_base, kernel_operand
 
 
@@ -108,14 +108,8 @@ def _dora_matmul_kernel(
     X's; W, c-scaled X tiles and L/R are cast to it in-kernel, accumulation is fp32.
     ``M_KEY`` (M rounded up to a power of two) is only an autotuning key.
     """
-    i_m, i_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    i_m, i_n, o_m, o_n, m_m, m_n, o_m64 = gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     o_k = tl.arange(0, BLOCK_K)
-    m_m = o_m < M
-    m_n = o_n < N
-    o_m64 = o_m.to(tl.int64)
     dtype = p_x.dtype.element_ty
 
     b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -123,10 +117,7 @@ def _dora_matmul_kernel(
     p_xb = p_x + o_m64[:, None] * stride_xm + o_k[None, :] * stride_xk
     p_wb = p_w + o_k[:, None] * stride_wk + o_n[None, :] * stride_wn
     for k0 in range(0, K, BLOCK_K):
-        m_k = (k0 + o_k) < K
-        b_x = tl.load(p_xb, mask=m_m[:, None] & m_k[None, :], other=0.0)
-        # The base weight may be stored in another dtype (fp32 master copy, fp16 checkpoint).
-        b_w = tl.load(p_wb, mask=m_k[:, None] & m_n[None, :], other=0.0).to(dtype)
+        m_k, b_x, b_w = load_xw(p_xb, p_wb, k0, o_k, K, m_m, m_n, dtype)
         if MODE == 1:
             # dX: dY's columns (the reduction dim here) carry the per-output-feature factor.
             b_c = tl.load(p_c + k0 + o_k, mask=m_k, other=0.0)
@@ -152,13 +143,8 @@ def _dora_matmul_kernel(
 
     if MODE == 2:
         # Rows past M are 0 in X and L, and their G is loaded as 0: they add nothing.
-        b_g = tl.load(p_g + o_m64[:, None] * stride_gm + o_n[None, :] * stride_gn,
-                      mask=m_m[:, None] & m_n[None, :], other=0.0).to(tl.float32)
-        b_prod = tl.reshape((b_acc + b_lr) * b_g, [BLOCK_M // SUB_M, SUB_M, BLOCK_N])
-        b_part = tl.sum(b_prod, axis=1)  # [BM // SUB_M, BN]
-        o_p = i_m * (BLOCK_M // SUB_M) + tl.arange(0, BLOCK_M // SUB_M)
-        tl.store(p_part + o_p.to(tl.int64)[:, None] * stride_pp + o_n[None, :], b_part,
-                 mask=(o_p < tl.cdiv(M, SUB_M))[:, None] & m_n[None, :])
+        store_row_partials(b_acc + b_lr, p_g, p_part, i_m, o_m64, o_n, m_m, m_n, M, stride_gm, stride_gn, stride_pp,
+                           SUB_M, BLOCK_M, BLOCK_N)
     else:
         if MODE == 0:
             b_c = tl.load(p_c + o_n, mask=m_n, other=0.0)[None, :]
@@ -356,14 +342,7 @@ def dora_matmul(
         if m == 0 or n == 0:
             return y
     args, flags = _launch_args(x, wt, left, right, c, mode, lr_scale, xd, bias, g, dropout_p, seed, y, part)
-    if dev.type == "cuda":
-        kernel = _tuned_dora_matmul(dev.index if dev.index is not None else torch.cuda.current_device())
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        kernel[grid](*args, **flags)
-    else:
-        cfg = launch.INTERPRET_CONFIG
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-        _dora_matmul_kernel[grid](*args, **flags, **cfg)
+    launch.launch_tiled_gemm(_tuned_dora_matmul, _dora_matmul_kernel, dev, m, n, args, flags)
     if mode == _DM:
         # Deterministic: fixed-order partials summed by PyTorch (no atomics).
         return part.sum(0)

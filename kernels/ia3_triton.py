@@ -13,7 +13,7 @@ import triton.language as tl
 from . import launch
 from . import ops
 from . import tuning as _tuning
-from .tiles import dot, grouped_tile
+from .tiles import dot, gemm_tile, load_xw, store_row_partials
 from .weights import dense_base, kernel_operand
 
 
@@ -48,28 +48,19 @@ def _ia3_matmul_kernel(
     A tile is rounded back to it before the dot, as PyTorch's ``(x * l).to(x.dtype)`` does.
     ``M_KEY`` (M rounded up to a power of two) is only an autotuning key.
     """
-    i_m, i_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    i_m, i_n, o_m, o_n, m_m, m_n, o_m64 = gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     o_k = tl.arange(0, BLOCK_K)
-    m_m = o_m < M
-    m_n = o_n < N
-    # int64 row offsets: M * stride overflows int32 for long sequences times wide layers.
-    o_m64 = o_m.to(tl.int64)
     dtype = p_a.dtype.element_ty
 
     b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     p_ab = p_a + o_m64[:, None] * stride_am + o_k[None, :] * stride_ak
     p_bb = p_b + o_k[:, None] * stride_bk + o_n[None, :] * stride_bn
     for k0 in range(0, K, BLOCK_K):
-        m_k = (k0 + o_k) < K
-        b_a = tl.load(p_ab, mask=m_m[:, None] & m_k[None, :], other=0.0)
+        m_k, b_a, b_b = load_xw(p_ab, p_bb, k0, o_k, K, m_m, m_n, dtype)
         if SCALE_A:
             # Input scaling at the operand load: the scaled A is never written to memory.
             b_s = tl.load(p_s + (k0 + o_k) * stride_s, mask=m_k, other=0.0).to(tl.float32)
             b_a = (b_a.to(tl.float32) * b_s[None, :]).to(dtype)
-        b_b = tl.load(p_bb, mask=m_k[:, None] & m_n[None, :], other=0.0).to(dtype)
         b_acc = dot(b_a, b_b, b_acc, DOT_F32, IEEE)  # [BM, BK] @ [BK, BN] -> [BM, BN]
         p_ab += BLOCK_K * stride_ak
         p_bb += BLOCK_K * stride_bk
@@ -78,14 +69,8 @@ def _ia3_matmul_kernel(
         b_acc += tl.load(p_bias + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
     if COLDOT:
         # Rows past M hold the bias, but their G is loaded as 0, so they add nothing.
-        b_g = tl.load(p_g + o_m64[:, None] * stride_gm + o_n[None, :] * stride_gn,
-                      mask=m_m[:, None] & m_n[None, :], other=0.0).to(tl.float32)
-        b_prod = tl.reshape(b_acc * b_g, [BLOCK_M // SUB_M, SUB_M, BLOCK_N])
-        b_part = tl.sum(b_prod, axis=1)  # [BM // SUB_M, BN]
-        o_p = i_m * (BLOCK_M // SUB_M) + tl.arange(0, BLOCK_M // SUB_M)
-        n_p = tl.cdiv(M, SUB_M)
-        tl.store(p_part + o_p.to(tl.int64)[:, None] * stride_pp + o_n[None, :], b_part,
-                 mask=(o_p < n_p)[:, None] & m_n[None, :])
+        store_row_partials(b_acc, p_g, p_part, i_m, o_m64, o_n, m_m, m_n, M, stride_gm, stride_gn, stride_pp,
+                           SUB_M, BLOCK_M, BLOCK_N)
     if SCALE_OUT:
         # Output scaling in the epilogue, after the bias (PEFT's order).
         b_acc *= tl.load(p_s + o_n * stride_s, mask=m_n, other=0.0).to(tl.float32)[None, :]
@@ -183,14 +168,7 @@ def ia3_matmul(
         colsum = torch.zeros(n, device=dev, dtype=torch.float32) if want_colsum else None
         return y, colsum
     args, flags = _launch_args(a, b, scale, scale_a, scale_out, bias, coldot, y, part)
-    if dev.type == "cuda":
-        kernel = _tuned_ia3_matmul(dev.index if dev.index is not None else torch.cuda.current_device())
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        kernel[grid](*args, **flags)
-    else:
-        cfg = launch.INTERPRET_CONFIG
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-        _ia3_matmul_kernel[grid](*args, **flags, **cfg)
+    launch.launch_tiled_gemm(_tuned_ia3_matmul, _ia3_matmul_kernel, dev, m, n, args, flags)
     # Deterministic: fixed-order partials summed by PyTorch (no atomics).
     return y, (part.sum(0) if want_colsum else None)
 

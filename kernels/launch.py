@@ -4,6 +4,7 @@ Only the Triton op modules import this one (it imports Triton); the op files' fr
 through :func:`dispatch.triton_module`. The device-side building blocks are in :mod:`.tiles`.
 
 * launch flags: :func:`dot_flags`, :func:`block_r`, :func:`num_sms`, :data:`INTERPRET_CONFIG`;
+  :func:`launch_tiled_gemm` (the CUDA-or-interpreter launch of the IA3 and DoRA GEMMs);
 * GPU facts, asked on first launch and never at import: :func:`gpu_family`, :func:`device_family`,
   :func:`max_shared_memory`, :func:`device_info`;
 * the X-by-W tile loop's configs (``configs/lora_matmul.json``, shared by the LoRA, IA3 and DoRA GEMMs),
@@ -20,7 +21,7 @@ import functools
 import inspect
 import json
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -181,3 +182,24 @@ def autotune_options() -> dict:
     return {}
 
 
+
+
+def launch_tiled_gemm(tuned: Callable, kernel, device: torch.device, m: int, n: int, args: tuple, flags: dict) -> None:
+    """Launches a grouped-tile GEMM kernel (one program per [BLOCK_M, BLOCK_N] output tile).
+
+    Args:
+        tuned: ``device_index -> autotuned kernel`` (CUDA); kernel: the plain ``@triton.jit`` kernel,
+            run at :data:`INTERPRET_CONFIG` off CUDA. m, n: the output's shape. args, flags: the
+            kernel's positional arguments and constexpr flags, all but the tile config.
+
+    Example:
+        >>> launch_tiled_gemm(_tuned_ia3_matmul, _ia3_matmul_kernel, x.device, m, n, args, flags)  # doctest: +SKIP
+    """
+    if device.type == "cuda":
+        tuned_kernel = tuned(device.index if device.index is not None else torch.cuda.current_device())
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        tuned_kernel[grid](*args, **flags)
+    else:
+        cfg = INTERPRET_CONFIG
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+        kernel[grid](*args, **flags, **cfg)

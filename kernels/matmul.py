@@ -38,7 +38,7 @@ import triton.language as tl
 from . import launch
 from . import plans as _plans
 from . import tuning as _tuning
-from .tiles import dot, dropout_keep, grouped_tile, lowrank_tile
+from .tiles import dot, dropout_keep, gemm_tile, grouped_tile, load_xw, lowrank_epilogue, lowrank_tile
 
 
 @triton.jit
@@ -56,14 +56,7 @@ def _matmul_lowrank_kernel(
     ``M_KEY`` (M rounded up to a power of two) is only an autotuning key: keying on M itself would
     re-tune for every new sequence length.
     """
-    i_m, i_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_m = o_m < M
-    m_n = o_n < N
-    # int64 row offsets: M * stride overflows int32 for long sequences times wide layers.
-    o_m64 = o_m.to(tl.int64)
+    i_m, i_n, o_m, o_n, m_m, m_n, o_m64 = gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     dtype = p_y.dtype.element_ty
 
     b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -72,27 +65,14 @@ def _matmul_lowrank_kernel(
         p_xb = p_x + o_m64[:, None] * stride_xm + o_k[None, :] * stride_xk
         p_wb = p_w + o_k[:, None] * stride_wk + o_n[None, :] * stride_wn
         for k0 in range(0, K, BLOCK_K):
-            m_k = (k0 + o_k) < K
-            b_x = tl.load(p_xb, mask=m_m[:, None] & m_k[None, :], other=0.0)
-            # The base weight may be stored in another dtype (fp32 master copy, fp16 checkpoint).
-            b_w = tl.load(p_wb, mask=m_k[:, None] & m_n[None, :], other=0.0).to(dtype)
+            m_k, b_x, b_w = load_xw(p_xb, p_wb, k0, o_k, K, m_m, m_n, dtype)
             b_acc = dot(b_x, b_w, b_acc, DOT_F32, IEEE)  # [BM, BK] @ [BK, BN] -> [BM, BN]
             p_xb += BLOCK_K * stride_xk
             p_wb += BLOCK_K * stride_wk
 
-    # Low-rank epilogue: while the tile is still in registers, so Y is written once.
-    b_lr = lowrank_tile(p_l, p_r, o_m64, o_n, m_m, m_n, R, stride_lm, stride_lr, stride_rr, stride_rn,
-                         dtype, DOT_F32, IEEE, BLOCK_M, BLOCK_N, BLOCK_R) * scale
-    if DROPOUT:
-        # Backward of dropout on the LoRA input: dX's LoRA part only passes where the input was kept.
-        b_keep = dropout_keep(p_seed, o_m, o_n, N, dropout_p)
-        b_lr = tl.where(b_keep, b_lr / (1.0 - dropout_p), 0.0)
-    b_acc += b_lr
-    if HAS_BIAS:
-        b_acc += tl.load(p_bias + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
-
-    tl.store(p_y + o_m64[:, None] * stride_ym + o_n[None, :] * stride_yn, b_acc.to(dtype),
-             mask=m_m[:, None] & m_n[None, :])
+    lowrank_epilogue(b_acc, p_l, p_r, p_bias, p_seed, p_y, o_m, o_m64, o_n, m_m, m_n, N, R,
+                     stride_lm, stride_lr, stride_rr, stride_rn, stride_ym, stride_yn, scale, dropout_p,
+                     dtype, HAS_BIAS, DROPOUT, DOT_F32, IEEE, BLOCK_M, BLOCK_N, BLOCK_R)
 
 
 @triton.jit
@@ -198,7 +178,8 @@ def _tuned_matmul_lowrank(device_index: int):
 @functools.lru_cache(maxsize=None)
 def _kernel_hash() -> str:
     """Source hash of the kernel and its helpers, recorded beside each table entry ``peftfast tune`` writes."""
-    return _tuning.source_hash(_matmul_lowrank_kernel, dot, dropout_keep, grouped_tile, lowrank_tile)
+    return _tuning.source_hash(_matmul_lowrank_kernel, dot, dropout_keep, gemm_tile, grouped_tile, load_xw,
+                               lowrank_epilogue, lowrank_tile)
 
 
 def select_matmul_config(m: int, n: int, k: int, dtype, weight: str, *, gpu_name: str, max_smem: int,

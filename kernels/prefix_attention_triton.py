@@ -43,8 +43,53 @@ _REAL = tl.constexpr(2)
 # PyTorch), "tf32" (Triton's CUDA default, ignored for fp16/bf16) otherwise. Under ``DOT_F32``
 # (interpreter + bf16) q is widened to fp32 right after its load and every other dot operand is
 # cast to q's register dtype, a no-op on the GPU; P and dS are first rounded to the inputs' dtype, as
-# the GPU kernel does. No helper function is called inside the loops: in the interpreter each device
-# function call re-patches triton.language (~3 ms), which would dominate the CPU tests.
+# the GPU kernel does. The loops call one helper per key block (:func:`_key_block_scores`) and no
+# other: in the interpreter each device function call re-patches triton.language (~3 ms), which
+# would dominate the CPU tests.
+
+@triton.jit
+def _query_block(NQ, HQ, G, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's query block of (b, query head), last row block first (under causality it sees the
+    most keys, so the long programs start early): ``(i_m, i_bh, i_b, i_h, i_kvh, o_m, o_d, m_m, m_d)``."""
+    n_mb = tl.cdiv(NQ, BLOCK_M)
+    i_m = n_mb - 1 - tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // HQ).to(tl.int64)
+    i_h = (i_bh % HQ).to(tl.int64)
+    i_kvh = i_h // G
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    return i_m, i_bh, i_b, i_h, i_kvh, o_m, o_d, o_m < NQ, o_d < D
+
+
+@triton.jit
+def _key_block_scores(
+    b_q, p_kb, p_pad, stride_kn, stride_kd, stride_pn,
+    o_m, o_n, o_d, m_d, n_keys, causal_off, qk_scale,
+    MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """K^T tile ([BD, BN], in q's register dtype), log2-unit scores ``S2 = q K^T * qk_scale`` ([BM, BN],
+    fp32), their visibility mask and the key bound ``m_n`` for the key columns ``o_n``:
+    ``(b_kt, b_s, m_s, m_n)``. Under ``_PREFIX_FULL`` every key is visible and callers ignore ``m_s``.
+    """
+    m_n = o_n < n_keys
+    if MODE == _PREFIX_FULL:
+        b_kt = tl.load(p_kb + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd, mask=m_d[:, None], other=0.0)
+    else:
+        b_kt = tl.load(p_kb + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd,
+                       mask=m_d[:, None] & m_n[None, :], other=0.0)
+    b_kt = b_kt.to(b_q.dtype)
+    b_s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    b_s = tl.dot(b_q, b_kt, b_s, input_precision=PRECISION) * qk_scale  # [BM, BD] @ [BD, BN] -> [BM, BN]
+    m_s = m_n[None, :] & (o_m[:, None] >= 0)
+    if MODE == _REAL:
+        if CAUSAL:
+            m_s = m_s & (o_n[None, :] <= o_m[:, None] + causal_off)
+        if HAS_PAD:
+            m_s = m_s & (tl.load(p_pad + o_n * stride_pn, mask=m_n, other=0) != 0)[None, :]
+    return b_kt, b_s, m_s, m_n
+
 
 @triton.jit
 def _fwd_inner(
@@ -59,27 +104,16 @@ def _fwd_inner(
     o_nb = tl.arange(0, BLOCK_N)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         o_n = n0 + o_nb
-        m_n = o_n < n_keys
+        b_kt, b_s, m_s, m_n = _key_block_scores(b_q, p_kb, p_pad, stride_kn, stride_kd, stride_pn,
+                                                o_m, o_n, o_d, m_d, n_keys, causal_off, qk_scale,
+                                                MODE, CAUSAL, HAS_PAD, PRECISION, BLOCK_M, BLOCK_N)
         if MODE == _PREFIX_FULL:
-            b_kt = tl.load(p_kb + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd, mask=m_d[:, None], other=0.0)
             b_v = tl.load(p_vb + o_n[:, None] * stride_vn + o_d[None, :] * stride_vd, mask=m_d[None, :], other=0.0)
         else:
-            b_kt = tl.load(p_kb + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd,
-                           mask=m_d[:, None] & m_n[None, :], other=0.0)
             b_v = tl.load(p_vb + o_n[:, None] * stride_vn + o_d[None, :] * stride_vd,
                           mask=m_n[:, None] & m_d[None, :], other=0.0)
-        b_kt = b_kt.to(b_q.dtype)
-        b_v = b_v.to(b_q.dtype)
-        b_s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        b_s = tl.dot(b_q, b_kt, b_s, input_precision=PRECISION) * qk_scale  # [BM, BD] @ [BD, BN] -> [BM, BN]
-        if MODE != _PREFIX_FULL:
-            m_s = m_n[None, :] & (o_m[:, None] >= 0)
-            if MODE == _REAL:
-                if CAUSAL:
-                    m_s = m_s & (o_n[None, :] <= o_m[:, None] + causal_off)
-                if HAS_PAD:
-                    m_s = m_s & (tl.load(p_pad + o_n * stride_pn, mask=m_n, other=0) != 0)[None, :]
             b_s = tl.where(m_s, b_s, float("-inf"))
+        b_v = b_v.to(b_q.dtype)
         # b_m is finite after the first prefix block (it always holds a visible key), so fully
         # masked later blocks give exp2(-inf) = 0, never -inf - -inf.
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
@@ -108,18 +142,9 @@ def _prefix_attn_fwd_kernel(
     """O[b, h, rows] and LSE2[b, h, rows] for one block of query rows.
 
     ``NQ_KEY`` (Nq bucketed) is only an autotuning key. Query blocks are launched last row block
-    first: under causality they see the most keys, so the long programs start early.
+    first (:func:`_query_block`).
     """
-    n_mb = tl.cdiv(NQ, BLOCK_M)
-    i_m = n_mb - 1 - tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = (i_bh // HQ).to(tl.int64)
-    i_h = (i_bh % HQ).to(tl.int64)
-    i_kvh = i_h // G
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_d = tl.arange(0, BLOCK_D)
-    m_m = o_m < NQ
-    m_d = o_d < D
+    i_m, i_bh, i_b, i_h, i_kvh, o_m, o_d, m_m, m_d = _query_block(NQ, HQ, G, D, BLOCK_M, BLOCK_D)
     causal_off = NK - NQ
 
     b_q = tl.load(p_q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd,
@@ -317,27 +342,17 @@ def _bwd_dq_inner(
     o_nb = tl.arange(0, BLOCK_N)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         o_n = n0 + o_nb
-        m_n = o_n < n_keys
+        b_kt, b_s, m_s, m_n = _key_block_scores(b_q, p_kb, p_pad, stride_kn, stride_kd, stride_pn,
+                                                o_m, o_n, o_d, m_d, n_keys, causal_off, qk_scale,
+                                                MODE, CAUSAL, HAS_PAD, PRECISION, BLOCK_M, BLOCK_N)
+        b_p = tl.exp2(b_s - b_lse[:, None])
         if MODE == _PREFIX_FULL:
-            b_kt = tl.load(p_kb + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd, mask=m_d[:, None], other=0.0)
             b_vt = tl.load(p_vb + o_n[None, :] * stride_vn + o_d[:, None] * stride_vd, mask=m_d[:, None], other=0.0)
         else:
-            m_dn = m_d[:, None] & m_n[None, :]
-            b_kt = tl.load(p_kb + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd, mask=m_dn, other=0.0)
-            b_vt = tl.load(p_vb + o_n[None, :] * stride_vn + o_d[:, None] * stride_vd, mask=m_dn, other=0.0)
-        b_kt = b_kt.to(b_q.dtype)
-        b_vt = b_vt.to(b_q.dtype)
-        b_s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        b_s = tl.dot(b_q, b_kt, b_s, input_precision=PRECISION) * qk_scale  # [BM, BD] @ [BD, BN] -> [BM, BN]
-        b_p = tl.exp2(b_s - b_lse[:, None])
-        if MODE != _PREFIX_FULL:
-            m_s = m_n[None, :] & (o_m[:, None] >= 0)
-            if MODE == _REAL:
-                if CAUSAL:
-                    m_s = m_s & (o_n[None, :] <= o_m[:, None] + causal_off)
-                if HAS_PAD:
-                    m_s = m_s & (tl.load(p_pad + o_n * stride_pn, mask=m_n, other=0) != 0)[None, :]
+            b_vt = tl.load(p_vb + o_n[None, :] * stride_vn + o_d[:, None] * stride_vd,
+                           mask=m_d[:, None] & m_n[None, :], other=0.0)
             b_p = tl.where(m_s, b_p, 0.0)
+        b_vt = b_vt.to(b_q.dtype)
         b_dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         b_dp = tl.dot(b_do, b_vt, b_dp, input_precision=PRECISION)  # [BM, BD] @ [BD, BN] -> [BM, BN]
         b_ds = (b_p * (b_dp - b_delta[:, None])).to(dtype).to(b_q.dtype)
@@ -359,16 +374,7 @@ def _prefix_attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ for one block of query rows of (b, query head): prefix keys, then visible real keys."""
-    n_mb = tl.cdiv(NQ, BLOCK_M)
-    i_m = n_mb - 1 - tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = (i_bh // HQ).to(tl.int64)
-    i_h = (i_bh % HQ).to(tl.int64)
-    i_kvh = i_h // G
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_d = tl.arange(0, BLOCK_D)
-    m_m = o_m < NQ
-    m_d = o_d < D
+    i_m, i_bh, i_b, i_h, i_kvh, o_m, o_d, m_m, m_d = _query_block(NQ, HQ, G, D, BLOCK_M, BLOCK_D)
     m_md = m_m[:, None] & m_d[None, :]
     causal_off = NK - NQ
 

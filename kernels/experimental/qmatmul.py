@@ -68,7 +68,7 @@ from .. import plans as _plans
 from .. import tuning as _tuning
 from ..dispatch import interpreting, settings
 from ..nf4_triton import block_scales, decode_4bit_tile, mul_rn, to_bf16_rtne
-from ..tiles import dot, dropout_keep, grouped_tile, lowrank_tile
+from ..tiles import dot, dropout_keep, gemm_tile, grouped_tile, lowrank_epilogue, lowrank_tile
 
 _CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "lora_matmul_4bit.json")
 
@@ -100,14 +100,8 @@ def _matmul_lowrank_4bit_kernel(
     ``W_NK``: W is [N, K] (forward, ``X @ W^T``), else [K, N] (dX, ``X @ W``); ``W_COLS`` is W's row
     length either way. ``M_KEY`` is only an autotuning key (M rounded up to a power of two).
     """
-    i_m, i_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_m = o_m < M
-    m_n = o_n < N
-    # int64 row offsets: M * stride (and W's rows * bytes per row) overflow int32 for large layers.
-    o_m64 = o_m.to(tl.int64)
+    i_m, i_n, o_m, o_n, m_m, m_n, o_m64 = gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    # int64 W row offsets: W's rows * bytes per row overflow int32 for large layers.
     o_n64 = o_n.to(tl.int64)
     dtype = p_y.dtype.element_ty
 
@@ -142,18 +136,9 @@ def _matmul_lowrank_4bit_kernel(
         p_xb += BLOCK_K * stride_xk
 
     # Low-rank epilogue, as matmul._matmul_lowrank_kernel's: Y is written once.
-    b_lr = lowrank_tile(p_l, p_r, o_m64, o_n, m_m, m_n, R, stride_lm, stride_lr, stride_rr, stride_rn,
-                         dtype, DOT_F32, IEEE, BLOCK_M, BLOCK_N, BLOCK_R) * scale
-    if DROPOUT:
-        # Backward of dropout on the LoRA input: dX's LoRA part only passes where the input was kept.
-        b_keep = dropout_keep(p_seed, o_m, o_n, N, dropout_p)
-        b_lr = tl.where(b_keep, b_lr / (1.0 - dropout_p), 0.0)
-    b_acc += b_lr
-    if HAS_BIAS:
-        b_acc += tl.load(p_bias + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
-
-    tl.store(p_y + o_m64[:, None] * stride_ym + o_n[None, :] * stride_yn, b_acc.to(dtype),
-             mask=m_m[:, None] & m_n[None, :])
+    lowrank_epilogue(b_acc, p_l, p_r, p_bias, p_seed, p_y, o_m, o_m64, o_n, m_m, m_n, N, R,
+                     stride_lm, stride_lr, stride_rr, stride_rn, stride_ym, stride_yn, scale, dropout_p,
+                     dtype, HAS_BIAS, DROPOUT, DOT_F32, IEEE, BLOCK_M, BLOCK_N, BLOCK_R)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -253,7 +238,8 @@ def _tuned_kernel(device_index: int):
 def _kernel_hash() -> str:
     """Source hash of the in-loop kernel and every helper it calls, recorded beside its table entries."""
     return _tuning.source_hash(_matmul_lowrank_4bit_kernel, decode_4bit_tile, block_scales, mul_rn,
-                               to_bf16_rtne, dot, dropout_keep, grouped_tile, lowrank_tile)
+                               to_bf16_rtne, dot, dropout_keep, gemm_tile, grouped_tile, lowrank_epilogue,
+                               lowrank_tile)
 
 
 def _gpu_name(device: torch.device) -> Optional[str]:

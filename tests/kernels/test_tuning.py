@@ -136,7 +136,8 @@ def test_source_hash_follows_the_source():
     def g(x):
         return x + 2
 
-    h = tuning.source_hash(mm._matmul_lowrank_kernel, tiles.dot, tiles.dropout_keep, tiles.grouped_tile, tiles.lowrank_tile)
+    h = tuning.source_hash(mm._matmul_lowrank_kernel, tiles.dot, tiles.dropout_keep, tiles.gemm_tile, tiles.grouped_tile,
+                             tiles.load_xw, tiles.lowrank_epilogue, tiles.lowrank_tile)
     assert h == mm._kernel_hash() and len(h) == 16
     assert tuning.source_hash(f) != tuning.source_hash(g)
     assert tuning.source_hash(mm._matmul_lowrank_kernel) != h
