@@ -13,7 +13,9 @@ Each program owns a [BLOCK_M, BLOCK_N] output tile and loops over the experts it
 (``tl.min``/``tl.max`` of the tile's ids: one or two experts for sorted ids, correct for any order), each
 a K loop masked to that expert's rows. Rows with an id outside [0, E) stay zero.
 
-Not a ``torch.library`` op yet (an ``autograd.Function``): ``torch.compile`` breaks the graph around it.
+Declared once through :func:`.ops.declare` as ``peftfast::grouped_lora`` -> ``(y, xa)`` and
+``peftfast::grouped_lora_backward``, so ``torch.compile`` traces it as one graph node; eager calls skip
+the dispatcher (the same bodies, the same numbers).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import ops
 from .dispatch import interpreting
 from .tiles import dot
 
@@ -104,31 +107,49 @@ def _per_expert_outer(a: torch.Tensor, b: torch.Tensor, ids: torch.Tensor, num_e
     return out
 
 
-class _GroupedLora(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, lhs, rhs, ids, scaling):
-        xa = grouped_rows_matmul(x, lhs, ids, 1.0, out_dtype=torch.float32)  # [S, r]
-        y = grouped_rows_matmul(xa, rhs, ids, scaling, out_dtype=x.dtype)  # [S, D2]
-        ctx.save_for_backward(x, lhs, rhs, ids, xa)
-        ctx.scaling = scaling
-        return y
+def _grouped_lora_forward(x, lhs, rhs, ids, scaling):
+    """``(y, xa)``: y [S, D2] in x's dtype, xa = x @ lhs[e] [S, r] in fp32 (kept for d_rhs)."""
+    xa = grouped_rows_matmul(x, lhs, ids, 1.0, out_dtype=torch.float32)  # [S, r]
+    y = grouped_rows_matmul(xa, rhs, ids, scaling, out_dtype=x.dtype)  # [S, D2]
+    return y, xa
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, lhs, rhs, ids, xa = ctx.saved_tensors
-        s = ctx.scaling
-        dy = dy.contiguous()
-        g = grouped_rows_matmul(dy, rhs.transpose(1, 2), ids, s, out_dtype=torch.float32)  # [S, r]
-        dx = d_lhs = d_rhs = None
-        if ctx.needs_input_grad[0]:
+
+def _grouped_lora_backward(dy, x, lhs, rhs, ids, xa, scaling, needs):
+    """``(dx, d_lhs, d_rhs)``; an entry whose ``needs`` flag is False is an empty tensor."""
+    need_dx, need_dlhs, need_drhs = needs
+    dx, d_lhs, d_rhs = ops.no_grads(x, 3)
+    dy = dy.contiguous()
+    if need_dx or need_dlhs:
+        # g carries the scaling, so neither consumer multiplies by it again.
+        g = grouped_rows_matmul(dy, rhs.transpose(1, 2), ids, scaling, out_dtype=torch.float32)  # [S, r]
+        if need_dx:
             dx = grouped_rows_matmul(g, lhs.transpose(1, 2), ids, 1.0, out_dtype=x.dtype)  # [S, D1]
-        if ctx.needs_input_grad[1]:
+        if need_dlhs:
             d_lhs = _per_expert_outer(x, g, ids, lhs.shape[0]).to(lhs.dtype)
-        if ctx.needs_input_grad[2]:
-            d_rhs = (_per_expert_outer(xa, dy, ids, rhs.shape[0]) * s).to(rhs.dtype)
-        return dx, d_lhs, d_rhs, None, None
+    if need_drhs:
+        d_rhs = (_per_expert_outer(xa, dy, ids, rhs.shape[0]) * scaling).to(rhs.dtype)
+    return dx, d_lhs, d_rhs
+
+
+def _grouped_lora_fake(x, lhs, rhs, ids, scaling):
+    return x.new_empty((x.shape[0], rhs.shape[2])), x.new_empty((x.shape[0], lhs.shape[2]), dtype=torch.float32)
+
+
+def _grouped_lora_backward_fake(dy, x, lhs, rhs, ids, xa, scaling, needs):
+    return ops.fake_grads(needs, x, x, lhs, rhs)
+
+
+# ``peftfast::grouped_lora`` -> (y, xa) and ``peftfast::grouped_lora_backward``. The backward's per-expert
+# reductions sync with the host (the list of present experts) inside the op, out of the traced graph's sight.
+GROUPED_LORA = ops.declare(
+    "grouped_lora", __name__, "GROUPED_LORA",
+    inputs="Tensor x, Tensor lhs, Tensor rhs, Tensor expert_ids, float scaling",
+    outputs=("y", "xa"), grads=("x", "lhs", "rhs"), saved=("x", "lhs", "rhs", "expert_ids", "xa"),
+    forward=_grouped_lora_forward, backward=_grouped_lora_backward, fake=_grouped_lora_fake,
+    backward_fake=_grouped_lora_backward_fake,
+)
 
 
 def triton_grouped_lora(x, lhs, rhs, expert_ids, scaling):
     """The entry :func:`grouped_lora.grouped_lora` dispatches to (tests spy on it)."""
-    return _GroupedLora.apply(x, lhs, rhs, expert_ids, float(scaling))
+    return GROUPED_LORA(x, lhs, rhs, expert_ids, float(scaling))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from peftfast.devtools import tune
-from peftfast.kernels import dora_triton, ia3_triton, lora_triton, ops, prefix_attention_triton, weights
+from peftfast.kernels import dora_triton, grouped_lora_triton, ia3_triton, lora_triton, ops, prefix_attention_triton, weights
 from peftfast.kernels.lora import lora_linear
 from peftfast.kernels.nf4 import Quant4bit
 
@@ -72,11 +72,20 @@ def _prefix():
     return prefix_attention_triton.PREFIX_ATTENTION, make
 
 
+def _grouped(ids_dtype):
+    def make():
+        s, d1, r, d2, e = 41, 19, 3, 23, 5
+        ids = torch.randint(-1, e + 1, (s,), device=DEVICE, dtype=ids_dtype)  # -1, e: rows of no expert
+        return [_rand(s, d1, grad=True), _rand(e, d1, r, grad=True), _rand(e, r, d2, grad=True), ids, 1.7]
+    return grouped_lora_triton.GROUPED_LORA, make
+
+
 CASES = {
     "lora-dense": _lora("dense", 37), "lora-none": _lora("none", 37),
     "lora-nf4-decode": _lora("nf4", 3), "lora-nf4-gemm": _lora("nf4", 70),
     "dora-dense": _dora("dense"), "dora-fp4": _dora("nf4"),
     "ia3-out": _ia3(False), "ia3-ffn": _ia3(True), "prefix": _prefix(),
+    "grouped-int64": _grouped(torch.int64), "grouped-int32": _grouped(torch.int32),
 }
 
 
