@@ -50,11 +50,6 @@ def _qlora_inloop(m: int, n: int, k: int, dtype, weight, layout: str, device) ->
                                    device) == "inloop"
 
 
-def _quant_launch_args(q: Quant4bit) -> tuple:
-    """A 4-bit weight's tensors and meta as the 4-bit launchers take them."""
-    return q.packed, q.absmax, q.code, q.code2, q.absmax2, q.offset, q.meta
-
-
 def _lora_forward(x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p):
     """``(y, xa)``; ``weight`` is dense [N, K], a ``Quant4bit`` or None."""
     k = x.shape[-1]
@@ -66,9 +61,9 @@ def _lora_forward(x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p):
     quant = isinstance(weight, Quant4bit)
     if (quant and x2.shape[0] <= DECODE_MAX_M and _decode_supported(weight.meta, weight.quant_type)
             and x2.shape[0] > 0):
-        y = _decode_lora_4bit(x2, *_quant_launch_args(weight), xa, lora_B, bias, scaling)
+        y = _decode_lora_4bit(x2, weight, xa, lora_B, bias, scaling)
     elif _qlora_inloop(x2.shape[0], n, k, x.dtype, weight, "nk", x.device):
-        y = _qmm.matmul_lowrank_4bit(x2, *_quant_launch_args(weight), weight.quant_type, xa, lora_B.t(), scaling,
+        y = _qmm.matmul_lowrank_4bit(x2, weight, xa, lora_B.t(), scaling,
                                      bias=bias, layout="nk", out_dtype=x.dtype)
     else:
         w = dense_base(weight, x.dtype)
@@ -90,7 +85,7 @@ def _lora_backward(dy, x, xa, weight, lora_A, lora_B, seed, scaling, dropout_p, 
         g = _mm.lowrank_project(dy2, lora_B, scale=scaling)
         if need_dx:
             if _qlora_inloop(dy2.shape[0], k, n, dtype, weight, "kn", x.device):
-                dx = _qmm.matmul_lowrank_4bit(dy2, *_quant_launch_args(weight), weight.quant_type, g, lora_A, 1.0,
+                dx = _qmm.matmul_lowrank_4bit(dy2, weight, g, lora_A, 1.0,
                                               dropout_p=dropout_p, seed=seed, layout="kn", out_dtype=dtype)
             else:
                 w = dense_base(weight, dtype)
@@ -264,10 +259,11 @@ def _decode_plan(m: int, n: int, k: int, r: int, blocksize: int, blocksize2: int
     return (n_tiles, splits), splits, k_per_split, kwargs, counts
 
 
-def _decode_lora_4bit(x2, packed, absmax, code, code2, absmax2, offset, meta, xa, lora_B, bias, scaling,
-                      splits: Optional[int] = None) -> torch.Tensor:
+def _decode_lora_4bit(x2, weight: Quant4bit, xa, lora_B, bias, scaling, splits: Optional[int] = None) -> torch.Tensor:
     """Fused dequant-GEMV for M <= DECODE_MAX_M rows and a 4-bit base: [M, K] -> [M, N] in x's dtype."""
-    blocksize, blocksize2, n, k = meta
+    packed, absmax, code, code2, absmax2, offset = (weight.packed, weight.absmax, weight.code, weight.code2,
+                                                    weight.absmax2, weight.offset)
+    blocksize, blocksize2, n, k = weight.meta
     m, r = x2.shape[0], xa.shape[1]
     dtype = x2.dtype
     device = x2.device

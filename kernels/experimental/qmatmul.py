@@ -67,6 +67,7 @@ from .. import launch
 from .. import plans as _plans
 from .. import tuning as _tuning
 from ..dispatch import interpreting, settings
+from ..nf4 import Quant4bit
 from ..nf4_triton import block_scales, decode_4bit_tile, mul_rn, to_bf16_rtne
 from ..tiles import dot, dropout_keep, gemm_tile, grouped_tile, lowrank_epilogue, lowrank_tile
 
@@ -374,14 +375,7 @@ def _prepare_quant(packed, absmax, code, code2, absmax2, offset, device):
 
 def matmul_lowrank_4bit(
     x: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    code: torch.Tensor,
-    code2: Optional[torch.Tensor],
-    absmax2: Optional[torch.Tensor],
-    offset: Optional[torch.Tensor],
-    meta: Sequence[int],
-    quant_type: str,
+    weight: Quant4bit,
     left: torch.Tensor,
     right: torch.Tensor,
     scale: float,
@@ -396,9 +390,8 @@ def matmul_lowrank_4bit(
 
     Args:
         x: [M, K], any strides, fp32/fp16/bf16.
-        packed, absmax, code, code2, absmax2, offset, meta, quant_type: the 4-bit weight W [N_w, K_w]
-            as ``weights.quant_args`` splits it (``meta = [blocksize, blocksize2, N_w, K_w]``; ``code2``,
-            ``absmax2``, ``offset`` are None unless nested). ``K_w`` must be a multiple of the blocksize
+        weight: the 4-bit weight W [N_w, K_w] as one :class:`~peftfast.kernels.nf4.Quant4bit` (its
+            ``meta = [blocksize, blocksize2, N_w, K_w]``). ``K_w`` must be a multiple of the blocksize
             (:func:`inloop_supported`).
         left: [M, R]. right: [R, N]; any strides and float dtype.
         scale: multiplies the low-rank product.
@@ -417,6 +410,9 @@ def matmul_lowrank_4bit(
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    packed, absmax, code, code2, absmax2, offset = (weight.packed, weight.absmax, weight.code, weight.code2,
+                                                    weight.absmax2, weight.offset)
+    meta, quant_type = weight.meta, weight.quant_type
     ok, why = inloop_supported(meta)
     if not ok:
         raise ValueError(f"matmul_lowrank_4bit cannot decode this weight in its K loop: {why}; "
@@ -440,8 +436,7 @@ def matmul_lowrank_4bit(
                                dropout_p, seed, y, layout)
     k = x.shape[1]
     if y.device.type == "cuda":
-        weight = weight_format(meta, quant_type, code2 is not None, layout)
-        _launch_cuda(args, flags, m, n, k, dtype, weight, y)
+        _launch_cuda(args, flags, m, n, k, dtype, weight_format(meta, quant_type, code2 is not None, layout), y)
     else:
         cfg = _INTERPRET_CONFIG
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)

@@ -309,15 +309,14 @@ def _dequant_case(arch, dtype, blocksize, nested, quant_type="nf4", shape=(4096,
 def _decode_case(arch, dtype, adt, blocksize, nested, quant_type, m, rank, bias, splits, n=4096, k=4096) -> Case:
     def launch():
         q = _quant(n, k, blocksize, nested, quant_type, dtype)
-        w, absmax, code, code2, absmax2, offset, meta, _ = weights.quant_args(q)
+        q = weights.kernel_operand(q)
         x2 = _empty(m, k, dtype=dtype)
         xa = _empty(m, rank, dtype=dtype)
         lora_b = _empty(n, rank, dtype=adt)
         b = _empty(n, dtype=dtype) if bias else None
-        assert lora_triton._decode_supported(meta, quant_type)
+        assert lora_triton._decode_supported(q.meta, quant_type)
         with _as_gpu():
-            lora_triton._decode_lora_4bit(x2, w, absmax, code, code2, absmax2, offset, meta, xa, lora_b, b, 1.5,
-                                   splits=splits)
+            lora_triton._decode_lora_4bit(x2, q, xa, lora_b, b, 1.5, splits=splits)
 
     desc = (f"{quant_type} {'nested' if nested else 'plain'} bs={blocksize}, x {_NAMES[dtype]} M={m}, "
             f"adapters {_NAMES[adt]} r={rank}, splits={splits}" + (" +bias" if bias else ""))

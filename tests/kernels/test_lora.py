@@ -193,7 +193,7 @@ def test_decode_split_k(dtype, quant_type, nested, nan_empty):
     if DEVICE != "cpu":
         w4 = w4.to(DEVICE)
     x, _, _, a, b, bias = _make((3,), k, n, r, dtype)
-    w, absmax, code, code2, absmax2, offset, meta, _ = weights.quant_args(w4)
+    q = weights.kernel_operand(w4)
     xa = lora_triton._mm.lowrank_project(x, a.t())
     wd = dense_weight(w4, torch.float32, backend="reference").double()
 
@@ -203,16 +203,14 @@ def test_decode_split_k(dtype, quant_type, nested, nan_empty):
     inputs64 = [x.double(), a.double(), b.double(), bias.double()]
     tol = dtype_error_bound(ref, inputs64, dtype)
     for splits in (1, 3):
-        y = lora_triton._decode_lora_4bit(x, w, absmax, code, code2, absmax2, offset, meta, xa, b, bias, SCALING,
-                                       splits=splits)
+        y = lora_triton._decode_lora_4bit(x, q, xa, b, bias, SCALING, splits=splits)
         assert_rel_close(y, ref(*inputs64), tol, f"decode splits={splits}")
         # The last split of each tile reduces in the kernel and resets its counter: a second call (a CUDA
         # graph replay, the next token) computes the same bits from the same state.
         counts = next(p[-1] for key, p in lora_triton._plans.PLANS.items()
                       if key[0] == "decode_lora_4bit" and key[-2] == splits and key[1] == x.shape[0])
         assert counts.numel() == (1 if splits == 1 else -(-n // 64)) and not counts.any()
-        again = lora_triton._decode_lora_4bit(x, w, absmax, code, code2, absmax2, offset, meta, xa, b, bias,
-                                           SCALING, splits=splits)
+        again = lora_triton._decode_lora_4bit(x, q, xa, b, bias, SCALING, splits=splits)
         assert torch.equal(again, y)
 
 

@@ -74,8 +74,7 @@ def _args(q: Quant4bit):
 
 
 def _inloop(x, q, left, right, scale, **kw):
-    packed, absmax, code, code2, absmax2, offset, meta, qt = _args(q)
-    return qmm.matmul_lowrank_4bit(x, packed, absmax, code, code2, absmax2, offset, meta, qt, left, right, scale, **kw)
+    return qmm.matmul_lowrank_4bit(x, weights.kernel_operand(q), left, right, scale, **kw)
 
 
 def _operands(m, q, r, dtype, layout, *, bias=False, adapter_dtype=None):
