@@ -184,6 +184,15 @@ class AdapterLayer(nn.Module):
         return self.base_layer(x)
 
 
+def _with_lora_bias(bias: Optional[torch.Tensor], lora_b_bias: torch.Tensor, scaling: float,
+                    x: torch.Tensor) -> torch.Tensor:
+    """``bias + scaling * lora_B.bias``: PEFT scales lora_B's whole output, its bias included, so the
+    LoRA bias folds into the base bias the GEMM epilogue adds already (the fused path stays one GEMM,
+    and the kernel's dbias is lora_B.bias's gradient up to the scaling)."""
+    term = (lora_b_bias * scaling).to(x.dtype if x.is_floating_point() else lora_b_bias.dtype)
+    return term if bias is None else bias.to(term.dtype) + term
+
+
 class LoraLayer(AdapterLayer):
     """LoRA / rsLoRA / DoRA over a linear-like base layer; several adapters, the active ones summed."""
 
@@ -264,7 +273,8 @@ class LoraLayer(AdapterLayer):
         compute_dtype = getattr(base, "compute_dtype", None) if four_bit else None
         x_in = x.to(compute_dtype) if compute_dtype is not None and x.is_floating_point() else x
         for name in self.active_adapters:
-            a, b = self.lora_A[name].weight, self.lora_B[name].weight
+            lora_b = self.lora_B[name]
+            a, b = self.lora_A[name].weight, lora_b.weight
             s, p = self.scaling[name], self.lora_dropout_p[name]
             if name in self.lora_magnitude_vector:
                 if weight is None:
@@ -281,26 +291,24 @@ class LoraLayer(AdapterLayer):
                     base_output=result, dropout_p=p, training=self.training, backend=self.backend,
                 )
             elif result is None:
+                lb = lora_b.bias
                 result = kernels.lora_linear(
-                    x_in, weight, a, b, s, bias=self._with_lora_bias(bias, name, x_in), dropout_p=p,
-                    training=self.training, backend=self.backend,
+                    x_in, weight, a, b, s, bias=bias if lb is None else _with_lora_bias(bias, lb, s, x_in),
+                    dropout_p=p, training=self.training, backend=self.backend,
                 )
             else:
+                lb = lora_b.bias
                 result = result + kernels.lora_linear(
-                    x_in, None, a, b, s, bias=self._with_lora_bias(None, name, x_in), dropout_p=p,
+                    x_in, None, a, b, s, bias=None if lb is None else _with_lora_bias(None, lb, s, x_in), dropout_p=p,
                     training=self.training, backend=self.backend,
                 ).to(result.dtype)
-        return result.to(x.dtype)
+        # (a cast to the same dtype is a no-op that still costs a dispatch per layer and token)
+        return result if result.dtype == x.dtype else result.to(x.dtype)
 
     def _with_lora_bias(self, bias: Optional[torch.Tensor], name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """``bias + scaling * lora_B.bias``: PEFT scales lora_B's whole output, its bias included, so the
-        LoRA bias folds into the base bias the GEMM epilogue adds already (the fused path stays one GEMM,
-        and the kernel's dbias is lora_B.bias's gradient up to the scaling)."""
+        """``bias + scaling * lora_B.bias`` for adapter ``name`` (see :func:`_with_lora_bias`)."""
         lora_b = self.lora_B[name].bias
-        if lora_b is None:
-            return bias
-        term = (lora_b * self.scaling[name]).to(x.dtype if x.is_floating_point() else lora_b.dtype)
-        return term if bias is None else bias.to(term.dtype) + term
+        return bias if lora_b is None else _with_lora_bias(bias, lora_b, self.scaling[name], x)
 
     def _merge_lora_bias(self, name: str, sign: float) -> None:
         lora_b = self.lora_B[name].bias
