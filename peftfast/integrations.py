@@ -28,6 +28,8 @@ import os
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .config import ConfigError
+
 
 class AdapterCheckpointCallback(TrainerCallback):
     """Save the adapter (PEFT format) into each Trainer checkpoint directory and into ``output_dir`` at the end."""
@@ -96,7 +98,7 @@ class PeftfastTrainerMixin:
         saved = read_adapter_weights(resume_from_checkpoint)
         mine = adapter_state_dict(model, self.adapter_name)
         if set(saved) != set(mine):
-            raise ValueError(f"{resume_from_checkpoint}: its adapter does not match the model's "
+            raise ConfigError(f"{resume_from_checkpoint}: its adapter does not match the model's "
                              f"(e.g. {sorted(set(saved) ^ set(mine))[:3]})")
         with torch.no_grad():
             for key, tensor in mine.items():

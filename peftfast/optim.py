@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .config import ConfigError
+
 #: bitsandbytes' 8-bit optimizers: embeddings are kept in 32-bit optimizer state under them, as PEFT does.
 _EIGHT_BIT = ("Adam8bit", "AdamW8bit", "PagedAdam8bit", "PagedAdamW8bit")
 GROUPS = ("A", "embedding", "B", "B_no_decay")
@@ -32,10 +34,10 @@ def _check_rate(name: str, value, *, allow_zero: bool = False) -> float:
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
     if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
         want = "a finite number >= 0" if allow_zero else "a finite number > 0"
-        raise ValueError(f"{name} must be {want}, got {value!r}")
+        raise ConfigError(f"{name} must be {want}, got {value!r}")
     return v
 
 
@@ -97,7 +99,7 @@ def loraplus_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: float,
         else:
             grouped["A"][name] = p
     if not any(grouped.values()):
-        raise ValueError("the model has no trainable parameters; patch it with peftfast.patch(model, config) first")
+        raise ConfigError("the model has no trainable parameters; patch it with peftfast.patch(model, config) first")
     settings = {"A": (lr, weight_decay), "embedding": (lr_embedding, weight_decay),
                 "B": (lr * ratio, weight_decay), "B_no_decay": (lr * ratio, 0.0)}
     return [{"params": list(grouped[g].values()), "names": list(grouped[g]), "lr": settings[g][0],
@@ -136,7 +138,7 @@ def create_loraplus_optimizer(model: nn.Module, optimizer_cls: type, *, lr: floa
         ...     model, torch.optim.AdamW, lr=2e-4, loraplus_lr_ratio=16)
     """
     if weight_decay is not None and loraplus_weight_decay is not None and weight_decay != loraplus_weight_decay:
-        raise ValueError(f"weight_decay={weight_decay} and loraplus_weight_decay={loraplus_weight_decay} name the same "
+        raise ConfigError(f"weight_decay={weight_decay} and loraplus_weight_decay={loraplus_weight_decay} name the same "
                          "setting; pass one of them")
     decay = next((v for v in (weight_decay, loraplus_weight_decay) if v is not None), 0.0)
     groups = loraplus_param_groups(model, lr, loraplus_lr_ratio, loraplus_lr_embedding=loraplus_lr_embedding,

@@ -10,6 +10,6 @@ layer types PEFT also adapts, on the PyTorch reference path: :mod:`.conv_embeddi
 embeddings and convolutions), :mod:`.ia3_conv`, :mod:`.mha` (``nn.MultiheadAttention``), :mod:`.params`
 (``target_parameters``: raw parameters such as MoE expert stacks) and :mod:`.trainable_tokens`.
 """
-from .linear import AdapterLayer, IA3Layer, LoraLayer, ModulesToSave, _Magnitude, adapter_dtype, is_linear_like
+from .linear import AdapterLayer, IA3Layer, LoraLayer, ModulesToSave, adapter_dtype, is_linear_like
 
 __all__ = ["AdapterLayer", "IA3Layer", "LoraLayer", "ModulesToSave", "adapter_dtype", "is_linear_like"]

@@ -23,8 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import ConfigError
 from .base_weight import is_zero3_partitioned
-from .linear import AdapterLayer, _Magnitude, adapter_dtype
+from .linear import AdapterLayer, _Magnitude, adapter_dtype, init_lora_factors
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -63,7 +64,7 @@ class LoraEmbedding(AdapterLayer):
     def add_adapter(self, name: str, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
                     use_dora: bool = False, init: object = True, lora_bias: bool = False) -> None:
         if lora_bias:
-            raise ValueError(
+            raise ConfigError(
                 "lora_bias=True is not supported on nn.Embedding (PEFT refuses it too); set lora_bias=False or leave "
                 "embeddings out of target_modules"
             )
@@ -177,13 +178,13 @@ class LoraConv(AdapterLayer):
         if use_dora and base.groups > 1:
             # PEFT accepts this, but its norm reshapes B @ A ([out / groups, in * k]) into the grouped
             # kernel's shape, so the magnitude it learns scales a mis-laid-out weight
-            raise ValueError(
+            raise ConfigError(
                 f"DoRA on a {type(base).__name__} with groups={base.groups} is not supported by peftfast: PEFT's "
                 "weight norm for it lays the LoRA product out wrongly, so no correct result can match it; use "
                 "use_dora=False for this layer or exclude it from target_modules"
             )
         if r % base.groups:
-            raise ValueError(
+            raise ConfigError(
                 f"LoRA on a {type(base).__name__} with groups={base.groups} needs a rank divisible by the groups "
                 f"(PEFT's rule), got r={r}; choose r as a multiple of {base.groups} (rank_pattern can set it for "
                 "this layer alone) or exclude the layer from target_modules"
@@ -195,15 +196,7 @@ class LoraConv(AdapterLayer):
         a = conv(self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False, **kw)
         # lora_bias: B's bias, scaled with B's output (PEFT's layout); merging adds it to the base bias.
         b = conv(r, self.out_features, ones, ones, groups=base.groups, bias=bool(lora_bias), **kw)
-        with torch.no_grad():
-            if init is True:
-                nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
-                nn.init.zeros_(b.weight)
-            elif init == "gaussian":
-                nn.init.normal_(a.weight, std=1.0 / r)
-                nn.init.zeros_(b.weight)
-            if init is not False and b.bias is not None:
-                nn.init.zeros_(b.bias)
+        init_lora_factors(a, b, init, r)
         self.lora_A[name], self.lora_B[name] = a, b
         self.r[name], self.lora_alpha[name] = r, alpha
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -270,13 +263,13 @@ class LoraConv(AdapterLayer):
     def merge(self, names: Optional[list] = None) -> None:
         names = [n for n in (names or self.active_adapters) if n not in self.merged_adapters and n in self.r]
         if names and self.base_layer.groups > 1:
-            raise ValueError(
+            raise ConfigError(
                 f"cannot merge LoRA into a {type(self.base_layer).__name__} with groups={self.base_layer.groups}: the "
                 "adapter's product spans all input channels, which a grouped kernel cannot hold (PEFT does not merge "
                 "it either); keep the adapter unmerged"
             )
         if self.base_layer.bias is None and any(self.lora_B[n].bias is not None for n in names):
-            raise ValueError(
+            raise ConfigError(
                 "cannot merge a LoRA adapter with lora_bias=True into a convolution without a bias (as in PEFT); "
                 "keep it unmerged, or train it with lora_bias=False"
             )

@@ -193,6 +193,23 @@ def _with_lora_bias(bias: Optional[torch.Tensor], lora_b_bias: torch.Tensor, sca
     return term if bias is None else bias.to(term.dtype) + term
 
 
+def init_lora_factors(a: nn.Module, b: nn.Module, init: object, r: int) -> None:
+    """PEFT's ``init_lora_weights`` for a fresh (A, B) pair, whatever their layer type (Linear, Conv):
+    ``True`` Kaiming-uniform A and zero B, ``"gaussian"`` N(0, 1/r) A and zero B (either way the adapter
+    starts as a no-op; a B bias starts at zero too), ``False`` the layers' own random init for both (B
+    non-zero, so the adapter is not a no-op). Other values (PiSSA, OLoRA, LoftQ) are set from the base
+    weight afterwards (``peftfast.lora_init``)."""
+    with torch.no_grad():
+        if init is True:
+            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+            nn.init.zeros_(b.weight)
+        elif init == "gaussian":
+            nn.init.normal_(a.weight, std=1.0 / r)
+            nn.init.zeros_(b.weight)
+        if init is not False and b.bias is not None:
+            nn.init.zeros_(b.bias)
+
+
 class LoraLayer(AdapterLayer):
     """LoRA / rsLoRA / DoRA over a linear-like base layer; several adapters, the active ones summed."""
 
@@ -231,16 +248,7 @@ class LoraLayer(AdapterLayer):
         dtype = adapter_dtype(self.base_layer)
         a = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         b = nn.Linear(r, self.out_features, bias=bool(lora_bias), device=device, dtype=dtype)
-        with torch.no_grad():
-            if init is True:
-                nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
-                nn.init.zeros_(b.weight)
-            elif init == "gaussian":
-                nn.init.normal_(a.weight, std=1.0 / r)
-                nn.init.zeros_(b.weight)
-            if init is not False and b.bias is not None:
-                nn.init.zeros_(b.bias)
-            # init False keeps nn.Linear's random init for both: B non-zero, the adapter is not a no-op
+        init_lora_factors(a, b, init, r)
         self.lora_A[name] = a
         self.lora_B[name] = b
         self.r[name] = r

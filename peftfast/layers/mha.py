@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from .linear import AdapterLayer, LoraLayer, adapter_dtype
+from ..config import ConfigError
+from .linear import AdapterLayer, LoraLayer, adapter_dtype, init_lora_factors
 
 OUT_PROJ = "out_proj"
 
@@ -67,13 +68,13 @@ class LoraMultiheadAttention(AdapterLayer):
 
     def __init__(self, base_layer: nn.MultiheadAttention, backend: str = "auto"):
         if not base_layer._qkv_same_embed_dim:
-            raise ValueError(
+            raise ConfigError(
                 f"LoRA on nn.MultiheadAttention needs query, key and value of the same size (kdim={base_layer.kdim}, "
                 f"vdim={base_layer.vdim}, embed_dim={base_layer.embed_dim}): PEFT supports only that case too; "
                 "exclude this module from target_modules"
             )
         if not isinstance(base_layer.out_proj, nn.Linear):
-            raise ValueError(f"LoRA on nn.MultiheadAttention needs its out_proj to be an nn.Linear, got "
+            raise ConfigError(f"LoRA on nn.MultiheadAttention needs its out_proj to be an nn.Linear, got "
                              f"{type(base_layer.out_proj).__name__}; exclude this module from target_modules")
         super().__init__(base_layer, backend)
         self.lora_A = nn.ModuleDict()
@@ -101,12 +102,12 @@ class LoraMultiheadAttention(AdapterLayer):
     def add_adapter(self, name: str, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
                     use_dora: bool = False, init: object = True, lora_bias: bool = False) -> None:
         if r <= 0:
-            raise ValueError(f"LoRA rank must be positive, got r={r}")
+            raise ConfigError(f"LoRA rank must be positive, got r={r}")
         if use_dora:
-            raise ValueError("DoRA on nn.MultiheadAttention is not supported (PEFT refuses it too); set use_dora=False "
+            raise ConfigError("DoRA on nn.MultiheadAttention is not supported (PEFT refuses it too); set use_dora=False "
                              "or exclude this module from target_modules")
         if lora_bias:
-            raise ValueError(
+            raise ConfigError(
                 "lora_bias=True on nn.MultiheadAttention is not supported: PEFT gives its in-projection a LoRA bias "
                 "that nothing reads; set lora_bias=False or exclude this module from target_modules"
             )
@@ -120,13 +121,7 @@ class LoraMultiheadAttention(AdapterLayer):
         kw = dict(device=w.device, dtype=adapter_dtype(self.out_proj_lora.base_layer))
         a = nn.Linear(self.in_features, r, bias=False, **kw)
         b = nn.Linear(r, self.out_features, bias=False, **kw)
-        with torch.no_grad():
-            if init is True:
-                nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
-                nn.init.zeros_(b.weight)
-            elif init == "gaussian":
-                nn.init.normal_(a.weight, std=1.0 / r)
-                nn.init.zeros_(b.weight)
+        init_lora_factors(a, b, init, r)
         self.out_proj_lora.add_adapter(name, r, alpha, use_rslora=use_rslora, init=init)
         self.lora_A[name], self.lora_B[name] = a, b
         self.r[name], self.lora_alpha[name] = r, alpha

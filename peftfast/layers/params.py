@@ -44,7 +44,7 @@ from torch.utils._pytree import tree_map
 
 from ..config import ConfigError
 from ..kernels.grouped_lora import expert_ids_from_offsets, grouped_lora
-from .linear import AdapterLayer
+from .linear import AdapterLayer, init_lora_factors
 
 __all__ = ["LoraParamWrapper", "LoraWeight", "find_parameter_targets", "build_parameter_wrappers"]
 
@@ -332,14 +332,7 @@ class LoraParamWrapper(AdapterLayer):
         dtype = param.dtype if param.dtype in (torch.float32, torch.float64) else torch.float32
         a = nn.Linear(self.in_features, r * self.num_experts, bias=False, device=param.device, dtype=dtype)
         b = nn.Linear(r * self.num_experts, self.out_features, bias=False, device=param.device, dtype=dtype)
-        with torch.no_grad():
-            if init is True:
-                nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
-                nn.init.zeros_(b.weight)
-            elif init == "gaussian":
-                nn.init.normal_(a.weight, std=1.0 / r)
-                nn.init.zeros_(b.weight)
-            # init False keeps nn.Linear's random init for both: B non-zero, the adapter is not a no-op
+        init_lora_factors(a, b, init, r)
         self.lora_A[name] = a
         self.lora_B[name] = b
         self.r[name] = r

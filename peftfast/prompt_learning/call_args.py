@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..config import ConfigError
+
 
 def as_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     if not args:
@@ -72,7 +74,7 @@ def batch_and_length(kw: dict) -> tuple:
     if x is None:
         x = kw.get("inputs_embeds")
     if x is None:
-        raise ValueError("the model was called with neither input_ids nor inputs_embeds")
+        raise ConfigError("the model was called with neither input_ids nor inputs_embeds")
     return x.shape[0], x.shape[1]
 
 

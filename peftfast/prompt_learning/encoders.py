@@ -151,7 +151,7 @@ class PromptLearning(nn.Module):
     def set_active(self, names: list, trainable: bool = True) -> None:
         names = [n for n in names if n in self.encoders]
         if len(names) > 1:
-            raise ValueError(f"prompt-learning adapters are used one at a time; got {names}. Pass a single name")
+            raise ConfigError(f"prompt-learning adapters are used one at a time; got {names}. Pass a single name")
         self.active_adapters = names
         for name, enc in self.encoders.items():
             for p in enc.parameters():

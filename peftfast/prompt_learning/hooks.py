@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from .attention import PREFIX_KWARG
 from .cache import PrefixKV, prefix_cache_class
+from ..config import ConfigError
 from .call_args import as_kwargs, batch_and_length, is_empty_cache, model_dtype, ones_before, pop_cache
 from .encoders import prompt_learning_of
 from .model_config import CLASSIFICATION_TASKS, uses_attention_interface
@@ -54,7 +55,7 @@ def prefix_hook(model: nn.Module, args: tuple, kwargs: dict):
     if cache is None or (not isinstance(cache, cache_cls) and is_empty_cache(cache)):
         cache = cache_cls(p, cfg.num_layers)
     elif not isinstance(cache, cache_cls):
-        raise ValueError(
+        raise ConfigError(
             f"{given} holds tokens computed without the prefix; with prefix tuning pass no cache (or an empty "
             "one) and let the model build its own"
         )
@@ -78,7 +79,7 @@ def prefix_hook(model: nn.Module, args: tuple, kwargs: dict):
         kw[PREFIX_KWARG] = prefix
         return (), kw
     if model.training and getattr(model, "is_gradient_checkpointing", False):
-        raise ValueError(
+        raise ConfigError(
             f"{type(model).__name__} computes attention itself, so the prefix reaches it only through the KV cache, "
             "which gradient checkpointing drops; disable gradient checkpointing for prefix tuning on this model "
             "(as PEFT requires), or use a model on transformers' attention interface"

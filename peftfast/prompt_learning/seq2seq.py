@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..config import PrefixTuningConfig
+from ..config import ConfigError, PrefixTuningConfig
 from .call_args import as_kwargs, is_empty_cache, model_dtype, ones_before, pop_cache
 from .encoders import PrefixEncoder, PromptLearning
 
@@ -67,7 +67,7 @@ def seq2seq_hook(holder: PromptLearning, model: nn.Module, args: tuple, kwargs: 
         if cache is None or is_empty_cache(cache):
             batch = _seq2seq_batch(kw)
             if batch is None:
-                raise ValueError("the model was called without inputs (input_ids, inputs_embeds or decoder inputs)")
+                raise ConfigError("the model was called without inputs (input_ids, inputs_embeds or decoder inputs)")
             kw[cache_key] = _seq2seq_prefix_cache(cfg, encoder, batch, model_dtype(model))
             dmask = kw.get("decoder_attention_mask")
             dec = kw.get("decoder_input_ids")
