@@ -313,8 +313,10 @@ def step_env(s: Session, step: str) -> Dict[str, str]:
              "train": s.correctness_configs}.get(step, 0)
     if limit:
         env["PEFTFAST_AUTOTUNE_CONFIGS"] = str(limit)
-    # A fresh tuning cache per session: no winner of an earlier run (or of a limited search) is reused.
-    env["PEFTFAST_CACHE_DIR"] = str(s.stage.parent / "cache")
+    # A fresh Triton cache per session (where autotune keeps its winners since peftfast dropped its own):
+    # no winner of an earlier run is reused. Triton keys a winner on the candidates left after pruning, so
+    # a limited search (PEFTFAST_AUTOTUNE_CONFIGS) never stands in for a fuller one of a later step.
+    env["TRITON_CACHE_DIR"] = str(s.stage.parent / "triton-cache")
     if step == "train":
         # The table the tune step just wrote, if any, is what training launches use.
         env["PEFTFAST_TUNING_TABLES"] = str(s.stage / "kernels" / "configs")

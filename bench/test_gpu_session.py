@@ -125,7 +125,7 @@ def test_dry_run_limits_the_correctness_search_and_isolates_the_cache(dry_run):
     assert gs.step_env(s, "ratios")["PEFTFAST_AUTOTUNE_CONFIGS"] == "4"
     assert gs.step_env(s, "train")["PEFTFAST_AUTOTUNE_CONFIGS"] == "1"
     assert "PEFTFAST_AUTOTUNE_CONFIGS" not in gs.step_env(s, "tune")  # tune times every candidate itself
-    assert gs.step_env(s, "correctness")["PEFTFAST_CACHE_DIR"] == "/w/cache"
+    assert gs.step_env(s, "correctness")["TRITON_CACHE_DIR"] == "/w/triton-cache"
 
 
 # ------------------------------------------------------------------------------------ budget and cut-off

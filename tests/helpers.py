@@ -57,3 +57,21 @@ def dtype_error_bound(fn, inputs_fp64, dtype: torch.dtype, factor: float = 2.0,
     ref64 = fn(*inputs_fp64)
     same_dtype = fn(*[t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() else t for t in inputs_fp64])
     return max(factor * rel_err(same_dtype, ref64), floor_ulps * torch.finfo(torch.float32).eps)
+
+
+def train_side_by_side(theirs: torch.nn.Module, ours: torch.nn.Module, loss_of, tol: float, steps: int = 3,
+                       lr: float = 1e-2) -> None:
+    """``steps`` AdamW steps on both models from the same start; each step's losses must agree to ``tol``.
+
+    Args:
+        theirs, ours: the oracle's model (PEFT's) and peftfast's, holding the same adapter.
+        loss_of: ``model -> scalar loss`` on fixed inputs.
+    """
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr) for m in (theirs, ours)]
+    for _ in range(steps):
+        losses = [loss_of(m) for m in (theirs, ours)]
+        assert_rel_close(losses[1].detach(), losses[0].detach(), tol, "loss")
+        for opt, loss in zip(opts, losses):
+            opt.zero_grad()
+            loss.backward()
+            opt.step()

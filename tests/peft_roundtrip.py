@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 import peftfast
 
-from helpers import assert_rel_close
+from helpers import assert_rel_close, train_side_by_side
 
 TOL = 1e-5
 WEIGHTS = "adapter_model.safetensors"
@@ -79,15 +79,7 @@ def check_roundtrip(tmp_path, build: Callable[[], nn.Module], run: Callable[[nn.
         "trainable parameters, patched base"
     )
 
-    opt_p = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    opt_o = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(steps):
-        lp, lo = run(pm).square().mean(), run(ours).square().mean()
-        assert_rel_close(lo.detach(), lp.detach(), tol, "loss")
-        for opt, loss in ((opt_p, lp), (opt_o, lo)):
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    train_side_by_side(pm, ours, lambda m: run(m).square().mean(), tol, steps)
     with torch.no_grad():
         trained = run(ours)
         assert (trained - expected).abs().max() > 1e-4, "training moved nothing: vacuous test"

@@ -7,7 +7,6 @@ padding index (which moves outputs by 1e-2 or more).
 """
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from safetensors.torch import load_file  # noqa: E402
 import peftfast  # noqa: E402
 from peftfast.layers.conv_embedding import LoraConv, LoraEmbedding  # noqa: E402
 
-from helpers import assert_rel_close  # noqa: E402
+from helpers import assert_rel_close, train_side_by_side  # noqa: E402
 from models import make_inputs, make_model, without_labels  # noqa: E402
 from tiny import assert_unchanged, snapshot  # noqa: E402
 
@@ -90,17 +89,9 @@ def test_parity_both_directions_and_training(tmp_path, case):
     with torch.no_grad():
         assert_rel_close(run(back, case), expected, TOL, "logits, peftfast adapter in PEFT")
 
-    opt_p = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    opt_o = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
     assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == sum(
         p.numel() for p in pm.parameters() if p.requires_grad)
-    for _ in range(3):
-        lp, lo = run(pm, case).square().mean(), run(ours, case).square().mean()
-        assert_rel_close(lo.detach(), lp.detach(), TOL, "loss")
-        for opt, loss in ((opt_p, lp), (opt_o, lo)):
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    train_side_by_side(pm, ours, lambda m: run(m, case).square().mean(), TOL)
     with torch.no_grad():
         trained = run(ours, case)
         assert_rel_close(trained, run(pm, case), TOL, "logits after training")

@@ -25,7 +25,7 @@ from safetensors.torch import load_file  # noqa: E402
 import peftfast  # noqa: E402
 from peftfast.layers import LoraLayer  # noqa: E402
 
-from helpers import assert_rel_close  # noqa: E402
+from helpers import assert_rel_close, train_side_by_side  # noqa: E402
 from tiny import assert_unchanged, snapshot, tiny_llama  # noqa: E402
 
 TOL = 1e-5
@@ -137,16 +137,8 @@ def test_adapters_cross_load_and_train_as_in_peft(tmp_path, init):
     build = lambda: copy.deepcopy(base)  # noqa: E731
     pm, ours = _both(build, _cfg(init))
     ids = _ids()
-    opt_p = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    opt_o = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
     assert sum(p.numel() for p in pm.parameters() if p.requires_grad) == peftfast.trainable_parameters(ours)[0]
-    for _ in range(3):
-        lp, lo = pm(ids).logits.square().mean(), ours(ids).logits.square().mean()
-        assert_rel_close(lo.detach(), lp.detach(), TOL, "loss")
-        for opt, loss in ((opt_p, lp), (opt_o, lo)):
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    train_side_by_side(pm, ours, lambda m: m(ids).logits.square().mean(), TOL)
     with torch.no_grad():
         trained = ours(ids).logits
         assert (trained - base(ids).logits).abs().max() > 1e-3, "training moved nothing: vacuous test"
