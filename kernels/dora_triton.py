@@ -393,7 +393,7 @@ def _dora_forward(x, weight, lora_A, lora_B, magnitude, bias, seed, scaling, dro
 
 
 def _dora_backward(dy, x, xa, norm, weight, lora_A, lora_B, magnitude, seed, scaling, dropout_p, needs):
-    """``(dx, dA, dB, dmagnitude, dbias_fp32)``; an entry whose ``needs`` flag is False is empty."""
+    """``(dx, dA, dB, dmagnitude, dbias_fp32)``; an entry whose ``needs`` flag is False is None."""
     k = x.shape[-1]
     r, n = lora_A.shape[0], lora_B.shape[0]
     dtype = x.dtype

@@ -115,7 +115,7 @@ def _grouped_lora_forward(x, lhs, rhs, ids, scaling):
 
 
 def _grouped_lora_backward(dy, x, lhs, rhs, ids, xa, scaling, needs):
-    """``(dx, d_lhs, d_rhs)``; an entry whose ``needs`` flag is False is an empty tensor."""
+    """``(dx, d_lhs, d_rhs)``; an entry whose ``needs`` flag is False is None."""
     need_dx, need_dlhs, need_drhs = needs
     dx, d_lhs, d_rhs = ops.no_grads(x, 3)
     dy = dy.contiguous()

@@ -209,7 +209,7 @@ def _ia3_forward(x, weight, ia3_l, bias, feedforward):
 
 
 def _ia3_backward(dy, x, weight, ia3_l, bias, feedforward, needs):
-    """``(dx, dl)``; an entry whose ``needs`` flag is False is an empty tensor."""
+    """``(dx, dl)``; an entry whose ``needs`` flag is False is None."""
     k = x.shape[-1]
     dtype = x.dtype
     need_dx, need_dl = needs

@@ -33,8 +33,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .dispatch import resolve_backend, triton_module
-from .weights import base_weight_problem, bias_problem, check_lora_shapes, dense_weight, float_operands_problem
+from .dispatch import resolve_backend, settings, triton_module
+from .weights import (base_weight_problem, bias_problem, check_lora_shapes, dense_weight, float_operands_problem,
+                      operand_signature)
 
 
 def lora_linear_reference(
@@ -91,15 +92,83 @@ def lora_linear(
     Example:
         >>> y = lora_linear(x, layer.weight, A, B, 2.0, bias=layer.bias)  # doctest: +SKIP
     """
+    p = dropout_p if training else 0.0
+    chosen = lora_linear_backend(x, weight, lora_A, lora_B, bias=bias, dropout_p=p, backend=backend)
+    return run_lora_linear(chosen, x, weight, lora_A, lora_B, scaling, bias=bias, dropout_p=p, backend=backend)
+
+
+def lora_linear_signature(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                          bias: Optional[torch.Tensor], dropout_p: float, backend: str) -> tuple:
+    """Everything :func:`lora_linear_backend` reads, as one comparable tuple.
+
+    Two calls with equal signatures get the same decision (or the same error), so a caller that repeats
+    the call on the same parameters (a layer, at every step of a decode) may decide once and then call
+    :func:`run_lora_linear` while the signature stays equal: comparing it costs a fraction of the checks.
+    The environment enters through :func:`dispatch.settings`, whose snapshot is replaced when
+    ``tuning.clear_memory_caches`` re-reads it.
+
+    Args:
+        x, weight, lora_A, lora_B, bias, backend: as for :func:`lora_linear`.
+        dropout_p: the effective probability (0 outside training).
+
+    Returns:
+        A tuple of dtypes, devices, shapes, flags and the settings snapshot.
+
+    Example:
+        >>> sig = lora_linear_signature(x, w, A, B, None, 0.0, "auto")  # doctest: +SKIP
+    """
+    return (x.dtype, x.device, x.shape[-1], torch.is_grad_enabled(), dropout_p, backend, settings(),
+            operand_signature(weight), lora_A.dtype, lora_A.device, lora_A.shape,
+            lora_B.dtype, lora_B.device, lora_B.shape, operand_signature(bias))
+
+
+def lora_linear_backend(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Tensor, *,
+                        bias: Optional[torch.Tensor] = None, dropout_p: float = 0.0, backend: str = "auto") -> str:
+    """Check the operands of one :func:`lora_linear` call and choose its backend.
+
+    Args:
+        x, weight, lora_A, lora_B, bias, backend: as for :func:`lora_linear`.
+        dropout_p: the effective probability (0 outside training).
+
+    Returns:
+        ``"triton"`` or ``"reference"``.
+
+    Raises:
+        ValueError: the shapes disagree. RuntimeError / NotImplementedError: ``backend="triton"`` cannot run.
+
+    Example:
+        >>> lora_linear_backend(x, w, A, B)  # doctest: +SKIP
+        'triton'
+    """
     check_lora_shapes(x, weight, lora_A, lora_B)
-    supported, why = _triton_supports(x, weight, lora_A, lora_B, dropout_p if training else 0.0, bias)
-    if resolve_backend(backend, x.device, supported, why) == "triton":
-        return _triton_lora_linear(x, weight, lora_A, lora_B, scaling, bias=bias, dropout_p=dropout_p if training else 0.0)
+    supported, why = _triton_supports(x, weight, lora_A, lora_B, dropout_p, bias)
+    return resolve_backend(backend, x.device, supported, why)
+
+
+def run_lora_linear(chosen: str, x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                    scaling: float, *, bias: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                    backend: str = "auto") -> torch.Tensor:
+    """:func:`lora_linear` on the backend ``chosen`` by :func:`lora_linear_backend` for these operands (or
+    for operands of an equal :func:`lora_linear_signature`); checks nothing itself.
+
+    Args:
+        chosen: ``"triton"`` or ``"reference"``.
+        x, weight, lora_A, lora_B, scaling, bias: as for :func:`lora_linear`.
+        dropout_p: the effective probability (0 outside training).
+        backend: what the caller asked for (the reference path dequantizes a 4-bit base with it).
+
+    Returns:
+        [..., N] in x's dtype.
+
+    Example:
+        >>> y = run_lora_linear("triton", x, w, A, B, 2.0)  # doctest: +SKIP
+    """
+    if chosen == "triton":
+        return _triton_lora_linear(x, weight, lora_A, lora_B, scaling, bias=bias, dropout_p=dropout_p)
     # The fallback still dequantizes a 4-bit base with the fastest backend available: the pure-PyTorch
     # dequantization materializes int64 indices, several times the weight's size, on every call.
     w = dense_weight(weight, x.dtype, backend)
-    return lora_linear_reference(x, w, lora_A, lora_B, scaling, bias=bias, dropout_p=dropout_p, training=training)
-
+    return lora_linear_reference(x, w, lora_A, lora_B, scaling, bias=bias, dropout_p=dropout_p)
 
 
 def _triton_supports(x, weight, lora_A, lora_B, dropout_p, bias=None):

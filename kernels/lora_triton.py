@@ -6,6 +6,8 @@ the GEMM building blocks are in :mod:`.matmul`, and the in-loop 4-bit GEMM, sele
 """
 from __future__ import annotations
 
+import math
+
 from typing import Optional
 
 import torch
@@ -52,28 +54,28 @@ def _qlora_inloop(m: int, n: int, k: int, dtype, weight, layout: str, device) ->
 
 def _lora_forward(x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p):
     """``(y, xa)``; ``weight`` is dense [N, K], a ``Quant4bit`` or None."""
-    k = x.shape[-1]
-    r, n = lora_A.shape[0], lora_B.shape[0]
-    lead = x.shape[:-1]
+    k, n = x.shape[-1], lora_B.shape[0]
+    flat = x.dim() == 2  # (each no-op reshape or view still costs a dispatch, per layer and token)
     # A view whenever the leading dims merge; the kernels take any 2-D strides.
-    x2 = x.reshape(-1, k)
+    x2 = x if flat else x.reshape(-1, k)
     xa = _mm.lowrank_project(x2, lora_A.t(), dropout_p=dropout_p, seed=seed)
     quant = isinstance(weight, Quant4bit)
     if (quant and x2.shape[0] <= DECODE_MAX_M and _decode_supported(weight.meta, weight.quant_type)
             and x2.shape[0] > 0):
         y = _decode_lora_4bit(x2, weight, xa, lora_B, bias, scaling)
-    elif _qlora_inloop(x2.shape[0], n, k, x.dtype, weight, "nk", x.device):
+    elif quant and _qlora_inloop(x2.shape[0], n, k, x.dtype, weight, "nk", x.device):
         y = _qmm.matmul_lowrank_4bit(x2, weight, xa, lora_B.t(), scaling,
                                      bias=bias, layout="nk", out_dtype=x.dtype)
     else:
         w = dense_base(weight, x.dtype)
         y = _mm.matmul_lowrank(x2, None if w is None else w.t(), xa, lora_B.t(), scaling, bias=bias,
                                out_dtype=x.dtype)
-    return y.view(*lead, n), xa.view(*lead, r)
+    # xa stays [M, r]: an internal product for dB, which reads it as rows anyway
+    return (y if flat else y.view(*x.shape[:-1], n)), xa
 
 
 def _lora_backward(dy, x, xa, weight, lora_A, lora_B, seed, scaling, dropout_p, needs):
-    """``(dx, dA, dB, dbias_fp32)``; an entry whose ``needs`` flag is False is an empty tensor."""
+    """``(dx, dA, dB, dbias_fp32)``; an entry whose ``needs`` flag is False is None."""
     k = x.shape[-1]
     r, n = lora_A.shape[0], lora_B.shape[0]
     dtype = x.dtype
@@ -101,13 +103,13 @@ def _lora_backward(dy, x, xa, weight, lora_A, lora_B, seed, scaling, dropout_p, 
         # dB^T = s * xa^T @ dY, written through dB's transposed view; dbias rides on the same read of dY.
         _mm.lowrank_wgrad(xa2, dy2, db.t(), scale=scaling, colsum=dbias if need_dbias else None)
         if not need_db:
-            db = x.new_empty(0)
+            db = None
     return dx, da, db, dbias
 
 
 def _lora_fake(x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p):
     lead = x.shape[:-1]
-    return x.new_empty((*lead, lora_B.shape[0])), x.new_empty((*lead, lora_A.shape[0]))
+    return x.new_empty((*lead, lora_B.shape[0])), x.new_empty((math.prod(lead), lora_A.shape[0]))
 
 
 def _lora_backward_fake(dy, x, xa, weight, lora_A, lora_B, seed, scaling, dropout_p, needs):

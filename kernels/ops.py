@@ -165,7 +165,7 @@ class Op:
                                      mutates_args=(), schema=f"({fwd_sig.schema_args()}) -> {out}")
         op.register_fake(lambda *a: fake(*fwd_sig.unflatten(a)))
         backward_op = torch.library.custom_op(
-            f"{NAMESPACE}::{self.name}_backward", lambda *a: backward(*bwd_sig.unflatten(a)),
+            f"{NAMESPACE}::{self.name}_backward", lambda *a: _as_op_grads(a[0], backward(*bwd_sig.unflatten(a))),
             mutates_args=(), schema=f"({bwd_sig.schema_args()}) -> {grads_out}")
         backward_op.register_fake(lambda *a: backward_fake(*bwd_sig.unflatten(a)))
 
@@ -271,14 +271,21 @@ def dropout_seed(x: torch.Tensor, dropout_p: float) -> Optional[torch.Tensor]:
 def as_rows(t: torch.Tensor, width: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``t`` as [rows, width], in ``dtype`` when given: a view whenever the leading dims merge (the kernels
     take any 2-D strides), a copy only for a dtype change (dY in another dtype than x)."""
-    t2 = t.reshape(-1, width)
+    t2 = t if t.dim() == 2 else t.reshape(-1, width)
     return t2 if dtype is None or t2.dtype == dtype else t2.to(dtype)
 
 
 def no_grads(like: torch.Tensor, count: int) -> list:
-    """A backward body's starting results: ``count`` distinct empty tensors, kept where a gradient is not
-    needed (a custom op's outputs may not alias one another)."""
-    return [like.new_empty(0) for _ in range(count)]
+    """A backward body's starting results: ``count`` Nones, kept where a gradient is not needed. The eager
+    path drops them; the ``torch.library`` backward op, which must return tensors, turns each into a
+    distinct empty one (:func:`_as_op_grads`), so eager backward allocates nothing for them."""
+    return [None] * count
+
+
+def _as_op_grads(like: torch.Tensor, grads: Sequence) -> tuple:
+    """A backward body's results as a custom op returns them: an empty [0] tensor for each None (distinct:
+    a custom op's outputs may not alias one another)."""
+    return tuple(like.new_empty(0) if g is None else g for g in grads)
 
 
 def fake_grads(needs: Sequence[bool], like: torch.Tensor, *grads) -> tuple:

@@ -39,6 +39,17 @@ def dense_weight(weight, dtype: torch.dtype, backend: str = "auto") -> Optional[
     return weight.to(dtype)
 
 
+def operand_signature(t) -> Optional[tuple]:
+    """What the operand checks below read of one operand, as a comparable tuple (None for None): its
+    type (a bitsandbytes ``Params4bit`` is no plain tensor), dtype, device, requires_grad and shape; for a
+    :class:`Quant4bit`, its device and logical shape."""
+    if t is None:
+        return None
+    if isinstance(t, Quant4bit):
+        return Quant4bit, t.device, t.shape
+    return type(t), t.dtype, t.device, t.requires_grad, t.shape
+
+
 # Why a Triton launcher would refuse its operands: each check returns "" when they are fine, else a reason
 # that the dispatcher reports (PEFTFAST_BACKEND=triton raises it; auto falls back to the reference).
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

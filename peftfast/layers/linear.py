@@ -27,6 +27,7 @@ from .base_weight import (
 )
 from ..checkpoint_keys import check_param_names
 from ..config import ConfigError
+from ..kernels.lora import lora_linear_backend, lora_linear_signature, run_lora_linear
 from ..kernels.nf4 import is_4bit_weight
 from ..lora_init import init_from_base, is_base_init
 
@@ -266,7 +267,8 @@ class LoraLayer(AdapterLayer):
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
-        for d in (self.r, self.lora_alpha, self.scaling, self.lora_dropout_p, self._dora_norm_cache):
+        for d in (self.r, self.lora_alpha, self.scaling, self.lora_dropout_p, self._dora_norm_cache,
+                  self.__dict__.get("_lora_backend", {})):
             d.pop(name, None)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -300,18 +302,34 @@ class LoraLayer(AdapterLayer):
                 )
             elif result is None:
                 lb = lora_b.bias
-                result = kernels.lora_linear(
-                    x_in, weight, a, b, s, bias=bias if lb is None else _with_lora_bias(bias, lb, s, x_in),
-                    dropout_p=p, training=self.training, backend=self.backend,
-                )
+                result = self._lora_linear(name, x_in, weight, a, b, s,
+                                           bias if lb is None else _with_lora_bias(bias, lb, s, x_in), p)
             else:
                 lb = lora_b.bias
-                result = result + kernels.lora_linear(
-                    x_in, None, a, b, s, bias=None if lb is None else _with_lora_bias(None, lb, s, x_in), dropout_p=p,
-                    training=self.training, backend=self.backend,
+                result = result + self._lora_linear(
+                    name, x_in, None, a, b, s, None if lb is None else _with_lora_bias(None, lb, s, x_in), p,
                 ).to(result.dtype)
         # (a cast to the same dtype is a no-op that still costs a dispatch per layer and token)
         return result if result.dtype == x.dtype else result.to(x.dtype)
+
+    def _lora_linear(self, name: str, x: torch.Tensor, weight, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                     bias: Optional[torch.Tensor], dropout_p: float) -> torch.Tensor:
+        """``kernels.lora_linear`` for adapter ``name``, its operand checks and backend choice made once per
+        :func:`kernels.lora.lora_linear_signature` (the layer's parameters repeat it at every call; a
+        ``.to()``, a new weight object, a grad-mode, training or environment change makes a new one)."""
+        if torch.compiler.is_compiling():  # the tracer specializes on all of this once per graph anyway
+            return kernels.lora_linear(x, weight, a, b, scaling, bias=bias, dropout_p=dropout_p,
+                                       training=self.training, backend=self.backend)
+        p = dropout_p if self.training else 0.0
+        sig = lora_linear_signature(x, weight, a, b, bias, p, self.backend)
+        memo = self.__dict__.setdefault("_lora_backend", {})
+        hit = memo.get(name)
+        if hit is not None and hit[0] == sig:
+            chosen = hit[1]
+        else:
+            chosen = lora_linear_backend(x, weight, a, b, bias=bias, dropout_p=p, backend=self.backend)
+            memo[name] = (sig, chosen)
+        return run_lora_linear(chosen, x, weight, a, b, scaling, bias=bias, dropout_p=p, backend=self.backend)
 
     def _with_lora_bias(self, bias: Optional[torch.Tensor], name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
         """``bias + scaling * lora_B.bias`` for adapter ``name`` (see :func:`_with_lora_bias`)."""
