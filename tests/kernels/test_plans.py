@@ -85,3 +85,83 @@ def test_monkeypatched_environment_reaches_the_kernels(monkeypatch):
     assert dispatch.settings().backend_override == "reference"
     monkeypatch.setenv("PEFTFAST_BACKEND", "triton")
     assert dispatch.settings().backend_override == "triton"
+
+
+def _patched_linear(k: int = 24, n: int = 20, r: int = 4):
+    """One ``nn.Linear`` patched with a random (non-zero B) LoRA adapter; the LoRA wrapper and its parent."""
+    import peftfast
+
+    gen = torch.Generator().manual_seed(3)
+    holder = torch.nn.Sequential(torch.nn.Linear(k, n))
+    peftfast.patch(holder, peftfast.LoraConfig(r=r, lora_alpha=8, target_modules=["0"], init_lora_weights=False))
+    layer = holder[0]
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    return holder, layer
+
+
+def test_layer_decides_its_backend_once_and_again_when_the_operands_change(monkeypatch):
+    """The LoRA wrapper keeps its backend decision per operand signature: the checks run once while the
+    call repeats, and again (with the new answer) after a grad-mode change on an unfrozen base, a dtype
+    change the kernels refuse (float64), or a new environment snapshot."""
+    from peftfast.kernels import lora as lora_mod
+
+    monkeypatch.delenv("PEFTFAST_BACKEND", raising=False)  # the suite's default; "auto" here means Triton
+    tuning.clear_memory_caches()
+    holder, layer = _patched_linear()
+    decided, ran = [], []
+    real_backend, real_triton = lora_mod.lora_linear_backend, lora_mod._triton_lora_linear
+    monkeypatch.setattr("peftfast.layers.linear.lora_linear_backend",
+                        lambda *a, **kw: decided.append(1) or real_backend(*a, **kw))
+    monkeypatch.setattr(lora_mod, "_triton_lora_linear", lambda *a, **kw: ran.append(1) or real_triton(*a, **kw))
+    x = torch.randn(3, 24, generator=torch.Generator().manual_seed(4))
+
+    def expected(inp):
+        with torch.no_grad():
+            base = layer.base_layer
+            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            return base(inp) + (inp @ a.t() @ b.t()) * layer.scaling["default"]
+
+    with torch.no_grad():
+        for _ in range(3):
+            y = holder(x)
+    assert (len(decided), len(ran)) == (1, 3)
+    torch.testing.assert_close(y, expected(x), rtol=1e-5, atol=1e-5)
+
+    # An unfrozen base weight: the Triton path computes no dW, so with grad enabled the choice is the
+    # reference (auto), without grad it is Triton again, each decided once more.
+    layer.base_layer.weight.requires_grad_(True)
+    y = holder(x)
+    assert (len(decided), len(ran)) == (2, 3)
+    y.sum().backward()
+    assert layer.base_layer.weight.grad is not None  # the reference path gave the base its gradient
+    with torch.no_grad():
+        holder(x)
+    assert (len(decided), len(ran)) == (3, 4)
+
+    # float64 (layer and input): no Triton kernel takes it, so the memo must not say "triton".
+    holder.double()
+    x64 = x.double()
+    with torch.no_grad():
+        y64 = holder(x64)
+    assert (len(decided), len(ran)) == (4, 4)
+    assert y64.dtype == torch.float64
+    torch.testing.assert_close(y64, expected(x64), rtol=1e-10, atol=1e-10)
+
+    # A new environment snapshot (PEFTFAST_BACKEND=reference) is a new signature.
+    holder.float()
+    monkeypatch.setenv("PEFTFAST_BACKEND", "reference")
+    tuning.clear_memory_caches()
+    with torch.no_grad():
+        holder(x)
+    assert (len(decided), len(ran)) == (5, 4)
+
+
+def test_layer_memo_still_raises_for_a_wrong_input_width():
+    """A bad input is not hidden by a remembered decision: its signature differs, so the checks run."""
+    holder, _ = _patched_linear()
+    with torch.no_grad():
+        holder(torch.randn(2, 24))
+        with pytest.raises((ValueError, RuntimeError)):
+            holder(torch.randn(2, 23))
