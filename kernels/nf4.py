@@ -26,9 +26,11 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 @dataclass(frozen=True)
 class Quant4bit:
-    """Everything needed to decode one bitsandbytes 4-bit weight, read at call time.
+    """Everything needed to decode one bitsandbytes 4-bit weight.
 
-    Never cache one across steps: FSDP and ZeRO free and swap parameter storage between steps.
+    Read through :func:`quant4bit_view`, which keeps one per weight and checks on every read that the
+    storage it views is still the weight's (FSDP and ZeRO free and swap parameter storage between steps);
+    one held elsewhere across steps is not checked.
     """
 
     packed: torch.Tensor  # uint8 [ceil(n / 2)]
@@ -105,6 +107,25 @@ def quant4bit_view(weight) -> Quant4bit:
             "expected a quantized bitsandbytes Params4bit (with .quant_state); got a "
             f"{type(weight).__name__} without one. Quantize it first (move the Linear4bit to a device)."
         )
+    if getattr(state, "packing_format_for_cpu", False):
+        shape = _checked_shape(state)
+        stored = weight.data
+        data = stored if stored.dtype == torch.uint8 else stored.view(torch.uint8)
+        return _cached_cpu_unpack(data, getattr(weight, "_version", 0), state, shape)
+    # A decode step reads every 4-bit weight once per token: the view is kept on the quant state and
+    # reused while nothing it was read from has changed (see _view_key).
+    if not isinstance(weight, torch.Tensor):  # a stand-in holding .data and .quant_state: nothing to key on
+        return _standard_view(weight, state)
+    key = _view_key(weight, state)
+    cached = getattr(state, "_peftfast_view", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    view = _standard_view(weight, state)
+    state._peftfast_view = (key, view)
+    return view
+
+
+def _checked_shape(state) -> tuple:
     if state.quant_type not in ("nf4", "fp4"):
         raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {state.quant_type!r}")
     if state.blocksize not in BLOCKSIZES:
@@ -112,10 +133,36 @@ def quant4bit_view(weight) -> Quant4bit:
     shape = tuple(int(s) for s in state.shape)
     if len(shape) != 2:
         raise ValueError(f"a 4-bit linear weight is 2-D [N, K]; its quant_state says {shape}")
+    return shape
+
+
+def _view_key(weight, state) -> tuple:
+    """Everything :func:`_standard_view` reads, compared before a kept view is reused.
+
+    The weight's storage enters by identity, size, offset and version counter: FSDP/ZeRO free storage
+    (size 0) and swap in new storage (a new object; its address may repeat, its identity cannot while the
+    kept view holds the old one), and in-place writes under no_grad bump the version. The state's
+    tensors enter by identity and version. Read with subclass ``__torch_function__`` off: ``Params4bit``
+    routes every tensor method through Python, which would cost more than the view.
+    """
+    with torch._C.DisableTorchFunctionSubclass():
+        storage = weight.untyped_storage()
+        stored = (id(storage), storage.nbytes(), weight.storage_offset(), weight.shape, weight.dtype,
+                  weight._version)
+    absmax = state.absmax
+    nested = None
+    if state.nested:
+        s2 = state.state2
+        nested = (id(s2), id(s2.absmax), s2.absmax._version, id(s2.code), s2.blocksize, id(state.offset))
+    return (stored, state.quant_type, state.blocksize, tuple(state.shape), state.dtype, id(absmax),
+            absmax._version, id(state.code), nested)
+
+
+def _standard_view(weight, state) -> Quant4bit:
+    """The :class:`Quant4bit` of a weight in bitsandbytes' standard flat layout, checked against its state."""
+    shape = _checked_shape(state)
     stored = weight.data
     data = stored if stored.dtype == torch.uint8 else stored.view(torch.uint8)
-    if getattr(state, "packing_format_for_cpu", False):
-        return _cached_cpu_unpack(data, getattr(weight, "_version", 0), state, shape)
     n = math.prod(shape)
     n_blocks = -(-n // state.blocksize)
     packed = data.reshape(-1)
@@ -125,6 +172,13 @@ def quant4bit_view(weight) -> Quant4bit:
             f"describes the flat layout of a {shape} weight ({(n + 1) // 2} bytes as [bytes, 1]). It may be a "
             "shard (FSDP/ZeRO: read it inside the owning module's forward) or a layout this bitsandbytes version "
             "introduced; peftfast refuses to guess. Report the bitsandbytes version if it is the latter."
+        )
+    with torch._C.DisableTorchFunctionSubclass():
+        held = stored.untyped_storage().nbytes() - stored.storage_offset() * stored.element_size()
+    if held < stored.numel() * stored.element_size():
+        raise ValueError(
+            f"this 4-bit weight's storage holds {held} bytes of its {stored.numel() * stored.element_size()}: it "
+            "has been freed (FSDP/ZeRO between steps); read it inside the owning module's forward"
         )
     if state.absmax.numel() != n_blocks:
         raise ValueError(
@@ -138,10 +192,13 @@ def quant4bit_view(weight) -> Quant4bit:
                 f"this 4-bit weight's nested state has {s2.absmax.numel()} second-level scales; "
                 f"{n_blocks} block scales in blocks of {s2.blocksize} need {-(-n_blocks // int(s2.blocksize))}"
             )
+        # the kernels read the offset through a pointer; some bitsandbytes versions keep a Python float
+        offset = state.offset if torch.is_tensor(state.offset) else torch.tensor(
+            float(state.offset), device=packed.device, dtype=torch.float32)
         return Quant4bit(
             packed=packed, absmax=state.absmax, code=state.code.float(), blocksize=int(state.blocksize),
             shape=shape, dtype=state.dtype, quant_type=state.quant_type, code2=s2.code.float(),
-            absmax2=s2.absmax.float(), blocksize2=int(s2.blocksize), offset=state.offset,
+            absmax2=s2.absmax.float(), blocksize2=int(s2.blocksize), offset=offset,
         )
     return Quant4bit(
         packed=packed, absmax=state.absmax.float(), code=state.code.float(), blocksize=int(state.blocksize),

@@ -120,9 +120,10 @@ def check_lora_shapes(x: torch.Tensor, weight: BaseWeight, lora_A: torch.Tensor,
 def kernel_operand(weight) -> BaseWeight:
     """A base weight as the Triton ops take it: None, a dense tensor, or one :class:`Quant4bit`.
 
-    A bitsandbytes ``Params4bit`` is read into its view (at call time, never cached: FSDP and ZeRO swap
-    storage between steps), and a nested offset kept as a Python float (some bitsandbytes versions) becomes
-    an fp32 tensor, since the kernels read it through a pointer.
+    A bitsandbytes ``Params4bit`` is read into its view (:func:`~.nf4.quant4bit_view`, which reuses its
+    view while the weight's storage and scales are unchanged), and a nested offset kept as a Python float
+    (some bitsandbytes versions, or a hand-made ``Quant4bit``) becomes an fp32 tensor, since the kernels
+    read it through a pointer.
 
     Args:
         weight: dense tensor, ``Quant4bit``, bitsandbytes ``Params4bit``, or None.

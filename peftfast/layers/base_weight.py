@@ -1,7 +1,8 @@
 """The frozen base weight of a wrapped layer, read the one way every peftfast path reads it.
 
-A wrapper never caches its base weight across calls (FSDP and ZeRO swap storage between steps); it asks
-here each time, and this module answers for every kind of base: a dense ``nn.Linear`` / transformers
+A wrapper never keeps its base weight across calls (FSDP and ZeRO swap storage between steps); it asks
+here each time (the 4-bit view behind the answer is kept by ``kernels.nf4.quant4bit_view``, which checks
+on each read that the weight's storage and scales are the ones it viewed), and this module answers for every kind of base: a dense ``nn.Linear`` / transformers
 ``Conv1D`` weight, a bitsandbytes 4-bit ``Params4bit`` in any of the states bitsandbytes leaves it in
 (standard, nested, CPU-packed: decoded by ``kernels.nf4.quant4bit_view``; FSDP-sharded: its quant state
 recovered from the module), a bitsandbytes 8-bit weight, or a DeepSpeed ZeRO-3 shard. It also writes a

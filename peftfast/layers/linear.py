@@ -281,7 +281,8 @@ class LoraLayer(AdapterLayer):
         if weight is None:  # the kernels cannot read this base (8-bit): let it compute its own output
             result = base(x)
         compute_dtype = getattr(base, "compute_dtype", None) if four_bit else None
-        x_in = x.to(compute_dtype) if compute_dtype is not None and x.is_floating_point() else x
+        x_in = x.to(compute_dtype) if (compute_dtype is not None and x.dtype != compute_dtype
+                                       and x.is_floating_point()) else x
         for name in self.active_adapters:
             lora_b = self.lora_B[name]
             a, b = self.lora_A[name].weight, lora_b.weight

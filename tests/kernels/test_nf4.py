@@ -284,6 +284,45 @@ def test_one_launch_per_call(monkeypatch):
 
 
 @needs_bnb
+@pytest.mark.parametrize("nested", [False, True])
+def test_view_is_kept_per_weight_and_follows_storage_swaps(nested):
+    """quant4bit_view keeps one view per weight (a decode step reads each weight once per token) and
+    reads afresh whenever what it viewed changed: new storage (FSDP/ZeRO swaps, a reload), freed and
+    regrown storage, new scales. Each time the view decodes exactly what bitsandbytes decodes."""
+    p = copy.deepcopy(_params((64, 96), "nf4", nested, 64, torch.uint8, seed=5))
+    other = _params((64, 96), "nf4", nested, 64, torch.uint8, seed=6)
+    first = quant4bit_view(p)
+    assert quant4bit_view(p) is first
+
+    def decodes_like_bnb():
+        got = dequantize_4bit_reference(quant4bit_view(p), torch.float32)
+        assert torch.equal(got, _bnb_dequant(p, torch.float32))
+        return got
+
+    before = decodes_like_bnb()
+    p.data = other.data.clone()  # new storage, old scales: a different weight
+    assert quant4bit_view(p) is not first
+    assert not torch.equal(decodes_like_bnb(), before)
+
+    # Freed and regrown in place (FSDP's resize_ of the unsharded storage), then refilled.
+    view = quant4bit_view(p)
+    storage = p.untyped_storage()
+    nbytes = storage.nbytes()
+    storage.resize_(0)
+    with pytest.raises(ValueError, match="freed"):
+        quant4bit_view(p)
+    storage.resize_(nbytes)
+    p.data.copy_(_params((64, 96), "nf4", nested, 64, torch.uint8, seed=5).data)
+    decodes_like_bnb()
+    assert quant4bit_view(p).packed.data_ptr() == p.data_ptr()
+
+    # New scales (a requantization writing another quant_state's tensors in).
+    p.quant_state = copy.deepcopy(other.quant_state)
+    assert quant4bit_view(p) is not view
+    decodes_like_bnb()
+
+
+@needs_bnb
 def test_rejects_non_4bit_weight():
     with pytest.raises(TypeError, match="quant_state"):
         dequantize_4bit(torch.randn(4, 4), backend="triton")
