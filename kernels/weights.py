@@ -45,9 +45,14 @@ def operand_signature(t) -> Optional[tuple]:
     :class:`Quant4bit`, its device and logical shape."""
     if t is None:
         return None
-    if isinstance(t, Quant4bit):
+    kind = type(t)
+    if kind is torch.Tensor or kind is torch.nn.Parameter:
+        return kind, t.dtype, t.device, t.requires_grad, t.shape
+    if kind is Quant4bit:
         return Quant4bit, t.device, t.shape
-    return type(t), t.dtype, t.device, t.requires_grad, t.shape
+    # a subclass (bitsandbytes' Params4bit) may route each attribute read through Python __torch_function__
+    with torch._C.DisableTorchFunctionSubclass():
+        return kind, t.dtype, t.device, t.requires_grad, t.shape
 
 
 # Why a Triton launcher would refuse its operands: each check returns "" when they are fine, else a reason

@@ -146,25 +146,31 @@ class AdapterLayer(nn.Module):
     def _kernel_weight(self):
         """:func:`base_weight.kernel_weight` of the base layer, and whether it is a 4-bit weight.
 
-        The decision (dense / transposed dense / anything else) is kept per weight *object* (a weak
-        reference, so a weight an engine frees is not kept alive) and reused while ``base_layer.weight``
-        is that same object. A dense answer is the parameter itself (or its ``.t()``), taken fresh each
-        call, so storage swapped in place (``.data``) is followed; a new parameter object (FSDP's
-        unsharded view, a reload) is decided anew; 4-bit, 8-bit and ZeRO-3 bases always take the full path
-        (bitsandbytes may repack a 4-bit weight in place, FSDP may swap its quant state).
+        The decision (dense / transposed dense / 4-bit / anything else) is kept per weight *object* (a
+        weak reference, so a weight an engine frees is not kept alive) and reused while ``base_layer.weight``
+        is that same object and not ZeRO-3-partitioned. The answer is the parameter itself (or its
+        ``.t()``), taken fresh each call, so storage swapped in place (``.data``) is followed; a 4-bit
+        ``Params4bit`` is read by ``quant4bit_view`` at each call, which follows bitsandbytes' in-place CPU
+        repack and a swapped quant state; a new parameter object (FSDP's unsharded view, a reload) is
+        decided anew; 8-bit bases, ZeRO-3 shards and a 4-bit state recovered around an FSDP-swapped tensor
+        always take the full path.
         """
         base = self.base_layer
         w = base.weight
         hit = self.__dict__.get("_weight_kind")
-        if hit is not None and hit[0]() is w:
+        if hit is not None and hit[0]() is w and not hasattr(w, "ds_id"):  # (ZeRO-3 partitions in place)
             if hit[1] == "dense":
                 return w, False
+            if hit[1] == "4bit":
+                return w, True
             if hit[1] == "dense_t":
                 return w.t(), False
         view = kernel_weight(base)
         four_bit = is_4bit_weight(view)
-        if four_bit or view is None:
+        if view is None:
             kind = "other"
+        elif four_bit:
+            kind = "4bit" if view is w else "other"  # not a Params4bit rebuilt around an FSDP-swapped tensor
         elif view is w:
             kind = "dense"
         elif stores_transposed(base):
