@@ -320,14 +320,21 @@ def test_host_overhead_smoke(tmp_path):
     result = bho.run(iters=2, repeats=1, sizes=bho.SIZES[:1], dtypes=(torch.float32,), profile_iters=1)
     json.dumps(result, allow_nan=False)
     assert {c["mode"] for c in result["cases"]} == {"no_grad", "grad"}
+    expected_bases = {"dense"} | ({"nf4"} if bho.bnb_available() else set())
+    assert {c["base"] for c in result["cases"]} == expected_bases
     for case in result["cases"]:
-        assert case["host_only"]
+        assert case["host_only"] and case["judged"] is (case["base"] == "dense")
         for impl in bho.IMPLS:
             res = case["impls"][impl]
             assert res["median_us"] > 0 and math.isfinite(res["median_us"]), (case["mode"], impl)
         launches = case["stub_launches_per_call"]
-        # A dense LoRA forward is x@A^T then the fused GEMM; the backward adds g, dX, dA and dB.
-        assert launches["matmul._lowrank_project_kernel"] >= 1 and launches["matmul._matmul_lowrank_kernel"] >= 1
+        # A LoRA forward is x@A^T then the fused GEMM (a 4-bit base at M=1: the fused dequant-GEMV); the
+        # backward adds g, dX, dA and dB.
+        assert launches["matmul._lowrank_project_kernel"] >= 1
+        if case["base"] == "nf4":
+            assert launches["lora_triton._decode_lora_4bit_kernel"] == 1
+        else:
+            assert launches["matmul._matmul_lowrank_kernel"] >= 1
         if case["mode"] == "grad":
             assert launches["matmul._lowrank_wgrad_kernel"] >= 1
         assert case["impls"]["triton"]["python_calls_per_call"] > 0
