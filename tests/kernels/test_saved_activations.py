@@ -78,7 +78,7 @@ def test_qkv_share_one_saved_x_and_keep_no_dense_weight(kind, dropout_p):
     got = {p: v[0] for p, v in big.items()}
     assert got.pop(x_ptr) == expected[x_ptr]
     assert sorted(got.values()) == [xa_bytes] * len(N_QKV), f"unexpected saved activations: {big}"
-    assert all(v[1] == (2, M, R) for p, v in big.items() if p != x_ptr), big
+    assert all(v[1] == (2 * M, R) for p, v in big.items() if p != x_ptr), big  # xa is kept as rows
     if dropout_p > 0:  # the mask is regenerated from a seed: one int64 per op, nothing of x's size
         assert len(small) == len(N_QKV) and all(v[1] == (1,) and v[2] == torch.int64 for v in small.values()), small
     else:
