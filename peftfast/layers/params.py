@@ -54,15 +54,16 @@ __all__ = ["LoraParamWrapper", "LoraWeight", "find_parameter_targets", "build_pa
 # --------------------------------------------------------------------------------------------------
 
 class _Term:
-    """``scaling * lhs @ rhs`` ([..., D1, r] @ [..., r, D2]); ``ids`` set: row i's matrix is expert ids[i]'s."""
+    """``scaling * lhs @ rhs`` ([..., D1, r] @ [..., r, D2]); ``ids`` set: row i's matrix is expert ids[i]'s.
+    ``backend``: the wrapper's, for the grouped kernel calls this term leads to."""
 
-    __slots__ = ("lhs", "rhs", "scaling", "ids")
+    __slots__ = ("lhs", "rhs", "scaling", "ids", "backend")
 
-    def __init__(self, lhs, rhs, scaling, ids=None):
-        self.lhs, self.rhs, self.scaling, self.ids = lhs, rhs, scaling, ids
+    def __init__(self, lhs, rhs, scaling, ids=None, backend="auto"):
+        self.lhs, self.rhs, self.scaling, self.ids, self.backend = lhs, rhs, scaling, ids, backend
 
     def transposed(self) -> "_Term":
-        return _Term(self.rhs.mT, self.lhs.mT, self.scaling, self.ids)
+        return _Term(self.rhs.mT, self.lhs.mT, self.scaling, self.ids, self.backend)
 
     def dense(self) -> torch.Tensor:
         lhs, rhs = (self.lhs, self.rhs) if self.ids is None else (self.lhs[self.ids], self.rhs[self.ids])
@@ -185,9 +186,10 @@ def _index(w: LoraWeight, idx):
                                       and idx.dtype != torch.bool)
     vector = isinstance(idx, torch.Tensor) and idx.dim() == 1 and idx.dtype in (torch.int32, torch.int64)
     if scalar:  # one expert's matrix: [D1, D2]
-        return LoraWeight(base[idx], [_Term(t.lhs[idx], t.rhs[idx], t.scaling) for t in w._lora_terms])
+        return LoraWeight(base[idx], [_Term(t.lhs[idx], t.rhs[idx], t.scaling, None, t.backend)
+                                      for t in w._lora_terms])
     if vector:  # one matrix per row: [S, D1, D2]; the factors stay per expert
-        return LoraWeight(base[idx], [_Term(t.lhs, t.rhs, t.scaling, idx) for t in w._lora_terms])
+        return LoraWeight(base[idx], [_Term(t.lhs, t.rhs, t.scaling, idx, t.backend) for t in w._lora_terms])
     return NotImplemented
 
 
@@ -229,9 +231,10 @@ def _matmul(a, b, batched: bool):
         if term.ids is None:
             lora = _lowrank(term, x, left)
         elif x.dim() == 3 and left and x.shape[1] == 1:  # bmm(x[S, 1, D1], w[ids]) (batched_mm, transposed)
-            lora = grouped_lora(x[:, 0], term.lhs, term.rhs, term.ids, term.scaling).unsqueeze(1)
+            lora = grouped_lora(x[:, 0], term.lhs, term.rhs, term.ids, term.scaling, backend=term.backend).unsqueeze(1)
         elif x.dim() == 3 and not left and x.shape[2] == 1:  # bmm(w[ids], x[S, D2, 1]) (batched_mm)
-            lora = grouped_lora(x[..., 0], term.rhs.mT, term.lhs.mT, term.ids, term.scaling).unsqueeze(2)
+            lora = grouped_lora(x[..., 0], term.rhs.mT, term.lhs.mT, term.ids, term.scaling,
+                                backend=term.backend).unsqueeze(2)
         else:
             return NotImplemented
         y = y + lora.to(y.dtype)
@@ -251,7 +254,7 @@ def _grouped(func, args, kwargs):
     y = func(x, w._lora_base, *args[2:], **kwargs)
     ids = expert_ids_from_offsets(offs, x.shape[0])
     for term in w._lora_terms:
-        y = y + grouped_lora(x, term.lhs, term.rhs, ids, term.scaling).to(y.dtype)
+        y = y + grouped_lora(x, term.lhs, term.rhs, ids, term.scaling, backend=term.backend).to(y.dtype)
     return y
 
 
@@ -374,7 +377,7 @@ class LoraParamWrapper(AdapterLayer):
             return self.base_layer(*args, **kwargs)
         owner = _owner(self.base_layer)
         param = self.get_param()
-        terms = [_Term(*self.factors(n)) for n in self.active_adapters]
+        terms = [_Term(*self.factors(n), backend=self.backend) for n in self.active_adapters]
         # An instance attribute shadows the registered parameter for plain attribute reads (nn.Module looks in
         # _parameters only when normal lookup fails), while state_dict(), named_parameters() and the optimizer
         # still see the parameter itself. Removed again whatever the forward does.
