@@ -62,8 +62,11 @@ def grouped_lora_reference(
     """Pure-PyTorch grouped LoRA term; differentiable in x, lhs and rhs.
 
     One loop over the experts that occur (one host sync for the list), each a pair of dense matmuls on
-    that expert's rows.
+    that expert's rows. Under ``torch.compile`` that list and the rows' gather are data-dependent (a graph
+    break each), so a traced call runs :func:`_grouped_lora_masked` instead: the same terms, no host sync.
     """
+    if torch.compiler.is_compiling():
+        return _grouped_lora_masked(x, lhs, rhs, expert_ids, scaling)
     num_experts = lhs.shape[0]
     compute = torch.promote_types(x.dtype, lhs.dtype)
     out = x.new_zeros(x.shape[0], rhs.shape[2], dtype=compute)
@@ -74,6 +77,20 @@ def grouped_lora_reference(
         xe = x.index_select(0, rows).to(compute)
         # [S_e, D1] @ [D1, r] -> [S_e, r];  [S_e, r] @ [r, D2] -> [S_e, D2]
         out = out.index_add(0, rows, (xe @ lhs[e].to(compute)) @ rhs[e].to(compute) * scaling)
+    return out.to(x.dtype)
+
+
+def _grouped_lora_masked(x, lhs, rhs, expert_ids, scaling) -> torch.Tensor:
+    """The reference with static shapes, for traced calls: every expert's term on all rows, each kept only
+    on its own rows (``torch.where``, so other rows add an exact zero). E times the low-rank FLOPs of the
+    gathered loop, which is why eager calls do not use it."""
+    compute = torch.promote_types(x.dtype, lhs.dtype)
+    xc = x.to(compute)
+    out = x.new_zeros(x.shape[0], rhs.shape[2], dtype=compute)
+    for e in range(lhs.shape[0]):
+        # [S, D1] @ [D1, r] -> [S, r];  [S, r] @ [r, D2] -> [S, D2]
+        term = (xc @ lhs[e].to(compute)) @ rhs[e].to(compute) * scaling
+        out = out + torch.where((expert_ids == e)[:, None], term, 0.0)
     return out.to(x.dtype)
 
 

@@ -9,6 +9,8 @@ Tolerances: eager and batched_mm run in float64 on both sides, where only summat
 relative is ~1e5 ulps of fp64 and ~1e-6 of any real mistake). grouped_mm has no float64 kernel, so it runs in
 float32; PEFT adds the delta into the weight before the GEMM and peftfast adds the low-rank term after it,
 which differ by a few fp32 roundings of the logits (measured ~3e-7 relative): 1e-5 is ~100x that.
+bfloat16 cases (reference and Triton backends) are held to twice PEFT's own bf16 error against a float64
+run of the same weights (see ``_bf16_bound``).
 """
 from __future__ import annotations
 
@@ -35,8 +37,8 @@ EXPERT_PARAMS = ["experts.gate_up_proj", "experts.down_proj"]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
-def _tiny(family: str, dtype=torch.float64, impl: str = "eager"):
-    common = dict(vocab_size=61, hidden_size=16, intermediate_size=12, num_hidden_layers=2, num_attention_heads=2,
+def _tiny(family: str, dtype=torch.float64, impl: str = "eager", intermediate: int = 12):
+    common = dict(vocab_size=61, hidden_size=16, intermediate_size=intermediate, num_hidden_layers=2, num_attention_heads=2,
                   num_key_value_heads=1, num_local_experts=5, num_experts_per_tok=2, head_dim=8)
     torch.manual_seed(0)
     if family == "mixtral":
@@ -108,6 +110,219 @@ def test_logits_grads_counts_keys_match_peft(family, impl):
     layer = ours.model.layers[0].mlp.experts
     assert isinstance(layer, LoraParamWrapper) and layer.parameter_name == "down_proj"
     assert isinstance(layer.base_layer, LoraParamWrapper) and layer.base_layer.parameter_name == "gate_up_proj"
+
+
+# --- bfloat16: within twice PEFT's own error, both measured against float64 on the same weights ----------
+
+BF16 = torch.bfloat16
+
+
+def _bf16_bound(truth: torch.Tensor, theirs: torch.Tensor) -> float:
+    """flash-attention's rule in absolute RMS terms: twice PEFT's bf16 error plus the error of the truth
+    rounded to bf16 (what even an exact computation with a bf16 result carries), both against float64.
+
+    The floor is measured, not chosen: ``||round_bf16(truth) - truth||``, about ``eps_bf16 / 2`` relative
+    at most (eps_bf16 = 2^-7). Without it, a result PEFT happened to get within less than a rounding could
+    not be matched by any other bf16 order of operations.
+    """
+    t = truth.detach().double()
+    floor = (t.to(BF16).double() - t).norm().item()
+    return 2 * (theirs.detach().double() - t).norm().item() + floor
+
+
+def _assert_bf16_close(ours, theirs, truth, what: str) -> None:
+    assert torch.isfinite(ours).all(), f"{what}: non-finite values"
+    err = (ours.detach().double() - truth.detach().double()).norm().item()
+    bound = _bf16_bound(truth, theirs)
+    scale = truth.detach().double().norm().item()
+    assert err <= bound, f"{what}: |ours - fp64| = {err / scale:.3e} relative > bound {bound / scale:.3e}"
+
+
+def _bf16_models(family: str, impl: str, backend: str):
+    """(PEFT bf16, peftfast bf16, PEFT float64 truth) with the same bf16 base weights and fp32 adapter values.
+
+    intermediate_size 16: torch's CPU grouped_mm needs 16-byte strides, which 12 bf16 columns are not."""
+    base = _tiny(family, BF16, impl, intermediate=16)
+    theirs, ours = _peft_and_ours(base, _config(), backend=backend)
+    truth = copy.deepcopy(theirs).double()  # exact upcast of the same values
+    truth.base_model.model.config._experts_implementation = "eager"  # grouped_mm has no float64 kernel
+    return theirs, ours, truth
+
+
+def _bf16_dy(shape) -> torch.Tensor:
+    """An upstream gradient exact in bf16, so all three runs back-propagate the same values."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(5)).to(BF16)
+
+
+def _run_and_grads(model, run, prefix: str, dtype) -> tuple:
+    model.zero_grad()
+    y, leaves = run(model, dtype)
+    (y * _bf16_dy(y.shape).to(y.dtype)).sum().backward()
+    grads = {n: g for n, g in _grads(model, prefix).items() if g is not None}  # the layer run: layer 0's only
+    grads.update({f"input {i}": t.grad for i, t in enumerate(leaves)})
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("impl", ["eager", "batched_mm", "grouped_mm"])
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_bf16_logits_and_grads_within_twice_peft_error(family, impl, backend):
+    """Whole-model logits and every adapter gradient, then the first expert layer alone on the same bf16
+    inputs (output, adapter and input gradients): there the LoRA term's arithmetic is most of the error.
+    PEFT folds ``W + s lhs rhs`` into the bf16 weight; peftfast runs the base GEMM in bf16 and the routed
+    low-rank term in fp32 (rounded once onto the output), so it must stay within the bound."""
+    from peftfast.kernels import grouped_lora_triton
+
+    theirs, ours, truth = _bf16_models(family, impl, backend)
+    ids = _ids()
+    prefix = {id(theirs): PREFIX, id(truth): PREFIX, id(ours): ""}
+
+    def whole(model, dtype):
+        return model(ids).logits, []
+
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured.setdefault("call", (args, kwargs))
+
+    def experts(model):
+        return model.get_submodule(prefix[id(model)] + "model.layers.0.mlp.experts")
+
+    hook = experts(truth).register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        truth(ids)
+    hook.remove()
+
+    def layer(model, dtype):
+        args, kwargs = captured["call"]
+        leaves = []
+
+        def prepare(t):  # floating inputs rounded to bf16 once, so all three see the same values
+            if not (torch.is_tensor(t) and t.is_floating_point()):
+                return t
+            leaf = t.detach().to(BF16).to(dtype).requires_grad_(True)
+            leaves.append(leaf)
+            return leaf
+
+        out = experts(model)(*[prepare(a) for a in args], **{k: prepare(v) for k, v in kwargs.items()})
+        return (out[0] if isinstance(out, tuple) else out), leaves
+
+    spy = mock.patch.object(grouped_lora_triton, "triton_grouped_lora", wraps=grouped_lora_triton.triton_grouped_lora)
+    for what, run in (("logits", whole), ("experts layer 0", layer)):
+        want = _run_and_grads(truth, run, PREFIX, torch.float64)
+        peft_bf16 = _run_and_grads(theirs, run, PREFIX, BF16)
+        with spy as calls:
+            got = _run_and_grads(ours, run, "", BF16)
+        # the grouped term runs for batched_mm / grouped_mm (eager loops take F.linear), on the asked backend
+        uses_grouped = impl != "eager"
+        assert calls.called == (uses_grouped and backend == "triton"), (what, calls.call_count)
+        assert got[0].dtype == BF16 and peft_bf16[0].dtype == BF16
+        assert (peft_bf16[0].double() - want[0]).abs().max() > 0, "bf16 run is exact: vacuous test"
+        _assert_bf16_close(got[0], peft_bf16[0], want[0], f"{family}/{impl}/{backend} {what} output")
+        assert sorted(got[1]) == sorted(want[1])
+        assert sum(not n.startswith("input") for n in got[1]) == (8 if what == "logits" else 4)  # 2 stacks x A, B
+        for name in want[1]:
+            _assert_bf16_close(got[1][name], peft_bf16[1][name], want[1][name], f"{family}/{impl}/{backend} {what} "
+                               f"grad {name}")
+
+
+# --- torch.compile of the whole model ---------------------------------------------------------------------
+
+
+def _explain(model, ids):
+    torch._dynamo.reset()
+    return torch._dynamo.explain(model)(ids)
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("impl", ["batched_mm", "grouped_mm"])
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_whole_model_compiles_without_graph_breaks(family, impl, backend):
+    """The lazy weight's ops trace (dynamo inlines ``LoraWeight.__torch_function__``; grouped_mm is told by
+    identity, not by name), the grouped term is one custom-op node (Triton) or the reference's masked form:
+    the adapted model is one graph, as the bare model is. Compiled with backend="eager", its logits and every
+    adapter gradient equal the eager model's (bit for bit with Triton: the same bodies; the reference's masked
+    form may round differently, within a few fp32 ulps), and further training steps do not recompile."""
+    base = _tiny(family, torch.float32, impl)
+    assert _explain(base, _ids()).graph_break_count == 0  # the bare model: one graph, nothing to blame on it
+    _, ours = _peft_and_ours(base, _config(), backend=backend)
+    ids = _ids()
+    explained = _explain(ours, ids)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+    results = []
+    for model in (ours, torch.compile(ours, backend="eager")):
+        ours.zero_grad()
+        y = model(ids).logits
+        y.square().mean().backward()
+        results.append((y.detach(), _grads(ours)))
+    (want, want_grads), (got, got_grads) = results
+
+    def same(a, b, what):
+        if backend == "triton":
+            assert torch.equal(a, b), f"{what}: compiled != eager"
+        else:  # 1e-6 relative: ~8 fp32 ulps (measured <= 6e-8)
+            assert_rel_close(a, b, 1e-6, what)
+
+    same(got, want, "compiled logits")
+    assert sorted(got_grads) == sorted(want_grads) and len(want_grads) == 8
+    for name in want_grads:
+        same(got_grads[name], want_grads[name], f"compiled grad {name}")
+
+    compiled = torch.compile(ours, backend="eager")
+    compiled(ids)  # compiles once for this wrapper object
+    opt = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.1)
+    torch.compiler.set_stance("fail_on_recompile")
+    try:
+        for _ in range(2):
+            compiled(ids).logits.square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        torch.compiler.set_stance("default")
+
+
+def test_a_lora_weight_left_by_a_failed_traced_forward_is_ignored():
+    """Traced, the wrapper drops its try/finally (dynamo cannot resume a graph break inside one), so a compiled
+    forward that raises may leave the LoraWeight in the owner's __dict__. Nothing may read it afterwards:
+    get_param returns the registered parameter, a disabled forward is the base model, merge adds one delta."""
+    base = _tiny("mixtral")
+    _, ours = _peft_and_ours(base, _config())
+    ids = _ids()
+    adapted = ours(ids).logits.detach()
+    wrapper = ours.model.layers[0].mlp.experts
+    owner = wrapper.base_layer.base_layer
+    param = owner._parameters["down_proj"]
+    owner.__dict__["down_proj"] = LoraWeight(param, [])  # what an interrupted traced forward leaves
+    assert wrapper.get_param() is param
+    with peftfast.disable_adapters(ours):
+        assert_rel_close(ours(ids).logits, base(ids).logits, 1e-12, "disabled after a stale attribute")
+    assert "down_proj" not in owner.__dict__
+    owner.__dict__["down_proj"] = LoraWeight(param, [])
+    assert_rel_close(ours(ids).logits, adapted, 1e-12, "adapted after a stale attribute")
+    assert "down_proj" not in owner.__dict__
+    peftfast.merge(ours)
+    assert_rel_close(ours(ids).logits, adapted, 1e-10, "merged")
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+def test_eager_experts_loop_breaks_only_in_transformers():
+    """transformers' eager experts loop breaks the graph itself (``nonzero``: data-dependent shapes), in
+    the bare model too. Each such break also splits the frames around it, so the two nested wrappers add
+    graphs, but no break arises in peftfast's own code."""
+    base = _tiny("mixtral", torch.float32, "eager")
+    bare = _explain(base, _ids())
+    _, ours = _peft_and_ours(base, _config())
+    explained = _explain(ours, _ids())
+    assert bare.graph_break_count > 0 and explained.break_reasons
+    ours_code = ("/peftfast/", "/kernels/")
+    for reason in explained.break_reasons:
+        innermost = reason.user_stack[-1].filename
+        assert not any(part in innermost for part in ours_code), (innermost, reason.reason)
+        assert "nonzero" in str(reason.reason), reason.reason
+    compiled = torch.compile(ours, backend="eager")
+    assert torch.equal(compiled(_ids()).logits, ours(_ids()).logits)
 
 
 def test_batched_and_grouped_use_the_grouped_kernel_entry():

@@ -3,6 +3,8 @@
 * Embedding: ``y = E[x] + scaling * A^T[x] @ B^T`` with ``lora_embedding_A`` [r, num_embeddings] and
   ``lora_embedding_B`` [dim, r] (parameters, not modules: PEFT's keys ``...lora_embedding_A``). A
   starts at zero and B normal, the reverse of linear LoRA, so the lookup of A is what learns first.
+  A scaled embedding (transformers' ``Gemma3TextScaledWordEmbedding`` returns ``E[x] * embed_scale``)
+  scales the LoRA term by the same scalar, so ``y = s * (E + dW)[x]``: what the merged weight gives.
 * Convolution: ``lora_A`` is a conv like the base (same kernel, stride and padding, r output
   channels), ``lora_B`` a 1x1 conv to the output channels; ``y = conv(x) + scaling * B(A(dropout(x)))``.
 * DoRA (``use_dora=True``) on both, as PEFT: a magnitude ``m`` (``lora_magnitude_vector``) rescales the
@@ -37,6 +39,43 @@ def _check_whole(weight: torch.Tensor) -> None:
                                   "the whole base weight); use ZeRO-2, FSDP2, or LoRA without use_dora")
 
 
+def embed_scale_of(base: nn.Module) -> Optional[torch.Tensor]:
+    """The scalar a scaled embedding multiplies its lookups by, or None for a plain embedding.
+
+    Some embeddings (transformers' ``Gemma3TextScaledWordEmbedding``) return ``E[x] * embed_scale``. An
+    adapter's rows must be scaled alike, or the unmerged adapter and its merge (which goes through the
+    base's scaling) disagree. PEFT's reading is kept, so outputs match it: a Python number becomes a
+    tensor of the weight's dtype, a one-element tensor is used as it is.
+
+    Args:
+        base: the embedding (or any layer with a ``weight``) the adapter wraps.
+
+    Returns:
+        A one-element tensor, or None when ``base`` has no ``embed_scale``.
+
+    Raises:
+        ConfigError: ``embed_scale`` is neither a number nor a one-element tensor (PEFT only warns and
+            leaves the adapter unscaled, which mismatches the base rows).
+
+    Example:
+        >>> embed_scale_of(nn.Embedding(4, 2)) is None
+        True
+    """
+    scale = getattr(base, "embed_scale", None)
+    if scale is None:
+        return None
+    if isinstance(scale, (int, float)):
+        return torch.tensor(scale, device=base.weight.device, dtype=base.weight.dtype)
+    if torch.is_tensor(scale) and scale.numel() == 1:
+        return scale
+    shape = tuple(scale.shape) if torch.is_tensor(scale) else type(scale).__name__
+    raise ConfigError(
+        f"{type(base).__name__}.embed_scale is {shape}, not a scalar: peftfast scales an adapter's rows by a "
+        "scalar embed_scale only, as the base scales its lookups; exclude this layer from target_modules / "
+        "trainable_token_indices, or make embed_scale a number"
+    )
+
+
 def is_lora_extra(module: nn.Module) -> bool:
     """Layers LoRA wraps besides the linear ones (nn.MultiheadAttention: see peftfast.layers.mha)."""
     return isinstance(module, (nn.Embedding, nn.MultiheadAttention) + CONV_TYPES)
@@ -69,6 +108,7 @@ class LoraEmbedding(AdapterLayer):
                 "embeddings out of target_modules"
             )
         base = self.base_layer
+        embed_scale_of(base)  # refuse an embed_scale that cannot be applied before anything is added
         kw = dict(device=base.weight.device, dtype=adapter_dtype(base))
         a = torch.randn(r, base.num_embeddings, **kw)
         b = torch.randn(base.embedding_dim, r, **kw)
@@ -104,17 +144,20 @@ class LoraEmbedding(AdapterLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self._use_base_only():
             return self._base_forward(x)
-        result = self.base_layer(x)
+        result = self.base_layer(x)  # a scaled embedding's lookup comes scaled already
+        scale = embed_scale_of(self.base_layer)
         for name in self.active_adapters:
             a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
             # [..., r] @ [r, dim] -> [..., dim]
             term = (self._lookup(x, a.t()) @ b.t()) * self.scaling[name]
             if name in self.lora_magnitude_vector:
-                # m / ||W + dW|| per dimension scales the base row and the LoRA term alike (PEFT's order)
+                # m / ||W + dW|| per dimension scales the base row and the LoRA term alike (PEFT's order);
+                # the norm is of the unscaled weight, embed_scale multiplies the term after it (as PEFT)
                 factor = self.lora_magnitude_vector[name].weight / self._weight_norm(name, self.base_layer.weight)
-                result = factor * result + factor * term
+                term = factor * term
+                result = factor * result + (term if scale is None else term * scale.to(term.dtype))
             else:
-                result = result + term
+                result = result + (term if scale is None else term * scale.to(term.dtype))
         return result.to(self.base_layer.weight.dtype)
 
     def delta_weight(self, name: str) -> torch.Tensor:

@@ -54,15 +54,16 @@ __all__ = ["LoraParamWrapper", "LoraWeight", "find_parameter_targets", "build_pa
 # --------------------------------------------------------------------------------------------------
 
 class _Term:
-    """``scaling * lhs @ rhs`` ([..., D1, r] @ [..., r, D2]); ``ids`` set: row i's matrix is expert ids[i]'s."""
+    """``scaling * lhs @ rhs`` ([..., D1, r] @ [..., r, D2]); ``ids`` set: row i's matrix is expert ids[i]'s.
+    ``backend``: the wrapper's, for the grouped kernel calls this term leads to."""
 
-    __slots__ = ("lhs", "rhs", "scaling", "ids")
+    __slots__ = ("lhs", "rhs", "scaling", "ids", "backend")
 
-    def __init__(self, lhs, rhs, scaling, ids=None):
-        self.lhs, self.rhs, self.scaling, self.ids = lhs, rhs, scaling, ids
+    def __init__(self, lhs, rhs, scaling, ids=None, backend="auto"):
+        self.lhs, self.rhs, self.scaling, self.ids, self.backend = lhs, rhs, scaling, ids, backend
 
     def transposed(self) -> "_Term":
-        return _Term(self.rhs.mT, self.lhs.mT, self.scaling, self.ids)
+        return _Term(self.rhs.mT, self.lhs.mT, self.scaling, self.ids, self.backend)
 
     def dense(self) -> torch.Tensor:
         lhs, rhs = (self.lhs, self.rhs) if self.ids is None else (self.lhs[self.ids], self.rhs[self.ids])
@@ -91,11 +92,30 @@ _MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bm
 _TRANSPOSES = {torch.transpose, torch.Tensor.transpose, torch.swapaxes, torch.Tensor.swapaxes, torch.swapdims,
                torch.Tensor.swapdims}
 _GROUPED_MM_NAMES = {"grouped_mm", "_grouped_mm", "grouped_mm_fallback"}
+# The grouped_mm functions met so far, by identity. Under torch.compile a function's ``__name__`` is not a
+# constant to dynamo (an op packet's is a property), so a traced call is recognized by identity alone:
+# torch's own at import, transformers' custom op when a wrapper is built (remember_grouped_mm_ops) or
+# first recognized by name in an eager call. An unknown one under tracing takes the dense fallback.
+_GROUPED_MM_FUNCS: list = [f for f in (getattr(torch, "_grouped_mm", None), getattr(F, "grouped_mm", None)) if f]
 
 
-def _func_name(func) -> str:
+def remember_grouped_mm_ops() -> None:
+    """Add transformers' ``torch.ops.transformers.grouped_mm_fallback`` if it is registered by now."""
+    op = getattr(torch.ops.transformers, "grouped_mm_fallback", None)
+    if op is not None and not any(op is f for f in _GROUPED_MM_FUNCS):
+        _GROUPED_MM_FUNCS.append(op)
+
+
+def _is_grouped_mm(func) -> bool:
+    if any(func is f for f in _GROUPED_MM_FUNCS):
+        return True
+    if torch.compiler.is_compiling():
+        return False
     name = getattr(func, "__name__", "")
-    return name.rsplit(".", 1)[-1] if isinstance(name, str) else ""
+    if isinstance(name, str) and name.rpartition(".")[2] in _GROUPED_MM_NAMES:  # a qualified name too
+        _GROUPED_MM_FUNCS.append(func)
+        return True
+    return False
 
 
 class LoraWeight(torch.Tensor):
@@ -170,7 +190,7 @@ def _lazy_op(func, args, kwargs):
             return NotImplemented
         a, b = args if func is not torch.Tensor.__rmatmul__ else (args[1], args[0])
         return _matmul(a, b, func in (torch.bmm, torch.Tensor.bmm))
-    if _func_name(func) in _GROUPED_MM_NAMES:
+    if _is_grouped_mm(func):
         return _grouped(func, args, kwargs)
     return NotImplemented
 
@@ -185,9 +205,10 @@ def _index(w: LoraWeight, idx):
                                       and idx.dtype != torch.bool)
     vector = isinstance(idx, torch.Tensor) and idx.dim() == 1 and idx.dtype in (torch.int32, torch.int64)
     if scalar:  # one expert's matrix: [D1, D2]
-        return LoraWeight(base[idx], [_Term(t.lhs[idx], t.rhs[idx], t.scaling) for t in w._lora_terms])
+        return LoraWeight(base[idx], [_Term(t.lhs[idx], t.rhs[idx], t.scaling, None, t.backend)
+                                      for t in w._lora_terms])
     if vector:  # one matrix per row: [S, D1, D2]; the factors stay per expert
-        return LoraWeight(base[idx], [_Term(t.lhs, t.rhs, t.scaling, idx) for t in w._lora_terms])
+        return LoraWeight(base[idx], [_Term(t.lhs, t.rhs, t.scaling, idx, t.backend) for t in w._lora_terms])
     return NotImplemented
 
 
@@ -229,9 +250,10 @@ def _matmul(a, b, batched: bool):
         if term.ids is None:
             lora = _lowrank(term, x, left)
         elif x.dim() == 3 and left and x.shape[1] == 1:  # bmm(x[S, 1, D1], w[ids]) (batched_mm, transposed)
-            lora = grouped_lora(x[:, 0], term.lhs, term.rhs, term.ids, term.scaling).unsqueeze(1)
+            lora = grouped_lora(x[:, 0], term.lhs, term.rhs, term.ids, term.scaling, backend=term.backend).unsqueeze(1)
         elif x.dim() == 3 and not left and x.shape[2] == 1:  # bmm(w[ids], x[S, D2, 1]) (batched_mm)
-            lora = grouped_lora(x[..., 0], term.rhs.mT, term.lhs.mT, term.ids, term.scaling).unsqueeze(2)
+            lora = grouped_lora(x[..., 0], term.rhs.mT, term.lhs.mT, term.ids, term.scaling,
+                                backend=term.backend).unsqueeze(2)
         else:
             return NotImplemented
         y = y + lora.to(y.dtype)
@@ -251,7 +273,7 @@ def _grouped(func, args, kwargs):
     y = func(x, w._lora_base, *args[2:], **kwargs)
     ids = expert_ids_from_offsets(offs, x.shape[0])
     for term in w._lora_terms:
-        y = y + grouped_lora(x, term.lhs, term.rhs, ids, term.scaling).to(y.dtype)
+        y = y + grouped_lora(x, term.lhs, term.rhs, ids, term.scaling, backend=term.backend).to(y.dtype)
     return y
 
 
@@ -309,8 +331,11 @@ class LoraParamWrapper(AdapterLayer):
         self.scaling: dict = {}
 
     def get_param(self) -> nn.Parameter:
-        """The wrapped parameter, on the innermost (real) module."""
-        return getattr(_owner(self.base_layer), self.parameter_name)
+        """The wrapped parameter, on the innermost (real) module (the registered one: never a LoraWeight
+        left in the owner's ``__dict__`` by a traced forward that raised)."""
+        owner = _owner(self.base_layer)
+        param = owner._parameters.get(self.parameter_name)
+        return param if param is not None else getattr(owner, self.parameter_name)
 
     @property
     def weight(self):
@@ -368,17 +393,26 @@ class LoraParamWrapper(AdapterLayer):
         return torch.promote_types(self.get_param().dtype, torch.float32)
 
     def forward(self, *args, **kwargs):
+        owner = _owner(self.base_layer)
         if self._use_base_only():
+            owner.__dict__.pop(self.parameter_name, None)  # see the traced branch below
             if self.disabled and self.merged:
                 self.unmerge()
             return self.base_layer(*args, **kwargs)
-        owner = _owner(self.base_layer)
         param = self.get_param()
-        terms = [_Term(*self.factors(n)) for n in self.active_adapters]
+        terms = [_Term(*self.factors(n), backend=self.backend) for n in self.active_adapters]
         # An instance attribute shadows the registered parameter for plain attribute reads (nn.Module looks in
         # _parameters only when normal lookup fails), while state_dict(), named_parameters() and the optimizer
         # still see the parameter itself. Removed again whatever the forward does.
         owner.__dict__[self.parameter_name] = LoraWeight(param, terms)
+        if torch.compiler.is_compiling():
+            # Dynamo cannot resume after a graph break inside try/finally, and the owner may break (transformers'
+            # eager experts loop calls nonzero): the whole wrapper would then run uncompiled. Without the finally,
+            # a traced forward that raises leaves the attribute; get_param ignores it and this wrapper's next
+            # call replaces or removes it.
+            out = self.base_layer(*args, **kwargs)
+            owner.__dict__.pop(self.parameter_name, None)
+            return out
         try:
             return self.base_layer(*args, **kwargs)
         finally:
@@ -508,6 +542,7 @@ def build_parameter_wrappers(model: nn.Module, cfg, adapter_name: str, backend: 
         undo adapters added to existing wrappers, and the matched parameter keys.
     """
     check_parameter_config(cfg)
+    remember_grouped_mm_ops()
     mine = set(cfg.target_parameters)
     for other_name, other in other_configs.items():
         theirs = getattr(other, "target_parameters", None)

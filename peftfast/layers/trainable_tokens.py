@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..checkpoint_keys import TOKENS_PARAM
 from ..config import ConfigError
+from .conv_embedding import embed_scale_of
 from .linear import AdapterLayer
 
 
@@ -69,6 +70,8 @@ class TrainableTokensLayer(AdapterLayer):
         if self.tied_to:
             return  # the tied layer's parameters are this layer's
         rows = self._rows()
+        if isinstance(self.base_layer, nn.Embedding):
+            embed_scale_of(self.base_layer)  # refuse an embed_scale that cannot be applied, before adding
         if not isinstance(indices, (list, tuple)) or not indices or not all(
             isinstance(i, int) and not isinstance(i, bool) for i in indices
         ):
@@ -128,9 +131,9 @@ class TrainableTokensLayer(AdapterLayer):
             pad_row = idx == base.padding_idx
             values = torch.where(pad_row[:, None], values.detach(), values)
         picked = F.embedding(pos.clamp(min=0), values)
-        scale = getattr(base, "embed_scale", None)  # scaled embeddings (Gemma 3) scale the chosen rows too
+        scale = embed_scale_of(base)  # scaled embeddings (Gemma 3) scale the chosen rows as the others
         if scale is not None:
-            picked = picked * scale.to(picked.dtype) if torch.is_tensor(scale) else picked * scale
+            picked = picked * scale.to(picked.dtype)
         return torch.where(chosen[..., None], picked.to(result.dtype), result)
 
     def merge(self, names: Optional[list] = None) -> None:

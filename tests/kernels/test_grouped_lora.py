@@ -147,6 +147,35 @@ def test_compile_fullgraph_no_graph_break():
         assert torch.isfinite(got).all() and torch.equal(got, want)
 
 
+def test_reference_compiles_without_graph_break():
+    """The reference's eager loop syncs with the host (the experts present) and gathers data-dependent rows;
+    traced, it runs the masked form instead: one graph, and the eager loop's values and gradients (float64,
+    unsorted ids with rows of no expert)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(29, 13, generator=g, dtype=torch.float64)
+    lhs = torch.randn(4, 13, 3, generator=g, dtype=torch.float64)
+    rhs = torch.randn(4, 3, 7, generator=g, dtype=torch.float64)
+    ids = torch.randint(-1, 5, (29,), generator=g)  # -1 and 4: no expert
+    dy = torch.randn(29, 7, generator=g, dtype=torch.float64)
+
+    def f(x, lhs, rhs, ids):
+        return grouped_lora(x, lhs, rhs, ids, 0.7, backend="reference")
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(f)(x, lhs, rhs, ids)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    results = []
+    for fn in (torch.compile(f, backend="eager", fullgraph=True), f):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, lhs, rhs)]
+        y = fn(*leaves, ids)
+        y.backward(dy)
+        results.append([y.detach(), *(t.grad for t in leaves)])
+    for got, want, name in zip(*results, ("y", "dx", "d_lhs", "d_rhs")):
+        assert_rel_close(got, want, 1e-13, f"compiled reference {name}")
+    dead = (ids < 0) | (ids >= 4)
+    assert dead.any() and torch.all(results[0][0][dead] == 0) and torch.all(results[0][1][dead] == 0)
+
+
 def test_partial_gradients_match_the_reference():
     """Only the factors need gradients (frozen hidden states): dx is not computed, d_lhs and d_rhs still are."""
     x, lhs, rhs, ids = _op_inputs(3)
