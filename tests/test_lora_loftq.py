@@ -1,6 +1,6 @@
 """LoftQ initialization (``init_lora_weights="loftq"``, issue 17 item 4), checked against the math.
 
-PEFT's own LoftQ (``peft/utils/loftq_utils.py``) runs only on a CUDA/XPU device, so on the CPU the truth is
+PEFT's own LoftQ (``peft/utils/loftq_utils.py``) runs only on a CUDA/XPU device, so on the CPU the first truth is
 an independent float64 implementation of the algorithm written here from the paper (Li et al. 2023,
 Algorithm 1, in PEFT's form): ``res = W``; T times: ``D = deq(NF4(res))`` with bitsandbytes' blockwise NF4
 quantizer (blocksize 64, no nested scales, what PEFT's ``Params4bit`` call uses) decoded exactly in float64
@@ -17,7 +17,8 @@ singular values; ``res = W - B A``. Tolerances:
 Also: the error ||W - D - B A|| is below plain QLoRA's ||W - deq(NF4(W))|| and does not grow with the steps;
 patch / unpatch / a failed patch leave the model as it was; the saved adapter has PEFT's keys and config, and
 peftfast loads it back (onto the original base, re-running LoftQ, or onto the 4-bit LoftQ base); the one-shot
-``replace_lora_weights_loftq`` for a 4-bit model. Parity with PEFT's own LoftQ is the ``gpu`` test at the end.
+``replace_lora_weights_loftq`` for a 4-bit model. Parity with PEFT's own LoftQ: on the CPU, PEFT's installed
+``loftq_init`` with its hard-coded CUDA/XPU device rewritten to the CPU at test time, and the ``gpu`` test as is.
 """
 from __future__ import annotations
 
@@ -358,4 +359,55 @@ def test_loftq_is_pefts_on_cuda(iters):
         assert_rel_close(b @ a, other.lora_B["default"].weight @ other.lora_A["default"].weight, 1e-4, name)
     with torch.no_grad():
         ids = _ids().cuda()
+        assert_rel_close(ours(ids).logits, pm(ids).logits, 1e-4, "logits")
+
+
+# --- PEFT's own LoftQ on the CPU: its code, with its hard-coded compute device rewritten at test time ---------
+
+_PEFT_DEVICE_LINE = 'compute_device = "xpu" if is_xpu_available() else "cuda"'
+
+
+def _pefts_loftq_init_on_cpu():
+    """PEFT's ``loftq_init``, compiled from its installed source with the one line that picks a CUDA/XPU
+    device replaced by ``"cpu"`` (bitsandbytes quantizes and dequantizes NF4 on the CPU too). Skips when
+    that line is not in the installed PEFT: the rewrite would then not be PEFT's algorithm."""
+    import inspect
+    import textwrap
+
+    from peft.utils import loftq_utils
+
+    source = textwrap.dedent(inspect.getsource(loftq_utils.loftq_init))
+    if source.count(_PEFT_DEVICE_LINE) != 1:
+        pytest.skip("this PEFT's loftq_init picks its device differently; the CPU rewrite does not apply")
+    namespace = dict(vars(loftq_utils))
+    exec(compile(source.replace(_PEFT_DEVICE_LINE, 'compute_device = "cpu"'), loftq_utils.__file__, "exec"),
+         namespace)
+    return namespace["loftq_init"]
+
+
+@pytest.mark.parametrize("iters", [1, 3])
+def test_loftq_is_pefts_on_cpu(iters, monkeypatch):
+    """The same base, adapter and logits as PEFT's own LoftQ run on the CPU: the quantized base to a few
+    float32 ulps (the same NF4 codes), ``B A`` to float32-SVD accuracy, the logits to float32 rounding."""
+    from peft.tuners.lora import layer as peft_lora_layer
+
+    monkeypatch.setattr(peft_lora_layer, "loftq_init", _pefts_loftq_init_on_cpu())
+    base = tiny_llama(hidden_size=64, intermediate_size=96)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**_cfg(iters)))
+    ours = peftfast.patch(copy.deepcopy(base), peftfast.LoraConfig(**_cfg(iters)), backend="reference")
+    theirs = dict(pm.named_modules())
+    seen = 0
+    for name, layer in ours.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        other = theirs["base_model.model." + name]
+        assert_rel_close(layer.base_layer.weight, other.base_layer.weight, 8 * EPS32, f"{name} base")
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        theirs_ba = other.lora_B["default"].weight @ other.lora_A["default"].weight
+        assert_rel_close(b @ a, theirs_ba, 1e-4, name)
+        assert not torch.equal(b @ a, torch.zeros_like(theirs_ba)), f"{name}: LoftQ left a zero adapter"
+        seen += 1
+    assert seen == sum(n.endswith(tuple(TARGETS)) for n, _ in base.named_modules()) > 0
+    with torch.no_grad():
+        ids = _ids()
         assert_rel_close(ours(ids).logits, pm(ids).logits, 1e-4, "logits")
