@@ -340,26 +340,36 @@ def test_replace_lora_weights_loftq_rolls_back():
 # --- parity with PEFT's own LoftQ, which needs CUDA (for a GPU session) ----------------------------------
 
 
+def _assert_like_pefts_loftq(base, iters: int, backend: str = "auto") -> None:
+    """peftfast's LoftQ and PEFT's on copies of ``base`` (on its device): the quantized base to a few float32
+    ulps (the same NF4 codes from the same quantizer), ``B A`` to float32-SVD accuracy (and not zero), the
+    logits to 1e-4; every target layer seen."""
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**_cfg(iters)))
+    ours = peftfast.patch(copy.deepcopy(base), peftfast.LoraConfig(**_cfg(iters)), backend=backend)
+    theirs = dict(pm.named_modules())
+    seen = 0
+    for name, layer in ours.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        other = theirs["base_model.model." + name]
+        assert_rel_close(layer.base_layer.weight, other.base_layer.weight, 8 * EPS32, f"{name} base")
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        theirs_ba = other.lora_B["default"].weight @ other.lora_A["default"].weight
+        assert_rel_close(b @ a, theirs_ba, 1e-4, name)
+        assert torch.count_nonzero(b @ a) > 0, f"{name}: LoftQ left a zero adapter"
+        seen += 1
+    assert seen == sum(n.endswith(tuple(TARGETS)) for n, _ in base.named_modules()) > 0
+    with torch.no_grad():
+        ids = _ids().to(base.device)
+        assert_rel_close(ours(ids).logits, pm(ids).logits, 1e-4, "logits")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("iters", [1, 3])
 def test_loftq_is_pefts_on_cuda(iters):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    base = tiny_llama(hidden_size=64, intermediate_size=96).cuda()
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**_cfg(iters)))
-    ours = peftfast.patch(copy.deepcopy(base), peftfast.LoraConfig(**_cfg(iters)))
-    theirs = dict(pm.named_modules())
-    for name, layer in ours.named_modules():
-        if not isinstance(layer, LoraLayer):
-            continue
-        other = theirs["base_model.model." + name]
-        # same quantizer (bitsandbytes' CUDA NF4) on the same input: the same codes
-        assert_rel_close(layer.base_layer.weight, other.base_layer.weight, 8 * EPS32, f"{name} base")
-        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-        assert_rel_close(b @ a, other.lora_B["default"].weight @ other.lora_A["default"].weight, 1e-4, name)
-    with torch.no_grad():
-        ids = _ids().cuda()
-        assert_rel_close(ours(ids).logits, pm(ids).logits, 1e-4, "logits")
+    _assert_like_pefts_loftq(tiny_llama(hidden_size=64, intermediate_size=96).cuda(), iters)
 
 
 # --- PEFT's own LoftQ on the CPU: its code, with its hard-coded compute device rewritten at test time ---------
@@ -392,22 +402,4 @@ def test_loftq_is_pefts_on_cpu(iters, monkeypatch):
     from peft.tuners.lora import layer as peft_lora_layer
 
     monkeypatch.setattr(peft_lora_layer, "loftq_init", _pefts_loftq_init_on_cpu())
-    base = tiny_llama(hidden_size=64, intermediate_size=96)
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**_cfg(iters)))
-    ours = peftfast.patch(copy.deepcopy(base), peftfast.LoraConfig(**_cfg(iters)), backend="reference")
-    theirs = dict(pm.named_modules())
-    seen = 0
-    for name, layer in ours.named_modules():
-        if not isinstance(layer, LoraLayer):
-            continue
-        other = theirs["base_model.model." + name]
-        assert_rel_close(layer.base_layer.weight, other.base_layer.weight, 8 * EPS32, f"{name} base")
-        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-        theirs_ba = other.lora_B["default"].weight @ other.lora_A["default"].weight
-        assert_rel_close(b @ a, theirs_ba, 1e-4, name)
-        assert not torch.equal(b @ a, torch.zeros_like(theirs_ba)), f"{name}: LoftQ left a zero adapter"
-        seen += 1
-    assert seen == sum(n.endswith(tuple(TARGETS)) for n, _ in base.named_modules()) > 0
-    with torch.no_grad():
-        ids = _ids()
-        assert_rel_close(ours(ids).logits, pm(ids).logits, 1e-4, "logits")
+    _assert_like_pefts_loftq(tiny_llama(hidden_size=64, intermediate_size=96), iters, backend="reference")

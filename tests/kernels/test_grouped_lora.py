@@ -124,6 +124,21 @@ def test_opcheck_backward(needs):
     torch.library.opcheck(torch.ops.peftfast.grouped_lora_backward.default, (dy, x, lhs, rhs, ids, xa, 1.7, needs))
 
 
+def _one_graph_then_compiled_and_eager(f, x, lhs, rhs, ids, dy, compile_backend: str) -> list:
+    """Assert ``f`` traces as one graph without a break; then ``[y, dx, d_lhs, d_rhs]`` of ``f`` compiled
+    (fullgraph) and of ``f`` eager, in that order."""
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(f)(x, lhs, rhs, ids)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    results = []
+    for fn in (torch.compile(f, backend=compile_backend, fullgraph=True), f):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, lhs, rhs)]
+        y = fn(*leaves, ids)
+        y.backward(dy)
+        results.append([y.detach(), *(t.grad for t in leaves)])
+    return results
+
+
 @pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
 def test_compile_fullgraph_no_graph_break():
     """torch.compile traces the public call into one graph (fullgraph raises on a break), backward included;
@@ -134,15 +149,7 @@ def test_compile_fullgraph_no_graph_break():
     def f(x, lhs, rhs, ids):
         return grouped_lora(x, lhs, rhs, ids, 1.7, backend="triton")
 
-    torch._dynamo.reset()
-    explained = torch._dynamo.explain(f)(x, lhs, rhs, ids)
-    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
-    results = []
-    for fn in (torch.compile(f, backend="aot_eager", fullgraph=True), f):
-        leaves = [t.detach().clone().requires_grad_() for t in (x, lhs, rhs)]
-        y = fn(*leaves, ids)
-        y.backward(dy)
-        results.append([y.detach(), *(t.grad for t in leaves)])
+    results = _one_graph_then_compiled_and_eager(f, x, lhs, rhs, ids, dy, "aot_eager")
     for got, want in zip(*results):
         assert torch.isfinite(got).all() and torch.equal(got, want)
 
@@ -161,15 +168,7 @@ def test_reference_compiles_without_graph_break():
     def f(x, lhs, rhs, ids):
         return grouped_lora(x, lhs, rhs, ids, 0.7, backend="reference")
 
-    torch._dynamo.reset()
-    explained = torch._dynamo.explain(f)(x, lhs, rhs, ids)
-    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
-    results = []
-    for fn in (torch.compile(f, backend="eager", fullgraph=True), f):
-        leaves = [t.detach().clone().requires_grad_() for t in (x, lhs, rhs)]
-        y = fn(*leaves, ids)
-        y.backward(dy)
-        results.append([y.detach(), *(t.grad for t in leaves)])
+    results = _one_graph_then_compiled_and_eager(f, x, lhs, rhs, ids, dy, "eager")
     for got, want, name in zip(*results, ("y", "dx", "d_lhs", "d_rhs")):
         assert_rel_close(got, want, 1e-13, f"compiled reference {name}")
     dead = (ids < 0) | (ids >= 4)
