@@ -14,6 +14,7 @@ offset add, one rounding to the output dtype), so its output is bit-identical to
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -107,22 +108,27 @@ def quant4bit_view(weight) -> Quant4bit:
             "expected a quantized bitsandbytes Params4bit (with .quant_state); got a "
             f"{type(weight).__name__} without one. Quantize it first (move the Linear4bit to a device)."
         )
+    # A decode step reads every 4-bit weight once per token: the view is kept on the quant state and
+    # reused while nothing it was read from has changed (see _view_key).
+    if not isinstance(weight, torch.Tensor):  # a stand-in holding .data and .quant_state: nothing to key on
+        return _read_view(weight, state)
+    storage, key = _view_key(weight, state)
+    cached = getattr(state, "_peftfast_view", None)
+    if cached is not None and cached[0]() is storage and cached[1] == key:
+        return cached[2]
+    view = _read_view(weight, state)
+    state._peftfast_view = (weakref.ref(storage), key, view)
+    return view
+
+
+def _read_view(weight, state) -> Quant4bit:
+    """The view of the layout the state names: CPU-packed (decoded into a standard copy) or standard."""
     if getattr(state, "packing_format_for_cpu", False):
         shape = _checked_shape(state)
         stored = weight.data
         data = stored if stored.dtype == torch.uint8 else stored.view(torch.uint8)
-        return _cached_cpu_unpack(data, getattr(weight, "_version", 0), state, shape)
-    # A decode step reads every 4-bit weight once per token: the view is kept on the quant state and
-    # reused while nothing it was read from has changed (see _view_key).
-    if not isinstance(weight, torch.Tensor):  # a stand-in holding .data and .quant_state: nothing to key on
-        return _standard_view(weight, state)
-    key = _view_key(weight, state)
-    cached = getattr(state, "_peftfast_view", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    view = _standard_view(weight, state)
-    state._peftfast_view = (key, view)
-    return view
+        return _cpu_unpacked_view(data, state, shape)
+    return _standard_view(weight, state)
 
 
 def _checked_shape(state) -> tuple:
@@ -137,25 +143,27 @@ def _checked_shape(state) -> tuple:
 
 
 def _view_key(weight, state) -> tuple:
-    """Everything :func:`_standard_view` reads, compared before a kept view is reused.
+    """``(storage, key)``: the weight's storage object and everything else :func:`_read_view` reads,
+    compared before a kept view is reused.
 
-    The weight's storage enters by identity, size, offset and version counter: FSDP/ZeRO free storage
-    (size 0) and swap in new storage (a new object; its address may repeat, its identity cannot while the
-    kept view holds the old one), and in-place writes under no_grad bump the version. The state's
-    tensors enter by identity and version. Read with subclass ``__torch_function__`` off: ``Params4bit``
-    routes every tensor method through Python, which would cost more than the view.
+    The storage is compared by identity through a weak reference (FSDP/ZeRO swap in new storage; its
+    address may repeat, a live object's identity cannot, and a dead one's reference answers None), with
+    its size (freed storage has size 0), the weight's offset, shape, dtype and version counter (in-place
+    writes under no_grad bump it: a CPU-packed weight's view is a decoded copy). The state's tensors enter
+    by identity and version, its layout flag and dtypes by value. Read with subclass ``__torch_function__``
+    off: ``Params4bit`` routes every tensor method through Python, which would cost more than the view.
     """
     with torch._C.DisableTorchFunctionSubclass():
         storage = weight.untyped_storage()
-        stored = (id(storage), storage.nbytes(), weight.storage_offset(), weight.shape, weight.dtype,
-                  weight._version)
+        stored = (storage.nbytes(), weight.storage_offset(), weight.shape, weight.dtype, weight._version)
     absmax = state.absmax
     nested = None
     if state.nested:
         s2 = state.state2
         nested = (id(s2), id(s2.absmax), s2.absmax._version, id(s2.code), s2.blocksize, id(state.offset))
-    return (stored, state.quant_type, state.blocksize, tuple(state.shape), state.dtype, id(absmax),
-            absmax._version, id(state.code), nested)
+    layout = (bool(getattr(state, "packing_format_for_cpu", False)), getattr(state, "original_dtype", None))
+    return storage, (stored, layout, state.quant_type, state.blocksize, tuple(state.shape), state.dtype,
+                     id(absmax), absmax._version, id(state.code), nested)
 
 
 def _standard_view(weight, state) -> Quant4bit:
@@ -254,22 +262,6 @@ def _cpu_unpacked_view(data: torch.Tensor, state, shape: tuple) -> Quant4bit:
         # the packing overwrote state.dtype with bf16; the compute dtype chosen at quantization is kept here
         dtype=getattr(state, "original_dtype", state.dtype), quant_type=state.quant_type,
     )
-
-
-def _cached_cpu_unpack(data: torch.Tensor, version: int, state, shape: tuple) -> Quant4bit:
-    """The unpacked view, computed once per packed storage: each forward of a patched layer reads it.
-
-    The key is the storage (pointer, and the parameter's version counter, which in-place writes under
-    no_grad bump) and the scales' identity, so a repack, an in-place write or bitsandbytes turning the
-    weight back (a new ``.data``) all miss the cache.
-    """
-    key = (data.data_ptr(), version, id(state.absmax), state.absmax._version, shape)
-    cached = getattr(state, "_peftfast_unpacked", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    view = _cpu_unpacked_view(data, state, shape)
-    state._peftfast_unpacked = (key, view)
-    return view
 
 
 def quantization_settings(weight) -> dict:

@@ -147,6 +147,27 @@ def test_view_decodes_the_cpu_packed_layout_exactly(nested, quant_type, shape):
     assert torch.equal(nf4.dequantize_4bit(view, dtype=torch.float32, backend="triton"), got)
 
 
+def test_cpu_packed_view_is_kept_until_the_packed_bytes_change():
+    """The decoded copy of a CPU-packed weight is made once and reused; an in-place write to the packed
+    bytes (the parameter's version moves) or new packed storage decodes again, to the new bytes."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    p = bnb.nn.Params4bit(torch.randn(64, 128), requires_grad=False, quant_type="nf4", blocksize=64)._quantize("cpu")
+    data, state = _convert_weight_packed_for_cpu(p.data.clone(), copy.deepcopy(p.quant_state))
+    original = data.clone()
+    packed = bnb.nn.Params4bit(data, requires_grad=False, bnb_quantized=True, quant_state=state)
+    first = nf4.quant4bit_view(packed)
+    assert nf4.quant4bit_view(packed) is first
+    with torch.no_grad():
+        packed[:1] ^= 0x11  # flips a code in every byte of the first row: the decode must follow
+    second = nf4.quant4bit_view(packed)
+    assert second is not first and not torch.equal(second.packed, first.packed)
+    assert torch.equal(nf4.dequantize_4bit(second, dtype=torch.float32, backend="reference"),
+                       decode_4bit(packed).float())
+    packed.data = original  # new storage holding the original bytes
+    assert torch.equal(nf4.quant4bit_view(packed).packed, first.packed)
+
+
 def test_view_refuses_storage_its_state_does_not_describe():
     p = bnb.nn.Params4bit(torch.randn(64, 128), requires_grad=False, quant_type="nf4")._quantize("cpu")
     shard = bnb.nn.Params4bit(p.data[: p.data.shape[0] // 2].clone(), requires_grad=False, bnb_quantized=True,
