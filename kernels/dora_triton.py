@@ -399,7 +399,7 @@ def _dora_backward(dy, x, xa, norm, weight, lora_A, lora_B, magnitude, seed, sca
     dtype = x.dtype
     x2, xa2, dy2 = ops.as_rows(x, k), ops.as_rows(xa, r), ops.as_rows(dy, n, dtype)
     need_dx, need_da, need_db, need_dm, need_dbias = needs
-    dx, da, db, dm, dbias = ops.no_grads(x, 5)
+    dx = da = db = dm = dbias = None  # None where not needed (see ops._as_op_grads)
     c = magnitude.reshape(-1).float() / norm.float()
     w = None
     if need_dx or need_dm:

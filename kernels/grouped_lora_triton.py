@@ -117,7 +117,7 @@ def _grouped_lora_forward(x, lhs, rhs, ids, scaling):
 def _grouped_lora_backward(dy, x, lhs, rhs, ids, xa, scaling, needs):
     """``(dx, d_lhs, d_rhs)``; an entry whose ``needs`` flag is False is None."""
     need_dx, need_dlhs, need_drhs = needs
-    dx, d_lhs, d_rhs = ops.no_grads(x, 3)
+    dx = d_lhs = d_rhs = None  # None where not needed (see ops._as_op_grads)
     dy = dy.contiguous()
     if need_dx or need_dlhs:
         # g carries the scaling, so neither consumer multiplies by it again.

@@ -213,7 +213,7 @@ def _ia3_backward(dy, x, weight, ia3_l, bias, feedforward, needs):
     k = x.shape[-1]
     dtype = x.dtype
     need_dx, need_dl = needs
-    dx, dl = ops.no_grads(x, 2)
+    dx = dl = None  # None where not needed (see ops._as_op_grads)
     if not (need_dx or need_dl):
         return dx, dl
     x2 = x.reshape(-1, k)

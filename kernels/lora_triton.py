@@ -81,7 +81,7 @@ def _lora_backward(dy, x, xa, weight, lora_A, lora_B, seed, scaling, dropout_p, 
     dtype = x.dtype
     x2, xa2, dy2 = ops.as_rows(x, k), ops.as_rows(xa, r), ops.as_rows(dy, n, dtype)
     need_dx, need_da, need_db, need_dbias = needs
-    dx, da, db, dbias = ops.no_grads(x, 4)
+    dx = da = db = dbias = None  # None where not needed (see ops._as_op_grads)
     if need_dx or need_da:
         # g carries the scaling, so neither consumer multiplies by it again.
         g = _mm.lowrank_project(dy2, lora_B, scale=scaling)

@@ -275,16 +275,10 @@ def as_rows(t: torch.Tensor, width: int, dtype: Optional[torch.dtype] = None) ->
     return t2 if dtype is None or t2.dtype == dtype else t2.to(dtype)
 
 
-def no_grads(like: torch.Tensor, count: int) -> list:
-    """A backward body's starting results: ``count`` Nones, kept where a gradient is not needed. The eager
-    path drops them; the ``torch.library`` backward op, which must return tensors, turns each into a
-    distinct empty one (:func:`_as_op_grads`), so eager backward allocates nothing for them."""
-    return [None] * count
-
-
 def _as_op_grads(like: torch.Tensor, grads: Sequence) -> tuple:
     """A backward body's results as a custom op returns them: an empty [0] tensor for each None (distinct:
-    a custom op's outputs may not alias one another)."""
+    a custom op's outputs may not alias one another). A body returns None for a gradient it was not asked
+    for; the eager path drops those, so eager backward allocates nothing for them."""
     return tuple(like.new_empty(0) if g is None else g for g in grads)
 
 
