@@ -154,10 +154,10 @@ class LoraEmbedding(AdapterLayer):
                 # m / ||W + dW|| per dimension scales the base row and the LoRA term alike (PEFT's order);
                 # the norm is of the unscaled weight, embed_scale multiplies the term after it (as PEFT)
                 factor = self.lora_magnitude_vector[name].weight / self._weight_norm(name, self.base_layer.weight)
-                term = factor * term
-                result = factor * result + (term if scale is None else term * scale.to(term.dtype))
-            else:
-                result = result + (term if scale is None else term * scale.to(term.dtype))
+                result, term = factor * result, factor * term
+            if scale is not None:
+                term = term * scale.to(term.dtype)
+            result = result + term
         return result.to(self.base_layer.weight.dtype)
 
     def delta_weight(self, name: str) -> torch.Tensor:
