@@ -324,7 +324,8 @@ def markdown(result: dict) -> str:
     if env:
         lines.append(f"torch {env['versions'].get('torch')}, triton {env['versions'].get('triton')}, peft "
                      f"{env['versions'].get('peft')}; commit {env.get('git_commit')}"
-                     f"{' (dirty)' if env.get('git_dirty') else ''}; `{env.get('command')}`")
+                     f"{' (dirty)' if env.get('git_dirty') else ''}; {env.get('date')}; CPU {env.get('gpu', {}).get('cpu')}; "
+                     f"`{env.get('command')}`")
     return "\n".join(lines) + "\n"
 
 
