@@ -159,7 +159,7 @@ def test_cpu_packed_view_is_kept_until_the_packed_bytes_change():
     first = nf4.quant4bit_view(packed)
     assert nf4.quant4bit_view(packed) is first
     with torch.no_grad():
-        packed[:1] ^= 0x11  # flips a code in every byte of the first row: the decode must follow
+        packed[:1] ^= 0x11  # changes both codes of every byte in the first row: the decode must follow
     second = nf4.quant4bit_view(packed)
     assert second is not first and not torch.equal(second.packed, first.packed)
     assert torch.equal(nf4.dequantize_4bit(second, dtype=torch.float32, backend="reference"),
